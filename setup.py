@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-latent",
+    version="0.1.0",
+    description="3D-parallel pretraining of GPT models with latent thoughts (PonderLM-2) on megatron-core",
+    packages=find_packages(include=["megatron_latent", "megatron_latent.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "numpy",
+        "sentencepiece",
+        "tokenizers",
+        "tqdm",
+        "zstandard",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.46", "safetensors"],
+        "hf": ["transformers>=4.46", "safetensors"],
+        "eval": ["lm-eval>=0.4", "transformers>=4.46", "safetensors"],
+        # NVIDIA apex is not on PyPI (PyPI's `apex` is an unrelated package): build it from source or
+        # use an NGC PyTorch container, which ships apex and Transformer Engine.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)
