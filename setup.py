@@ -10,6 +10,8 @@ setup(
         "torch>=2.6",
         "megatron-core==0.16.1",
         "numpy",
+        # megatron dist_checkpointing's filesystem writer needs it (without it, save hangs).
+        "psutil",
         "sentencepiece",
         "tokenizers",
         "tqdm",
