@@ -32,14 +32,20 @@ def tiny_config(tp=1, pp=1, **overrides):
     return TransformerConfig(**kw)
 
 
-def tiny_gpt(config, position_embedding_type="rope", vp_stage=None):
-    """A tiny GPTModel for this rank's pipeline stage (and virtual stage `vp_stage`)."""
+def tiny_gpt(config, position_embedding_type="rope", vp_stage=None, latent=None):
+    """A tiny GPTModel for this rank's pipeline stage (and virtual stage `vp_stage`); a
+    LatentGPTModel when `latent` (LatentSettings) is given."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     kw = {} if vp_stage is None else {"ignore_virtual": False, "vp_stage": vp_stage}
-    return GPTModel(
+    cls, extra = GPTModel, {}
+    if latent is not None:
+        from megatron_latent.models.latent import LatentGPTModel
+
+        cls, extra = LatentGPTModel, {"latent": latent}
+    return cls(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(),
         vocab_size=VOCAB,
@@ -48,6 +54,7 @@ def tiny_gpt(config, position_embedding_type="rope", vp_stage=None):
         post_process=ps.is_pipeline_last_stage(**kw),
         position_embedding_type=position_embedding_type,
         vp_stage=vp_stage,
+        **extra,
     )
 
 

@@ -1,0 +1,167 @@
+"""The latent-thought forward (TP=1, in process): N=0 is vanilla, the Jacobi forward reaches the
+exact sequential rollout, gradients flow through every pass and match finite differences."""
+
+import pytest
+import torch
+
+from megatron_latent.inference.reference import sequential_logits
+from megatron_latent.models import slots
+from megatron_latent.models.latent import LatentConfigError, LatentSettings
+from parallel_utils import VOCAB, batch, init_weights, tiny_config, tiny_gpt
+
+pytestmark = pytest.mark.usefixtures("single_rank")
+L = 8
+
+
+def _model(n, pos="rope", scale=False, dtype=torch.float32, **cfg):
+    settings = LatentSettings(num_latent_thoughts=n, scale_embeddings=scale) if n or scale else LatentSettings()
+    m = tiny_gpt(tiny_config(params_dtype=dtype, **cfg), position_embedding_type=pos, latent=settings)
+    init_weights([m])
+    return m.to(dtype).eval()
+
+
+def _doc_inputs(b=2):
+    """Two documents per row (split at a different place per row): reset positions and mask."""
+    d = batch(0, b, L)
+    splits = [3, 5][:b]
+    pos, mask = [], torch.zeros(b, 1, L, L, dtype=torch.bool)
+    for r, s in enumerate(splits):
+        doc = (torch.arange(L) >= s).long()
+        pos.append(torch.where(doc == 0, torch.arange(L), torch.arange(L) - s))
+        mask[r, 0] = slots.causal_mask(L)[0, 0] | (doc[:, None] != doc[None, :])
+    return d["tokens"], torch.stack(pos), mask
+
+
+def test_n0_is_exactly_vanilla_gpt():
+    torch.manual_seed(0)
+    latent, vanilla = _model(0), tiny_gpt(tiny_config())
+    vanilla.load_state_dict(latent.state_dict())
+    assert list(latent.state_dict()) == list(vanilla.state_dict())
+    d = batch(1, 2, L)
+    la = latent(d["tokens"], d["position_ids"], None, labels=d["labels"]).mean()
+    lv = vanilla.eval()(d["tokens"], d["position_ids"], None, labels=d["labels"]).mean()
+    la.backward(), lv.backward()
+    assert la.item() == lv.item()
+    for (name, a), (_, b) in zip(latent.named_parameters(), vanilla.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    # The latent code path itself, at N=0, is the plain decoder forward.
+    h = latent.latent_hidden_states(d["tokens"], d["position_ids"], None)
+    ref = vanilla.decoder(hidden_states=vanilla.embedding(d["tokens"], d["position_ids"]), attention_mask=None,
+                          rotary_pos_emb=vanilla.rotary_pos_emb(L))
+    torch.testing.assert_close(h, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,pos", [(1, "rope"), (2, "rope"), (3, "rope"), (1, "learned_absolute")])
+def test_jacobi_fixed_point_is_the_sequential_rollout(n, pos):
+    m = _model(n, pos=pos, scale=True)
+    d = batch(2, 2, L)
+    exact = sequential_logits(m, d["tokens"], d["position_ids"])
+    # The Jacobi map is causal: L * N iterations reach the exact thoughts up to rounding.
+    with torch.no_grad():
+        got = m(d["tokens"], d["position_ids"], None, num_jacobi_iters=L * n)
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_fixed_point_with_document_resets(n):
+    m = _model(n, scale=True)
+    tokens, pos, mask = _doc_inputs()
+    exact = sequential_logits(m, tokens, pos, mask)
+    with torch.no_grad():
+        got = m(tokens, pos, mask, num_jacobi_iters=L * n)
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+    # Resets matter: without them the same tokens give other logits.
+    with torch.no_grad():
+        plain = m(tokens, batch(2, 2, L)["position_ids"], None, num_jacobi_iters=L * n)
+    assert (plain - exact).abs().max() > 1e-3
+
+
+def test_convergence_profile_decreases():
+    m = _model(1, scale=True)
+    d = batch(3, 2, L)
+    exact = sequential_logits(m, d["tokens"], d["position_ids"])
+    errors = []
+    with torch.no_grad():
+        for j in range(0, L + 1):
+            got = m(d["tokens"], d["position_ids"], None, num_jacobi_iters=j)
+            errors.append((got - exact).abs().max().item())
+    print("\nmax |logit error| vs Jacobi iterations:", " ".join(f"J={j}:{e:.2e}" for j, e in enumerate(errors)))
+    assert errors[0] > 1e-3
+    assert all(b <= a * 1.01 + 1e-7 for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-5
+
+
+def test_every_pass_contributes_gradient(monkeypatch):
+    m = _model(1, scale=True).train()
+    d = batch(4, 2, L)
+
+    def grads(detach_pass=None):
+        m.zero_grad()
+        calls = {"i": 0}
+        original = type(m).decoder_pass
+
+        def hooked(self, *a):
+            out = original(self, *a)
+            i, calls["i"] = calls["i"], calls["i"] + 1
+            return out.detach() if i == detach_pass else out
+
+        monkeypatch.setattr(type(m), "decoder_pass", hooked)
+        m(d["tokens"], d["position_ids"], None, labels=d["labels"], num_jacobi_iters=2).mean().backward()
+        monkeypatch.setattr(type(m), "decoder_pass", original)
+        assert calls["i"] == 4  # growth, 2 Jacobi, final
+        return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    full = grads()
+    for p in range(3):  # the final pass carries the loss itself; detaching any earlier one changes grads
+        assert (grads(detach_pass=p) - full).abs().max() > 1e-6
+
+
+def test_gradient_matches_finite_differences_float64():
+    m = _model(1, scale=True, dtype=torch.float64).train()
+    d = batch(5, 1, 4)
+    params = [p for p in m.parameters()]
+
+    def loss():
+        # From the logits: megatron's fused loss computes in float32.
+        logits = m(d["tokens"], d["position_ids"], None, num_jacobi_iters=1)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), d["labels"].flatten())
+
+    loss().backward()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+        analytic = sum((p.grad * u).sum() for p, u in zip(params, direction)).item()
+        eps = 1e-6
+        with torch.no_grad():
+            for p, u in zip(params, direction):
+                p.add_(eps * u)
+            up = loss().item()
+            for p, u in zip(params, direction):
+                p.sub_(2 * eps * u)
+            down = loss().item()
+            for p, u in zip(params, direction):
+                p.add_(eps * u)
+        assert (up - down) / (2 * eps) == pytest.approx(analytic, rel=1e-6)
+
+
+def test_jacobi_draw_is_per_step_and_in_range():
+    s = LatentSettings(num_latent_thoughts=1, jacobi_iters=(2, 3), jacobi_seed=7)
+    draws = [s.jacobi_iters_for_step(k) for k in range(200)]
+    assert set(draws) == {2, 3}
+    assert draws == [LatentSettings(1, (2, 3), jacobi_seed=7).jacobi_iters_for_step(k) for k in range(200)]
+    assert s.pass_lengths(2) == [1, 2, 2, 2]
+    assert LatentSettings(2).pass_lengths(3) == [1, 2, 3, 3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_latent_thoughts=-1), "--num-latent-thoughts must be >= 0"),
+        (dict(num_latent_thoughts=1, jacobi_iters=(3, 2)), "--jacobi-iters 3 2"),
+        (dict(num_latent_thoughts=0, jacobi_iters=(2, 3)), "--jacobi-iters was given with --num-latent-thoughts 0"),
+        (dict(num_latent_thoughts=1, jacobi_iters_eval=-1), "--jacobi-iters-eval"),
+    ],
+)
+def test_bad_latent_settings(kwargs, match):
+    with pytest.raises(LatentConfigError, match=match):
+        LatentSettings(**kwargs)
