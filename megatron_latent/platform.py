@@ -12,8 +12,8 @@ megatron-core assumes a GPU in three ways:
 On a machine without CUDA, :func:`install_cpu_backend` adapts exactly these, without touching
 megatron-core on disk:
 
-* a ``TorchFunctionMode`` (entered for the whole process, and inherited by autograd's backward)
-  rewrites CUDA devices to CPU in ``device=`` arguments, ``Tensor.to`` and ``Tensor.cuda``, drops
+* a ``TorchFunctionMode`` (entered for the whole process, and re-entered around the backward of
+  custom autograd functions, which autograd runs with no mode active) rewrites CUDA devices to CPU in ``device=`` arguments, ``Tensor.to`` and ``Tensor.cuda``, drops
   ``pin_memory=True``, and makes ``Tensor.type()`` report CUDA type names (1 and 3);
 * ``torch.cuda``'s device, stream, synchronisation and RNG functions, which raise without CUDA,
   are replaced by CPU equivalents; the "CUDA generator" is the CPU default generator, so megatron's
@@ -176,6 +176,22 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _patch_custom_backward() -> None:
+    # Autograd runs custom Functions' backward with the torch-function mode stack cleared, yet
+    # megatron allocates on "cuda" there (sequence-parallel reduce-scatter, recomputation).
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if torch.overrides._get_current_function_mode_stack():
+            return original(self, *args)
+        with _CudaToCpuMode():
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
 def install_cpu_backend() -> bool:
     """Install the CPU backend if CUDA is absent. Idempotent; returns whether it is installed."""
     global _MODE
@@ -185,6 +201,7 @@ def install_cpu_backend() -> bool:
         return False
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_custom_backward()
     _MODE = _CudaToCpuMode()
     # Entered for the life of the process: megatron allocates on "cuda" from anywhere, including
     # autograd hooks and the checkpoint writer.

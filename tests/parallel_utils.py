@@ -45,9 +45,14 @@ def tiny_gpt(config, position_embedding_type="rope", vp_stage=None, latent=None)
         from megatron_latent.models.latent import LatentGPTModel
 
         cls, extra = LatentGPTModel, {"latent": latent}
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    from megatron_latent.models.norms import with_torch_norms
+
+    spec = with_torch_norms(get_gpt_layer_local_spec(), get_num_layers_to_build(config, vp_stage=vp_stage))
     return cls(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        transformer_layer_spec=spec,
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         pre_process=ps.is_pipeline_first_stage(**kw),

@@ -135,9 +135,10 @@ class LatentGPTModel(GPTModel):
         x = self.embedding.embedding_dropout(x) if not sp else self._sp_dropout(x)
         h = self.decoder(hidden_states=x, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
         if sp:
-            # Every rank needs the whole sequence to place the thoughts; the gradient of the
-            # gather sums the ranks' contributions (a thought may feed a slot on another rank).
-            h = tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
+            # Every rank needs the whole sequence to place the thoughts. What follows is replicated
+            # over the TP ranks up to the next scatter, whose backward all-gathers: the gradient
+            # arriving here is already complete on every rank, so the gather's backward splits it.
+            h = tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
         return h
 
     def _sp_dropout(self, x):
