@@ -1,0 +1,37 @@
+"""Exact FLOP counts of the latent forward, for MFU and for benchmark ratios.
+
+Counted per pass at that pass's sequence length (the growth passes are shorter), attention
+included (QK^T and AV over the full S x S score matrix, as the kernels compute it), the output
+layer once per token (only at the last-thought slot). A matmul of [m, k] x [k, n] is 2mkn FLOPs;
+a training step is 3x the forward (backward = 2x).
+"""
+
+from __future__ import annotations
+
+
+def decoder_pass_flops(seq: int, hidden: int, num_layers: int, ffn_hidden: int, num_heads: int,
+                       num_query_groups: int = None, gated_mlp: bool = False) -> int:
+    """Forward FLOPs of one decoder pass over `seq` positions (batch 1)."""
+    groups = num_query_groups or num_heads
+    kv = 2 * hidden * groups // num_heads
+    qkv = 2 * seq * hidden * (hidden + kv)
+    attention = 2 * 2 * seq * seq * hidden
+    proj = 2 * seq * hidden * hidden
+    mlp = 2 * seq * hidden * ffn_hidden * (3 if gated_mlp else 2)
+    return num_layers * (qkv + attention + proj + mlp)
+
+
+def latent_step_flops(seq: int, num_latent_thoughts: int, num_jacobi: int, vocab: int, hidden: int,
+                      num_layers: int, ffn_hidden: int, num_heads: int, num_query_groups: int = None,
+                      gated_mlp: bool = False, training: bool = True) -> int:
+    """FLOPs of one forward (+ backward when `training`) over one sequence of `seq` tokens."""
+    from megatron_latent.models.latent import LatentSettings
+
+    settings = LatentSettings(num_latent_thoughts)
+    lengths = settings.pass_lengths(num_jacobi)
+    total = sum(
+        decoder_pass_flops(k * seq, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp)
+        for k in lengths
+    )
+    total += 2 * seq * hidden * vocab
+    return 3 * total if training else total
