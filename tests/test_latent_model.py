@@ -6,7 +6,7 @@ import torch
 
 from megatron_latent.inference.reference import sequential_logits
 from megatron_latent.models import slots
-from megatron_latent.models.latent import LatentConfigError, LatentSettings
+from megatron_latent.models.latent import LatentConfigError, LatentSettings, paper_init_methods
 from parallel_utils import VOCAB, batch, init_weights, tiny_config, tiny_gpt
 
 pytestmark = pytest.mark.usefixtures("single_rank")
@@ -165,3 +165,22 @@ def test_jacobi_draw_is_per_step_and_in_range():
 def test_bad_latent_settings(kwargs, match):
     with pytest.raises(LatentConfigError, match=match):
         LatentSettings(**kwargs)
+
+
+def test_paper_init():
+    # std sqrt(2/(5H)), truncated at 3 std; output projections / sqrt(2 * layers * (N+1)).
+    H, layers, n = 64, 4, 1
+    torch.manual_seed(0)
+    m = tiny_gpt(tiny_config(hidden_size=H, num_attention_heads=4, **paper_init_methods(H, layers, n)),
+                 latent=LatentSettings(n))
+    std = (2 / (5 * H)) ** 0.5
+    qkv = m.decoder.layers[0].self_attention.linear_qkv.weight
+    proj = m.decoder.layers[0].self_attention.linear_proj.weight
+    fc2 = m.decoder.layers[0].mlp.linear_fc2.weight
+    emb = m.embedding.word_embeddings.weight
+    trunc = 0.9733  # std of a normal truncated at 3 sigma, relative to sigma
+    for w, s in [(qkv, std), (emb, std), (proj, std / (2 * layers * (n + 1)) ** 0.5), (fc2, std / (2 * layers * (n + 1)) ** 0.5)]:
+        assert w.std().item() == pytest.approx(trunc * s, rel=0.08)
+        assert w.abs().max().item() <= 3 * s + 1e-7
+    assert torch.equal(m.decoder.final_layernorm.weight, torch.ones(H))
+    assert torch.equal(m.decoder.layers[0].self_attention.linear_qkv.bias, torch.zeros_like(m.decoder.layers[0].self_attention.linear_qkv.bias))

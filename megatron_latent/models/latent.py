@@ -84,6 +84,32 @@ class LatentSettings:
         return list(range(1, n + 1)) + [n + 1] * (num_jacobi + 1) if n else [1]
 
 
+def paper_init_methods(hidden_size: int, num_layers: int, num_latent_thoughts: int) -> dict:
+    """TransformerConfig init fields of the paper (the authors' code, after Pythia's "small init").
+
+    Every linear and the embedding ~ normal(0, std) truncated at 3 std with std = sqrt(2 / (5H));
+    the output projections (attention out, MLP out) further divided by sqrt(2 * layers * (N+1)):
+    the residual stream is traversed (N+1) times as deep in the latent model. Norms stay 1, biases 0
+    (megatron's defaults). N = 0 gives the vanilla baselines of the paper.
+    """
+    std = math.sqrt(2.0 / (5.0 * hidden_size))
+    out_std = std / math.sqrt(2.0 * num_layers * (num_latent_thoughts + 1))
+
+    def truncated(s):
+        def init_(tensor):
+            return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=s, a=-3 * s, b=3 * s)
+
+        return init_
+
+    return {
+        "init_method": truncated(std),
+        "output_layer_init_method": truncated(out_std),
+        "embedding_init_method": truncated(std),
+        "init_method_std": std,
+        "embedding_init_method_std": std,
+    }
+
+
 class LatentGPTModel(GPTModel):
     """megatron-core GPTModel whose forward thinks N latent thoughts per token.
 
