@@ -105,7 +105,14 @@ def write_jsonl(path, texts, key="text", extra_lines=None):
 
 def write_bytes(path, data):
     if path.endswith(".zst"):
-        data = zstandard.ZstdCompressor(level=3).compress(data)
+        # block flushes every 4 KiB, as a large streamed file has blocks every 128 KiB: a cut file
+        # then still holds decodable blocks before the cut
+        comp = zstandard.ZstdCompressor(level=3).compressobj()
+        pieces = []
+        for start in range(0, len(data), 4096):
+            pieces.append(comp.compress(data[start : start + 4096]))
+            pieces.append(comp.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+        data = b"".join(pieces) + comp.flush()
     elif path.endswith(".gz"):
         data = gzip.compress(data)
     with open(path, "wb") as f:
