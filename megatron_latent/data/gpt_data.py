@@ -1,0 +1,216 @@
+"""Training data on megatron-core: `GPTDataset` splits and blends via
+`BlendedMegatronDatasetBuilder`, and a sampler that resumes from `consumed_samples`.
+
+Free of CLI parsing: the training driver fills a `DataArgs` from its flags (`--data-path`,
+`--split`, `--train-data-path`/`--valid-data-path`/`--test-data-path`, `--data-cache-path`,
+`--seq-length`, `--seed`, ...) and calls `build_train_valid_test_datasets`. Sample counts are
+documented in docs/data.md ("Sample accounting").
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import numpy
+import torch
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import get_blend_from_list
+
+
+class DataConfigError(ValueError):
+    """Inconsistent data flags or missing dataset files; the message names the flag or file."""
+
+
+@dataclass
+class DataArgs:
+    seq_length: int
+    data_path: Optional[List[str]] = None  # ["A"] or ["0.3", "A", "0.7", "B"]
+    split: Optional[str] = "969,30,1"
+    train_data_path: Optional[List[str]] = None
+    valid_data_path: Optional[List[str]] = None
+    test_data_path: Optional[List[str]] = None
+    data_cache_path: Optional[str] = None
+    seed: int = 1234
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    create_attention_mask: bool = False  # the model builds its own (slot-interleaved) mask
+    mmap_bin_files: bool = True
+    num_dataset_builder_threads: int = 1
+    mock_data: bool = False
+    extra: dict = field(default_factory=dict)  # more GPTDatasetConfig fields, passed through
+
+
+def train_valid_test_num_samples(
+    train_iters: int, global_batch_size: int, eval_iters: int, eval_interval: int
+) -> List[int]:
+    """Megatron's sample budget: every train sample, plus `eval_iters` batches at each of the
+    `train_iters // eval_interval + 1` evaluations (the last one after training), plus one test."""
+    evaluations = train_iters // eval_interval + 1 if eval_interval > 0 else 1
+    return [
+        train_iters * global_batch_size,
+        evaluations * eval_iters * global_batch_size,
+        eval_iters * global_batch_size,
+    ]
+
+
+def _check_prefixes(flag: str, blend) -> None:
+    if blend is None:
+        return
+    for prefix in blend[0]:
+        if not IndexedDataset.exists(prefix):
+            raise DataConfigError(
+                f"{flag}: no dataset {prefix}.bin/.idx (give the prefix without .bin/.idx; "
+                "preprocess_data.py names it <output-prefix>_text_document)"
+            )
+
+
+def make_gpt_dataset_config(args: DataArgs, tokenizer) -> GPTDatasetConfig:
+    per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
+    if args.mock_data:
+        blend, blend_per_split, split = None, None, None
+    elif any(p is not None for p in per_split):
+        if args.data_path is not None:
+            raise DataConfigError("--data-path and --train/valid/test-data-path are exclusive")
+        blend, split = None, None
+        blend_per_split = [get_blend_from_list(p) for p in per_split]
+        for name, b in zip(("--train-data-path", "--valid-data-path", "--test-data-path"), blend_per_split):
+            _check_prefixes(name, b)
+    elif args.data_path is not None:
+        blend, blend_per_split, split = get_blend_from_list(list(args.data_path)), None, args.split
+        if not split:
+            raise DataConfigError("--data-path needs --split (e.g. 969,30,1)")
+        _check_prefixes("--data-path", blend)
+    else:
+        raise DataConfigError("give --data-path, --train/valid/test-data-path, or --mock-data")
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=split,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        tokenizer=tokenizer,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask,
+        **args.extra,
+    )
+
+
+def build_train_valid_test_datasets(
+    args: DataArgs,
+    tokenizer,
+    num_samples: Sequence[Optional[int]],
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+):
+    """(train, valid, test) datasets, each None where its split is empty or not built here.
+
+    Distributed-aware (call on every rank): with torch.distributed initialised, rank 0 builds
+    first and writes the index caches to `data_cache_path`, the others wait at a barrier and then
+    read them. `is_built_on_rank` lets the driver skip ranks that need no data (megatron: only
+    tensor-parallel rank 0 of the first and last pipeline stages)."""
+    config = make_gpt_dataset_config(args, tokenizer)
+    _check_nonempty_splits(config, num_samples)
+    blended = any(b is not None and len(b[0]) > 1 for b in (config.blend_per_split or [config.blend]))
+    if blended and config.path_to_cache and not torch.distributed.is_initialized():
+        # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() when caching
+        raise DataConfigError(
+            "--data-cache-path with a blend needs torch.distributed initialised (world size 1 is "
+            "fine); the training driver does this before building data")
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank, config)
+    train, valid, test = builder.build()
+    return train, valid, test
+
+
+_SPLIT_NAMES = ("train", "valid", "test")
+
+
+def _check_nonempty_splits(config: GPTDatasetConfig, num_samples) -> None:
+    """megatron-core 0.16.1 loops forever in `GPTDataset._get_num_epochs` when a split that is
+    asked for samples holds no tokens (e.g. `--split 969,30,1` on a dataset of fewer than ~500
+    documents rounds the test split to nothing). Catch that here with a clear message. The
+    document ranges are computed exactly as the builder computes them."""
+    if config.mock:
+        return
+    checks = []  # (flag, prefix, split index, (begin, end) fractions)
+    if config.blend_per_split is not None:
+        flags = ("--train-data-path", "--valid-data-path", "--test-data-path")
+        for i, blend in enumerate(config.blend_per_split):
+            for prefix in blend[0] if blend else []:
+                checks.append((flags[i], prefix, i, (0.0, 1.0)))
+    else:
+        for prefix in config.blend[0]:
+            for i, bookends in enumerate(config.split_matrix):
+                if bookends is not None:
+                    checks.append(("--data-path", prefix, i, bookends))
+    for flag, prefix, i, (lo, hi) in checks:
+        if num_samples[i] is None:
+            continue  # one epoch of whatever is there, no loop
+        dataset = IndexedDataset(prefix, mmap=True)
+        # a copy: the array is a view of an mmap that closes with `dataset`
+        lengths = numpy.array(dataset.sequence_lengths, dtype=numpy.int64)
+        del dataset
+        begin, end = int(round(lo * float(len(lengths)))), int(round(hi * float(len(lengths))))
+        if int(lengths[begin:end].sum()) == 0:
+            raise DataConfigError(
+                f"{flag} {prefix}: the {_SPLIT_NAMES[i]} split (documents {begin}..{end} of "
+                f"{len(lengths)}) holds no tokens but {num_samples[i]} samples were requested; "
+                "change --split (e.g. a 0 weight for that split) or use more data")
+
+
+class MegatronPretrainingSampler:
+    """Batch sampler with megatron's `MegatronPretrainingSampler` semantics: walk sample indices
+    consumed_samples, consumed_samples + 1, ... in global batches of micro_batch_size * dp_size,
+    and give data-parallel rank r the r-th micro-batch slice of each. Resuming with the
+    checkpoint's consumed_samples continues exactly where training stopped."""
+
+    def __init__(self, total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
+                 data_parallel_size, drop_last=True):
+        if total_samples <= 0:
+            raise DataConfigError(f"no samples to draw (total_samples={total_samples})")
+        if consumed_samples >= total_samples:
+            raise DataConfigError(f"consumed_samples {consumed_samples} >= total {total_samples}")
+        if micro_batch_size <= 0 or not 0 <= data_parallel_rank < data_parallel_size:
+            raise DataConfigError(
+                f"bad micro_batch_size {micro_batch_size} / dp rank {data_parallel_rank} of "
+                f"{data_parallel_size}")
+        self.total_samples, self.consumed_samples = total_samples, consumed_samples
+        self.micro_batch_size, self.drop_last = micro_batch_size, drop_last
+        self.rank, self.size = data_parallel_rank, data_parallel_size
+        self.global_micro = micro_batch_size * data_parallel_size
+
+    def __len__(self):
+        return self.total_samples
+
+    def _slice(self, batch):
+        start = self.rank * self.micro_batch_size
+        return batch[start : start + self.micro_batch_size]
+
+    def __iter__(self):
+        batch = []
+        for idx in range(self.consumed_samples, self.total_samples):
+            batch.append(idx)
+            if len(batch) == self.global_micro:
+                yield self._slice(batch)
+                batch = []
+        if batch and not self.drop_last:
+            tail = self._slice(batch)
+            if tail:
+                yield tail
+
+
+def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, data_parallel_rank,
+                                  data_parallel_size, num_workers=0):
+    """DataLoader over `dataset` driven by `MegatronPretrainingSampler`."""
+    if dataset is None:
+        return None
+    sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
+                                         data_parallel_rank, data_parallel_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=False, persistent_workers=num_workers > 0)
