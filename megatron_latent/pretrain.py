@@ -12,11 +12,13 @@ import time
 import torch
 
 
-def _model(args):
+def _model(args, latent):
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
+
+    from megatron_latent.models.latent import LatentGPTModel, paper_init_methods
+    from megatron_latent.models.norms import with_torch_norms
 
     config = TransformerConfig(
         num_layers=args.num_layers,
@@ -30,19 +32,21 @@ def _model(args):
         attention_dropout=0.0,
         hidden_dropout=0.0,
         batch_p2p_comm=torch.cuda.is_available(),
+        **paper_init_methods(args.hidden_size, args.num_layers, args.num_latent_thoughts),
     )
-    return GPTModel(
+    return LatentGPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        transformer_layer_spec=with_torch_norms(get_gpt_layer_local_spec(), args.num_layers),
         vocab_size=args.vocab_size,
         max_sequence_length=args.seq_length,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         position_embedding_type="rope",
+        latent=latent,
     )
 
 
-def _mock_batches(args, step, micro_batches, dp_rank):
+def _mock_batches(args, step, micro_batches, dp_rank, jacobi):
     """A learnable synthetic stream: each sequence counts up by a random stride mod vocab."""
     out = []
     for m in range(micro_batches):
@@ -55,6 +59,7 @@ def _mock_batches(args, step, micro_batches, dp_rank):
                 "tokens": seq[:, :-1],
                 "labels": seq[:, 1:],
                 "position_ids": torch.arange(args.seq_length).expand(args.micro_batch_size, -1),
+                "jacobi": jacobi,
             }
         )
     return out
@@ -62,7 +67,7 @@ def _mock_batches(args, step, micro_batches, dp_rank):
 
 def _forward_step(data_iterator, model):
     b = next(data_iterator)
-    output = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+    output = model(b["tokens"], b["position_ids"], None, labels=b["labels"], num_jacobi_iters=b["jacobi"])
 
     def loss_func(per_token):
         loss = per_token.float().mean()
@@ -77,11 +82,23 @@ def main(argv=None) -> int:
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from megatron_latent.models.latent import LatentConfigError, LatentSettings
     from megatron_latent.parallel.initialize import ParallelConfigError, initialize_model_parallel
     from megatron_latent.training import engine
     from megatron_latent.training.arguments import parse_args
 
     args = parse_args(argv)
+    try:
+        latent = LatentSettings(
+            args.num_latent_thoughts,
+            tuple(args.jacobi_iters) if args.jacobi_iters else None,
+            args.jacobi_iters_eval,
+            args.scale_embeddings,
+            jacobi_seed=args.seed,
+        )
+    except LatentConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         dp = initialize_model_parallel(
             args.tensor_model_parallel_size,
@@ -102,7 +119,7 @@ def main(argv=None) -> int:
         return 2
     micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
 
-    model = engine.wrap_ddp([_model(args)])
+    model = engine.wrap_ddp([_model(args, latent)])
     opt = engine.build_optimizer(
         model,
         OptimizerConfig(
@@ -134,7 +151,9 @@ def main(argv=None) -> int:
     tokens_per_step = args.global_batch_size * args.seq_length
     for it in range(1, args.train_iters + 1):
         t0 = time.perf_counter()
-        batches = _mock_batches(args, it, micro_batches, ps.get_data_parallel_rank())
+        # J is drawn once per step, from (seed, step) alone: the same on every rank.
+        jacobi = latent.jacobi_iters_for_step(it) if latent.num_latent_thoughts else None
+        batches = _mock_batches(args, it, micro_batches, ps.get_data_parallel_rank(), jacobi)
         result = engine.train_step(
             _forward_step, iter(batches), model, opt, micro_batches, args.seq_length, args.micro_batch_size
         )
@@ -143,7 +162,8 @@ def main(argv=None) -> int:
         if reporter and it % args.log_interval == 0:
             print(
                 f"iteration {it:5d}/{args.train_iters} | loss {result.loss:.4f} | "
-                f"lr {opt.param_groups[0]['lr']:.3e} | grad norm {result.grad_norm:.3f} | "
+                + (f"J {jacobi} | " if jacobi is not None else "")
+                + f"lr {opt.param_groups[0]['lr']:.3e} | grad norm {result.grad_norm:.3f} | "
                 f"{tokens_per_step / dt:,.0f} tokens/s",
                 flush=True,
             )

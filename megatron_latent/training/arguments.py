@@ -17,6 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-attention-heads", type=int, default=4)
     g.add_argument("--seq-length", type=int, default=64)
     g.add_argument("--vocab-size", type=int, default=128, help="vocabulary size (mock data)")
+    g = p.add_argument_group("latent thoughts")
+    g.add_argument("--num-latent-thoughts", type=int, default=0, help="N thoughts per token (0 = vanilla GPT)")
+    g.add_argument("--jacobi-iters", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="inclusive range J is drawn from per training step (default 2 3 when N > 0)")
+    g.add_argument("--jacobi-iters-eval", type=int, default=3)
+    g.add_argument("--scale-embeddings", action="store_true", help="scale token embeddings by sqrt(2.5 H)")
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -43,4 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.mock_data:
         parser.error("--mock-data is the only data source so far")
+    if args.num_latent_thoughts > 0 and args.pipeline_model_parallel_size > 1:
+        parser.error("--num-latent-thoughts > 0 with --pipeline-model-parallel-size > 1 needs the "
+                     "pass <-> pipeline-chunk wiring, which is not implemented yet")
     return args
