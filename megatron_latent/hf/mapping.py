@@ -14,7 +14,8 @@ SwiGLU: megatron fc1 = [gate; up] (LLaMA gate_proj, up_proj). Vocabulary: the HF
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import os
+from typing import Dict, Tuple
 
 import torch
 
@@ -44,7 +45,7 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
         arch = (getattr(hf_config, "architectures", None) or [None])[0]
         raise _unsupported(f"{arch or mt!r} (model_type {mt!r})")
     c = hf_config
-    name = getattr(c, "_name_or_path", "") or f"hf-{mt}"
+    name = os.path.basename(str(getattr(c, "_name_or_path", "") or "").rstrip("/")) or f"hf-{mt}"
     if mt == "gpt2":
         act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(c.activation_function)
         if act is None:

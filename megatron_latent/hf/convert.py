@@ -1,0 +1,114 @@
+"""Hugging Face folder -> megatron checkpoint (continued pretraining from public weights).
+
+The checkpoint is written with megatron `dist_checkpointing` (training/checkpointing.py), whose
+tensors carry their global shapes: it is written from one process and loads at any TP/PP layout.
+The requested layout is checked up front, so an impossible one fails before anything is written.
+Next to the iteration directory, `model_config.json` holds the ModelConfig the weights belong to.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+from typing import Dict, Tuple
+
+import torch
+
+from megatron_latent.config import ModelConfig
+from megatron_latent.hf.layout import StateDict
+from megatron_latent.hf.mapping import SUPPORTED, config_from_hf, hf_to_megatron
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def read_hf_folder(hf_dir: str) -> Tuple[StateDict, object]:
+    """(state dict, config) of a local HF model folder: config.json plus *.safetensors or
+    pytorch_model*.bin (sharded or not). The architecture is checked before weights are read."""
+    import transformers
+
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--hf-dir {hf_dir}: no config.json there")
+    with open(path) as f:
+        raw = json.load(f)
+    if raw.get("model_type") not in SUPPORTED:
+        arch = (raw.get("architectures") or [raw.get("model_type")])[0]
+        names = ", ".join(SUPPORTED.values())
+        raise ValueError(f"--hf-dir {hf_dir}: unsupported architecture {arch} (config.json); supported: {names}")
+    hf_config = transformers.AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    state: Dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors.torch import load_file
+
+        for fn in files:
+            state.update(load_file(fn))
+    else:
+        files = sorted(glob.glob(os.path.join(hf_dir, "pytorch_model*.bin")))
+        if not files:
+            raise FileNotFoundError(f"--hf-dir {hf_dir}: no *.safetensors or pytorch_model*.bin weights")
+        for fn in files:
+            state.update(torch.load(fn, map_location="cpu", weights_only=True))
+    return state, hf_config
+
+
+def save_config(cfg: ModelConfig, save_dir: str) -> None:
+    os.makedirs(save_dir, exist_ok=True)
+    tmp = os.path.join(save_dir, MODEL_CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    os.replace(tmp, os.path.join(save_dir, MODEL_CONFIG_FILE))
+
+
+def load_config(ckpt_dir: str) -> ModelConfig:
+    path = os.path.join(ckpt_dir, MODEL_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--load {ckpt_dir}: no {MODEL_CONFIG_FILE} there")
+    with open(path) as f:
+        return ModelConfig.from_dict(json.load(f))
+
+
+def convert_hf_to_checkpoint(
+    hf_dir: str,
+    save_dir: str,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    iteration: int = 0,
+    **overrides,
+) -> ModelConfig:
+    """Convert the HF folder `hf_dir` into a megatron checkpoint under `save_dir`.
+
+    `overrides` replace ModelConfig fields (num_latent_thoughts, scale_embeddings, ...): latent
+    thoughts change the forward, not the weights. Runs in this process as a world of one.
+    """
+    import torch.distributed as dist
+
+    import megatron_latent  # noqa: F401  (CPU backend when CUDA is absent)
+    from megatron_latent.hf.layout import load_full_into_model
+    from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.parallel.initialize import initialize_model_parallel
+    from megatron_latent.training.checkpointing import save_checkpoint
+
+    state, hf_config = read_hf_folder(hf_dir)
+    config_from_hf(hf_config, **overrides).check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
+    cfg, full = hf_to_megatron(state, hf_config, **overrides)
+    del state
+    if not dist.is_initialized():
+        rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    if dist.get_world_size() != 1:
+        raise RuntimeError("convert_hf_to_checkpoint runs as a single process (the checkpoint reshards on load)")
+    initialize_model_parallel(1, 1)
+    model = build_gpt_model(cfg)
+    load_full_into_model(model, full, cfg)
+    del full
+    save_config(cfg, save_dir)
+    save_checkpoint(
+        save_dir, iteration, [model],
+        extra={"model_config": cfg.to_dict(), "converted_from": os.path.abspath(hf_dir),
+               "intended_layout": {"tensor_model_parallel_size": tensor_model_parallel_size,
+                                   "pipeline_model_parallel_size": pipeline_model_parallel_size}},
+    )
+    return cfg

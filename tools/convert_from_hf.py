@@ -1,0 +1,50 @@
+"""Convert a Hugging Face GPT-2 / GPT-NeoX (Pythia) / LLaMA folder into a megatron checkpoint.
+
+    python tools/convert_from_hf.py --hf-dir pythia-410m/ --save ckpt/ \
+        [--num-latent-thoughts 1] [--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2]
+
+The checkpoint (megatron dist_checkpointing, plus model_config.json) loads with `--load` at any
+TP/PP layout; the sizes given here are checked against the model so that a layout the model
+cannot take fails now, not at training start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf-dir", required=True, help="local HF model folder (config.json + weights)")
+    p.add_argument("--save", required=True, help="checkpoint directory to write")
+    p.add_argument("--num-latent-thoughts", type=int, default=0)
+    p.add_argument("--scale-embeddings", action="store_true")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    args = p.parse_args(argv)
+
+    from megatron_latent.config import ModelConfigError
+    from megatron_latent.hf.convert import convert_hf_to_checkpoint
+    from megatron_latent.hf.layout import CheckpointShapeError
+
+    try:
+        cfg = convert_hf_to_checkpoint(
+            args.hf_dir, args.save,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            num_latent_thoughts=args.num_latent_thoughts,
+            scale_embeddings=args.scale_embeddings,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        )
+    except (ModelConfigError, CheckpointShapeError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.save}: {cfg.arch}, {cfg.num_parameters():,} parameters, "
+          f"vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size}), N={cfg.num_latent_thoughts}")
+    return 0
+
+
+if __name__ == "__main__":  # guard: megatron's checkpoint writer re-imports __main__ (spawn)
+    sys.exit(main())
