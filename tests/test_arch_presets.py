@@ -1,0 +1,105 @@
+"""Presets: parameter counts (against the published Pythia sizes, against the HF reference classes
+built on the meta device, and against our built models), config validation errors."""
+
+import pytest
+import torch
+
+# Published Pythia sizes (total parameters incl. embeddings, EleutherAI/pythia README).
+PYTHIA = {
+    "pythia-70m": 70_426_624,
+    "pythia-160m": 162_322_944,
+    "pythia-410m": 405_334_016,
+    "pythia-1b": 1_011_781_632,
+    "pythia-1.4b": 1_414_647_808,
+    "pythia-2.8b": 2_775_208_960,
+}
+LLAMA_SHAPES = {  # the paper's d / layers / heads / ffn
+    "llama-125m": (768, 12, 12, 2064), "llama-410m": (1024, 24, 16, 2752), "llama-834m": (1536, 24, 24, 4128),
+    "llama-1.4b": (2048, 24, 32, 5504), "llama-2.8b": (2048, 48, 32, 5504),
+}
+
+
+def test_pythia_counts_match_published():
+    from megatron_latent.config import get_preset
+
+    for name, n in PYTHIA.items():
+        assert get_preset(name).num_parameters() == n, name
+
+
+def test_llama_presets_are_the_papers():
+    from megatron_latent.config import get_preset
+
+    for name, (d, layers, heads, ffn) in LLAMA_SHAPES.items():
+        c = get_preset(name)
+        assert (c.hidden_size, c.num_layers, c.num_attention_heads, c.ffn_hidden_size) == (d, layers, heads, ffn)
+        assert c.padded_vocab_size == 50304 and not c.tie_embeddings and c.arch == "llama"
+
+
+def test_counts_equal_hf_reference_models():
+    """Every full-size preset, as the stock HF class (meta device: no memory), has our count
+    (vocabulary padded to the same size)."""
+    import transformers
+
+    from megatron_latent.config import PRESETS
+    from megatron_latent.hf.mapping import config_to_hf
+
+    for name, c in PRESETS.items():
+        hc = config_to_hf(c.replace(vocab_size=c.padded_vocab_size))
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(hc)
+        # HF lists a tied head once in parameters(); positions are learned for gpt2 only.
+        assert sum(p.numel() for p in model.parameters()) == c.num_parameters(), name
+
+
+def test_built_tiny_models_have_the_reported_count(single_rank):
+    from megatron_latent.config import PRESETS
+    from megatron_latent.models.gpt import build_gpt_model
+
+    for name in ("tiny-gpt2", "tiny-pythia", "tiny-llama"):
+        model = build_gpt_model(PRESETS[name])
+        assert sum(p.numel() for p in model.parameters()) == PRESETS[name].num_parameters(), name
+
+
+def test_parallel_residual_layer_is_used_for_pythia(single_rank):
+    from megatron_latent.config import get_preset
+    from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.models.parallel_residual import ParallelResidualTransformerLayer
+
+    layer = build_gpt_model(get_preset("tiny-pythia")).decoder.layers[0]
+    assert isinstance(layer, ParallelResidualTransformerLayer) and layer.partial_sums
+    assert not isinstance(build_gpt_model(get_preset("tiny-llama")).decoder.layers[0], ParallelResidualTransformerLayer)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_attention_heads=5), "--hidden-size 64 is not divisible by --num-attention-heads 5"),
+        (dict(num_query_groups=3), "--num-query-groups 3 must divide --num-attention-heads 4"),
+        (dict(rotary_percent=0.3), "--rotary-percent 0.3"),
+        (dict(num_latent_thoughts=-1), "--num-latent-thoughts must be >= 0"),
+        (dict(jacobi_iters=(3, 2)), r"--jacobi-iters \[3, 2\]"),
+        (dict(activation="relu"), "activation 'relu'"),
+    ],
+)
+def test_bad_config_names_field(overrides, message):
+    from megatron_latent.config import ModelConfigError, get_preset
+
+    with pytest.raises(ModelConfigError, match=message):
+        get_preset("tiny-llama", **overrides)
+
+
+def test_unknown_preset_lists_presets():
+    from megatron_latent.config import ModelConfigError, get_preset
+
+    with pytest.raises(ModelConfigError, match="--model-preset 'pythia-7b' is unknown; presets: pythia-70m"):
+        get_preset("pythia-7b")
+
+
+def test_config_round_trips_and_latent_settings():
+    from megatron_latent.config import ModelConfig, get_preset
+
+    c = get_preset("tiny-pythia", num_latent_thoughts=1, scale_embeddings=True)
+    assert ModelConfig.from_dict(c.to_dict()) == c
+    s = c.latent_settings()
+    assert (s.num_latent_thoughts, s.training_range, s.jacobi_iters_eval, s.scale_embeddings) == (1, (2, 3), 3, True)
+    assert get_preset("tiny-pythia").latent_settings().num_latent_thoughts == 0
