@@ -1,4 +1,5 @@
-"""Parity with the Hugging Face reference models at TP=2 and PP=2 (and both), for every family;
+"""Parity with the Hugging Face reference models at TP=2 (also with sequence parallelism) and PP=2
+(and both), for every family;
 the paper init is the same model at TP=1 and TP=2; the parallel-residual layer reduces once.
 
 Two spawns in all: world 2 runs TP=2 then PP=2, world 4 runs TP=2 x PP=2.
@@ -31,7 +32,7 @@ def _forward_pipeline(model, ids):
     return out
 
 
-def _parity(layouts):
+def _parity(layouts, sequence_parallel=False):
     from megatron_latent.hf.layout import load_full_into_model
     from megatron_latent.hf.mapping import hf_to_megatron
     from megatron_latent.models.gpt import build_gpt_model
@@ -44,11 +45,13 @@ def _parity(layouts):
             hf = hf_model(arch)
             ids = tokens()
             cfg, full = hf_to_megatron(hf.state_dict(), hf.config)
-            model = build_gpt_model(cfg, parallel_output=False).eval()
-            load_full_into_model(model, full, cfg)
-            out = _forward_pipeline(model, ids)
-            if out is not None:
-                results[(tp, pp, arch)] = rel_err(out[..., :VOCAB], hf_logits(hf, ids))
+            for sp in (False, True) if sequence_parallel and tp > 1 else (False,):
+                config = cfg.to_transformer_config(tp, pp, sequence_parallel=sp)
+                model = build_gpt_model(cfg, config=config, parallel_output=False).eval()
+                load_full_into_model(model, full, cfg)
+                out = _forward_pipeline(model, ids)
+                if out is not None:
+                    results[(tp, pp, arch) + (("sp",) if sp else ())] = rel_err(out[..., :VOCAB], hf_logits(hf, ids))
     return results
 
 
@@ -84,13 +87,14 @@ def _init_and_reduces():
 
 
 def _world2():
-    return {"parity": _parity([(2, 1), (1, 2)]), "init": _init_and_reduces()}
+    return {"parity": _parity([(2, 1), (1, 2)], sequence_parallel=True), "init": _init_and_reduces()}
 
 
 def test_tp2_and_pp2_match_hf_and_init_is_tp_invariant():
     res = run_on_ranks(_world2, 2, timeout=400)
     parity = {k: v for r in res for k, v in r["parity"].items()}
-    assert sorted(parity) == sorted((tp, pp, a) for tp, pp in ((2, 1), (1, 2)) for a in ARCHS)
+    want = [(tp, pp, a) for tp, pp in ((2, 1), (1, 2)) for a in ARCHS] + [(2, 1, a, "sp") for a in ARCHS]
+    assert sorted(parity) == sorted(want)
     for key, err in parity.items():
         assert err < 1e-5, (key, err)
 
