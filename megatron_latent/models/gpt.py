@@ -1,0 +1,63 @@
+"""Build a megatron-core GPTModel (or a subclass, e.g. the latent model) for any ModelConfig."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.models.gpt import GPTModel
+
+from megatron_latent.config import ModelConfig
+from megatron_latent.models import specs
+
+
+def build_gpt_model(
+    cfg: ModelConfig,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+    config=None,
+    use_te: Optional[bool] = None,
+    parallel_output: bool = True,
+    model_cls=GPTModel,
+    **model_kwargs,
+):
+    """This rank's part of the model described by `cfg`.
+
+    pre_process / post_process: whether this (virtual) stage holds the embedding / the final norm
+    and output layer; None reads them from megatron's parallel state. `config` is a
+    TransformerConfig (default: `cfg.to_transformer_config(...)` at the current TP/PP sizes).
+    `model_cls` and `model_kwargs` let the caller build a GPTModel subclass, e.g.
+    ``build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent_settings())``.
+    """
+    from megatron.core import parallel_state as ps
+
+    if config is None:
+        vp = ps.get_virtual_pipeline_model_parallel_world_size()
+        config = cfg.to_transformer_config(
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            vp,
+        )
+    else:
+        cfg.check_parallel(config.tensor_model_parallel_size, config.pipeline_model_parallel_size)
+    stage = {} if vp_stage is None else {"ignore_virtual": False, "vp_stage": vp_stage}
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(**stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(**stage)
+    rope = cfg.position_embedding_type == "rope"
+    return model_cls(
+        config=config,
+        transformer_layer_spec=specs.block_spec(cfg, config, vp_stage=vp_stage, use_te=use_te),
+        vocab_size=cfg.padded_vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_percent=cfg.rotary_percent if rope else 1.0,
+        rotary_base=cfg.rotary_base,
+        vp_stage=vp_stage,
+        **model_kwargs,
+    )

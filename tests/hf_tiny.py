@@ -1,0 +1,58 @@
+"""Tiny random Hugging Face reference models (no downloads) for the architecture parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 250  # not a multiple of 128: the megatron side pads to 256
+SEQ = 24
+
+
+def hf_model(arch: str, seed: int = 0):
+    """A tiny stock transformers causal LM of `arch`, fp32, eval mode, with weights large enough
+    that every tensor (biases and norms included) visibly moves the logits."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, attn_implementation="eager")
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **common)
+        cls = tf.GPT2LMHeadModel
+    elif arch == "gpt-neox":
+        cfg = tf.GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                               max_position_embeddings=32, rotary_pct=0.25, rotary_emb_base=10000,
+                               use_parallel_residual=True, tie_word_embeddings=False, **common)
+        cls = tf.GPTNeoXForCausalLM
+    elif arch == "llama":
+        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=96, max_position_embeddings=32, rms_norm_eps=1e-6,
+                             rope_theta=10000.0, tie_word_embeddings=False, **common)
+        cls = tf.LlamaForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(cfg).float().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name or "ln_" in name:
+                p.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(noise / p.shape[-1 if "c_" not in name else 0] ** 0.5)
+    return model
+
+
+def tokens(batch: int = 2, seq: int = SEQ, seed: int = 7) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).abs().max() / ref.abs().max()).item()
