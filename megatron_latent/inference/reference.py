@@ -43,13 +43,4 @@ def sequential_logits(model, input_ids, position_ids, attention_mask=None):
     if model.config.sequence_parallel:
         raise ValueError("the sequential reference runs without sequence parallelism")
     hidden = sequential_hidden_states(model, input_ids, position_ids, attention_mask)
-    return model._postprocess(
-        hidden_states=hidden,
-        input_ids=input_ids,
-        position_ids=position_ids,
-        labels=None,
-        rotary_pos_emb=None,
-        rotary_pos_cos=None,
-        rotary_pos_sin=None,
-        runtime_gather_output=True,
-    )
+    return model.output(hidden, input_ids, position_ids, runtime_gather_output=True)

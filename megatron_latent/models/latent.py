@@ -191,6 +191,10 @@ class LatentGPTModel(GPTModel):
         if decoder_input is not None or kwargs.get("inference_context") is not None:
             raise NotImplementedError("latent forward takes token ids (use the inference module to decode)")
         hidden = self.latent_hidden_states(input_ids, position_ids, attention_mask, num_jacobi_iters)
+        return self.output(hidden, input_ids, position_ids, labels=labels, loss_mask=loss_mask)
+
+    def output(self, hidden, input_ids, position_ids, labels=None, loss_mask=None, runtime_gather_output=None):
+        """Loss [b, L] (with labels) or logits [b, L, V] from full-sequence hidden states [L, b, h]."""
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         return self._postprocess(
@@ -202,7 +206,7 @@ class LatentGPTModel(GPTModel):
             rotary_pos_cos=None,
             rotary_pos_sin=None,
             loss_mask=loss_mask,
-            attention_mask=attention_mask,
+            runtime_gather_output=runtime_gather_output,
         )
 
     def resolve_jacobi_iters(self, num_jacobi_iters: Optional[int]) -> int:
