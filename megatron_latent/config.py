@@ -278,6 +278,18 @@ class ModelConfig:
         elif params_dtype == torch.float16:
             kw["fp16"] = True
         kw.update(overrides)
+        if (
+            kw.get("recompute_granularity") == "selective"
+            and "mlp" in (kw.get("recompute_modules") or ())
+            and self.add_bias_linear
+            and not self.parallel_residual
+        ):
+            # megatron-core 0.16.1's TransformerLayer returns the fc2 bias Parameter through its
+            # CheckpointFunction, whose backward then recurses without end.
+            raise ModelConfigError(
+                f"--recompute-modules mlp does not work with the biased MLP of model {self.name!r} "
+                "(megatron-core 0.16.1); use --recompute-granularity full"
+            )
         return TransformerConfig(**kw)
 
 

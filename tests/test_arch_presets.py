@@ -103,3 +103,34 @@ def test_config_round_trips_and_latent_settings():
     s = c.latent_settings()
     assert (s.num_latent_thoughts, s.training_range, s.jacobi_iters_eval, s.scale_embeddings) == (1, (2, 3), 3, True)
     assert get_preset("tiny-pythia").latent_settings().num_latent_thoughts == 0
+
+
+@pytest.mark.parametrize(
+    "recompute",
+    [dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+     dict(recompute_granularity="selective", recompute_modules=["mlp", "layernorm"])],
+)
+def test_parallel_residual_recompute_equals_plain(single_rank, recompute):
+    from megatron_latent.config import get_preset
+    from megatron_latent.models.gpt import build_gpt_model
+
+    cfg = get_preset("tiny-pythia")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(16).expand(2, 16)
+    results = []
+    for overrides in ({}, recompute):
+        torch.manual_seed(5)
+        model = build_gpt_model(cfg, config=cfg.to_transformer_config(**overrides)).train()
+        loss = model(ids, pos, None, labels=ids).mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert l1 == l0
+    assert all(torch.allclose(g1[n], g0[n], rtol=1e-6, atol=1e-9) for n in g0)
+
+
+def test_selective_mlp_recompute_with_biases_is_refused():
+    from megatron_latent.config import ModelConfigError, get_preset
+
+    with pytest.raises(ModelConfigError, match="--recompute-modules mlp"):
+        get_preset("tiny-gpt2").to_transformer_config(recompute_granularity="selective", recompute_modules=["mlp"])

@@ -117,7 +117,10 @@ class ParallelResidualTransformerLayer(TransformerLayer):
         )
         mlp_in = self.pre_mlp_layernorm(hidden_states)
         if self.recompute_mlp:
-            mlp_out, mlp_bias = tensor_parallel.checkpoint(self.mlp, False, mlp_in)
+            # Checkpoint the output only: a bias Parameter returned through megatron's
+            # CheckpointFunction gets that function as its grad_fn and backward recurses forever.
+            mlp_out = tensor_parallel.checkpoint(lambda x: self.mlp(x)[0], False, mlp_in)
+            mlp_bias = self.mlp.linear_fc2.bias if self.config.add_bias_linear else None
         else:
             mlp_out, mlp_bias = self.mlp(mlp_in)
 
