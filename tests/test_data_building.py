@@ -55,22 +55,19 @@ def test_split_sample_counts(env):
     assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])
 
 
-def test_blend_sample_counts(env, tmp_path):
-    _init_single_process_group()
-    try:
-        args = DataArgs(seq_length=SEQ, data_path=["0.3", env["A"], "0.7", env["B"]],
-                        split="969,30,0", data_cache_path=str(tmp_path / "cache"))
-        train, valid, test = build_train_valid_test_datasets(args, env["tok"], [1000, 100, 0])
-        assert test is None
-        assert (len(train), len(valid)) == (1000, 100)
-        assert numpy.bincount(train.dataset_index).tolist() == [300, 700]
-        assert numpy.bincount(valid.dataset_index).tolist() == [30, 70]
-        # every blended sample comes from the dataset its index names
-        for i in range(0, 1000, 97):
-            expected = 100 if train.dataset_index[i] == 0 else 200
-            assert set(train[i]["tokens"].tolist()) - {0} <= set(range(expected, expected + 50))
-    finally:
-        torch.distributed.destroy_process_group()
+def test_blend_sample_counts(env, tmp_path, single_rank):
+    # the cached blend needs torch.distributed (a world of one, shared with the other in-process tests)
+    args = DataArgs(seq_length=SEQ, data_path=["0.3", env["A"], "0.7", env["B"]],
+                    split="969,30,0", data_cache_path=str(tmp_path / "cache"))
+    train, valid, test = build_train_valid_test_datasets(args, env["tok"], [1000, 100, 0])
+    assert test is None
+    assert (len(train), len(valid)) == (1000, 100)
+    assert numpy.bincount(train.dataset_index).tolist() == [300, 700]
+    assert numpy.bincount(valid.dataset_index).tolist() == [30, 70]
+    # every blended sample comes from the dataset its index names
+    for i in range(0, 1000, 97):
+        expected = 100 if train.dataset_index[i] == 0 else 200
+        assert set(train[i]["tokens"].tolist()) - {0} <= set(range(expected, expected + 50))
 
 
 def test_per_split_paths_and_errors(env):
@@ -122,11 +119,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _init_single_process_group():
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
 
 def _dp_worker(rank, port, env, cache, out):
