@@ -213,6 +213,32 @@ class ModelConfig:
                 f"of model {self.name!r}"
             )
 
+    def check_seq_length(self, seq_length: int) -> None:
+        """Raise ModelConfigError when training sequences are longer than the model's positions."""
+        if seq_length < 1:
+            raise ModelConfigError(f"--seq-length must be >= 1, got {seq_length}")
+        if seq_length > self.seq_length:
+            raise ModelConfigError(
+                f"--seq-length {seq_length} exceeds --max-position-embeddings {self.seq_length} of "
+                f"model {self.name!r}"
+            )
+
+    # Fields that decide the shapes (and meaning) of the weights; latent fields only change the forward.
+    WEIGHT_FIELDS = (
+        "arch", "num_layers", "hidden_size", "num_attention_heads", "query_groups", "ffn_hidden_size",
+        "padded_vocab_size", "normalization", "activation", "position_embedding_type", "add_bias_linear",
+        "add_qkv_bias", "tie_embeddings", "parallel_residual",
+    )
+
+    def weight_mismatches(self, other: "ModelConfig") -> list:
+        """'field: ours vs theirs' for every weight-defining field where `other` differs."""
+        fields = self.WEIGHT_FIELDS + (("seq_length",) if self.position_embedding_type == "learned_absolute" else ())
+        return [
+            f"{f}: {getattr(other, f)} vs {getattr(self, f)}"
+            for f in fields
+            if getattr(self, f) != getattr(other, f)
+        ]
+
     def latent_settings(self):
         """The latent model's settings (megatron_latent.models.latent.LatentSettings)."""
         from megatron_latent.models.latent import LatentSettings

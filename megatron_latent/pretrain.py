@@ -1,172 +1,205 @@
 """Training entry point: `torchrun --nproc_per_node N -m megatron_latent.pretrain [flags]`.
 
-A thin driver over `megatron_latent.training`: flags -> parallel state -> model -> megatron DDP
-and optimizer -> steps. Runs on CPU (gloo) or GPU (NCCL) alike.
+A thin driver over the library: flags -> model config -> parallel state -> model, megatron DDP,
+optimizer, scheduler -> resume -> data -> `training.loop.train`. Runs on CPU (gloo) or GPU (NCCL)
+alike. Every configuration error is one line naming the flag, printed by rank 0, exit status 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-import time
 
 import torch
 
 
-def _model(args, latent):
+def _error(msg: str) -> int:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def build_model(cfg, args, latent):
+    """This rank's model chunks (before DDP): a LatentGPTModel for the preset, bf16 if asked."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.models.latent import LatentGPTModel
+
+    overrides = {}
+    if args.sequence_parallel:
+        overrides["sequence_parallel"] = True
+    if args.recompute_granularity:
+        overrides["recompute_granularity"] = args.recompute_granularity
+        if args.recompute_granularity == "full":
+            overrides.update(recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
 
-    from megatron_latent.models.latent import LatentGPTModel, paper_init_methods
-    from megatron_latent.models.norms import with_torch_norms
-
-    config = TransformerConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-        batch_p2p_comm=torch.cuda.is_available(),
-        **paper_init_methods(args.hidden_size, args.num_layers, args.num_latent_thoughts),
+    config = cfg.to_transformer_config(
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        **overrides,
     )
-    return LatentGPTModel(
-        config=config,
-        transformer_layer_spec=with_torch_norms(get_gpt_layer_local_spec(), args.num_layers),
-        vocab_size=args.vocab_size,
-        max_sequence_length=args.seq_length,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        position_embedding_type="rope",
-        latent=latent,
+    model = build_gpt_model(cfg, config=config, model_cls=LatentGPTModel, latent=latent)
+    if args.bf16:
+        model = Float16Module(config, model)
+    return [model]
+
+
+def build_optimizer_and_scheduler(model, args):
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_latent.training import engine
+
+    opt = engine.build_optimizer(
+        model,
+        OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
     )
-
-
-def _mock_batches(args, step, micro_batches, dp_rank, jacobi):
-    """A learnable synthetic stream: each sequence counts up by a random stride mod vocab."""
-    out = []
-    for m in range(micro_batches):
-        g = torch.Generator().manual_seed(args.seed + 7919 * step + 104729 * dp_rank + m)
-        start = torch.randint(0, args.vocab_size, (args.micro_batch_size, 1), generator=g)
-        stride = torch.randint(1, 4, (args.micro_batch_size, 1), generator=g)
-        seq = (start + stride * torch.arange(args.seq_length + 1)) % args.vocab_size
-        out.append(
-            {
-                "tokens": seq[:, :-1],
-                "labels": seq[:, 1:],
-                "position_ids": torch.arange(args.seq_length).expand(args.micro_batch_size, -1),
-                "jacobi": jacobi,
-            }
-        )
-    return out
-
-
-def _forward_step(data_iterator, model):
-    b = next(data_iterator)
-    output = model(b["tokens"], b["position_ids"], None, labels=b["labels"], num_jacobi_iters=b["jacobi"])
-
-    def loss_func(per_token):
-        loss = per_token.float().mean()
-        return loss, {"loss": loss.detach().clone()}
-
-    return output, loss_func
+    warmup = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        warmup = int(args.lr_warmup_fraction * args.train_iters)
+    sched = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    return opt, sched
 
 
 def main(argv=None) -> int:
     import megatron_latent  # noqa: F401  (CPU backend when CUDA is absent)
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.distributed import DistributedDataParallelConfig
 
-    from megatron_latent.models.latent import LatentConfigError, LatentSettings
+    from megatron_latent.config import ModelConfigError
+    from megatron_latent.data.gpt_data import DataConfigError
+    from megatron_latent.data.tokenizer import TokenizerError
+    from megatron_latent.hf.convert import save_config
+    from megatron_latent.models.flops import latent_step_flops
+    from megatron_latent.models.latent import LatentConfigError
     from megatron_latent.parallel.initialize import ParallelConfigError, initialize_model_parallel
-    from megatron_latent.training import engine
-    from megatron_latent.training.arguments import parse_args
+    from megatron_latent.training import batches as batching
+    from megatron_latent.training import checkpointing, engine, loop
+    from megatron_latent.training.arguments import model_config_from_args, parse_args
+    from megatron_latent.training.metrics import MetricsWriter
 
     args = parse_args(argv)
     try:
-        latent = LatentSettings(
-            args.num_latent_thoughts,
-            tuple(args.jacobi_iters) if args.jacobi_iters else None,
-            args.jacobi_iters_eval,
-            args.scale_embeddings,
-            jacobi_seed=args.seed,
-        )
-    except LatentConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        tokenizer = batching.build_tokenizer_from_args(args)
+        cfg = model_config_from_args(args, tokenizer.vocab_size if tokenizer is not None else None)
+        cfg.check_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    except (ModelConfigError, LatentConfigError, TokenizerError, FileNotFoundError) as e:
+        return _error(str(e))
+    if cfg.num_latent_thoughts and args.pipeline_model_parallel_size > 1:
+        return _error("--num-latent-thoughts > 0 with --pipeline-model-parallel-size > 1 is not wired into "
+                      "the driver yet")
+    seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
     try:
         dp = initialize_model_parallel(
-            args.tensor_model_parallel_size,
-            args.pipeline_model_parallel_size,
-            num_layers=args.num_layers,
-            num_attention_heads=args.num_attention_heads,
-            seed=args.seed,
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+            num_query_groups=cfg.query_groups, seed=args.seed,
         )
     except ParallelConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
-        print(
-            f"error: --global-batch-size {args.global_batch_size} is not divisible by "
-            f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}",
-            file=sys.stderr,
-        )
-        return 2
-    micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
+        return _error(str(e))
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        return _error(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                      f"{args.micro_batch_size} x data-parallel size {dp}")
+    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
+    reporter = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                and ps.get_data_parallel_rank() == 0)
+    rank0 = torch.distributed.get_rank() == 0
 
-    model = engine.wrap_ddp([_model(args, latent)])
-    opt = engine.build_optimizer(
-        model,
-        OptimizerConfig(
-            optimizer="adam",
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            clip_grad=args.clip_grad,
+    def log(msg):
+        if reporter or rank0:
+            print(msg, flush=True)
+
+    # J of step s is drawn from (--seed, s) alone: every rank, and a resumed run, draws the same.
+    latent = dataclasses.replace(cfg.latent_settings(), jacobi_seed=args.seed)
+    model = engine.wrap_ddp(
+        build_model(cfg, args, latent),
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer,
         ),
     )
-    warmup = int(args.lr_warmup_fraction * args.train_iters)
-    sched = OptimizerParamScheduler(
-        opt,
-        init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=warmup,
-        lr_decay_steps=args.train_iters,
-        lr_decay_style="cosine",
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
-    )
+    opt, sched = build_optimizer_and_scheduler(model, args)
     engine.configure_model_for_training(model, opt)
-    reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-    tokens_per_step = args.global_batch_size * args.seq_length
-    for it in range(1, args.train_iters + 1):
-        t0 = time.perf_counter()
-        # J is drawn once per step, from (seed, step) alone: the same on every rank.
-        jacobi = latent.jacobi_iters_for_step(it) if latent.num_latent_thoughts else None
-        batches = _mock_batches(args, it, micro_batches, ps.get_data_parallel_rank(), jacobi)
-        result = engine.train_step(
-            _forward_step, iter(batches), model, opt, micro_batches, args.seq_length, args.micro_batch_size
+    if rank0:
+        print(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, N={cfg.num_latent_thoughts} "
+              f"latent thoughts | TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
+              f"DP={dp} | {num_micro} micro-batches of {args.micro_batch_size} per step", flush=True)
+
+    state = loop.TrainState()
+    if args.load:
+        try:
+            state = loop.resume(args.load, cfg, model, opt, sched, finetune=args.finetune,
+                                load_optim=not args.no_load_optim, log=log if rank0 else (lambda m: None))
+        except (loop.ResumeError, ModelConfigError) as e:
+            return _error(str(e))
+
+    eval_iters = args.eval_iters if args.eval_interval <= args.train_iters else 0
+    try:
+        train_ds, valid_ds = batching.build_datasets(
+            args, tokenizer if tokenizer is not None else batching.MockTokenizer(cfg.vocab_size), seq_length,
+            args.train_iters * args.global_batch_size, eval_iters * args.global_batch_size or None,
         )
-        sched.step(increment=1)
-        dt = time.perf_counter() - t0
-        if reporter and it % args.log_interval == 0:
-            print(
-                f"iteration {it:5d}/{args.train_iters} | loss {result.loss:.4f} | "
-                + (f"J {jacobi} | " if jacobi is not None else "")
-                + f"lr {opt.param_groups[0]['lr']:.3e} | grad norm {result.grad_norm:.3f} | "
-                f"{tokens_per_step / dt:,.0f} tokens/s",
-                flush=True,
-            )
+    except DataConfigError as e:
+        return _error(str(e))
+    dp_rank = ps.get_data_parallel_rank()
+    train_iter = batching.micro_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
+                                        dp_rank, dp, args.num_workers)
+    valid_batches = None
+    if eval_iters and valid_ds is not None:
+        # The same validation samples at every evaluation, so the curve compares like with like.
+        valid_batches = batching.take(
+            batching.micro_batches(valid_ds, 0, args.micro_batch_size, dp_rank, dp), eval_iters * num_micro,
+            "validation")
+
+    n = cfg.num_latent_thoughts
+
+    def flops_per_sample(jacobi):
+        return latent_step_flops(seq_length, n, jacobi or 0, cfg.padded_vocab_size, cfg.hidden_size,
+                                 cfg.num_layers, cfg.ffn_hidden_size, cfg.num_attention_heads,
+                                 cfg.query_groups, cfg.gated)
+
+    def save(st):
+        if rank0:
+            save_config(cfg, args.save)
+        checkpointing.save_checkpoint(
+            args.save, st.iteration, model, opt, sched,
+            extra={"consumed_train_samples": st.consumed_train_samples, "model_config": cfg.to_dict(),
+                   "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}},
+        )
+        log(f"saved checkpoint of iteration {st.iteration} to {args.save}")
+
+    metrics = MetricsWriter(args.tensorboard_dir, reporter)
+    try:
+        loop.train(
+            loop.LoopConfig(
+                train_iters=args.train_iters, global_batch_size=args.global_batch_size,
+                micro_batch_size=args.micro_batch_size, num_microbatches=num_micro, seq_length=seq_length,
+                log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=eval_iters,
+                save=args.save, save_interval=args.save_interval, exit_signal_handler=args.exit_signal_handler,
+                exit_interval=args.exit_interval,
+                flops_per_sample=flops_per_sample,
+            ),
+            state, model, opt, sched, train_iter, valid_batches,
+            jacobi_for_step=(lambda step: latent.jacobi_iters_for_step(step)) if n else (lambda step: None),
+            jacobi_eval=latent.jacobi_iters_eval if n else None,
+            save_fn=save, metrics=metrics, log=log, reporter=reporter,
+        )
+    finally:
+        metrics.close()
     return 0
 
 

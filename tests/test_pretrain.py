@@ -1,45 +1,160 @@
-"""The training entry point: a latent model trains at TP=2 (loss goes down); bad flags stop it."""
+"""The training driver end to end: it trains (loss falls), resumes exactly where it stopped, reads
+real indexed data with document resets, continues pretraining from a converted HF checkpoint, and
+stops on bad flags with one line naming the flag."""
+
+import contextlib
+import io
+import json
+import os
 
 import pytest
 
-from megatron_latent.training.arguments import parse_args
 from multirank import run_on_ranks
 
-ARGS = ["--mock-data", "--tensor-model-parallel-size", "2", "--num-layers", "2", "--hidden-size", "32",
-        "--seq-length", "16", "--num-latent-thoughts", "1", "--scale-embeddings", "--train-iters", "8",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2", "--lr-warmup-fraction", "0"]
+TINY = ["--model-preset", "tiny-llama", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+        "--num-workers", "0", "--lr-warmup-fraction", "0"]
+LATENT = ["--num-latent-thoughts", "1", "--scale-embeddings"]
 
 
 def _main(argv):
-    import contextlib
-    import io
-
     from megatron_latent import pretrain
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = pretrain.main(argv)
-    return code, out.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+def _runs(argvs):
+    """Several driver runs, one after another, in the same spawned world."""
+    return [_main(a) for a in argvs]
+
+
+def _losses(stdout):
+    lines = [l for l in stdout.splitlines() if l.startswith("iteration")]
+    return {int(l.split()[1].split("/")[0]): float(l.split("loss ")[1].split()[0]) for l in lines}
 
 
 def test_latent_training_at_tp2_lowers_the_loss():
-    results = run_on_ranks(_main, 2, ARGS)
-    assert [code for code, _ in results] == [0, 0]
-    lines = [l for l in results[0][1].splitlines() if l.startswith("iteration")]
-    assert len(lines) == 8 and " J " in lines[0]
-    losses = [float(l.split("loss ")[1].split()[0]) for l in lines]
-    assert losses[-1] < losses[0] - 0.3
+    argv = TINY + LATENT + ["--mock-data", "--tensor-model-parallel-size", "2", "--seq-length", "16",
+                            "--train-iters", "8", "--micro-batch-size", "2", "--global-batch-size", "4",
+                            "--lr", "1e-2"]
+    results = run_on_ranks(_main, 2, argv)
+    assert [r[0] for r in results] == [0, 0]
+    losses = _losses(results[0][1])
+    assert sorted(losses) == list(range(1, 9)) and " J " in results[0][1]
+    assert losses[8] < losses[1] - 0.3
 
 
-def test_latent_with_pipeline_is_refused_naming_the_flag(capsys):
-    with pytest.raises(SystemExit):
-        parse_args(["--mock-data", "--num-latent-thoughts", "1", "--pipeline-model-parallel-size", "2"])
-    assert "--pipeline-model-parallel-size" in capsys.readouterr().err
+def test_resume_continues_exactly(tmp_path):
+    """Stopping at 3 and resuming gives the uninterrupted run's steps 4-6: weights, optimizer,
+    scheduler, data position and the per-step Jacobi draw all come back (DP=2)."""
+    save = str(tmp_path / "ckpt")
+    common = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--train-iters", "6", "--micro-batch-size", "2",
+                              "--global-batch-size", "8", "--lr", "1e-2", "--jacobi-iters", "1", "3"]
+    runs = run_on_ranks(_runs, 2, [
+        common,
+        common + ["--save", save, "--exit-interval", "3"],
+        common + ["--load", save, "--save", save],
+    ], timeout=600)
+    (code_a, out_a, _), (code_b, out_b, _), (code_c, out_c, _) = runs[0]
+    assert (code_a, code_b, code_c) == (0, 0, 0)
+    full, first, rest = _losses(out_a), _losses(out_b), _losses(out_c)
+    assert sorted(first) == [1, 2, 3] and sorted(rest) == [4, 5, 6]
+    assert "resumed from" in out_c
+    for step in range(1, 7):
+        got = first.get(step, rest.get(step))
+        assert abs(got - full[step]) <= 1e-6 * abs(full[step]), (step, got, full[step])
+    js = [l.split(" J ")[1].split()[0] for l in out_a.splitlines() if l.startswith("iteration")]
+    assert len(set(js)) > 1  # J really varies per step
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "6"
+    assert json.load(open(os.path.join(save, "model_config.json")))["num_latent_thoughts"] == 1
 
 
-def test_inverted_jacobi_range_is_one_clear_error(capsys):
+def _corpus(tmp_path):
+    from data_fixtures import make_texts, train_hf_bpe, write_jsonl
+    from megatron_latent.data.preprocess import PreprocessConfig, preprocess
+    from megatron_latent.data.tokenizer import build_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok = train_hf_bpe(str(tok_dir))
+    jsonl = tmp_path / "corpus.jsonl"
+    write_jsonl(str(jsonl), make_texts(600, seed=3))
+    prefix = str(tmp_path / "corpus")
+    preprocess(PreprocessConfig([str(jsonl)], prefix, append_eod=True, progress=False),
+               build_tokenizer("HuggingFaceTokenizer", tok))
+    return tok, prefix + "_text_document"
+
+
+def test_real_data_with_document_resets(tmp_path):
+    tok, data = _corpus(tmp_path)
+    tb = str(tmp_path / "tb")
+    argv = TINY + LATENT + [
+        "--data-path", data, "--split", "90,10,0", "--tokenizer-type", "HuggingFaceTokenizer",
+        "--tokenizer-model", tok, "--seq-length", "32", "--train-iters", "4", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--eval-interval", "2", "--eval-iters", "1", "--reset-position-ids",
+        "--reset-attention-mask", "--eod-mask-loss", "--tensorboard-dir", tb,
+    ]
+    (code, out, err), = run_on_ranks(_main, 1, argv)
+    assert code == 0, err
+    assert sorted(_losses(out)) == [1, 2, 3, 4]
+    assert out.count("validation at iteration") == 2
+    records = [json.loads(l) for l in open(os.path.join(tb, "metrics.jsonl"))]
+    assert [r["iteration"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in records if "valid/loss" in r] == [2, 4]
+
+
+def test_continued_pretraining_from_a_converted_hf_checkpoint(tmp_path):
+    from hf_tiny import hf_model
+
+    hf_dir, conv = str(tmp_path / "hf"), str(tmp_path / "conv")
+    hf_model("llama").save_pretrained(hf_dir)
+    from megatron_latent.hf.convert import convert_hf_to_checkpoint
+
+    run_on_ranks(convert_hf_to_checkpoint, 1, hf_dir, conv)
+    base = ["--mock-data", "--load", conv, "--use-checkpoint-args", "--num-workers", "0", "--seq-length", "16",
+            "--train-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "2"] + LATENT
+    (no_flag, with_flag), = run_on_ranks(_runs, 1, [base, base + ["--finetune"]])
+    assert no_flag[0] == 2 and "pass --finetune" in no_flag[2]
+    assert with_flag[0] == 0, with_flag[2]
+    assert "loaded weights of iteration 0" in with_flag[1] and sorted(_losses(with_flag[1])) == [1, 2]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model-preset", "nope"], "--model-preset 'nope' is unknown"),
+    (["--seq-length", "128"], "--seq-length 128 exceeds --max-position-embeddings 64"),
+    (["--num-latent-thoughts", "1", "--jacobi-iters", "3", "2"], "--jacobi-iters 3 2: need an inclusive range"),
+    (["--jacobi-iters", "2", "3"], "--jacobi-iters was given with --num-latent-thoughts 0"),
+    (["--num-latent-thoughts", "-1"], "--num-latent-thoughts must be >= 0"),
+    (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3 does not divide"),
+])
+def test_bad_model_flags_are_one_clear_error(argv, needle, capsys):
     from megatron_latent import pretrain
 
-    assert pretrain.main(["--mock-data", "--num-latent-thoughts", "1", "--jacobi-iters", "3", "2"]) == 2
+    assert pretrain.main(["--mock-data"] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --jacobi-iters 3 2: need an inclusive range 0 <= min <= max"]
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "give exactly one data source"),
+    (["--mock-data", "--finetune"], "--finetune needs --load"),
+    (["--mock-data", "--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--data-path", "x"], "need --tokenizer-type"),
+])
+def test_bad_flags_stop_the_parser(argv, needle, capsys):
+    from megatron_latent.training.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert needle in capsys.readouterr().err
+
+
+def test_resuming_a_different_model_names_the_fields(tmp_path):
+    save = str(tmp_path / "ckpt")
+    base = TINY + ["--mock-data", "--seq-length", "16", "--train-iters", "1", "--micro-batch-size", "2",
+                   "--global-batch-size", "2"]
+    (first, second), = run_on_ranks(_runs, 1, [base + ["--save", save], base + ["--load", save, "--hidden-size", "64"]])
+    assert first[0] == 0 and second[0] == 2
+    assert "hidden_size: 32 vs 64" in second[2]

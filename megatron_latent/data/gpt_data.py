@@ -14,7 +14,7 @@ import numpy
 import torch
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
@@ -123,7 +123,8 @@ def build_train_valid_test_datasets(
         raise DataConfigError(
             "--data-cache-path with a blend needs torch.distributed initialised (world size 1 is "
             "fine); the training driver does this before building data")
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank, config)
+    cls = MockGPTDataset if config.mock else GPTDataset
+    builder = BlendedMegatronDatasetBuilder(cls, list(num_samples), is_built_on_rank, config)
     train, valid, test = builder.build()
     return train, valid, test
 

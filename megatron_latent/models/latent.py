@@ -133,6 +133,11 @@ class LatentGPTModel(GPTModel):
     # ----------------------------------------------------------------- pieces shared by the passes
     def token_inputs(self, input_ids, position_ids):
         """Token-slot inputs [L, b, h] and the position term added to every slot (or None)."""
+        if input_ids.shape[1] > self.max_sequence_length:
+            raise ValueError(
+                f"input of {input_ids.shape[1]} tokens is longer than the model's "
+                f"{self.max_sequence_length} positions (--max-position-embeddings)"
+            )
         emb = self.embedding
         word = emb.word_embeddings(input_ids)  # [b, L, h], full sequence on every TP rank
         if self.latent.scale_embeddings:

@@ -1,8 +1,10 @@
-"""Command-line flags, named as Megatron-LM names them (plus this project's own)."""
+"""Command-line flags of the training driver, named as Megatron-LM names them (plus this project's
+own), and their translation into the library's configuration objects."""
 
 from __future__ import annotations
 
 import argparse
+from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -11,45 +13,158 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a GPT (optionally with latent thoughts) on megatron-core.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, default=2)
-    g.add_argument("--hidden-size", type=int, default=64)
-    g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--seq-length", type=int, default=64)
-    g.add_argument("--vocab-size", type=int, default=128, help="vocabulary size (mock data)")
+    g = p.add_argument_group("model (a preset, optionally with sizes replaced)")
+    g.add_argument("--model-preset", default="tiny-llama",
+                   help="architecture and sizes; `python -m megatron_latent.config` lists the presets")
+    for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+                 "--num-query-groups", "--max-position-embeddings", "--make-vocab-size-divisible-by"):
+        g.add_argument(flag, type=int, default=None, help="replaces the preset's value")
+    g.add_argument("--rotary-percent", type=float, default=None, help="replaces the preset's value")
+    g.add_argument("--rotary-base", type=float, default=None, help="replaces the preset's value")
+    g.add_argument("--seq-length", type=int, default=None,
+                   help="training sequence length in tokens (default: --max-position-embeddings)")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size for --mock-data without a tokenizer (default: the preset's)")
+
     g = p.add_argument_group("latent thoughts")
     g.add_argument("--num-latent-thoughts", type=int, default=0, help="N thoughts per token (0 = vanilla GPT)")
     g.add_argument("--jacobi-iters", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="inclusive range J is drawn from per training step (default 2 3 when N > 0)")
-    g.add_argument("--jacobi-iters-eval", type=int, default=3)
+    g.add_argument("--jacobi-iters-eval", type=int, default=3, help="J of evaluation forwards")
     g.add_argument("--scale-embeddings", action="store_true", help="scale token embeddings by sqrt(2.5 H)")
+
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (fp32 main params in the optimizer)")
+
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=16)
     g.add_argument("--train-iters", type=int, default=20)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
-    g.add_argument("--lr-warmup-fraction", type=float, default=0.1)
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=1000, help="validation loss every this many steps")
+    g.add_argument("--eval-iters", type=int, default=10, help="global batches per validation")
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None,
+                   help="metrics.jsonl (always) and TensorBoard events (when tensorboard is installed) here")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints (and one at the end)")
+    g.add_argument("--load", default=None, help="resume from the latest checkpoint here (none there: start fresh)")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only: iteration, data position, optimizer and scheduler start fresh")
+    g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer and scheduler state")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (saving a checkpoint when --save is given) after this iteration")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model (architecture and sizes) from --load's model_config.json")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, save a checkpoint at the end of the current step and exit")
+
     g = p.add_argument_group("data")
-    g.add_argument("--mock-data", action="store_true", help="synthetic, learnable token stream")
+    g.add_argument("--mock-data", action="store_true", help="megatron's synthetic, learnable token stream")
+    g.add_argument("--data-path", nargs="+", default=None, help="PREFIX or WEIGHT PREFIX WEIGHT PREFIX ...")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--train-data-path", nargs="+", default=None)
+    g.add_argument("--valid-data-path", nargs="+", default=None)
+    g.add_argument("--test-data-path", nargs="+", default=None)
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    g.add_argument("--tokenizer-type", default=None,
+                   help="HuggingFaceTokenizer, SentencePieceTokenizer or GPT2BPETokenizer")
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--reset-position-ids", action="store_true", help="positions restart after each EOD")
+    g.add_argument("--reset-attention-mask", action="store_true", help="no attention across EOD")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on predicting the token after EOD")
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse and check the flags that need no model or world to check (one error naming the flag)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.mock_data:
-        parser.error("--mock-data is the only data source so far")
-    if args.num_latent_thoughts > 0 and args.pipeline_model_parallel_size > 1:
-        parser.error("--num-latent-thoughts > 0 with --pipeline-model-parallel-size > 1 needs the "
-                     "pass <-> pipeline-chunk wiring, which is not implemented yet")
+    sources = sum(x is not None for x in (args.data_path, args.train_data_path)) + int(args.mock_data)
+    if sources != 1:
+        parser.error("give exactly one data source: --mock-data, --data-path, or --train-data-path")
+    if not args.mock_data and args.tokenizer_type is None:
+        parser.error("--data-path/--train-data-path need --tokenizer-type (and its files)")
+    for flag in ("finetune", "use_checkpoint_args"):
+        if getattr(args, flag) and not args.load:
+            parser.error(f"--{flag.replace('_', '-')} needs --load")
+    if args.save_interval is not None and not args.save:
+        parser.error("--save-interval needs --save")
+    if args.exit_signal_handler and not args.save:
+        parser.error("--exit-signal-handler needs --save")
+    for flag in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.lr_warmup_fraction is not None and not 0.0 <= args.lr_warmup_fraction <= 1.0:
+        parser.error(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
     return args
+
+
+def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] = None):
+    """The ModelConfig the flags describe: the preset with the given sizes replaced.
+
+    `vocab_size` is the tokenizer's (real data); without one, --vocab-size or the preset's.
+    Raises ModelConfigError / LatentConfigError naming the flag.
+    """
+    from megatron_latent.config import ModelConfigError, get_preset
+    from megatron_latent.models.latent import LatentSettings
+
+    # LatentSettings checks the combination (e.g. --jacobi-iters with N = 0) with the flags' names.
+    LatentSettings(args.num_latent_thoughts, tuple(args.jacobi_iters) if args.jacobi_iters else None,
+                   args.jacobi_iters_eval, args.scale_embeddings)
+    overrides = {
+        field: getattr(args, flag)
+        for field, flag in (
+            ("num_layers", "num_layers"), ("hidden_size", "hidden_size"), ("ffn_hidden_size", "ffn_hidden_size"),
+            ("num_attention_heads", "num_attention_heads"), ("num_query_groups", "num_query_groups"),
+            ("seq_length", "max_position_embeddings"), ("rotary_percent", "rotary_percent"),
+            ("rotary_base", "rotary_base"), ("make_vocab_size_divisible_by", "make_vocab_size_divisible_by"),
+        )
+        if getattr(args, flag) is not None
+    }
+    if vocab_size is not None:
+        if args.vocab_size is not None and args.vocab_size != vocab_size:
+            raise ModelConfigError(f"--vocab-size {args.vocab_size} differs from the tokenizer's {vocab_size}")
+        overrides["vocab_size"] = vocab_size
+    elif args.vocab_size is not None:
+        overrides["vocab_size"] = args.vocab_size
+    overrides.update(
+        num_latent_thoughts=args.num_latent_thoughts,
+        jacobi_iters=tuple(args.jacobi_iters) if args.jacobi_iters else (2, 3),
+        jacobi_iters_eval=args.jacobi_iters_eval,
+        scale_embeddings=args.scale_embeddings,
+    )
+    if args.use_checkpoint_args:
+        from megatron_latent.hf.convert import load_config
+
+        cfg = load_config(args.load).replace(**overrides)
+    else:
+        cfg = get_preset(args.model_preset, **overrides)
+    cfg.check_seq_length(args.seq_length if args.seq_length is not None else cfg.seq_length)
+    return cfg

@@ -1,0 +1,101 @@
+"""The driver's data: tokenizer, megatron datasets, and per-rank micro-batch iterators.
+
+Every rank reads its data-parallel slice itself (the mmap'ed indexed files make that cheap), so
+no broadcast over the tensor-parallel group is needed and every pipeline stage sees the same
+micro-batches in the same order (the latent first stage needs the tokens, the last the labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class MockTokenizer:
+    """What megatron's MockGPTDataset needs when --mock-data runs without a tokenizer."""
+
+    vocab_size: int
+
+    @property
+    def eod(self) -> int:
+        return self.vocab_size - 1
+
+    @property
+    def unique_identifiers(self) -> dict:  # part of megatron's dataset cache key
+        return {"class": "MockTokenizer", "vocab_size": self.vocab_size}
+
+
+def build_tokenizer_from_args(args):
+    """The tokenizer the flags name, or None (--mock-data without --tokenizer-type)."""
+    if args.tokenizer_type is None:
+        return None
+    from megatron_latent.data.tokenizer import build_tokenizer
+
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
+
+
+def build_datasets(args, tokenizer, seq_length: int, train_samples: int, valid_samples: int):
+    """(train, valid) megatron GPT datasets; valid is None when the split has no weight."""
+    from megatron_latent.data.gpt_data import DataArgs, build_train_valid_test_datasets
+
+    data_args = DataArgs(
+        seq_length=seq_length,
+        data_path=args.data_path,
+        split=args.split,
+        train_data_path=args.train_data_path,
+        valid_data_path=args.valid_data_path,
+        test_data_path=args.test_data_path,
+        data_cache_path=args.data_cache_path,
+        seed=args.seed,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        # The model expands a token-level mask to its slots; it is only needed for document resets.
+        create_attention_mask=args.reset_attention_mask,
+        mock_data=args.mock_data,
+    )
+    if args.mock_data:
+        # megatron logs that mock datasets have no index cache to save, once per split
+        import logging
+
+        logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
+    if args.train_data_path and not args.valid_data_path:
+        valid_samples = None
+    train, valid, _ = build_train_valid_test_datasets(
+        data_args, tokenizer, [train_samples, valid_samples, None if args.mock_data else 0]
+    )
+    return train, valid
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  num_workers: int = 0) -> Iterator[dict]:
+    """Endless-as-the-dataset iterator of this rank's micro-batches from `consumed_samples` on,
+    on the training device. A resumed run passes its checkpoint's consumed_samples."""
+    from megatron_latent.data.gpt_data import build_pretraining_data_loader
+
+    loader = build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
+                                           num_workers=num_workers)
+    device = _device()
+    for batch in loader:
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def take(iterator: Iterator[dict], n: int, what: str = "training") -> list:
+    """The next `n` micro-batches, or a clear error when the data runs out."""
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            raise RuntimeError(
+                f"the {what} data ran out: more samples were drawn than the datasets were built for"
+            ) from None
+    return out
+
