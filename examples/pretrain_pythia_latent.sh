@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Pretrain a Pythia-architecture model with latent thoughts on the Pile, on one or many GPU nodes.
+# Pythia's recipe (300B tokens: 143,000 steps of 1024 x 2048 tokens, cosine to 10% after 1% warmup),
+# as the paper compares against Pythia trained on the same data. Run on every node:
+#
+#   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 PRESET=pythia-1.4b N=1 \
+#   DATA=data/pile_text_document TOKENIZER=tokenizer.json CKPT=ckpt/pythia-1.4b-n1 \
+#   bash examples/pretrain_pythia_latent.sh [extra flags]
+#
+# Preemption: rerun the same command; it resumes from $CKPT (latest complete checkpoint). SIGTERM
+# saves at the end of the current step. N=0 trains the vanilla baseline with the same recipe.
+set -euo pipefail
+PRESET="${PRESET:-pythia-1.4b}"
+N="${N:-1}"
+TP="${TP:-1}"
+PP="${PP:-1}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+: "${DATA:?set DATA to the indexed dataset prefix (tools/preprocess_data.py output)}"
+: "${TOKENIZER:?set TOKENIZER to the GPT-NeoX-20B tokenizer.json}"
+: "${CKPT:?set CKPT to the checkpoint directory}"
+LATENT=()
+if [ "$N" -gt 0 ]; then LATENT=(--num-latent-thoughts "$N" --jacobi-iters 2 3 --jacobi-iters-eval 3 --scale-embeddings); fi
+
+exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$GPUS_PER_NODE" \
+    --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-29500}" \
+    -m megatron_latent.pretrain \
+    --model-preset "$PRESET" "${LATENT[@]}" \
+    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
+    --bf16 --use-distributed-optimizer --recompute-granularity selective \
+    --seq-length 2048 --micro-batch-size "${MBS:-4}" --global-batch-size 1024 --train-iters 143000 \
+    --lr 2e-4 --min-lr 2e-5 --lr-decay-style cosine --lr-warmup-fraction 0.01 \
+    --weight-decay 0.01 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --clip-grad 1.0 \
+    --data-path "$DATA" --split 969,30,1 --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER" \
+    --data-cache-path "$CKPT/data-cache" --num-workers 2 \
+    --eval-interval 1000 --eval-iters 10 --log-interval 10 --tensorboard-dir "$CKPT/logs" \
+    --save "$CKPT" --load "$CKPT" --save-interval 1000 --exit-signal-handler "$@"
