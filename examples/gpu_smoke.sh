@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# GPU smoke and speed check (one GPU, a few minutes): the driver in bf16 at 410M, vanilla and
+# latent (N=1, J in {2,3}), printing tokens/s and MFU, then the latent-vs-vanilla step-time ratios
+# against the FLOP ratios. Numbers go to docs/benchmarks.md with this command.
+#   bash examples/gpu_smoke.sh 2>&1 | tee gpu_smoke.log
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source tools/setup_env.sh
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+"$PY" -c "import torch, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'megatron-core', m.__version__)"
+run() {
+    timeout 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m megatron_latent.pretrain \
+        --mock-data --model-preset "${PRESET:-pythia-410m}" --bf16 --seq-length 2048 --micro-batch-size 4 \
+        --global-batch-size 16 --train-iters 12 --log-interval 4 --eval-iters 0 --num-workers 1 "$@" 2>&1 \
+        | grep -E "^(model|iteration|error)|Error" | tail -5
+}
+echo "== vanilla (N=0)";              run
+echo "== latent N=1, J in {2,3}";    run --num-latent-thoughts 1 --scale-embeddings
+echo "== latent N=1, selective recompute"; run --num-latent-thoughts 1 --scale-embeddings --recompute-granularity selective
+echo "== step-time ratios vs FLOP ratios"
+timeout 180 "$PY" tools/bench_latent.py --num-layers 12 --hidden-size 1024 --num-attention-heads 16 \
+    --vocab-size 50304 --seq-length 1024 --micro-batch-size 4 --iters 5 2>&1 | grep -v -i warn | tail -6
