@@ -1,5 +1,7 @@
 """Tiny latent models of the three families for the generation tests (same weights at any TP)."""
 
+import zlib
+
 import torch
 
 FAMILIES = ("tiny-gpt2", "tiny-pythia", "tiny-llama")
@@ -14,15 +16,29 @@ def family_config(preset, n, **overrides):
     return get_preset(preset, **kw)
 
 
+def full_weights(cfg):
+    """A full (unsharded) state dict for `cfg`, each tensor drawn from a generator seeded by its
+    name: larger than the paper's init so that thoughts, positions and padding visibly matter."""
+    from megatron_latent.hf.layout import expected_shapes
+
+    full = {}
+    for name, shape in expected_shapes(cfg).items():
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        t = torch.randn(shape, generator=g) * 0.05
+        full[name] = 1.0 + t if "norm" in name and name.endswith("weight") else t
+    return full
+
+
 def family_model(preset, n, **overrides):
-    """LatentGPTModel (eval, fp32) for this rank's TP shard; weights keyed by global name."""
+    """LatentGPTModel (eval, fp32) holding this rank's TP shard of `full_weights` (split by the HF
+    layout code, which knows the fused QKV / gated-MLP layouts: the same model at any TP)."""
+    from megatron_latent.hf.layout import load_full_into_model
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
-    from parallel_utils import init_weights
 
     cfg = family_config(preset, n, **overrides)
     model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent_settings(), use_te=False)
-    init_weights([model])
+    load_full_into_model(model, full_weights(cfg), cfg)
     return model.eval()
 
 
