@@ -24,11 +24,18 @@ def load_model_for_inference(load_dir: str, iteration: Optional[int] = None) -> 
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
     from megatron_latent.parallel.initialize import initialize_model_parallel
-    from megatron_latent.training.checkpointing import load_checkpoint
+    from megatron_latent.training.checkpointing import iteration_dir, load_checkpoint, read_latest_iteration
 
     if not os.path.isdir(load_dir):
         raise FileNotFoundError(f"--load {load_dir}: no such directory")
     cfg = load_config(load_dir)
+    # Checked before any process group or model exists, so a wrong path fails at once.
+    if iteration is None:
+        iteration = read_latest_iteration(load_dir)
+        if iteration is None:
+            raise FileNotFoundError(f"--load {load_dir}: no latest_checkpointed_iteration.txt (no complete checkpoint)")
+    if not os.path.isdir(iteration_dir(load_dir, iteration)):
+        raise FileNotFoundError(f"--iteration {iteration}: {iteration_dir(load_dir, iteration)} does not exist")
     if not dist.is_initialized():
         rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
