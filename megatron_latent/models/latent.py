@@ -233,13 +233,24 @@ class LatentGPTModel(GPTModel):
         tokens, pos = self.token_inputs(input_ids, position_ids)
         stages = [tokens]
         h = None
-        for num_slots in self.latent.pass_lengths(num_jacobi):
-            h = self.decoder_pass(
-                slots.interleave(stages),
-                slots.slot_attention_mask(attention_mask, num_slots),
-                self.rotary_for(position_ids, num_slots),
-            )
-            # Stage k+1 := hidden at slot k (all positions at once); growth appends a stage.
-            thoughts = slots.split_slots(h, num_slots)[: min(num_slots, n)]
-            stages = [tokens] + [t + pos if pos is not None else t for t in thoughts]
+        for _ in self.latent.pass_lengths(num_jacobi):
+            h, stages = self.latent_pass(stages, pos, position_ids, attention_mask)
         return slots.take_slot(h, n, n + 1)
+
+    def latent_pass(self, stages, pos, position_ids, attention_mask):
+        """One decoder pass over the interleaved `stages` ([tokens, thought 1, ...], each [L, b, h]).
+
+        Returns the pass's post-norm hidden states [len(stages) * L, b, h] and the next stages:
+        stage k+1 := hidden at slot k (all positions at once), so a growth pass (fewer than N+1
+        stages) appends one stage and a Jacobi pass refreshes them all. `pos` is the position term
+        of token_inputs (added to every thought input) or None. Inference reuses this to solve a
+        prompt's thoughts before filling the KV cache.
+        """
+        num_slots = len(stages)
+        h = self.decoder_pass(
+            slots.interleave(stages),
+            slots.slot_attention_mask(attention_mask, num_slots),
+            self.rotary_for(position_ids, num_slots),
+        )
+        thoughts = slots.split_slots(h, num_slots)[: min(num_slots, self.latent.num_latent_thoughts)]
+        return h, [stages[0]] + [t + pos if pos is not None else t for t in thoughts]

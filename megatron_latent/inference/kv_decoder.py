@@ -1,0 +1,161 @@
+"""KV-cached latent decoding of a LatentGPTModel on megatron-core's static inference context.
+
+Per token: one token step, then N thought steps at the same position id, each feeding the last
+post-norm hidden state back as the next input (plus the learned position embedding for GPT-2),
+so every token leaves N+1 entries in the cache. The cache is megatron-core's own
+`StaticInferenceContext`, passed through the decoder as `inference_context`: each attention layer
+appends its keys/values and attends over all of them.
+
+Two things megatron's static path does not know about, handled here:
+
+* Slots share position ids, so rotary must be indexed by each cache entry's *position id*, not by
+  its cache index. The context stores keys before rotary and re-applies `rotary[:end]` to all
+  cached keys each step (queries take `rotary[start:end]`), so we hand the decoder a rotary table
+  indexed by cache entry (LatentGPTModel.rotary_for over the cache's slot positions).
+* Left padding: an explicit mask [b, 1, new, cached] hides padded entries and keeps the new entries
+  causal among themselves (megatron's local attention ignores the no-mask hint it switches to
+  after the first step, and asserts square masks when none is given).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from megatron_latent.models import slots
+
+PREFILL_METHODS = ("exact", "jacobi", "jacobi-tol")
+
+
+class LatentKVDecoder:
+    """The KV cache of one batch and the steps that grow it.
+
+    `max_positions` token positions (prompt + new tokens) of `batch_size` samples are reserved:
+    (N+1) * max_positions cache entries per layer.
+    """
+
+    def __init__(self, model, batch_size: int, max_positions: int):
+        self.model = model
+        self.n = model.latent.num_latent_thoughts
+        self.num_slots = self.n + 1
+        self.capacity = max_positions * self.num_slots
+        self.context = StaticInferenceContext(batch_size, self.capacity)
+        device = model.embedding.word_embeddings.weight.device
+        self.slot_positions = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
+        self.slot_valid = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
+
+    @property
+    def length(self) -> int:
+        """Cache entries filled so far."""
+        return self.context.sequence_len_offset
+
+    # ------------------------------------------------------------------------------------ core
+    def forward_slots(self, inputs, positions, valid):
+        """Append slots `inputs` [s, b, h] (position ids [b, s], valid [b, s]) to the cache, attend
+        over the whole cache, and return their post-norm hidden states [s, b, h]."""
+        s = inputs.shape[0]
+        start, end = self.length, self.length + s
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} entries needed, {self.capacity} reserved")
+        self.slot_positions[:, start:end] = positions
+        self.slot_valid[:, start:end] = valid
+        causal = torch.ones(s, end, dtype=torch.bool, device=inputs.device).triu(start + 1)
+        mask = causal[None, None] | ~self.slot_valid[:, None, None, :end]  # True = masked out
+        rotary = self.model.rotary_for(self.slot_positions[:, :end], 1)
+        h = self.model.decoder(
+            hidden_states=inputs, attention_mask=mask, rotary_pos_emb=rotary, inference_context=self.context
+        )
+        self.context.sequence_len_offset = end
+        return h
+
+    def step(self, input_ids, position_ids, valid):
+        """One token per sample ([b, 1] ids and positions, [b, 1] valid): the token step then N thought
+        steps at the same position. Returns the hidden state of the last thought [1, b, h]."""
+        tokens, pos = self.model.token_inputs(input_ids, position_ids)
+        x = tokens
+        for _ in range(self.num_slots):
+            h = self.forward_slots(x, position_ids, valid)
+            x = h + pos if pos is not None else h
+        return h
+
+    def fill(self, stages, position_ids, valid):
+        """Append whole positions at once: `stages` [tokens, thought 1..N] ([L, b, h] each) are
+        interleaved into (N+1) L cache entries. Returns hidden [(N+1) L, b, h]."""
+        k = len(stages)
+        return self.forward_slots(
+            slots.interleave(stages),
+            slots.slot_position_ids(position_ids, k),
+            valid.repeat_interleave(k, dim=1),
+        )
+
+    # --------------------------------------------------------------------------------- prefill
+    def prefill(
+        self,
+        input_ids,
+        position_ids,
+        valid,
+        method: str = "exact",
+        jacobi_iters: Optional[int] = None,
+        tol: Optional[float] = None,
+        max_jacobi_iters: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, Optional[int]]:
+        """Put a prompt [b, P] into the cache; returns (hidden at slot N of every position [P, b, h],
+        Jacobi passes used or None).
+
+        exact       slot by slot, the prompt's thoughts exactly as in the sequential reference;
+        jacobi      growth + `jacobi_iters` Jacobi passes of the training forward (default: the
+                    model's jacobi_iters_eval), then one pass over the interleaved prompt fills
+                    the cache (that pass is the forward's final pass);
+        jacobi-tol  Jacobi passes until no thought moves by `tol` or more (max abs change over the
+                    real, unpadded positions), at most `max_jacobi_iters` (default P * N, enough
+                    for the causal Jacobi map to reach its fixed point).
+        With N = 0 there are no thoughts: every method is one pass over the prompt.
+        """
+        if method not in PREFILL_METHODS:
+            raise ValueError(f"--prefill {method!r}: choose one of {', '.join(PREFILL_METHODS)}")
+        if self.length:
+            raise ValueError("prefill needs an empty cache")
+        n = self.n
+        if method == "exact" and n > 0:
+            return torch.cat([self.step(input_ids[:, t:t + 1], position_ids[:, t:t + 1], valid[:, t:t + 1])
+                              for t in range(input_ids.shape[1])]), None
+        stages, iters = self.solve_thoughts(input_ids, position_ids, valid, method, jacobi_iters, tol, max_jacobi_iters)
+        h = self.fill(stages, position_ids, valid)
+        return slots.take_slot(h, n, n + 1), iters
+
+    def solve_thoughts(self, input_ids, position_ids, valid, method, jacobi_iters, tol, max_jacobi_iters):
+        """The prompt's slot inputs [tokens, thought 1..N] from LatentGPTModel's parallel passes."""
+        model, n = self.model, self.n
+        tokens, pos = model.token_inputs(input_ids, position_ids)
+        stages: List[torch.Tensor] = [tokens]
+        if n == 0:
+            return stages, None
+        mask = _token_mask(valid)
+        for _ in range(n):  # growth
+            _, stages = model.latent_pass(stages, pos, position_ids, mask)
+        if method == "jacobi":
+            iters = model.latent.jacobi_iters_eval if jacobi_iters is None else jacobi_iters
+            for _ in range(iters):
+                _, stages = model.latent_pass(stages, pos, position_ids, mask)
+            return stages, iters
+        limit = input_ids.shape[1] * n if max_jacobi_iters is None else max_jacobi_iters
+        real = valid.t()[:, :, None]  # [P, b, 1]
+        iters = 0
+        while iters < limit:
+            _, new = model.latent_pass(stages, pos, position_ids, mask)
+            iters += 1
+            change = max(((a - b).abs() * real).max().item() for a, b in zip(new[1:], stages[1:]))
+            stages = new
+            if change < tol:
+                break
+        return stages, iters
+
+
+def _token_mask(valid):
+    """Token-level mask [b, 1, P, P] (True = masked): causal, padded keys hidden; None if no padding."""
+    if bool(valid.all()):
+        return None
+    p = valid.shape[1]
+    return slots.causal_mask(p, valid.device) | ~valid[:, None, None, :]
