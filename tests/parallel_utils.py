@@ -81,7 +81,11 @@ def init_weights(chunks):
             full = torch.randn(full_shape, generator=g) * 0.05
             if "norm" in name and name.endswith("weight"):
                 full = 1.0 + full
-            if sharded:
+            if sharded and "linear_fc1" in name and chunk.config.gated_linear_unit:
+                # megatron's gated fc1 shard is [gate_r; up_r], not row block r of [gate; up]
+                gate, up = full.chunk(2, dim=0)
+                full = torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]])
+            elif sharded:
                 full = full.chunk(tp, dim=p.partition_dim)[tp_rank]
             with torch.no_grad():
                 p.copy_(full)
@@ -122,7 +126,11 @@ def gather_full(model, grads=False):
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t.contiguous(), group=tp_group)
-            t = torch.cat(parts, dim=p.partition_dim)
+            if "linear_fc1" in name and module.config.gated_linear_unit:
+                halves = [q.chunk(2, dim=0) for q in parts]
+                t = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+            else:
+                t = torch.cat(parts, dim=p.partition_dim)
         out[_global_name(name, module)] = t
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp > 1:
