@@ -250,3 +250,21 @@ def test_export_from_tp2_and_pp2(tmp_path, single_rank):
         with torch.no_grad():
             got = _load(os.path.join(root, f"hf-pp2-{arch}-n1"), latent=True)(x).logits
         assert _err(got, megatron_logits(latent_model(cfg1), x)) < 1e-5, arch
+
+
+def test_latent_export_converts_back(tmp_path, single_rank):
+    """convert_from_hf reads a latent export (without running its code): same N, same weights."""
+    from megatron_latent.hf.convert import convert_hf_to_checkpoint
+    from megatron_latent.hf.export import read_checkpoint, export_to_hf
+
+    cfg = small_config("gpt-neox", 2)
+    full = random_full(cfg)
+    save(latent_model(cfg, full), cfg, str(tmp_path / "ckpt"))
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    back = convert_hf_to_checkpoint(str(tmp_path / "hf"), str(tmp_path / "back"))
+    assert (back.num_latent_thoughts, back.scale_embeddings, back.jacobi_iters_eval) == (2, True, 3)
+    _, again, _ = read_checkpoint(str(tmp_path / "back"))
+    assert sorted(again) == sorted(full)
+    for k in full:  # the padding rows of the vocabulary are not exported (they come back as zeros)
+        rows = VOCAB if k in ("embedding.word_embeddings.weight", "output_layer.weight") else None
+        assert torch.equal(again[k][:rows], full[k][:rows]), k
