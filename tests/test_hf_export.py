@@ -158,7 +158,7 @@ def test_tokenizer_files(tmp_path, single_rank):
     cfg = small_config("llama", 1, vocab_size=ours.vocab_size)
     save(latent_model(cfg), cfg, str(tmp_path / "ckpt"))
     export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), tokenizer_model=tok_path)
-    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
     for text in make_texts(5, seed=3):
         assert tok(text)["input_ids"] == ours.tokenize(text)
     assert tok.eos_token == EOD and tok.eos_token_id == ours.eod

@@ -72,7 +72,7 @@ def test_lm_eval_hf_model_on_exported_latent(tmp_path, single_rank, monkeypatch)
     samples = res["samples"][TASK]
     assert len(samples) == len(docs)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
     correct = 0
     for s in samples:
         doc = docs[s["doc_id"]]
