@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     p.add_argument("--save", required=True, help="HF folder to write")
     p.add_argument("--iteration", type=int, default=None, help="default: the latest complete one")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--tokenizer-model", default=None, help="tokenizer.json (or its folder) or sentencepiece .model")
+    p.add_argument("--tokenizer-model", default=None, help="tokenizers tokenizer.json (or its folder)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--force", action="store_true", help="replace an existing --save folder")
     args = p.parse_args(argv)

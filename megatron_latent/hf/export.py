@@ -129,22 +129,21 @@ def write_weights(state: StateDict, out_dir: str, max_shard_size: str = "5GB") -
 
 
 def write_tokenizer(tokenizer_model: str, out_dir: str, vocab_size: int):
-    """Tokenizer files AutoTokenizer loads, from a tokenizers JSON (file or folder) or a
-    sentencepiece model. Returns the end-of-document token id."""
+    """Tokenizer files AutoTokenizer loads, from a tokenizers JSON (file or folder). Returns the
+    end-of-document token id."""
     from transformers import PreTrainedTokenizerFast
 
-    from megatron_latent.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer, TokenizerError
+    from megatron_latent.data.tokenizer import HuggingFaceTokenizer, TokenizerError
 
+    if tokenizer_model.endswith(".model"):
+        # transformers 5's conversion of sentencepiece models did not reproduce their ids (checked
+        # against the sentencepiece library); rather no tokenizer than a wrong one.
+        raise ExportError(f"--tokenizer-model {tokenizer_model}: sentencepiece models are not exported yet; "
+                          "pass a tokenizers tokenizer.json")
     try:
-        if tokenizer_model.endswith(".model"):
-            ours = SentencePieceTokenizer(tokenizer_model)
-            from transformers import LlamaTokenizerFast
-
-            tok = LlamaTokenizerFast(vocab_file=tokenizer_model, legacy=False, add_bos_token=False)
-        else:
-            ours = HuggingFaceTokenizer(tokenizer_model)
-            path = os.path.join(tokenizer_model, "tokenizer.json") if os.path.isdir(tokenizer_model) else tokenizer_model
-            tok = PreTrainedTokenizerFast(tokenizer_file=path)
+        ours = HuggingFaceTokenizer(tokenizer_model)
+        path = os.path.join(tokenizer_model, "tokenizer.json") if os.path.isdir(tokenizer_model) else tokenizer_model
+        tok = PreTrainedTokenizerFast(tokenizer_file=path)
     except TokenizerError as e:
         raise ExportError(f"--tokenizer-model {e}") from e
     if ours.vocab_size > vocab_size:
