@@ -86,8 +86,12 @@ class LatentMixin:
         return int(self.config.num_latent_thoughts) + 1
 
     def _cache_arg(self) -> str:
-        params = inspect.signature(self.base_model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        # The base model's name for the cache argument (`cache` from transformers 5.x, else the old one).
+        name = getattr(self, "_latent_cache_arg", None)
+        if name is None:
+            params = inspect.signature(self.base_model.forward).parameters
+            name = self._latent_cache_arg = "cache" if "cache" in params else "past_key_values"
+        return name
 
     def token_vectors(self, input_ids):
         e = self.get_input_embeddings()(input_ids)
