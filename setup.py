@@ -18,10 +18,10 @@ setup(
         "zstandard",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.46", "safetensors", "matplotlib"],
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.46", "safetensors", "matplotlib", "lm-eval[hf]>=0.4"],
         "plot": ["matplotlib", "tensorboard"],
         "hf": ["transformers>=4.46", "safetensors"],
-        "eval": ["lm-eval>=0.4", "transformers>=4.46", "safetensors"],
+        "eval": ["lm-eval[hf]>=0.4", "transformers>=4.46", "safetensors"],
         # NVIDIA apex is not on PyPI (PyPI's `apex` is an unrelated package): build it from source or
         # use an NGC PyTorch container, which ships apex and Transformer Engine.
         "gpu": ["transformer-engine[pytorch]"],

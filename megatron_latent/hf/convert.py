@@ -18,7 +18,7 @@ import torch
 
 from megatron_latent.config import ModelConfig
 from megatron_latent.hf.layout import StateDict
-from megatron_latent.hf.mapping import SUPPORTED, config_from_hf, hf_to_megatron
+from megatron_latent.hf.mapping import SUPPORTED, base_model_type, config_from_hf, hf_to_megatron
 
 MODEL_CONFIG_FILE = "model_config.json"
 
@@ -33,11 +33,17 @@ def read_hf_folder(hf_dir: str) -> Tuple[StateDict, object]:
         raise FileNotFoundError(f"--hf-dir {hf_dir}: no config.json there")
     with open(path) as f:
         raw = json.load(f)
-    if raw.get("model_type") not in SUPPORTED:
+    base = base_model_type(raw.get("model_type"))
+    if base not in SUPPORTED:
         arch = (raw.get("architectures") or [raw.get("model_type")])[0]
         names = ", ".join(SUPPORTED.values())
         raise ValueError(f"--hf-dir {hf_dir}: unsupported architecture {arch} (config.json); supported: {names}")
-    hf_config = transformers.AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+    if base != raw["model_type"]:
+        # Our latent export: read it with the stock config class (the latent fields stay attributes)
+        # instead of running the folder's code.
+        hf_config = transformers.CONFIG_MAPPING[base].from_dict({**raw, "model_type": base})
+    else:
+        hf_config = transformers.AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     state: Dict[str, torch.Tensor] = {}
     if files:

@@ -38,9 +38,16 @@ def _unsupported(what: str) -> UnsupportedArchitectureError:
 
 
 # ------------------------------------------------------------------------------------ configs
+def base_model_type(model_type):
+    """The stock model type of our latent exports (`latent_llama` -> `llama`), else unchanged."""
+    if isinstance(model_type, str) and model_type.startswith("latent_") and model_type[7:] in SUPPORTED:
+        return model_type[7:]
+    return model_type
+
+
 def config_from_hf(hf_config, **overrides) -> ModelConfig:
     """Our ModelConfig of an HF config (`overrides` replace fields, e.g. num_latent_thoughts)."""
-    mt = getattr(hf_config, "model_type", None)
+    mt = base_model_type(getattr(hf_config, "model_type", None))
     if mt not in SUPPORTED:
         arch = (getattr(hf_config, "architectures", None) or [None])[0]
         raise _unsupported(f"{arch or mt!r} (model_type {mt!r})")

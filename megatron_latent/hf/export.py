@@ -1,0 +1,213 @@
+"""Megatron checkpoint (any TP/PP) -> one Hugging Face folder.
+
+The checkpoint (`<load>/model_config.json` + training/checkpointing.py's layout) is read in this
+process as a world of one: the model is built at TP=1/PP=1 and megatron `dist_checkpointing`
+reshards whatever layout it was saved at. The folder holds config.json, model.safetensors
+(sharded with an index above `max_shard_size`), generation_config.json and, given a tokenizer,
+tokenizer files that AutoTokenizer loads.
+
+N = 0 without embedding scaling exports the stock architecture (GPT2LMHeadModel,
+GPTNeoXForCausalLM, LlamaForCausalLM), loadable without remote code. Otherwise the config gets a
+`latent_*` model type, the knobs `num_latent_thoughts`, `num_jacobi_iterations`,
+`random_jacobi_iterations`, `scale_embeds` (the authors' names), prefill defaults, and an
+`auto_map` to modeling_latent.py, copied into the folder: such a folder loads only with
+`trust_remote_code=True`, so it is never silently run as a vanilla model.
+
+The folder is written under a temporary name next to the target and renamed at the end; an
+existing target is replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+from megatron_latent.config import ModelConfig
+from megatron_latent.hf.convert import load_config
+from megatron_latent.hf.layout import StateDict, merge_tp_pp
+from megatron_latent.hf.mapping import megatron_to_hf
+
+MODELING_FILE = "modeling_latent.py"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LATENT_CLASSES = {"gpt2": "LatentGPT2LMHeadModel", "gpt-neox": "LatentGPTNeoXForCausalLM", "llama": "LatentLlamaForCausalLM"}
+_LATENT_CONFIGS = {"gpt2": "LatentGPT2Config", "gpt-neox": "LatentGPTNeoXConfig", "llama": "LatentLlamaConfig"}
+
+
+class ExportError(ValueError):
+    """Bad export input; the message names the flag or file."""
+
+
+def is_latent(cfg: ModelConfig) -> bool:
+    return bool(cfg.num_latent_thoughts or cfg.scale_embeddings)
+
+
+def read_checkpoint(load_dir: str, iteration: Optional[int] = None):
+    """(ModelConfig, full megatron state dict, iteration) of a checkpoint directory."""
+    import torch.distributed as dist
+
+    import megatron_latent  # noqa: F401  (CPU backend when CUDA is absent)
+    from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.parallel.initialize import initialize_model_parallel
+    from megatron_latent.training.checkpointing import iteration_dir, load_checkpoint, read_latest_iteration
+
+    if not os.path.isdir(load_dir):
+        raise ExportError(f"--load {load_dir}: no such directory")
+    cfg = load_config(load_dir)
+    if iteration is None:
+        iteration = read_latest_iteration(load_dir)
+        if iteration is None:
+            raise ExportError(f"--load {load_dir}: no latest_checkpointed_iteration.txt; pass --iteration")
+    if not os.path.isdir(iteration_dir(load_dir, iteration)):
+        raise ExportError(f"--iteration {iteration}: {iteration_dir(load_dir, iteration)} does not exist")
+    if not dist.is_initialized():
+        rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    if dist.get_world_size() != 1:
+        raise RuntimeError("the export runs as a single process (the checkpoint reshards on load)")
+    initialize_model_parallel(1, 1)
+    model = build_gpt_model(cfg)  # weights only: the latent forward is not needed here
+    load_checkpoint(load_dir, [model], iteration=iteration)
+    sd = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    del model
+    return cfg, merge_tp_pp([[sd]], cfg), iteration
+
+
+def hf_config_dict(cfg: ModelConfig, eos_token_id=None, dtype: str = "float32") -> dict:
+    """config.json contents: the stock config, plus the latent fields and auto_map when latent."""
+    hc = megatron_to_hf_config(cfg)
+    # The stock defaults (GPT-2's 50256) may not even exist in this vocabulary: the tokenizer decides.
+    hc.bos_token_id = hc.eos_token_id = eos_token_id
+    d = hc.to_dict()
+    d["dtype"] = dtype
+    d.pop("torch_dtype", None)
+    if is_latent(cfg):
+        d["model_type"] = "latent_" + d["model_type"]
+        d["architectures"] = [_LATENT_CLASSES[cfg.arch]]
+        d["auto_map"] = {
+            "AutoConfig": f"{MODELING_FILE[:-3]}.{_LATENT_CONFIGS[cfg.arch]}",
+            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{_LATENT_CLASSES[cfg.arch]}",
+        }
+        d.update(
+            num_latent_thoughts=cfg.num_latent_thoughts,
+            num_jacobi_iterations=cfg.jacobi_iters_eval,
+            random_jacobi_iterations=list(cfg.jacobi_iters) if cfg.num_latent_thoughts else None,
+            scale_embeds=cfg.scale_embeddings,
+            latent_prefill="jacobi",
+            jacobi_tolerance=1e-4,
+            max_jacobi_iterations=None,
+        )
+    return d
+
+
+def megatron_to_hf_config(cfg: ModelConfig):
+    from megatron_latent.hf.mapping import config_to_hf
+
+    hc = config_to_hf(cfg)
+    for key in ("num_latent_thoughts", "num_jacobi_iterations", "random_jacobi_iterations", "scale_embeds"):
+        if hasattr(hc, key):
+            delattr(hc, key)  # re-added by hf_config_dict for latent exports only
+    return hc
+
+
+def write_weights(state: StateDict, out_dir: str, max_shard_size: str = "5GB") -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n].contiguous() for n in names}, os.path.join(out_dir, filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def write_tokenizer(tokenizer_model: str, out_dir: str, vocab_size: int):
+    """Tokenizer files AutoTokenizer loads, from a tokenizers JSON (file or folder). Returns the
+    end-of-document token id."""
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_latent.data.tokenizer import HuggingFaceTokenizer, TokenizerError
+
+    if tokenizer_model.endswith(".model"):
+        # transformers 5's conversion of sentencepiece models did not reproduce their ids (checked
+        # against the sentencepiece library); rather no tokenizer than a wrong one.
+        raise ExportError(f"--tokenizer-model {tokenizer_model}: sentencepiece models are not exported yet; "
+                          "pass a tokenizers tokenizer.json")
+    try:
+        ours = HuggingFaceTokenizer(tokenizer_model)
+        path = os.path.join(tokenizer_model, "tokenizer.json") if os.path.isdir(tokenizer_model) else tokenizer_model
+        tok = PreTrainedTokenizerFast(tokenizer_file=path)
+    except TokenizerError as e:
+        raise ExportError(f"--tokenizer-model {e}") from e
+    if ours.vocab_size > vocab_size:
+        raise ExportError(
+            f"--tokenizer-model {tokenizer_model}: {ours.vocab_size} tokens, more than the model's vocabulary {vocab_size}"
+        )
+    tok.eos_token = tok.bos_token = ours.eod_token
+    tok.model_max_length = 10**30
+    tok.save_pretrained(out_dir)
+    return ours.eod
+
+
+def export_to_hf(
+    load_dir: str,
+    save_dir: str,
+    iteration: Optional[int] = None,
+    dtype: str = "float32",
+    tokenizer_model: Optional[str] = None,
+    force: bool = False,
+    max_shard_size: str = "5GB",
+) -> dict:
+    """Export a checkpoint to the HF folder `save_dir`. Returns a summary dict."""
+    from transformers import GenerationConfig
+
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    save_dir = os.path.abspath(save_dir.rstrip("/"))
+    if os.path.exists(save_dir) and not force:
+        raise ExportError(f"--save {save_dir} exists; pass --force to replace it")
+    if tokenizer_model is not None and not os.path.exists(tokenizer_model):
+        raise ExportError(f"--tokenizer-model {tokenizer_model}: no such file")
+    cfg, full, iteration = read_checkpoint(load_dir, iteration)
+    state, _ = megatron_to_hf(full, cfg)
+    del full
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # tied: HF restores it from the input embedding
+    state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+
+    parent = os.path.dirname(save_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(save_dir) + ".tmp-", dir=parent)
+    try:
+        eos = write_tokenizer(tokenizer_model, tmp, cfg.vocab_size) if tokenizer_model else None
+        write_weights(state, tmp, max_shard_size)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config_dict(cfg, eos, dtype), f, indent=2, sort_keys=True)
+        GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos).save_pretrained(tmp)
+        if is_latent(cfg):
+            shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), MODELING_FILE),
+                            os.path.join(tmp, MODELING_FILE))
+        with open(os.path.join(tmp, "megatron_export.json"), "w") as f:
+            json.dump({"load": os.path.abspath(load_dir), "iteration": iteration, "dtype": dtype,
+                       "model_config": cfg.to_dict()}, f, indent=2)
+        os.chmod(tmp, 0o755)
+        old = None
+        if os.path.exists(save_dir):
+            old = tempfile.mkdtemp(prefix=os.path.basename(save_dir) + ".old-", dir=parent)
+            os.rename(save_dir, os.path.join(old, "x"))
+        os.rename(tmp, save_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"save": save_dir, "arch": cfg.arch, "num_latent_thoughts": cfg.num_latent_thoughts,
+            "iteration": iteration, "parameters": sum(t.numel() for t in state.values()),
+            "remote_code": is_latent(cfg), "tokenizer": tokenizer_model is not None}

@@ -1,0 +1,77 @@
+"""Tiny megatron checkpoints for the export tests: configs per family, deterministic weights
+large enough that every tensor moves the logits, and the megatron reference forwards."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+VOCAB = 250  # padded to 256 on the megatron side; the export trims it
+ARCHS = ["gpt2", "gpt-neox", "llama"]
+L = 8
+
+
+def small_config(arch: str, n: int, **overrides):
+    from megatron_latent.config import get_preset
+
+    preset = {"gpt2": "tiny-gpt2", "gpt-neox": "tiny-pythia", "llama": "tiny-llama"}[arch]
+    kw = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=VOCAB,
+              seq_length=32, num_latent_thoughts=n, scale_embeddings=n > 0, name=f"t-{arch}-{n}")
+    if arch == "llama":
+        kw["num_query_groups"] = 2
+    kw.update(overrides)
+    return get_preset(preset).replace(**kw)
+
+
+def random_full(cfg, seed: int = 0):
+    """Full megatron state dict of `cfg`, each tensor drawn from a generator seeded by its name."""
+    from megatron_latent.hf.layout import expected_shapes
+
+    full = {}
+    for name, shape in expected_shapes(cfg).items():
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        x = torch.randn(shape, generator=g)
+        if "layernorm" in name:
+            x = 1.0 + 0.2 * x if name.endswith("weight") else 0.2 * x
+        elif len(shape) == 1:
+            x = 0.2 * x
+        else:
+            x = x / shape[1] ** 0.5
+        full[name] = x
+    return full
+
+
+def latent_model(cfg, full=None):
+    """This rank's LatentGPTModel of `cfg` (gathered logits), loaded with `full` (default random_full)."""
+    from megatron_latent.hf.layout import load_full_into_model
+    from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.models.latent import LatentGPTModel
+
+    model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent_settings(), parallel_output=False)
+    load_full_into_model(model, random_full(cfg) if full is None else full, cfg)
+    return model.eval()
+
+
+def ids(batch: int = 2, seq: int = L, seed: int = 7) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def positions(tokens):
+    return torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+
+
+def megatron_logits(model, tokens, **kw):
+    with torch.no_grad():
+        return model(tokens, positions(tokens), None, **kw)[..., :VOCAB]
+
+
+def save(model, cfg, root, iteration=0):
+    import torch.distributed as dist
+
+    from megatron_latent.hf.convert import save_config
+    from megatron_latent.training.checkpointing import save_checkpoint
+
+    save_checkpoint(root, iteration, [model])
+    if dist.get_rank() == 0:
+        save_config(cfg, root)
