@@ -27,10 +27,64 @@ def tiny_cfg(arch="llama", n=1, layers=4, **overrides):
 
 
 def merged(model, grads):
+    from megatron.core import parallel_state as ps
+
+    from megatron_latent.hf.layout import _glu_from_shards
+
     out = {}
     for chunk in model:
         out.update(gather_full(chunk, grads=grads))
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp > 1 and model[0].module.config.gated_linear_unit:
+        # Rank t holds [gate_t; up_t]: gather_full's plain concatenation is not the TP=1 layout.
+        for k in out:
+            if ".mlp.linear_fc1." in k:
+                out[k] = _glu_from_shards(out[k].chunk(tp, dim=0))
+    tied = "output_layer.weight" in out and "embedding.word_embeddings.weight" in out
+    if tied and model[-1].module.share_embeddings_and_output_weights:
+        # PP>1 with tied embeddings: the last stage's copy must track the first stage's weight.
+        copy = out.pop("output_layer.weight")
+        torch.testing.assert_close(copy, out["embedding.word_embeddings.weight"], rtol=1e-6, atol=1e-7)
     return out
+
+
+def init_gated_mlp(chunks):
+    """init_weights splits every full tensor into plain TP chunks; SwiGLU's fc1 = [gate; up] is
+    split per rank as [gate_t; up_t] (megatron's layout), so redraw those the same way."""
+    import zlib
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_latent.hf.layout import _glu_to_shards
+    from parallel_utils import _global_name
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    for chunk in chunks:
+        if tp == 1 or not chunk.config.gated_linear_unit:
+            continue
+        for name, p in chunk.named_parameters():
+            if ".mlp.linear_fc1." in name:
+                g = torch.Generator().manual_seed(zlib.crc32(_global_name(name, chunk).encode()))
+                full = torch.randn([p.shape[0] * tp, *p.shape[1:]], generator=g) * 0.05
+                with torch.no_grad():
+                    p.copy_(_glu_to_shards(full, tp)[ps.get_tensor_model_parallel_rank()])
+
+
+def init_tied_copy(chunks):
+    """init_weights draws each tensor by its name; the last stage's copy of tied embeddings is
+    named output_layer.weight and must start equal to the embedding."""
+    import zlib
+
+    from megatron.core import parallel_state as ps
+
+    for chunk in chunks:
+        if chunk.share_embeddings_and_output_weights and chunk.post_process and not chunk.pre_process:
+            p = chunk.output_layer.weight
+            tp = ps.get_tensor_model_parallel_world_size()
+            g = torch.Generator().manual_seed(zlib.crc32(b"embedding.word_embeddings.weight"))
+            full = torch.randn([p.shape[0] * tp, p.shape[1]], generator=g) * 0.05
+            with torch.no_grad():
+                p.copy_(full.chunk(tp, dim=0)[ps.get_tensor_model_parallel_rank()])
 
 
 def setup(cfg, tp, pp, vpp=None, distributed_optimizer=False, **config_overrides):
@@ -46,6 +100,8 @@ def setup(cfg, tp, pp, vpp=None, distributed_optimizer=False, **config_overrides
     config = cfg.to_transformer_config(tp, pp, vpp, **config_overrides)
     chunks = build_latent_pipeline(cfg, config)
     init_weights(chunks)
+    init_gated_mlp(chunks)
+    init_tied_copy(chunks)
     model = engine.wrap_ddp(chunks, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer))
     opt = engine.build_optimizer(
         model,
@@ -64,13 +120,13 @@ def step_batches(step, dp, mbs=MBS, global_microbatches=GLOBAL_MICROBATCHES):
     return [batch(start + i, mbs, L) for i in range(per_rank)]
 
 
-def train(cfg, tp, pp, vpp=None, steps=STEPS, **config_overrides):
+def train(cfg, tp, pp, vpp=None, steps=STEPS, sequence_parallel=False, config_overrides=None):
     """STEPS Adam steps with J drawn per step; losses, grad norms, first-step grads, final weights."""
     from megatron.core import parallel_state as ps
 
     from megatron_latent.parallel.pipeline import latent_train_step
 
-    dp, model, opt = setup(cfg, tp, pp, vpp, **config_overrides)
+    dp, model, opt = setup(cfg, tp, pp, vpp, sequence_parallel=sequence_parallel, **(config_overrides or {}))
     latent = cfg.latent_settings()
     losses, norms, js, first = [], [], [], None
     for step in range(steps):
@@ -172,3 +228,11 @@ def logits_from_weights(cfg, weights):
     d = step_batches(5, 1)[0]
     with torch.no_grad():
         return m(d["tokens"], d["position_ids"], None, runtime_gather_output=True)
+
+
+def run_cases(cases):
+    """Run several (name, function, args) cases in one set of ranks: spawning and importing
+    megatron costs more than a tiny model's steps."""
+    import pipeline_cases
+
+    return {name: getattr(pipeline_cases, fn)(*args) for name, fn, args in cases}
