@@ -128,3 +128,69 @@ def test_3d_tp2_pp2_dp2_equals_single_rank(single):
     check([r["3d"] for r in results], single["llama-n1"])
     ref = run_on_ranks(pc.train, 1, PYTHIA, 1, 1)[0]
     check([r["3d-pythia"] for r in results], ref)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_microbatches_incompatible_with_the_schedule_name_the_flags():
+    from megatron_latent.parallel.pipeline import PipelineConfigError, validate_schedule
+
+    validate_schedule(4, 2, 4)  # fine: a multiple of PP
+    validate_schedule(3, 2, 1)  # one chunk (N=0): megatron's 1F1B takes any count
+    for m in (1, 3, 5):
+        with pytest.raises(PipelineConfigError, match=r"--global-batch-size.*--micro-batch-size.*--pipeline-model-parallel-size 2"):
+            validate_schedule(m, 2, 4)
+    with pytest.raises(PipelineConfigError, match="--global-batch-size"):
+        validate_schedule(0, 1, 1)
+
+
+def test_layers_not_divisible_over_stages_name_the_flag():
+    from megatron_latent.config import ModelConfigError
+    from megatron_latent.parallel.pipeline import PipelineConfigError, validate_model_split
+
+    cfg = pc.tiny_cfg("llama", 1, layers=6)
+    validate_model_split(cfg, 1, 2)
+    validate_model_split(cfg, 1, 3)
+    with pytest.raises(ModelConfigError, match="--pipeline-model-parallel-size 4 does not divide --num-layers 6"):
+        validate_model_split(cfg, 1, 4)
+    with pytest.raises(PipelineConfigError, match="--num-virtual-stages-per-pipeline-rank 2"):
+        validate_model_split(cfg, 1, 2, 2)
+    with pytest.raises(PipelineConfigError, match="needs --pipeline-model-parallel-size > 1"):
+        validate_model_split(cfg, 1, 1, 2)
+
+
+def test_unsupported_settings_name_the_flag():
+    from types import SimpleNamespace
+
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from megatron_latent.parallel.pipeline import PipelineConfigError, _validate_ddp, validate_stage_config
+
+    config = LLAMA1.to_transformer_config(2, 2, sequence_parallel=True)
+    validate_stage_config(config, 8)
+    with pytest.raises(PipelineConfigError, match="--seq-length 9 is not divisible by --tensor-model-parallel-size 2"):
+        validate_stage_config(config, 9)
+    with pytest.raises(PipelineConfigError, match="--context-parallel-size"):
+        validate_stage_config(SimpleNamespace(context_parallel_size=2))
+    with pytest.raises(PipelineConfigError, match="--overlap-grad-reduce"):
+        _validate_ddp([SimpleNamespace(ddp_config=DistributedDataParallelConfig(overlap_grad_reduce=True))])
+    with pytest.raises(PipelineConfigError, match="--overlap-param-gather"):
+        _validate_ddp([SimpleNamespace(ddp_config=DistributedDataParallelConfig(
+            use_distributed_optimizer=True, overlap_grad_reduce=False, overlap_param_gather=True))])
+
+
+def _wrong_microbatches():
+    """Every rank refuses a bad micro-batch count before any pipeline message is sent."""
+    from megatron_latent.parallel.pipeline import PipelineConfigError, latent_train_step
+
+    dp, model, opt = pc.setup(LLAMA1, 1, 2)
+    batches = pc.step_batches(0, dp)[:3]
+    try:
+        latent_train_step(model, opt, iter(batches), 3, pc.L, pc.MBS, 2)
+    except PipelineConfigError as e:
+        return str(e)
+    return None
+
+
+def test_bad_microbatch_count_fails_on_every_rank_without_hanging():
+    msgs = run_on_ranks(_wrong_microbatches, 2, timeout=120)
+    assert all(m is not None and "gives 3 micro-batches" in m for m in msgs), msgs
