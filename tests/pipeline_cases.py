@@ -120,13 +120,15 @@ def step_batches(step, dp, mbs=MBS, global_microbatches=GLOBAL_MICROBATCHES):
     return [batch(start + i, mbs, L) for i in range(per_rank)]
 
 
-def train(cfg, tp, pp, vpp=None, steps=STEPS, sequence_parallel=False, config_overrides=None):
+def train(cfg, tp, pp, vpp=None, steps=STEPS, sequence_parallel=False, config_overrides=None,
+          distributed_optimizer=False):
     """STEPS Adam steps with J drawn per step; losses, grad norms, first-step grads, final weights."""
     from megatron.core import parallel_state as ps
 
     from megatron_latent.parallel.pipeline import latent_train_step
 
-    dp, model, opt = setup(cfg, tp, pp, vpp, sequence_parallel=sequence_parallel, **(config_overrides or {}))
+    dp, model, opt = setup(cfg, tp, pp, vpp, distributed_optimizer, sequence_parallel=sequence_parallel,
+                           **(config_overrides or {}))
     latent = cfg.latent_settings()
     losses, norms, js, first = [], [], [], None
     for step in range(steps):
