@@ -107,7 +107,8 @@ def test_checkpoint_saved_at_pp2_loads_at_pp1(pp2, single):
 @pytest.fixture(scope="module")
 def world4():
     return run_on_ranks(pc.run_cases, 4, [
-        ("pp4", "train", (LLAMA1, 1, 4)),
+        # megatron-LM's default: outputs are pseudo-freed once sent (needs view-free outputs).
+        ("pp4", "train", (LLAMA1, 1, 4, None, pc.STEPS, False, {"deallocate_pipeline_outputs": True})),
         ("tp2-pp2-sp-recompute", "train", (LLAMA1, 2, 2, None, pc.STEPS, True, RECOMPUTE)),
         ("dp2-pp2", "train", (LLAMA1, 1, 2)),
         ("dp2-pp2-distributed-optimizer", "train", (LLAMA1, 1, 2, None, pc.STEPS, False, None, True)),

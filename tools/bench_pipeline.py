@@ -9,8 +9,9 @@ virtual pipeline chunks) on one rank (PP=1) and on PP ranks, and prints
 * ideal = T(PP=1) / PP: perfect split, no bubble, free communication;
 * overhead = T(PP) / ideal - 1, beside the interleaved schedule's bubble (PP - 1) / (V * M) with
   V = N + J + 1 chunks (the passes);
-* per stage: the peak bytes of activations saved for backward (all passes of the micro-batches in
-  flight; training.activation_memory), and at PP=1 for comparison.
+* per stage: the share of the step's wall time the rank's process spent computing (CPU time / wall
+  time; on CPU, gloo waits sleep), and the peak bytes of activations saved for backward (all
+  passes of the micro-batches in flight; training.activation_memory), and at PP=1 for comparison.
 
 Ranks are processes on this machine (gloo on CPU, one thread each); on a shared machine the
 measured overhead includes whatever else runs.
@@ -64,13 +65,13 @@ def _rank_main(rank, world, init_file, args, queue):
 
     results = {}
     for m in args.micro_batches:
-        times, peak = [], 0
+        times, cpu, peak = [], [], 0
         for it in range(args.iters + 1):
             for c in model:
                 c.zero_grad_buffer()
             data = batches(m)
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with SavedActivationMeter(p for c in model for p in c.parameters()) as meter:
                 latent_forward_backward(
                     forward_step_func=latent_forward_step(args.jacobi_iters), data_iterator=iter(data), model=model,
@@ -81,8 +82,9 @@ def _rank_main(rank, world, init_file, args, queue):
             dist.barrier()
             if it:  # the first step warms up
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
             peak = max(peak, meter.peak_bytes)
-        results[m] = (statistics.median(times), peak)
+        results[m] = (statistics.median(times), peak, statistics.median(cpu))
     queue.put((rank, ps.get_pipeline_model_parallel_rank(), results))
     dist.barrier()
     dist.destroy_process_group()
@@ -129,14 +131,16 @@ def main():
           f"mbs={args.micro_batch_size} N={args.num_latent_thoughts} J={args.jacobi_iters}: "
           f"{passes} passes = virtual chunks per stage")
     head = f"{'M':>3} {'PP=1 (s)':>9} {f'PP={pp} (s)':>9} {'ideal (s)':>9} {'overhead':>8} {'bubble':>7} {'PP=1 act MiB':>12}"
+    head += "".join(f" {f'stage{s} busy':>11}" for s in range(pp))
     head += "".join(f" {f'stage{s} MiB':>10}" for s in range(pp))
     print(head)
     for m in args.micro_batches:
-        t1, mem1 = one[m]
+        t1, mem1, _ = one[m]
         tp = max(staged[s][m][0] for s in staged)
         ideal = t1 / pp
         bubble = (pp - 1) / (passes * m) if passes > 1 else (pp - 1) / m
         row = f"{m:>3} {t1:>9.3f} {tp:>9.3f} {ideal:>9.3f} {tp / ideal - 1:>8.1%} {bubble:>7.1%} {mem1 * mib:>12.1f}"
+        row += "".join(f" {staged[s][m][2] / staged[s][m][0]:>11.0%}" for s in range(pp))
         row += "".join(f" {staged[s][m][1] * mib:>10.1f}" for s in range(pp))
         print(row)
 

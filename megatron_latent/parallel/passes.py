@@ -118,8 +118,9 @@ class PassChunk(torch.nn.Module):
     def _received(self, length: int) -> torch.Tensor:
         if self._input is None:
             raise RuntimeError(f"pipeline chunk {self.vp_stage} got no input tensor from the previous stage")
+        x, self._input = self._input, None  # the schedule keeps it for the backward; we need not
         rows = self._local(length)
-        return self._input if self._input.shape[0] == rows else self._input[:rows]
+        return x if x.shape[0] == rows else x[:rows]
 
     def _padded(self, h: torch.Tensor, seq_length: int) -> torch.Tensor:
         rows = self._local(max(self.pass_slots) * seq_length)
