@@ -73,7 +73,10 @@ def init_weights(chunks):
     tp = ps.get_tensor_model_parallel_world_size()
     for chunk in chunks:
         for name, p in chunk.named_parameters():
-            g = torch.Generator().manual_seed(zlib.crc32(_global_name(name, chunk).encode()))
+            key = _global_name(name, chunk)
+            if key == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
+                key = "embedding.word_embeddings.weight"  # the last stage's copy of a tied embedding
+            g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
             sharded = tp > 1 and getattr(p, "tensor_model_parallel", False)
             full_shape = list(p.shape)
             if sharded:

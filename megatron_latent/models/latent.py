@@ -117,13 +117,16 @@ class LatentGPTModel(GPTModel):
     GPTModel's: an N=0 checkpoint is a vanilla one, and N only changes the forward.
     """
 
-    def __init__(self, *args, latent: LatentSettings = LatentSettings(), **kwargs):
+    def __init__(self, *args, latent: LatentSettings = LatentSettings(), pipeline_stage: bool = False, **kwargs):
+        """`pipeline_stage=True`: this is one pipeline stage driven pass by pass by the pipeline
+        wiring (megatron_latent.parallel.pipeline), which calls its pieces, never its forward."""
         super().__init__(*args, **kwargs)
         self.latent = latent
-        if latent.num_latent_thoughts and not (self.pre_process and self.post_process):
+        self.pipeline_stage = pipeline_stage
+        if latent.num_latent_thoughts and not (self.pre_process and self.post_process) and not pipeline_stage:
             raise LatentConfigError(
                 "LatentGPTModel with --pipeline-model-parallel-size > 1 is built by the pipeline "
-                "wiring (megatron_latent.parallel), not directly"
+                "wiring (megatron_latent.parallel.pipeline.build_latent_pipeline), not directly"
             )
         if self.pre_process:
             # The interleaved sequence is scattered over the sequence-parallel ranks here, after the
@@ -159,18 +162,41 @@ class LatentGPTModel(GPTModel):
 
     def decoder_pass(self, inputs, attention_mask, rotary_pos_emb):
         """One pass of the decoder over a full interleaved sequence [S, b, h] -> post-norm [S, b, h]."""
-        sp = self.config.sequence_parallel
-        x = inputs
-        if sp:
-            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
-        x = self.embedding.embedding_dropout(x) if not sp else self._sp_dropout(x)
-        h = self.decoder(hidden_states=x, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
-        if sp:
-            # Every rank needs the whole sequence to place the thoughts. What follows is replicated
-            # over the TP ranks up to the next scatter, whose backward all-gathers: the gradient
-            # arriving here is already complete on every rank, so the gather's backward splits it.
-            h = tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
-        return h
+        h = self.decoder(
+            hidden_states=self.pass_input(inputs), attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
+        )
+        return self.full_sequence(h)
+
+    def pass_input(self, inputs):
+        """The decoder input of a pass from its full interleaved input vectors: scattered over the
+        sequence-parallel ranks, embedding dropout applied."""
+        if not self.config.sequence_parallel:
+            return self.embedding.embedding_dropout(inputs)
+        return self._sp_dropout(tensor_parallel.scatter_to_sequence_parallel_region(inputs))
+
+    def full_sequence(self, h):
+        """Decoder output -> the whole sequence on every tensor-parallel rank."""
+        if not self.config.sequence_parallel:
+            return h
+        # Every rank needs the whole sequence to place the thoughts. What follows is replicated
+        # over the TP ranks up to the next scatter, whose backward all-gathers: the gradient
+        # arriving here is already complete on every rank, so the gather's backward splits it.
+        return tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+
+    def next_pass_inputs(self, tokens, pos, hidden, num_slots: int):
+        """Interleaved input vectors of the pass after one over `num_slots` slots per position.
+
+        Stage k+1 := post-norm hidden at slot k (all positions at once), for k < min(num_slots, N);
+        a growth pass thus appends a stage. `tokens`, `pos` from `token_inputs`; `hidden` is the
+        full post-norm output [num_slots * L, b, h] of the previous pass.
+        """
+        return slots.interleave(self.next_stages(tokens, pos, hidden, num_slots))
+
+    def next_stages(self, tokens, pos, hidden, num_slots: int):
+        """[tokens, thought 1, ...] (each [L, b, h]) for the pass after one over `num_slots` slots."""
+        n = self.latent.num_latent_thoughts
+        thoughts = slots.split_slots(hidden, num_slots)[: min(num_slots, n)]
+        return [tokens] + [t + pos if pos is not None else t for t in thoughts]
 
     def _sp_dropout(self, x):
         with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -193,14 +219,23 @@ class LatentGPTModel(GPTModel):
                 input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
                 loss_mask=loss_mask, **kwargs,
             )
+        if self.pipeline_stage and not (self.pre_process and self.post_process):
+            raise RuntimeError(
+                "a latent pipeline stage runs through megatron_latent.parallel.pipeline "
+                "(latent_forward_backward), not by calling the stage"
+            )
         if decoder_input is not None or kwargs.get("inference_context") is not None:
             raise NotImplementedError("latent forward takes token ids (use the inference module to decode)")
         hidden = self.latent_hidden_states(input_ids, position_ids, attention_mask, num_jacobi_iters)
         return self.output(hidden, input_ids, position_ids, labels=labels, loss_mask=loss_mask)
 
-    def output(self, hidden, input_ids, position_ids, labels=None, loss_mask=None, runtime_gather_output=None):
-        """Loss [b, L] (with labels) or logits [b, L, V] from full-sequence hidden states [L, b, h]."""
-        if self.config.sequence_parallel:
+    def output(
+        self, hidden, input_ids, position_ids, labels=None, loss_mask=None, runtime_gather_output=None,
+        scattered: bool = False,
+    ):
+        """Loss [b, L] (with labels) or logits [b, L, V] from full-sequence hidden states [L, b, h]
+        (`scattered`: already split over the sequence-parallel ranks)."""
+        if self.config.sequence_parallel and not scattered:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         return self._postprocess(
             hidden_states=hidden,
@@ -231,10 +266,15 @@ class LatentGPTModel(GPTModel):
         n = self.latent.num_latent_thoughts
         num_jacobi = self.resolve_jacobi_iters(num_jacobi_iters)
         tokens, pos = self.token_inputs(input_ids, position_ids)
-        stages = [tokens]
+        lengths = self.latent.pass_lengths(num_jacobi)
         h = None
-        for _ in self.latent.pass_lengths(num_jacobi):
-            h, stages = self.latent_pass(stages, pos, position_ids, attention_mask)
+        for i, num_slots in enumerate(lengths):
+            inputs = tokens if i == 0 else self.next_pass_inputs(tokens, pos, h, lengths[i - 1])
+            h = self.decoder_pass(
+                inputs,
+                slots.slot_attention_mask(attention_mask, num_slots),
+                self.rotary_for(position_ids, num_slots),
+            )
         return slots.take_slot(h, n, n + 1)
 
     def latent_pass(self, stages, pos, position_ids, attention_mask):
@@ -252,5 +292,4 @@ class LatentGPTModel(GPTModel):
             slots.slot_attention_mask(attention_mask, num_slots),
             self.rotary_for(position_ids, num_slots),
         )
-        thoughts = slots.split_slots(h, num_slots)[: min(num_slots, self.latent.num_latent_thoughts)]
-        return h, [stages[0]] + [t + pos if pos is not None else t for t in thoughts]
+        return h, self.next_stages(stages[0], pos, h, num_slots)

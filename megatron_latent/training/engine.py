@@ -67,13 +67,16 @@ def train_step(
     num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
+    forward_backward_func: Optional[Callable] = None,
 ) -> StepResult:
+    """`forward_backward_func`: megatron's schedule for the current layout by default; the latent
+    pipeline passes its own (parallel.pipeline.latent_forward_backward), same arguments."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for m in model_chunks:
         m.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = get_forward_backward_func()(
+    losses = (forward_backward_func or get_forward_backward_func())(
         forward_step_func=forward_step_func,
         data_iterator=data_iterator,
         model=model_chunks,

@@ -1,0 +1,129 @@
+"""One virtual pipeline chunk = one pass of the latent forward over one stage's layers.
+
+The latent forward runs the decoder several times (growth, Jacobi, final pass; DESIGN.md section
+1), and every pass needs the post-norm output of the previous one at the first stage. megatron's
+interleaved schedule sends the output of chunk c on the last pipeline rank to chunk c+1 on the first
+rank, so pass p is made virtual chunk p (times the model's own layer chunks, if any) of a pipeline
+whose chunks all share one set of weights:
+
+* the first stage builds pass p's input from its own token embeddings and the thoughts it receives
+  (the post-norm output of pass p-1, sent by the last stage);
+* every stage runs its own layers on every pass;
+* the last stage applies the final norm on every pass (its block is built with it) and the output
+  layer and loss only on the final pass.
+
+A `PassChunk` holds its stage module *unregistered*: it has no parameters of its own, so megatron DDP
+sees every weight once (one gradient buffer, accumulated over all passes and micro-batches) and
+checkpoints hold the plain stage weights.
+
+Passes differ in length (a growth pass has fewer slots per position). Each chunk pads its output to
+the longest pass before it goes on the wire and the receiver slices it back, so every message has
+the schedule's fixed shape: no shape exchange (megatron's `variable_seq_lengths` path always batches
+its shape messages, which pair wrongly on gloo when the previous and next stage are the same rank),
+and no extra compute (only the transfer of a growth pass is longer than needed).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from megatron_latent.models import slots
+
+
+class PassChunk(torch.nn.Module):
+    """Virtual pipeline chunk `chunk_id`: pass `pass_index` over the layers of `stage`.
+
+    `pass_slots[p]` is the number of slots per position of pass p (LatentSettings.pass_lengths).
+    `config` is the schedule's view of the model config (its virtual pipeline size is the number
+    of chunks); the stage keeps its own.
+    """
+
+    def __init__(self, stage, pass_index: int, pass_slots: List[int], config, chunk_id: int):
+        super().__init__()
+        module = stage.module if hasattr(stage, "module") else stage
+        # Not registered as a submodule: no parameter may be seen twice (DDP, optimizer, checkpoints).
+        object.__setattr__(self, "stage", module)
+        self.config = config
+        self.model_type = module.model_type
+        self.vp_stage = chunk_id
+        self.pass_index = pass_index
+        self.pass_slots = list(pass_slots)
+        self._input: Optional[torch.Tensor] = None
+
+    @property
+    def is_final_pass(self) -> bool:
+        return self.pass_index == len(self.pass_slots) - 1
+
+    def set_input_tensor(self, input_tensor):
+        self._input = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+
+    def forward(
+        self,
+        input_ids,
+        position_ids,
+        attention_mask=None,
+        labels=None,
+        loss_mask=None,
+        num_jacobi_iters: Optional[int] = None,
+        **unused,
+    ):
+        """The LatentGPTModel.forward signature, so one forward_step serves every layout. Returns
+        the (padded) hidden states for the next chunk, or on the final chunk the per-token loss
+        [b, L] (with labels) or logits."""
+        m = self.stage
+        expected = len(self.pass_slots) - m.latent.num_latent_thoughts - 1
+        if num_jacobi_iters is not None and m.latent.num_latent_thoughts and num_jacobi_iters != expected:
+            raise ValueError(
+                f"forward_step asked for {num_jacobi_iters} Jacobi iterations but this step's pipeline "
+                f"was built for {expected}"
+            )
+        p, L = self.pass_index, input_ids.shape[1]
+        num_slots = self.pass_slots[p]
+        if m.pre_process:
+            tokens, pos = m.token_inputs(input_ids, position_ids)
+            if p == 0:
+                inputs = tokens
+            else:
+                prev = self.pass_slots[p - 1]
+                thoughts_from = m.full_sequence(self._received(prev * L))
+                inputs = m.next_pass_inputs(tokens, pos, thoughts_from, prev)
+            hidden = m.pass_input(inputs)
+        else:
+            m.decoder.set_input_tensor(self._received(num_slots * L))
+            hidden = None
+        h = m.decoder(
+            hidden_states=hidden,
+            attention_mask=slots.slot_attention_mask(attention_mask, num_slots),
+            rotary_pos_emb=m.rotary_for(position_ids, num_slots),
+        )
+        if m.post_process and self.is_final_pass:
+            n = m.latent.num_latent_thoughts
+            if n == 0:
+                # One slot per position: the (sequence-parallel) output is already what the
+                # output layer takes.
+                return m.output(h, input_ids, position_ids, labels=labels, loss_mask=loss_mask, scattered=True)
+            last = slots.take_slot(m.full_sequence(h), n, n + 1)
+            return m.output(last, input_ids, position_ids, labels=labels, loss_mask=loss_mask)
+        return self._padded(h, L)
+
+    # ------------------------------------------------------------------- fixed-shape hand-offs
+    def _local(self, length: int) -> int:
+        """Rows of a `length`-long sequence held by this rank (split under sequence parallelism)."""
+        if self.config.sequence_parallel:
+            return length // self.config.tensor_model_parallel_size
+        return length
+
+    def _received(self, length: int) -> torch.Tensor:
+        if self._input is None:
+            raise RuntimeError(f"pipeline chunk {self.vp_stage} got no input tensor from the previous stage")
+        x, self._input = self._input, None  # the schedule keeps it for the backward; we need not
+        rows = self._local(length)
+        return x if x.shape[0] == rows else x[:rows]
+
+    def _padded(self, h: torch.Tensor, seq_length: int) -> torch.Tensor:
+        rows = self._local(max(self.pass_slots) * seq_length)
+        if h.shape[0] == rows:
+            return h
+        return torch.nn.functional.pad(h, (0, 0, 0, 0, 0, rows - h.shape[0]))

@@ -1,0 +1,209 @@
+"""Pipeline parallelism of the multi-pass latent forward: every layout trains exactly like one rank.
+
+Each case runs three Adam steps (gradient clipping on) with J drawn per step from {1, 2, 3}, over
+the same global batch; losses, gradient norms, the first step's gradients and the final weights
+must equal the single-rank run's within 1e-5 (fp32). Cases sharing a world size run in one set of
+spawned ranks (see pipeline_cases.run_cases).
+"""
+
+import os
+
+import pytest
+import torch
+
+from multirank import run_on_ranks
+from parallel_utils import max_rel_diff
+import pipeline_cases as pc
+
+TOL = 1e-5
+LLAMA1, LLAMA2, GPT2, PYTHIA = pc.tiny_cfg("llama", 1), pc.tiny_cfg("llama", 2), pc.tiny_cfg("gpt2", 1), pc.tiny_cfg("gpt-neox", 1)
+VANILLA = pc.tiny_cfg("llama", 0)
+RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pp_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def pp2(ckpt_dir):
+    return run_on_ranks(pc.run_cases, 2, [
+        ("llama-n1", "train", (LLAMA1, 1, 2)),
+        ("llama-n2", "train", (LLAMA2, 1, 2)),
+        ("gpt2-n1", "train", (GPT2, 1, 2)),
+        ("llama-n1-vpp2", "train", (LLAMA1, 1, 2, 2)),
+        ("vanilla-wiring", "train", (VANILLA, 1, 2)),
+        ("vanilla-megatron-1f1b", "vanilla_1f1b", (VANILLA, 2)),
+        ("save", "save_and_eval", (LLAMA1, 1, 2, ckpt_dir)),
+    ])
+
+
+@pytest.fixture(scope="module")
+def single(pp2, ckpt_dir):
+    # Runs after pp2 (which wrote the checkpoint this loads).
+    return run_on_ranks(pc.run_cases, 1, [
+        ("llama-n1", "train", (LLAMA1, 1, 1)),
+        ("llama-n2", "train", (LLAMA2, 1, 1)),
+        ("gpt2-n1", "train", (GPT2, 1, 1)),
+        ("vanilla", "train", (VANILLA, 1, 1)),
+        ("load", "load_and_eval", (LLAMA1, 1, 1, ckpt_dir)),
+        ("logits-from-pp2-weights", "logits_from_weights", (LLAMA1, pp2[0]["save"]["weights"])),
+    ])[0]
+
+
+def check(results, ref, tol=TOL, grads=True):
+    losses = [r["losses"] for r in results if r["losses"] is not None]
+    # The last pipeline stage (each of its tensor-parallel ranks) reports the loss.
+    assert losses and len(losses) < len(results)
+    for got in losses:
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref["losses"]), rtol=tol, atol=0)
+    for r in results:
+        if "js" in r and "js" in ref:
+            assert r["js"] == ref["js"]
+        torch.testing.assert_close(torch.tensor(r["norms"]), torch.tensor(ref["norms"]), rtol=tol, atol=0)
+        if grads:
+            assert max_rel_diff(r["grads"], ref["grads"]) < tol
+        assert max_rel_diff(r["weights"], ref["weights"]) < tol
+
+
+def test_reference_draws_different_j_per_step(single):
+    # The pipeline is rebuilt per step: its number of virtual chunks changes with J.
+    ref = single["llama-n1"]
+    assert len(set(ref["js"])) > 1, ref["js"]
+
+
+@pytest.mark.parametrize("case", ["llama-n1", "llama-n2", "gpt2-n1"])
+def test_pp2_equals_single_rank(pp2, single, case):
+    check([r[case] for r in pp2], single[case])
+
+
+def test_pp2_combined_with_interleaved_layer_chunks(pp2, single):
+    # 2 layer chunks per rank x P passes = 2P virtual chunks.
+    check([r["llama-n1-vpp2"] for r in pp2], single["llama-n1"])
+
+
+def test_n0_pipeline_equals_megatron_1f1b_and_single_rank(pp2, single):
+    wiring = [r["vanilla-wiring"] for r in pp2]
+    megatron = [r["vanilla-megatron-1f1b"] for r in pp2]
+    # Gradients and weights are gathered whole on every rank; the loss lives on the last stage.
+    ref = dict(megatron[0], losses=megatron[-1]["losses"])
+    check(wiring, ref, tol=1e-6)
+    check(wiring, single["vanilla"])
+
+
+def test_checkpoint_saved_at_pp2_loads_at_pp1(pp2, single):
+    saved = [r["save"] for r in pp2]
+    loaded = single["load"]
+    # The checkpoint holds each weight once, under its global name: PP=1 gets the whole model.
+    assert max_rel_diff(loaded["weights"], saved[0]["weights"]) == 0.0
+    torch.testing.assert_close(loaded["logits"], single["logits-from-pp2-weights"], rtol=0, atol=0)
+    # Evaluation (forward only, J = jacobi_iters_eval) through the PP=2 schedule equals PP=1's.
+    pp2_eval = [s["eval_loss"] for s in saved if s["eval_loss"] is not None]
+    assert len(pp2_eval) == 1
+    assert loaded["eval_loss"] == pytest.approx(pp2_eval[0], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def world4():
+    return run_on_ranks(pc.run_cases, 4, [
+        # megatron-LM's default: outputs are pseudo-freed once sent (needs view-free outputs).
+        ("pp4", "train", (LLAMA1, 1, 4, None, pc.STEPS, False, {"deallocate_pipeline_outputs": True})),
+        ("tp2-pp2-sp-recompute", "train", (LLAMA1, 2, 2, None, pc.STEPS, True, RECOMPUTE)),
+        ("dp2-pp2", "train", (LLAMA1, 1, 2)),
+        ("dp2-pp2-distributed-optimizer", "train", (LLAMA1, 1, 2, None, pc.STEPS, False, None, True)),
+    ])
+
+
+def test_pp4_equals_single_rank(world4, single):
+    check([r["pp4"] for r in world4], single["llama-n1"])
+
+
+def test_tp2_pp2_sequence_parallel_recompute_equals_single_rank(world4, single):
+    check([r["tp2-pp2-sp-recompute"] for r in world4], single["llama-n1"])
+
+
+def test_dp2_pp2_equals_single_rank(world4, single):
+    check([r["dp2-pp2"] for r in world4], single["llama-n1"])
+
+
+def test_dp2_pp2_distributed_optimizer_equals_single_rank(world4, single):
+    # Each rank's buffer holds the reduced gradient of its own shard only: compare the rest.
+    check([r["dp2-pp2-distributed-optimizer"] for r in world4], single["llama-n1"], grads=False)
+
+
+@pytest.mark.slow
+def test_3d_tp2_pp2_dp2_equals_single_rank(single):
+    results = run_on_ranks(pc.run_cases, 8, [
+        ("3d", "train", (LLAMA1, 2, 2, None, pc.STEPS, True, RECOMPUTE)),
+        ("3d-pythia", "train", (PYTHIA, 2, 2, None, pc.STEPS, True, RECOMPUTE)),
+    ], timeout=900)
+    check([r["3d"] for r in results], single["llama-n1"])
+    ref = run_on_ranks(pc.train, 1, PYTHIA, 1, 1)[0]
+    check([r["3d-pythia"] for r in results], ref)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_microbatches_incompatible_with_the_schedule_name_the_flags():
+    from megatron_latent.parallel.pipeline import PipelineConfigError, validate_schedule
+
+    validate_schedule(4, 2, 4)  # fine: a multiple of PP
+    validate_schedule(3, 2, 1)  # one chunk (N=0): megatron's 1F1B takes any count
+    for m in (1, 3, 5):
+        with pytest.raises(PipelineConfigError, match=r"--global-batch-size.*--micro-batch-size.*--pipeline-model-parallel-size 2"):
+            validate_schedule(m, 2, 4)
+    with pytest.raises(PipelineConfigError, match="--global-batch-size"):
+        validate_schedule(0, 1, 1)
+
+
+def test_layers_not_divisible_over_stages_name_the_flag():
+    from megatron_latent.config import ModelConfigError
+    from megatron_latent.parallel.pipeline import PipelineConfigError, validate_model_split
+
+    cfg = pc.tiny_cfg("llama", 1, layers=6)
+    validate_model_split(cfg, 1, 2)
+    validate_model_split(cfg, 1, 3)
+    with pytest.raises(ModelConfigError, match="--pipeline-model-parallel-size 4 does not divide --num-layers 6"):
+        validate_model_split(cfg, 1, 4)
+    with pytest.raises(PipelineConfigError, match="--num-virtual-stages-per-pipeline-rank 2"):
+        validate_model_split(cfg, 1, 2, 2)
+    with pytest.raises(PipelineConfigError, match="needs --pipeline-model-parallel-size > 1"):
+        validate_model_split(cfg, 1, 1, 2)
+
+
+def test_unsupported_settings_name_the_flag():
+    from types import SimpleNamespace
+
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from megatron_latent.parallel.pipeline import PipelineConfigError, _validate_ddp, validate_stage_config
+
+    config = LLAMA1.to_transformer_config(2, 2, sequence_parallel=True)
+    validate_stage_config(config, 8)
+    with pytest.raises(PipelineConfigError, match="--seq-length 9 is not divisible by --tensor-model-parallel-size 2"):
+        validate_stage_config(config, 9)
+    with pytest.raises(PipelineConfigError, match="--context-parallel-size"):
+        validate_stage_config(SimpleNamespace(context_parallel_size=2))
+    with pytest.raises(PipelineConfigError, match="--overlap-grad-reduce"):
+        _validate_ddp([SimpleNamespace(ddp_config=DistributedDataParallelConfig(overlap_grad_reduce=True))])
+    with pytest.raises(PipelineConfigError, match="--overlap-param-gather"):
+        _validate_ddp([SimpleNamespace(ddp_config=DistributedDataParallelConfig(
+            use_distributed_optimizer=True, overlap_grad_reduce=False, overlap_param_gather=True))])
+
+
+def _wrong_microbatches():
+    """Every rank refuses a bad micro-batch count before any pipeline message is sent."""
+    from megatron_latent.parallel.pipeline import PipelineConfigError, latent_train_step
+
+    dp, model, opt = pc.setup(LLAMA1, 1, 2)
+    batches = pc.step_batches(0, dp)[:3]
+    try:
+        latent_train_step(model, opt, iter(batches), 3, pc.L, pc.MBS, 2)
+    except PipelineConfigError as e:
+        return str(e)
+    return None
+
+
+def test_bad_microbatch_count_fails_on_every_rank_without_hanging():
+    msgs = run_on_ranks(_wrong_microbatches, 2, timeout=120)
+    assert all(m is not None and "gives 3 micro-batches" in m for m in msgs), msgs
