@@ -21,12 +21,11 @@ def _error(msg: str) -> int:
     return 2
 
 
-def build_model(cfg, args, latent):
-    """This rank's model chunks (before DDP): a LatentGPTModel for the preset, bf16 if asked."""
-    from megatron.core.transformer.module import Float16Module
+def build_model(cfg, args):
+    """This rank's stage module(s) (before DDP) of the latent model, any TP/PP/VPP layout."""
+    from megatron.core import parallel_state as ps
 
-    from megatron_latent.models.gpt import build_gpt_model
-    from megatron_latent.models.latent import LatentGPTModel
+    from megatron_latent.parallel.pipeline import build_latent_pipeline
 
     overrides = {}
     if args.sequence_parallel:
@@ -35,18 +34,15 @@ def build_model(cfg, args, latent):
         overrides["recompute_granularity"] = args.recompute_granularity
         if args.recompute_granularity == "full":
             overrides.update(recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
-    from megatron.core import parallel_state as ps
-
     config = cfg.to_transformer_config(
         ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_world_size(),
+        args.num_virtual_stages_per_pipeline_rank,
+        # bf16 weights; the optimizer keeps fp32 main weights and losses are reduced in fp32.
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         **overrides,
     )
-    model = build_gpt_model(cfg, config=config, model_cls=LatentGPTModel, latent=latent)
-    if args.bf16:
-        model = Float16Module(config, model)
-    return [model]
+    return build_latent_pipeline(cfg, config)
 
 
 def build_optimizer_and_scheduler(model, args):
@@ -88,6 +84,8 @@ def main(argv=None) -> int:
     from megatron_latent.models.flops import latent_step_flops
     from megatron_latent.models.latent import LatentConfigError
     from megatron_latent.parallel.initialize import ParallelConfigError, initialize_model_parallel
+    from megatron_latent.parallel.pipeline import (
+        PipelineConfigError, pass_slots, validate_model_split, validate_schedule)
     from megatron_latent.training import batches as batching
     from megatron_latent.training import checkpointing, engine, loop
     from megatron_latent.training.arguments import model_config_from_args, parse_args
@@ -100,9 +98,6 @@ def main(argv=None) -> int:
         cfg.check_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     except (ModelConfigError, LatentConfigError, TokenizerError, FileNotFoundError) as e:
         return _error(str(e))
-    if cfg.num_latent_thoughts and args.pipeline_model_parallel_size > 1:
-        return _error("--num-latent-thoughts > 0 with --pipeline-model-parallel-size > 1 is not wired into "
-                      "the driver yet")
     seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
     try:
         dp = initialize_model_parallel(
@@ -116,6 +111,18 @@ def main(argv=None) -> int:
         return _error(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
                       f"{args.micro_batch_size} x data-parallel size {dp}")
     num_micro = args.global_batch_size // (args.micro_batch_size * dp)
+    # J of step s is drawn from (--seed, s) alone: every rank, and a resumed run, draws the same.
+    latent = dataclasses.replace(cfg.latent_settings(), jacobi_seed=args.seed)
+    try:
+        # Every J the run can draw (and the evaluation J) must suit the pipeline schedule.
+        validate_model_split(cfg, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                             args.num_virtual_stages_per_pipeline_rank or 1)
+        lo, hi = latent.training_range
+        for j in sorted(set(range(lo, hi + 1)) | {latent.jacobi_iters_eval if cfg.num_latent_thoughts else 0}):
+            validate_schedule(num_micro, args.pipeline_model_parallel_size,
+                              len(pass_slots(latent, j)) * (args.num_virtual_stages_per_pipeline_rank or 1))
+    except (PipelineConfigError, ModelConfigError) as e:
+        return _error(str(e))
     reporter = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                 and ps.get_data_parallel_rank() == 0)
     rank0 = torch.distributed.get_rank() == 0
@@ -124,10 +131,8 @@ def main(argv=None) -> int:
         if reporter or rank0:
             print(msg, flush=True)
 
-    # J of step s is drawn from (--seed, s) alone: every rank, and a resumed run, draws the same.
-    latent = dataclasses.replace(cfg.latent_settings(), jacobi_seed=args.seed)
     model = engine.wrap_ddp(
-        build_model(cfg, args, latent),
+        build_model(cfg, args),
         DistributedDataParallelConfig(
             grad_reduce_in_fp32=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer,
         ),

@@ -172,3 +172,36 @@ def test_bf16_tracks_fp32():
     for step in a:
         assert abs(a[step] - b[step]) < 0.02 * a[step], (step, a[step], b[step])
     assert a != b  # bf16 really ran in bf16
+
+
+def test_pipeline_parallel_latent_run_equals_one_rank(tmp_path):
+    """The driver at PP=2 (passes as virtual pipeline chunks) trains the same as on one rank, from
+    the same weights (megatron draws a stage's initial weights from that rank's RNG, so the same
+    seed is not the same model at another PP size; a checkpoint is)."""
+    from hf_tiny import hf_model
+    from megatron_latent.hf.convert import convert_hf_to_checkpoint
+
+    hf_dir, conv = str(tmp_path / "hf"), str(tmp_path / "conv")
+    hf_model("llama").save_pretrained(hf_dir)
+    run_on_ranks(convert_hf_to_checkpoint, 1, hf_dir, conv)
+    base = LATENT + ["--mock-data", "--load", conv, "--use-checkpoint-args", "--finetune", "--num-workers", "0",
+                     "--seq-length", "16", "--train-iters", "3", "--micro-batch-size", "1", "--global-batch-size", "4",
+                     "--lr", "1e-3", "--lr-warmup-fraction", "0", "--eval-interval", "3", "--eval-iters", "1"]
+    (one,) = run_on_ranks(_main, 1, base)
+    two = run_on_ranks(_main, 2, base + ["--pipeline-model-parallel-size", "2"])
+    assert one[0] == 0 and [r[0] for r in two] == [0, 0], two[0][2] + two[1][2]
+    ref, got = _losses(one[1]), _losses(two[1][1])  # rank 1 is the last stage: it reports
+    assert sorted(got) == [1, 2, 3]
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], (step, got[step], ref[step])
+    val = lambda out: float(out.split("validation at iteration 3 | loss ")[1].split()[0])
+    assert abs(val(two[1][1]) - val(one[1])) <= 1e-5 * val(one[1])
+
+
+def test_pipeline_micro_batch_count_is_checked_before_training(capsys):
+    results = run_on_ranks(_main, 2, TINY + LATENT + [
+        "--mock-data", "--seq-length", "16", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
+        "--global-batch-size", "2"])
+    assert [r[0] for r in results] == [2, 2]
+    err = [l for l in results[0][2].splitlines() if "Warning" not in l and not l.startswith("  ")]
+    assert len(err) == 1 and "gives 1 micro-batches per step" in err[0] and "--pipeline-model-parallel-size 2" in err[0]

@@ -1,12 +1,13 @@
-"""The training loop's pieces: the forward step and its loss, evaluation, resume, and the loop.
+"""The training loop: resume from a checkpoint, then steps with logging, validation and saving.
 
 Free of flag parsing: `pretrain.py` builds the model, optimizer, scheduler and data iterators and
-hands them to `train` with a `LoopConfig`.
+hands them to `train` with a `LoopConfig`. Steps and validation run through
+`parallel.pipeline` (latent_train_step / latent_eval_loss), which covers every layout: at PP=1 the
+model's own multi-pass forward, at PP>1 the passes as weight-shared virtual pipeline chunks.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import time
@@ -17,55 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_latent.training import batches as batching
-from megatron_latent.training import checkpointing, engine
-
-
-# ------------------------------------------------------------------------------ forward step
-def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Mean loss over the tokens the mask keeps (megatron's loss_func). The reported value is a
-    clone: the schedule divides the returned loss in place by the number of micro-batches."""
-    mask = loss_mask.reshape(-1).float()
-    loss = (per_token_loss.reshape(-1).float() * mask).sum() / mask.sum().clamp(min=1.0)
-    return loss, {"loss": loss.detach().clone()}
-
-
-def make_forward_step(num_jacobi_iters: Optional[int]) -> Callable:
-    """A megatron forward_step_func for batches of GPTDataset dicts, at a fixed Jacobi count
-    (None for a vanilla model). One step's J is the same for all its micro-batches and ranks."""
-
-    def forward_step(data_iterator, model):
-        b = next(data_iterator)
-        out = model(
-            b["tokens"], b["position_ids"], b.get("attention_mask"),
-            labels=b["labels"], loss_mask=b["loss_mask"], num_jacobi_iters=num_jacobi_iters,
-        )
-        return out, functools.partial(masked_mean_loss, b["loss_mask"])
-
-    return forward_step
-
-
-@torch.no_grad()
-def evaluate(model_chunks, micro_batch_list: List[dict], seq_length: int, micro_batch_size: int,
-             num_jacobi_iters: Optional[int]) -> Optional[float]:
-    """Mean loss over the given micro-batches (forward only); None off the last pipeline stage."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    for m in model_chunks:
-        m.eval()
-    try:
-        losses = get_forward_backward_func()(
-            forward_step_func=make_forward_step(num_jacobi_iters),
-            data_iterator=iter(micro_batch_list),
-            model=model_chunks,
-            num_microbatches=len(micro_batch_list),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
-        )
-    finally:
-        for m in model_chunks:
-            m.train()
-    return engine.average_loss(losses)
+from megatron_latent.training import checkpointing
 
 
 # ------------------------------------------------------------------------------ resume
@@ -175,10 +128,13 @@ def train(loop: LoopConfig, state: TrainState, model_chunks, optimizer, schedule
     last_saved = state.iteration
     window_time, window_flops, window_steps = 0.0, 0.0, 0
 
+    from megatron_latent.parallel.pipeline import latent_eval_loss, latent_train_step
+
     def run_eval(step):
         if not valid_batches:
             return
-        loss = evaluate(model_chunks, valid_batches, loop.seq_length, loop.micro_batch_size, jacobi_eval)
+        loss = latent_eval_loss(model_chunks, iter(valid_batches), len(valid_batches), loop.seq_length,
+                                loop.micro_batch_size, jacobi_eval)
         if reporter and loss is not None:
             log(f"validation at iteration {step} | loss {loss:.4f} | ppl {float(torch.exp(torch.tensor(min(loss, 50.0)))):.3f}")
             metrics.write(step, {"valid/loss": loss})
@@ -188,10 +144,8 @@ def train(loop: LoopConfig, state: TrainState, model_chunks, optimizer, schedule
         t0 = time.perf_counter()
         jacobi = jacobi_for_step(step)
         micro = batching.take(train_iter, loop.num_microbatches)
-        result = engine.train_step(
-            make_forward_step(jacobi), iter(micro), model_chunks, optimizer,
-            loop.num_microbatches, loop.seq_length, loop.micro_batch_size,
-        )
+        result = latent_train_step(model_chunks, optimizer, iter(micro), loop.num_microbatches,
+                                   loop.seq_length, loop.micro_batch_size, jacobi or 0)
         scheduler.step(increment=1)
         state.iteration = step
         state.consumed_train_samples += loop.global_batch_size
