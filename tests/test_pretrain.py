@@ -142,6 +142,8 @@ def test_bad_model_flags_are_one_clear_error(argv, needle, capsys):
     (["--mock-data", "--finetune"], "--finetune needs --load"),
     (["--mock-data", "--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--data-path", "x"], "need --tokenizer-type"),
+    (["--mock-data", "--recompute-activations", "--recompute-granularity", "full"],
+     "--recompute-activations is --recompute-granularity selective"),
 ])
 def test_bad_flags_stop_the_parser(argv, needle, capsys):
     from megatron_latent.training.arguments import parse_args

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleave each rank's layers as this many virtual chunks (with the latent passes)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="selective recomputation of core attention (= --recompute-granularity selective)")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
@@ -123,6 +125,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.lr_warmup_fraction is not None and not 0.0 <= args.lr_warmup_fraction <= 1.0:
         parser.error(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+    if args.recompute_activations:
+        if args.recompute_granularity not in (None, "selective"):
+            parser.error("--recompute-activations is --recompute-granularity selective; do not combine it with "
+                         f"--recompute-granularity {args.recompute_granularity}")
+        args.recompute_granularity = "selective"
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
     return args
