@@ -22,6 +22,7 @@ def main():
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--bf16", action="store_true", help="bf16 weights and activations (GPU)")
     args = p.parse_args()
 
     import torch
@@ -47,6 +48,7 @@ def main():
     cfg = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
         use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16,
     )
     spec = with_torch_norms(get_gpt_layer_local_spec(), args.num_layers)
     L, b = args.seq_length, args.micro_batch_size
@@ -74,7 +76,7 @@ def main():
 
     base_t, base_f = step_time(0, 0), flops(0, 0)
     print(f"model: {args.num_layers} layers, H={args.hidden_size}, V={args.vocab_size}, L={L}, "
-          f"micro-batch {b}, {args.threads} threads, {device()}")
+          f"micro-batch {b}, {args.threads} threads, {device()}, {'bf16' if args.bf16 else 'fp32'}")
     print(f"{'config':<12}{'step (s)':>10}{'time ratio':>12}{'FLOP ratio':>12}{'time/FLOP':>11}")
     print(f"{'N=0':<12}{base_t:>10.3f}{1.0:>12.2f}{1.0:>12.2f}{1.0:>11.2f}")
     for j in (2, 3):
