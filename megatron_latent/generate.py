@@ -2,7 +2,7 @@
 
     python -m megatron_latent.generate --load CKPT (--prompt TEXT | --prompt-ids 1,2,3) \
         --max-new-tokens 32 [--greedy | --temperature 0.8 --top-p 0.95 --top-k 50 --seed 1] \
-        [--prefill exact|jacobi|jacobi-tol] [--jacobi-iters-eval J] [--jacobi-tol 1e-4] \
+        [--prefill exact|jacobi|tolerance] [--jacobi-iters-eval J] [--jacobi-tol 1e-4] \
         [--tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.json] [--iteration K]
 
 Reads `CKPT/model_config.json` and the weights (a checkpoint saved at any TP/PP), runs as one
@@ -30,10 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None, help="0 = off")
     p.add_argument("--top-p", type=float, default=None, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens)")
-    p.add_argument("--prefill", choices=("exact", "jacobi", "jacobi-tol"), default="exact")
+    p.add_argument("--prefill", choices=("exact", "jacobi", "tolerance"), default="exact")
     p.add_argument("--jacobi-iters-eval", type=int, default=None,
                    help="Jacobi passes of --prefill jacobi (default: the model config's)")
-    p.add_argument("--jacobi-tol", type=float, default=1e-4, help="tolerance of --prefill jacobi-tol")
+    p.add_argument("--jacobi-tol", type=float, default=1e-4, help="tolerance of --prefill tolerance")
     p.add_argument("--stop-at-eod", action="store_true", help="stop at the tokenizer's EOD (or --eod-id)")
     p.add_argument("--eod-id", type=int, default=None)
     p.add_argument("--tokenizer-type", default=None)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             prefill=args.prefill,
             jacobi_iters=args.jacobi_iters_eval,
-            tol=args.jacobi_tol if args.prefill == "jacobi-tol" else None,
+            tol=args.jacobi_tol if args.prefill == "tolerance" else None,
             eod_id=eod,
             vocab_size=cfg.vocab_size,
         )

@@ -85,8 +85,8 @@ def test_jacobi_tolerance_prefill_reaches_exact_prefill(preset):
     m = family_model(preset, n)
     ids = random_ids(2, L, seed=11)
     exact = sequential_logits(m, ids, positions(2, L))
-    strict = decode_logits(m, ids, decode_steps=2, prefill="jacobi-tol", tol=1e-6)
-    loose = decode_logits(m, ids, decode_steps=2, prefill="jacobi-tol", tol=1e-1)
+    strict = decode_logits(m, ids, decode_steps=2, prefill="tolerance", tol=1e-6)
+    loose = decode_logits(m, ids, decode_steps=2, prefill="tolerance", tol=1e-1)
     print(f"\n{preset} N={n} P={L - 2}: Jacobi passes to tol 1e-6: {strict.prefill_iters}, "
           f"to 1e-1: {loose.prefill_iters}")
     assert 1 <= loose.prefill_iters < strict.prefill_iters <= (L - 2) * n
@@ -97,7 +97,7 @@ def test_jacobi_tolerance_prefill_reaches_exact_prefill(preset):
         fixed = decode_logits(m, ids, decode_steps=2, prefill="jacobi", jacobi_iters=tol_run.prefill_iters)
         assert torch.equal(fixed.logits, tol_run.logits), tol
     # The iteration cap is honoured.
-    assert decode_logits(m, ids, prefill="jacobi-tol", tol=1e-9, max_jacobi_iters=1).prefill_iters == 1
+    assert decode_logits(m, ids, prefill="tolerance", tol=1e-9, max_jacobi_iters=1).prefill_iters == 1
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
@@ -112,7 +112,7 @@ def test_left_padded_batch_equals_each_sample_alone(preset):
         torch.testing.assert_close(batch.logits[i], alone.logits[0], rtol=1e-5, atol=1e-5)
     # Teacher-forced through the padded cache: each row's real positions equal its own reference,
     # for the exact and the Jacobi-to-tolerance prefill.
-    for prefill, tol in (("exact", None), ("jacobi-tol", 1e-7)):
+    for prefill, tol in (("exact", None), ("tolerance", 1e-7)):
         got = decode_logits(m, prompts, decode_steps=1, prefill=prefill, tol=tol)
         for i, p in enumerate(prompts):
             ids = torch.tensor([p])
@@ -176,8 +176,8 @@ def test_stop_at_eod():
         (dict(prompt_ids=[[1, -1]]), "token id -1 is outside"),
         (dict(max_new_tokens=-1), "--max-new-tokens"),
         (dict(prefill="beam"), "--prefill 'beam'"),
-        (dict(prefill="jacobi-tol"), "needs a tolerance"),
-        (dict(tol=1e-3), "without --prefill jacobi-tol"),
+        (dict(prefill="tolerance"), "needs a tolerance"),
+        (dict(tol=1e-3), "without --prefill tolerance"),
         (dict(jacobi_iters=2), "needs --prefill jacobi"),
         (dict(greedy=False, temperature=0.0), "--temperature"),
         (dict(greedy=False, top_p=0.0), "--top-p"),

@@ -47,7 +47,7 @@ def _save_at_tp2(root, tokenizer_path):
             "greedy": generate(model, [PROMPT_IDS], 6, vocab_size=cfg.vocab_size).ids[0],
             "sampled": generate(model, [PROMPT_IDS], 6, greedy=False, vocab_size=cfg.vocab_size, **SAMPLING).ids[0],
             "text_greedy": generate(model, [text_ids], 5, vocab_size=cfg.vocab_size).ids[0],
-            "text_tol_iters": generate(model, [text_ids], 1, prefill="jacobi-tol", tol=1e-6).prefill_iters,
+            "text_tol_iters": generate(model, [text_ids], 1, prefill="tolerance", tol=1e-6).prefill_iters,
         }
     if torch.distributed.get_rank() == 0:
         save_config(cfg, root)
@@ -87,7 +87,7 @@ def test_cli_decodes_a_tp2_checkpoint_at_tp1(checkpoint):
                    *[a for k, v in SAMPLING.items() for a in (f"--{k.replace('_', '-')}", str(v))])
     assert sampled["ids"] == expected[5]["sampled"] and sampled["iteration"] == 5
     assert expected[5]["sampled"] != expected[5]["greedy"]  # the sampling flags did something
-    text = _cli("--load", root, "--prompt", TEXT, "--max-new-tokens", "5", "--prefill", "jacobi-tol",
+    text = _cli("--load", root, "--prompt", TEXT, "--max-new-tokens", "5", "--prefill", "tolerance",
                 "--jacobi-tol", "1e-6", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer)
     from megatron_latent.data.tokenizer import HuggingFaceTokenizer
 
@@ -96,7 +96,7 @@ def test_cli_decodes_a_tp2_checkpoint_at_tp1(checkpoint):
     # Jacobi to 1e-6 then exact decoding: the tokens of the exact prefill at TP=2.
     assert text["ids"] == expected[7]["text_greedy"]
     assert text["text"] == tok.detokenize(text["ids"])
-    assert text["prefill"] == "jacobi-tol" and text["prefill_iters"] == expected[7]["text_tol_iters"] >= 1
+    assert text["prefill"] == "tolerance" and text["prefill_iters"] == expected[7]["text_tol_iters"] >= 1
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ def _decode_all(tp):
     for preset in FAMILIES:
         m = family_model(preset, 1)
         exact = decode_logits(m, SEQS, decode_steps=2)
-        tol = decode_logits(m, SEQS, decode_steps=2, prefill="jacobi-tol", tol=1e-6)
+        tol = decode_logits(m, SEQS, decode_steps=2, prefill="tolerance", tol=1e-6)
         greedy = generate(m, PROMPTS, 4, greedy=True)
         sampled = generate(m, PROMPTS, 4, greedy=False, temperature=1.5, top_k=50, top_p=0.95, seed=4)
         out[preset] = {

@@ -79,7 +79,7 @@ def main(argv=None):
         row = {"N": n, "decode_tok_s": round(tok_s, 1),
                "slowdown_vs_N0": round(base / tok_s, 2) if base else None, "prefill": {}}
         for method, kw in (("exact", {}), ("jacobi", {"jacobi_iters": cfg.jacobi_iters_eval}),
-                           ("jacobi-tol", {"tol": 1e-4})):
+                           ("tolerance", {"tol": 1e-4})):
             t, res = best(lambda: decode_logits(model, prompt, decode_steps=0, prefill=method, **kw))
             row["prefill"][method] = {"s": round(t, 4), "jacobi_passes": res.prefill_iters}
         pos = torch.arange(args.prompt_len, device=device).expand(args.batch_size, -1)

@@ -77,7 +77,7 @@ def generate(
     torch.Generator seeded with `seed` (same seed, same tokens). `vocab_size`: logits of ids at or
     above it (the padded rows of the output layer) are never chosen.
     Prefill: "exact" | "jacobi" (`jacobi_iters`, default the model's jacobi_iters_eval) |
-    "jacobi-tol" (`tol`, at most `max_jacobi_iters`); see LatentKVDecoder.prefill.
+    "tolerance" (`tol`, at most `max_jacobi_iters`); see LatentKVDecoder.prefill.
     """
     params = SamplingParams(greedy, temperature, top_k, top_p, seed, vocab_size)
     _check_model(model)
@@ -168,13 +168,13 @@ def _check_prefill(prefill, jacobi_iters, tol, max_jacobi_iters):
         raise ValueError(f"--prefill {prefill!r}: choose one of {', '.join(PREFILL_METHODS)}")
     if jacobi_iters is not None and (prefill != "jacobi" or jacobi_iters < 0):
         raise ValueError(f"--jacobi-iters-eval {jacobi_iters}: needs --prefill jacobi and a value >= 0")
-    if prefill == "jacobi-tol":
+    if prefill == "tolerance":
         if tol is None or not tol > 0:
-            raise ValueError(f"--prefill jacobi-tol needs a tolerance > 0, got {tol}")
+            raise ValueError(f"--prefill tolerance needs a tolerance > 0, got {tol}")
     elif tol is not None:
-        raise ValueError("a Jacobi tolerance was given without --prefill jacobi-tol")
-    if max_jacobi_iters is not None and (prefill != "jacobi-tol" or max_jacobi_iters < 1):
-        raise ValueError(f"max_jacobi_iters {max_jacobi_iters}: needs --prefill jacobi-tol and a value >= 1")
+        raise ValueError("a Jacobi tolerance was given without --prefill tolerance")
+    if max_jacobi_iters is not None and (prefill != "tolerance" or max_jacobi_iters < 1):
+        raise ValueError(f"max_jacobi_iters {max_jacobi_iters}: needs --prefill tolerance and a value >= 1")
 
 
 def _prepare(model, prompt_ids: Prompts, extra_positions: int) -> _Batch:

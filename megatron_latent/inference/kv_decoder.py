@@ -26,7 +26,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_latent.models import slots
 
-PREFILL_METHODS = ("exact", "jacobi", "jacobi-tol")
+PREFILL_METHODS = ("exact", "jacobi", "tolerance")
 
 
 class LatentKVDecoder:
@@ -108,9 +108,10 @@ class LatentKVDecoder:
         jacobi      growth + `jacobi_iters` Jacobi passes of the training forward (default: the
                     model's jacobi_iters_eval), then one pass over the interleaved prompt fills
                     the cache (that pass is the forward's final pass);
-        jacobi-tol  Jacobi passes until no thought moves by `tol` or more (max abs change over the
-                    real, unpadded positions), at most `max_jacobi_iters` (default P * N, enough
-                    for the causal Jacobi map to reach its fixed point).
+        tolerance   Jacobi passes until no thought moves by more than `tol` (max abs change over
+                    the real, unpadded positions), at most `max_jacobi_iters` (default P * N,
+                    enough for the causal Jacobi map to reach its fixed point). The same rule
+                    and names as the exported model's `latent_prefill="tolerance"`.
         With N = 0 there are no thoughts: every method is one pass over the prompt.
         """
         if method not in PREFILL_METHODS:
@@ -148,7 +149,7 @@ class LatentKVDecoder:
             iters += 1
             change = max(((a - b).abs() * real).max().item() for a, b in zip(new[1:], stages[1:]))
             stages = new
-            if change < tol:
+            if change <= tol:
                 break
         return stages, iters
 
