@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 
 from megatron_latent.config import ModelConfig
-from megatron_latent.hf.convert import load_config
 from megatron_latent.hf.layout import StateDict, merge_tp_pp
 from megatron_latent.hf.mapping import megatron_to_hf
 
@@ -48,30 +47,11 @@ def is_latent(cfg: ModelConfig) -> bool:
 
 def read_checkpoint(load_dir: str, iteration: Optional[int] = None):
     """(ModelConfig, full megatron state dict, iteration) of a checkpoint directory."""
-    import torch.distributed as dist
-
-    import megatron_latent  # noqa: F401  (CPU backend when CUDA is absent)
     from megatron_latent.models.gpt import build_gpt_model
-    from megatron_latent.parallel.initialize import initialize_model_parallel
-    from megatron_latent.training.checkpointing import iteration_dir, load_checkpoint, read_latest_iteration
+    from megatron_latent.training.checkpointing import load_single_process
 
-    if not os.path.isdir(load_dir):
-        raise ExportError(f"--load {load_dir}: no such directory")
-    cfg = load_config(load_dir)
-    if iteration is None:
-        iteration = read_latest_iteration(load_dir)
-        if iteration is None:
-            raise ExportError(f"--load {load_dir}: no latest_checkpointed_iteration.txt; pass --iteration")
-    if not os.path.isdir(iteration_dir(load_dir, iteration)):
-        raise ExportError(f"--iteration {iteration}: {iteration_dir(load_dir, iteration)} does not exist")
-    if not dist.is_initialized():
-        rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    if dist.get_world_size() != 1:
-        raise RuntimeError("the export runs as a single process (the checkpoint reshards on load)")
-    initialize_model_parallel(1, 1)
-    model = build_gpt_model(cfg)  # weights only: the latent forward is not needed here
-    load_checkpoint(load_dir, [model], iteration=iteration)
+    # Weights only: the latent forward is not needed here.
+    model, cfg, iteration = load_single_process(load_dir, iteration, build_gpt_model)
     sd = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     del model
     return cfg, merge_tp_pp([[sd]], cfg), iteration
