@@ -8,17 +8,20 @@ alike. Every configuration error is one line naming the flag, printed by rank 0,
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 
 import torch
 
 
-def _error(msg: str) -> int:
+def _error(msg: str, code: int = 2, printer: bool = None) -> int:
+    """Print `msg` once (on rank 0 unless `printer` says whether this rank prints) and return the
+    exit status."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if printer if printer is not None else (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"error: {msg}", file=sys.stderr)
-    return 2
+    return code
 
 
 def build_model(cfg, args):
@@ -68,6 +71,9 @@ def build_optimizer_and_scheduler(model, args):
         lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
+        # Neither flag: a resumed run must have the checkpoint's schedule (loop.resume checks it).
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
     return opt, sched
 
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
     from megatron_latent.config import ModelConfigError
     from megatron_latent.data.gpt_data import DataConfigError
     from megatron_latent.data.tokenizer import TokenizerError
-    from megatron_latent.hf.convert import save_config
+    from megatron_latent.hf.convert import MODEL_CONFIG_FILE
     from megatron_latent.models.flops import latent_step_flops
     from megatron_latent.models.latent import LatentConfigError
     from megatron_latent.parallel.initialize import ParallelConfigError, initialize_model_parallel
@@ -147,14 +153,17 @@ def main(argv=None) -> int:
     state = loop.TrainState()
     if args.load:
         try:
-            state = loop.resume(args.load, cfg, model, opt, sched, finetune=args.finetune,
-                                load_optim=not args.no_load_optim, log=log if rank0 else (lambda m: None))
+            state = loop.resume(
+                args.load, cfg, model, opt, sched, finetune=args.finetune, load_optim=not args.no_load_optim,
+                optimizer_layout={k: getattr(args, k) for k in (
+                    "tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer")},
+                log=log if rank0 else (lambda m: None))
         except (loop.ResumeError, ModelConfigError) as e:
             return _error(str(e))
 
-    eval_iters = args.eval_iters if args.eval_interval <= args.train_iters else 0
+    eval_iters = args.eval_iters
     try:
-        train_ds, valid_ds = batching.build_datasets(
+        train_ds, valid_ds, test_ds = batching.build_datasets(
             args, tokenizer if tokenizer is not None else batching.MockTokenizer(cfg.vocab_size), seq_length,
             args.train_iters * args.global_batch_size, eval_iters * args.global_batch_size or None,
         )
@@ -163,12 +172,19 @@ def main(argv=None) -> int:
     dp_rank = ps.get_data_parallel_rank()
     train_iter = batching.micro_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
                                         dp_rank, dp, args.num_workers)
-    valid_batches = None
-    if eval_iters and valid_ds is not None:
-        # The same validation samples at every evaluation, so the curve compares like with like.
-        valid_batches = batching.take(
-            batching.micro_batches(valid_ds, 0, args.micro_batch_size, dp_rank, dp), eval_iters * num_micro,
-            "validation")
+
+    def eval_batches(ds, what):
+        # The same samples at every evaluation, so the curve compares like with like; kept on the
+        # host between evaluations.
+        if not eval_iters or ds is None:
+            return None
+        return batching.take(batching.micro_batches(ds, 0, args.micro_batch_size, dp_rank, dp, on_device=False),
+                             eval_iters * num_micro, what)
+
+    valid_batches, test_batches = eval_batches(valid_ds, "validation"), eval_batches(test_ds, "test")
+    if eval_iters and valid_batches is None:
+        log("no validation data (the --split gives it no weight, or --valid-data-path is not given): "
+            "no validation loss is reported")
 
     n = cfg.num_latent_thoughts
 
@@ -178,16 +194,15 @@ def main(argv=None) -> int:
                                  cfg.query_groups, cfg.gated)
 
     def save(st):
-        if rank0:
-            save_config(cfg, args.save)
         checkpointing.save_checkpoint(
             args.save, st.iteration, model, opt, sched,
             extra={"consumed_train_samples": st.consumed_train_samples, "model_config": cfg.to_dict(),
                    "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}},
+            root_files={MODEL_CONFIG_FILE: json.dumps(cfg.to_dict(), indent=2)},
         )
         log(f"saved checkpoint of iteration {st.iteration} to {args.save}")
 
-    metrics = MetricsWriter(args.tensorboard_dir, reporter)
+    metrics = MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration)
     try:
         loop.train(
             loop.LoopConfig(
@@ -198,11 +213,15 @@ def main(argv=None) -> int:
                 exit_interval=args.exit_interval,
                 flops_per_sample=flops_per_sample,
             ),
-            state, model, opt, sched, train_iter, valid_batches,
+            state, model, opt, sched, train_iter, valid_batches, test_batches,
             jacobi_for_step=(lambda step: latent.jacobi_iters_for_step(step)) if n else (lambda step: None),
             jacobi_eval=latent.jacobi_iters_eval if n else None,
             save_fn=save, metrics=metrics, log=log, reporter=reporter,
         )
+    except loop.TrainingDiverged as e:
+        return _error(str(e), code=1, printer=reporter)  # the loss is known on the last stage
+    except checkpointing.CheckpointWriteError as e:
+        return _error(str(e), code=1)
     finally:
         metrics.close()
     return 0

@@ -39,3 +39,21 @@ def test_bad_line_names_file_and_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {a}:2: not JSON (Expecting value)"
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_resumed_run_rewrites_the_steps_it_redoes(tmp_path):
+    """Steps 4-5 of an interrupted run (its last checkpoint was 3) are dropped when the resumed
+    run opens the log, so metrics.jsonl holds one history."""
+    from megatron_latent.training.metrics import MetricsWriter, read_metrics
+
+    first = MetricsWriter(str(tmp_path), enabled=True)
+    for step in range(1, 6):
+        first.write(step, {"train/loss": 10.0 - step})
+    first.close()
+    resumed = MetricsWriter(str(tmp_path), enabled=True, start_iteration=3)
+    for step in range(4, 7):
+        resumed.write(step, {"train/loss": 20.0 - step})
+    resumed.close()
+    steps, values = read_metrics(str(tmp_path / "metrics.jsonl"), "train/loss")
+    assert list(steps) == [1, 2, 3, 4, 5, 6]
+    assert list(values) == [9.0, 8.0, 7.0, 16.0, 15.0, 14.0]

@@ -12,7 +12,7 @@ import pytest
 from multirank import run_on_ranks
 
 TINY = ["--model-preset", "tiny-llama", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-workers", "0", "--lr-warmup-fraction", "0"]
+        "--num-workers", "0", "--lr-warmup-fraction", "0", "--eval-iters", "0"]
 LATENT = ["--num-latent-thoughts", "1", "--scale-embeddings"]
 
 
@@ -46,12 +46,15 @@ def test_latent_training_at_tp2_lowers_the_loss():
     assert losses[8] < losses[1] - 0.3
 
 
-def test_resume_continues_exactly(tmp_path):
-    """Stopping at 3 and resuming gives the uninterrupted run's steps 4-6: weights, optimizer,
-    scheduler, data position and the per-step Jacobi draw all come back (DP=2)."""
+@pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]], ids=["adam", "distributed"])
+def test_resume_continues_exactly(tmp_path, optimizer):
+    """Stopping at 3 and resuming gives the uninterrupted run's steps 4-6: weights, optimizer
+    (sharded over DP with the distributed optimizer), scheduler, data position and the per-step
+    Jacobi draw all come back (DP=2)."""
     save = str(tmp_path / "ckpt")
-    common = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--train-iters", "6", "--micro-batch-size", "2",
-                              "--global-batch-size", "8", "--lr", "1e-2", "--jacobi-iters", "1", "3"]
+    common = TINY + LATENT + optimizer + [
+        "--mock-data", "--seq-length", "16", "--train-iters", "6", "--micro-batch-size", "2",
+        "--global-batch-size", "8", "--lr", "1e-2", "--jacobi-iters", "1", "3"]
     runs = run_on_ranks(_runs, 2, [
         common,
         common + ["--save", save, "--exit-interval", "3"],
@@ -69,6 +72,10 @@ def test_resume_continues_exactly(tmp_path):
     assert len(set(js)) > 1  # J really varies per step
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "6"
     assert json.load(open(os.path.join(save, "model_config.json")))["num_latent_thoughts"] == 1
+    if optimizer:  # its state is read back only with the distributed optimizer and the same TP/PP
+        (code, _, err), = run_on_ranks(_runs, 2, [[a for a in common if a != "--use-distributed-optimizer"]
+                                                  + ["--load", save, "--train-iters", "7"]])[0]
+        assert code == 2 and "was saved with --use-distributed-optimizer" in err and "--no-load-optim" in err
 
 
 def _corpus(tmp_path):
@@ -91,18 +98,20 @@ def test_real_data_with_document_resets(tmp_path):
     tok, data = _corpus(tmp_path)
     tb = str(tmp_path / "tb")
     argv = TINY + LATENT + [
-        "--data-path", data, "--split", "90,10,0", "--tokenizer-type", "HuggingFaceTokenizer",
+        "--data-path", data, "--split", "80,10,10", "--tokenizer-type", "HuggingFaceTokenizer",
         "--tokenizer-model", tok, "--seq-length", "32", "--train-iters", "4", "--micro-batch-size", "2",
-        "--global-batch-size", "4", "--eval-interval", "2", "--eval-iters", "1", "--reset-position-ids",
+        "--global-batch-size", "4", "--eval-interval", "3", "--eval-iters", "1", "--reset-position-ids",
         "--reset-attention-mask", "--eod-mask-loss", "--tensorboard-dir", tb,
     ]
     (code, out, err), = run_on_ranks(_main, 1, argv)
     assert code == 0, err
     assert sorted(_losses(out)) == [1, 2, 3, 4]
-    assert out.count("validation at iteration") == 2
+    # Every --eval-interval and at the end (as Megatron), then the test split once.
+    assert out.count("validation at iteration") == 2 and out.count("test at iteration 4") == 1
     records = [json.loads(l) for l in open(os.path.join(tb, "metrics.jsonl"))]
     assert [r["iteration"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
-    assert [r["iteration"] for r in records if "valid/loss" in r] == [2, 4]
+    assert [r["iteration"] for r in records if "valid/loss" in r] == [3, 4]
+    assert [r["iteration"] for r in records if "test/loss" in r] == [4]
 
 
 def test_continued_pretraining_from_a_converted_hf_checkpoint(tmp_path):
@@ -144,6 +153,10 @@ def test_bad_model_flags_are_one_clear_error(argv, needle, capsys):
     (["--data-path", "x"], "need --tokenizer-type"),
     (["--mock-data", "--recompute-activations", "--recompute-granularity", "full"],
      "--recompute-activations is --recompute-granularity selective"),
+    (["--mock-data", "--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"],
+     "give one of --lr-warmup-fraction and --lr-warmup-iters"),
+    (["--mock-data", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"],
+     "give one of --override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler"),
 ])
 def test_bad_flags_stop_the_parser(argv, needle, capsys):
     from megatron_latent.training.arguments import parse_args
@@ -153,18 +166,63 @@ def test_bad_flags_stop_the_parser(argv, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
-def test_resuming_a_different_model_names_the_fields(tmp_path):
+def test_resuming_with_other_settings_names_the_flags(tmp_path):
+    """A resumed run refuses other weights, other latent settings (without --finetune) and another
+    lr schedule (without Megatron's override flags), each with one line naming the flags."""
     save = str(tmp_path / "ckpt")
-    base = TINY + ["--mock-data", "--seq-length", "16", "--train-iters", "1", "--micro-batch-size", "2",
-                   "--global-batch-size", "2"]
-    (first, second), = run_on_ranks(_runs, 1, [base + ["--save", save], base + ["--load", save, "--hidden-size", "64"]])
-    assert first[0] == 0 and second[0] == 2
-    assert "hidden_size: 32 vs 64" in second[2]
+    base = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--train-iters", "2", "--micro-batch-size", "2",
+                            "--global-batch-size", "2", "--save", save, "--exit-interval", "1"]
+    runs, = run_on_ranks(_runs, 1, [
+        base,
+        base + ["--load", save, "--hidden-size", "64"],
+        base + ["--load", save, "--num-latent-thoughts", "2"],
+        base + ["--load", save, "--lr", "1e-3"],
+        base + ["--load", save, "--lr", "1e-3", "--override-opt_param-scheduler"],
+    ])
+    codes = [r[0] for r in runs]
+    assert codes == [0, 2, 2, 2, 0], [r[2][-500:] for r in runs]
+    errors = [r[2].strip().splitlines() for r in runs[1:4]]
+    assert all(len(e) == 1 and e[0].startswith("error: ") for e in errors), errors
+    assert "hidden_size: 32 vs 64" in errors[0][0]
+    assert "--num-latent-thoughts 1 -> 2" in errors[1][0] and "pass --finetune" in errors[1][0]
+    assert "--lr (max_lr 0.003 vs 0.001)" in errors[2][0] and "--override-opt_param-scheduler" in errors[2][0]
+    assert "resumed from" in runs[4][1] and sorted(_losses(runs[4][1])) == [2]
+
+
+def test_divergence_stops_without_saving(tmp_path):
+    """A non-finite gradient norm stops the run with one line and exit status 1; the last
+    checkpoint stays the newest."""
+    save = str(tmp_path / "ckpt")
+    argv = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--train-iters", "6", "--micro-batch-size", "2",
+                            "--global-batch-size", "2", "--lr", "1e30", "--save", save,
+                            "--save-interval", "1"]
+    (code, out, err), = run_on_ranks(_main, 1, argv)
+    assert code == 1, err[-2000:]
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and "stopping without saving" in lines[0] and "Lower --lr" in lines[0], err[-2000:]
+    bad = int(lines[0].split("iteration ")[1].split(":")[0])
+    assert bad >= 2 and sorted(_losses(out)) == list(range(1, bad))
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == str(bad - 1)
+
+
+def test_a_failed_checkpoint_write_stops_every_rank(tmp_path):
+    """Rank 0 cannot create --save (a file is in the way): every rank stops with the error instead
+    of waiting for rank 0 in a barrier."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    argv = TINY + ["--mock-data", "--seq-length", "16", "--train-iters", "1", "--micro-batch-size", "2",
+                   "--global-batch-size", "4", "--save", str(blocker / "ckpt")]
+    results = run_on_ranks(_main, 2, argv, timeout=300)
+    assert [r[0] for r in results] == [1, 1]
+    err = [l for l in results[0][2].splitlines() if l.startswith("error: ")]
+    assert len(err) == 1 and err[0].startswith("error: --save") and "Not a directory" in err[0], results[0][2][-2000:]
+    assert not [l for l in results[1][2].splitlines() if l.startswith("error: ")]  # said once
 
 
 def test_bf16_tracks_fp32():
-    """--bf16 (megatron's Float16Module, fp32 main weights and gradient reduction) follows the fp32
-    run within bf16 rounding; on CPU this checks the wiring, the GPU smoke checks the speed."""
+    """--bf16 (bf16 weights and activations, fp32 main weights in the optimizer, fp32 gradient
+    reduction and loss) follows the fp32 run within bf16 rounding; on CPU this checks the wiring,
+    the GPU smoke checks the speed."""
     base = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--train-iters", "3", "--micro-batch-size", "2",
                             "--global-batch-size", "4"]
     (fp32, bf16), = run_on_ranks(_runs, 1, [base, base + ["--bf16"]])

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
     g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
-    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of --train-iters (instead of --lr-warmup-iters)")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000, help="validation loss every this many steps")
-    g.add_argument("--eval-iters", type=int, default=10, help="global batches per validation")
+    g.add_argument("--eval-iters", type=int, default=10,
+                   help="global batches per validation (and of the test loss at the end); 0: no evaluation")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None,
                    help="metrics.jsonl (always) and TensorBoard events (when tensorboard is installed) here")
@@ -76,9 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, help="resume from the latest checkpoint here (none there: start fresh)")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only: iteration, data position, optimizer and scheduler start fresh")
-    g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer and scheduler state")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="resume iteration, data position and weights, but start the optimizer state (Adam "
+                        "moments) fresh; the lr schedule continues at the resumed iteration")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="on resume, follow the flags' lr schedule (--lr, --min-lr, warmup, --train-iters, ...) "
+                        "rather than the checkpoint's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's lr schedule whatever the flags say (neither flag: "
+                        "a different schedule is an error)")
     g.add_argument("--exit-interval", type=int, default=None,
-                   help="stop (saving a checkpoint when --save is given) after this iteration")
+                   help="stop (saving a checkpoint when --save is given) at the first iteration that is a "
+                        "multiple of this")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model (architecture and sizes) from --load's model_config.json")
     g.add_argument("--exit-signal-handler", action="store_true",
@@ -125,6 +136,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.lr_warmup_fraction is not None and not 0.0 <= args.lr_warmup_fraction <= 1.0:
         parser.error(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+    if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
+        parser.error("give one of --lr-warmup-fraction and --lr-warmup-iters")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        parser.error("give one of --override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler")
+    if args.eval_iters < 0:
+        parser.error(f"--eval-iters must be >= 0, got {args.eval_iters}")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        parser.error(f"--exit-interval must be >= 1, got {args.exit_interval}")
     if args.recompute_activations:
         if args.recompute_granularity not in (None, "selective"):
             parser.error("--recompute-activations is --recompute-granularity selective; do not combine it with "
@@ -170,9 +189,9 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
         scale_embeddings=args.scale_embeddings,
     )
     if args.use_checkpoint_args:
-        from megatron_latent.hf.convert import load_config
+        from megatron_latent.training.checkpointing import checkpoint_model_config, resolve_iteration
 
-        cfg = load_config(args.load).replace(**overrides)
+        cfg = checkpoint_model_config(args.load, resolve_iteration(args.load)).replace(**overrides)
     else:
         cfg = get_preset(args.model_preset, **overrides)
     cfg.check_seq_length(args.seq_length if args.seq_length is not None else cfg.seq_length)

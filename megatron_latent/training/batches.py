@@ -8,7 +8,7 @@ micro-batches in the same order (the latent first stage needs the tokens, the la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -37,8 +37,9 @@ def build_tokenizer_from_args(args):
     return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
 
 
-def build_datasets(args, tokenizer, seq_length: int, train_samples: int, valid_samples: int):
-    """(train, valid) megatron GPT datasets; valid is None when the split has no weight."""
+def build_datasets(args, tokenizer, seq_length: int, train_samples: int, eval_samples: Optional[int]):
+    """(train, valid, test) megatron GPT datasets; valid and test hold `eval_samples` each (as
+    Megatron: --eval-iters global batches) and are None when their split has no weight."""
     from megatron_latent.data.gpt_data import DataArgs, build_train_valid_test_datasets
 
     data_args = DataArgs(
@@ -62,29 +63,32 @@ def build_datasets(args, tokenizer, seq_length: int, train_samples: int, valid_s
         import logging
 
         logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
-    if args.train_data_path and not args.valid_data_path:
-        valid_samples = None
-    train, valid, _ = build_train_valid_test_datasets(
-        data_args, tokenizer, [train_samples, valid_samples, None if args.mock_data else 0]
-    )
-    return train, valid
+    per_split = [train_samples, eval_samples, eval_samples]
+    if args.train_data_path:  # separate paths per split: a missing one is simply not built
+        per_split[1] = eval_samples if args.valid_data_path else None
+        per_split[2] = eval_samples if args.test_data_path else None
+    return build_train_valid_test_datasets(data_args, tokenizer, per_split)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+def to_device(batch: dict) -> dict:
+    """A micro-batch on the training device."""
+    from megatron_latent import platform
+
+    device = platform.device()
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  num_workers: int = 0) -> Iterator[dict]:
+                  num_workers: int = 0, on_device: bool = True) -> Iterator[dict]:
     """Endless-as-the-dataset iterator of this rank's micro-batches from `consumed_samples` on,
-    on the training device. A resumed run passes its checkpoint's consumed_samples."""
+    on the training device unless `on_device` is False. A resumed run passes its checkpoint's
+    consumed_samples."""
     from megatron_latent.data.gpt_data import build_pretraining_data_loader
 
     loader = build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
                                            num_workers=num_workers)
-    device = _device()
     for batch in loader:
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        yield to_device(batch) if on_device else batch
 
 
 def take(iterator: Iterator[dict], n: int, what: str = "training") -> list:

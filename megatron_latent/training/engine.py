@@ -18,8 +18,7 @@ import torch.distributed as dist
 @dataclass
 class StepResult:
     loss: Optional[float]  # mean over micro-batches and data-parallel ranks; None off the last stage
-    grad_norm: Optional[float]
-    skipped: bool
+    grad_norm: Optional[float]  # over all ranks (the same on every rank); None without --clip-grad
 
 
 def wrap_ddp(model_chunks: List[torch.nn.Module], ddp_config=None):
@@ -85,8 +84,10 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    ok, grad_norm, _ = optimizer.step()
-    return StepResult(loss=average_loss(losses), grad_norm=grad_norm, skipped=not ok)
+    # Without fp16 loss scaling (not supported here) megatron's optimizer never skips a step:
+    # non-finite gradients are caught before it (DDP's check_for_nan_in_grad, the caller's check).
+    _, grad_norm, _ = optimizer.step()
+    return StepResult(loss=average_loss(losses), grad_norm=grad_norm)
 
 
 def average_loss(losses: Iterable[dict], key: str = "loss") -> Optional[float]:
@@ -96,7 +97,10 @@ def average_loss(losses: Iterable[dict], key: str = "loss") -> Optional[float]:
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     values = [float(d[key]) for d in losses]
-    local = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    from megatron_latent import platform
+
+    # On the current device: NCCL reduces only CUDA tensors.
+    local = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=platform.device())
     if ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(local, group=ps.get_data_parallel_group())
     return float(local[0] / local[1])

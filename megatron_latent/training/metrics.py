@@ -22,13 +22,20 @@ def peak_flops() -> Optional[float]:
 
 
 class MetricsWriter:
-    def __init__(self, log_dir: Optional[str], enabled: bool):
+    """Appends to `<log_dir>/metrics.jsonl`. A run resumed at iteration K first drops the records
+    after K (steps the interrupted run made past its last checkpoint, which this run redoes), so
+    the file holds one history. TensorBoard discards such orphaned steps itself."""
+
+    def __init__(self, log_dir: Optional[str], enabled: bool, start_iteration: int = 0):
         self.jsonl = None
         self.tb = None
         if not (enabled and log_dir):
             return
         os.makedirs(log_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(log_dir, "metrics.jsonl")
+        if os.path.isfile(path):
+            _truncate_after(path, start_iteration)
+        self.jsonl = open(path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -49,6 +56,23 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _truncate_after(path: str, iteration: int) -> None:
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["iteration"] > iteration:
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass  # not ours to judge: kept as it was
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def read_metrics(path: str, key: str):
