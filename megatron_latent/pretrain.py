@@ -156,7 +156,8 @@ def main(argv=None) -> int:
             state = loop.resume(
                 args.load, cfg, model, opt, sched, finetune=args.finetune, load_optim=not args.no_load_optim,
                 optimizer_layout={k: getattr(args, k) for k in (
-                    "tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer")},
+                    "tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer",
+                    "bf16", "num_virtual_stages_per_pipeline_rank")},
                 log=log if rank0 else (lambda m: None))
         except (loop.ResumeError, ModelConfigError) as e:
             return _error(str(e))
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
                 train_iters=args.train_iters, global_batch_size=args.global_batch_size,
                 micro_batch_size=args.micro_batch_size, num_microbatches=num_micro, seq_length=seq_length,
                 log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=eval_iters,
-                save=args.save, save_interval=args.save_interval, exit_signal_handler=args.exit_signal_handler,
+                save=args.save, load=args.load, save_interval=args.save_interval, exit_signal_handler=args.exit_signal_handler,
                 exit_interval=args.exit_interval,
                 flops_per_sample=flops_per_sample,
             ),
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
             save_fn=save, metrics=metrics, log=log, reporter=reporter,
         )
     except loop.TrainingDiverged as e:
-        return _error(str(e), code=1, printer=reporter)  # the loss is known on the last stage
+        return _error(str(e), code=1, printer=reporter)  # every rank stops; the last stage knows the loss
     except checkpointing.CheckpointWriteError as e:
         return _error(str(e), code=1)
     finally:

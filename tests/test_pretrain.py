@@ -234,6 +234,34 @@ def test_bf16_tracks_fp32():
     assert a != b  # bf16 really ran in bf16
 
 
+def _max_rel_weight_diff(a_dir, b_dir):
+    from megatron_latent.hf.export import read_checkpoint
+
+    _, a, _ = read_checkpoint(a_dir)
+    _, b, _ = read_checkpoint(b_dir)
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp(min=1e-12))
+               for k in a)
+
+
+def test_bf16_finetune_trains_the_loaded_weights(tmp_path):
+    """--bf16 --finetune: the optimizer's fp32 main weights are the loaded ones, not the random
+    init (at lr 0 the saved step-1 weights are the converted ones, to bf16 rounding)."""
+    from hf_tiny import hf_model
+    from megatron_latent.hf.convert import convert_hf_to_checkpoint
+
+    hf_dir, conv, out = str(tmp_path / "hf"), str(tmp_path / "conv"), str(tmp_path / "out")
+    hf_model("llama").save_pretrained(hf_dir)
+    run_on_ranks(convert_hf_to_checkpoint, 1, hf_dir, conv)
+    argv = ["--mock-data", "--load", conv, "--use-checkpoint-args", "--finetune", "--bf16", "--num-workers", "0",
+            "--seq-length", "16", "--train-iters", "1", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--lr", "0", "--min-lr", "0", "--eval-iters", "0", "--save", out]
+    (code, _, err), = run_on_ranks(_main, 1, argv)
+    assert code == 0, err[-2000:]
+    (diff,) = run_on_ranks(_max_rel_weight_diff, 1, out, conv)
+    assert diff < 1e-2, diff
+
+
 def test_pipeline_parallel_latent_run_equals_one_rank(tmp_path):
     """The driver at PP=2 (passes as virtual pipeline chunks) trains the same as on one rank, from
     the same weights (megatron draws a stage's initial weights from that rank's RNG, so the same

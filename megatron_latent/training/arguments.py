@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (saving a checkpoint when --save is given) at the first iteration that is a "
                         "multiple of this")
     g.add_argument("--use-checkpoint-args", action="store_true",
-                   help="take the model (architecture and sizes) from --load's model_config.json")
+                   help="take the model (architecture and sizes) from the latest checkpoint in --load")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, save a checkpoint at the end of the current step and exit")
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 @dataclass
 class StepResult:
     loss: Optional[float]  # mean over micro-batches and data-parallel ranks; None off the last stage
-    grad_norm: Optional[float]  # over all ranks (the same on every rank); None without --clip-grad
+    grad_norm: Optional[float]  # over all ranks (the same on every rank)
 
 
 def wrap_ddp(model_chunks: List[torch.nn.Module], ddp_config=None):
@@ -84,8 +84,9 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    # Without fp16 loss scaling (not supported here) megatron's optimizer never skips a step:
-    # non-finite gradients are caught before it (DDP's check_for_nan_in_grad, the caller's check).
+    # Without fp16 loss scaling (not supported here) megatron's optimizer never skips a step, even
+    # on non-finite gradients: the caller checks the returned norm and loss (training.loop stops
+    # without saving).
     _, grad_norm, _ = optimizer.step()
     return StepResult(loss=average_loss(losses), grad_norm=grad_norm)
 

@@ -108,6 +108,10 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
         load_dir, model_chunks, optimizer if with_optim else None, scheduler if with_optim else None,
         iteration=iteration,
     )
+    if not with_optim:
+        # The optimizer's fp32 main weights were copied from the initial weights when it was built;
+        # with bf16 they, not the loaded model weights, would be stepped and copied back.
+        optimizer.reload_model_params()
     if finetune:
         log(f"loaded weights of iteration {iteration} from {load_dir} (--finetune: training starts at 0)")
         return TrainState()
@@ -126,9 +130,14 @@ def _check_optimizer_layout(load_dir: str, saved: dict, now: dict) -> None:
     flags = lambda d: " ".join(
         ["--use-distributed-optimizer"] * bool(d.get("use_distributed_optimizer"))
         + [f"--tensor-model-parallel-size {d.get('tensor_model_parallel_size')}",
-           f"--pipeline-model-parallel-size {d.get('pipeline_model_parallel_size')}"])
+           f"--pipeline-model-parallel-size {d.get('pipeline_model_parallel_size')}"]
+        + ["--bf16"] * bool(d.get("bf16"))
+        + [f"--num-virtual-stages-per-pipeline-rank {d['num_virtual_stages_per_pipeline_rank']}"]
+        * bool(d.get("num_virtual_stages_per_pipeline_rank")))
     distributed = bool(saved.get("use_distributed_optimizer")), bool(now["use_distributed_optimizer"])
-    layout = lambda d: (d.get("tensor_model_parallel_size"), d.get("pipeline_model_parallel_size"))
+    # Its buckets are keyed by TP/PP rank, gradient-buffer dtype and model chunk.
+    layout = lambda d: (d.get("tensor_model_parallel_size"), d.get("pipeline_model_parallel_size"),
+                        bool(d.get("bf16")), d.get("num_virtual_stages_per_pipeline_rank") or 1)
     if distributed[0] != distributed[1] or (distributed[0] and layout(saved) != layout(now)):
         raise ResumeError(
             f"--load {load_dir}: its optimizer state was saved with {flags(saved)} and cannot be read with "
@@ -148,6 +157,7 @@ class LoopConfig:
     eval_interval: int = 1000
     eval_iters: int = 0
     save: Optional[str] = None
+    load: Optional[str] = None  # where the resumed checkpoint came from (named in error messages)
     save_interval: Optional[int] = None
     exit_signal_handler: bool = False
     exit_interval: Optional[int] = None
@@ -166,12 +176,18 @@ class _SignalFlag:
         self.received = True
 
     def any_rank(self) -> bool:
-        from megatron_latent import platform
+        return _any_rank(self.received)
 
-        flag = torch.tensor([int(self.received)], dtype=torch.int32, device=platform.device())
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any (on the current device: NCCL needs CUDA)."""
+    from megatron_latent import platform
+
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=platform.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def train(loop: LoopConfig, state: TrainState, model_chunks, optimizer, scheduler,
@@ -188,7 +204,9 @@ def train(loop: LoopConfig, state: TrainState, model_chunks, optimizer, schedule
     world = dist.get_world_size() if dist.is_initialized() else 1
     peak = peak_flops()
     signals = _SignalFlag(loop.exit_signal_handler)
+    first_step = state.iteration + 1
     last_saved = state.iteration
+    last_checkpoint = (loop.load, state.iteration) if loop.load and state.iteration else None
     window_time, window_flops, window_steps = 0.0, 0.0, 0
 
     from megatron_latent.parallel.pipeline import latent_eval_loss, latent_train_step
@@ -219,14 +237,14 @@ def train(loop: LoopConfig, state: TrainState, model_chunks, optimizer, schedule
         if loop.flops_per_sample is not None:
             window_flops += loop.flops_per_sample(jacobi) * loop.global_batch_size
 
-        if not _finite(result.grad_norm) or (result.loss is not None and not _finite(result.loss)):
-            # The norm is global (every rank agrees and stops); the loss is the last stage's.
-            what = (f"gradient norm {result.grad_norm}" if not _finite(result.grad_norm)
-                    else f"loss {result.loss}")
+        # The loss is known on the last stage only: every rank learns of a bad one and stops.
+        if _any_rank(not (_finite(result.grad_norm) and _finite(result.loss))):
+            what = f"loss {result.loss}, gradient norm {result.grad_norm}"
+            where = (f" (the newest checkpoint is iteration {last_checkpoint[1]} in {last_checkpoint[0]})"
+                     if last_checkpoint else "")
             raise TrainingDiverged(
-                f"iteration {step}: {what}; stopping without saving"
-                + (f" (the last checkpoint, iteration {last_saved}, is in --save {loop.save})" if loop.save else "")
-                + ". Lower --lr or lengthen --lr-warmup-iters, then resume with --load."
+                f"iteration {step}: {what}; stopping without saving{where}. Lower --lr or lengthen the "
+                "warmup, then resume with --load and --override-opt_param-scheduler."
             )
 
         if step % loop.log_interval == 0:
@@ -266,14 +284,16 @@ def train(loop: LoopConfig, state: TrainState, model_chunks, optimizer, schedule
         if loop.save and (stop or (loop.save_interval and step % loop.save_interval == 0)):
             save_fn(state)
             last_saved = step
+            last_checkpoint = (loop.save, step)
         if stop:
             log(f"{'SIGTERM received' if signalled else '--exit-interval reached'}: exiting after iteration {step}")
             return state
 
-    # As Megatron: the validation loss of the final weights, and the test loss once, at the end.
-    if loop.eval_iters and loop.train_iters % loop.eval_interval != 0:
-        run_eval(state.iteration, valid_batches)
-    if loop.eval_iters:
+    # As Megatron: the validation loss of the final weights, and the test loss once, at the end
+    # (not again when a finished run is resumed).
+    if loop.eval_iters and state.iteration >= first_step:
+        if loop.train_iters % loop.eval_interval != 0:
+            run_eval(state.iteration, valid_batches)
         run_eval(state.iteration, test_batches, "test", "test/loss")
     if loop.save and last_saved != state.iteration:
         save_fn(state)

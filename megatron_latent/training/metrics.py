@@ -22,9 +22,9 @@ def peak_flops() -> Optional[float]:
 
 
 class MetricsWriter:
-    """Appends to `<log_dir>/metrics.jsonl`. A run resumed at iteration K first drops the records
-    after K (steps the interrupted run made past its last checkpoint, which this run redoes), so
-    the file holds one history. TensorBoard discards such orphaned steps itself."""
+    """Appends to `<log_dir>/metrics.jsonl`. A run starting at iteration K (0 when fresh) first
+    drops the records after K (steps an interrupted run made past its last checkpoint, which this
+    run redoes), so the file holds one history; TensorBoard events after K are purged likewise."""
 
     def __init__(self, log_dir: Optional[str], enabled: bool, start_iteration: int = 0):
         self.jsonl = None
@@ -39,7 +39,7 @@ class MetricsWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir)
+            self.tb = SummaryWriter(log_dir, purge_step=start_iteration + 1)
         except ImportError:
             print(f"[metrics] tensorboard is not installed: writing {log_dir}/metrics.jsonl only", file=sys.stderr)
 
