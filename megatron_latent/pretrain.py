@@ -203,6 +203,8 @@ def main(argv=None) -> int:
         )
         log(f"saved checkpoint of iteration {st.iteration} to {args.save}")
 
+    if args.save:
+        checkpointing.start_checkpoint_writer()  # before the loop's SIGTERM handler exists
     metrics = MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration)
     try:
         loop.train(

@@ -293,3 +293,44 @@ def test_pipeline_micro_batch_count_is_checked_before_training(capsys):
     assert [r[0] for r in results] == [2, 2]
     err = [l for l in results[0][2].splitlines() if "Warning" not in l and not l.startswith("  ")]
     assert len(err) == 1 and "gives 1 micro-batches per step" in err[0] and "--pipeline-model-parallel-size 2" in err[0]
+
+
+def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
+    """A scheduler's SIGTERM reaches every process of the job (SLURM, torchrun's agent): the data
+    loader worker and megatron's checkpoint-writer helpers must survive it so that
+    --exit-signal-handler can finish the step, save it and exit cleanly."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    save = str(tmp_path / "ckpt")
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    argv = TINY + [
+        "--num-workers", "1", "--mock-data", "--seq-length", "16", "--train-iters", "1000",
+        "--micro-batch-size", "2", "--global-batch-size", "2", "--save", save, "--save-interval", "2",
+        "--exit-signal-handler", "--log-interval", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_latent.pretrain", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = []
+    try:
+        deadline = time.time() + 240
+        for line in proc.stdout:  # wait until a save has started the writer's helper processes
+            out.append(line)
+            if "saved checkpoint of iteration 2 " in line or time.time() > deadline:
+                break
+        os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as a scheduler does
+        rest, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = "".join(out) + rest
+    assert proc.returncode == 0, log[-3000:]
+    stopped = int(log.split("SIGTERM received: exiting after iteration ")[1].split()[0])
+    assert stopped >= 2 and f"saved checkpoint of iteration {stopped} " in log
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == str(stopped)

@@ -214,4 +214,14 @@ def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, d
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                          data_parallel_rank, data_parallel_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=False, persistent_workers=num_workers > 0)
+                                       pin_memory=False, persistent_workers=num_workers > 0,
+                                       worker_init_fn=_ignore_sigterm if num_workers > 0 else None)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Schedulers (SLURM, torchrun's agent) send SIGTERM to every process of a job, loader workers
+    included; a worker that died of it makes the trainer raise at its next batch, before it can
+    save (--exit-signal-handler). Workers leave it to the trainer and exit when it does."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -15,8 +15,11 @@ filesystem writer starts helper processes with the spawn method, which re-import
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import threading
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -133,7 +136,9 @@ def save_checkpoint(
         sd["opt_param_scheduler"] = scheduler.state_dict()
     sd["iteration"] = iteration
     sd["extra"] = extra or {}
-    dist_checkpointing.save(sd, tmp)
+    start_checkpoint_writer()
+    with _sigterm_deferred():
+        dist_checkpointing.save(sd, tmp)
     _barrier()
 
     def publish():
@@ -145,6 +150,41 @@ def save_checkpoint(
 
     _on_rank0(publish, f"--save {root}")
     return final
+
+
+# Schedulers (SLURM, torchrun's agent) send SIGTERM to every process of a job, and megatron's
+# checkpoint writer works through helper processes: a queue server it spawns once and keeps, and
+# writers it forks for each save. Killed, they take the save (and --exit-signal-handler's last
+# save) down with them. The server is started ignoring SIGTERM (a spawned process keeps only an
+# ignored disposition); the forked writers inherit the blocked mask of the save.
+
+
+def start_checkpoint_writer() -> None:
+    """Start megatron's writer queue server now, immune to SIGTERM. Idempotent; save_checkpoint
+    calls it, and a driver calls it before it installs its own SIGTERM handler, since a SIGTERM
+    that arrives during these few hundred milliseconds is dropped."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _sigterm_deferred():
+    """SIGTERM is held back while a checkpoint is written and delivered once it is complete."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _write_atomically(path: str, text: str) -> None:
