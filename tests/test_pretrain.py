@@ -157,6 +157,7 @@ def test_bad_model_flags_are_one_clear_error(argv, needle, capsys):
      "give one of --lr-warmup-fraction and --lr-warmup-iters"),
     (["--mock-data", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"],
      "give one of --override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler"),
+    (["--mock-data", "--num-virtual-stages-per-pipeline-rank", "2"], "needs --pipeline-model-parallel-size > 1"),
 ])
 def test_bad_flags_stop_the_parser(argv, needle, capsys):
     from megatron_latent.training.arguments import parse_args
@@ -164,6 +165,13 @@ def test_bad_flags_stop_the_parser(argv, needle, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert needle in capsys.readouterr().err
+
+
+def test_one_virtual_stage_is_the_plain_pipeline():
+    from megatron_latent.training.arguments import parse_args
+
+    args = parse_args(["--mock-data", "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "1"])
+    assert args.num_virtual_stages_per_pipeline_rank is None
 
 
 def test_resuming_with_other_settings_names_the_flags(tmp_path):

@@ -149,6 +149,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error("--recompute-activations is --recompute-granularity selective; do not combine it with "
                          f"--recompute-granularity {args.recompute_granularity}")
         args.recompute_granularity = "selective"
+    vpp = args.num_virtual_stages_per_pipeline_rank
+    if vpp is not None:
+        if vpp < 1:
+            parser.error(f"--num-virtual-stages-per-pipeline-rank must be >= 1, got {vpp}")
+        if vpp > 1 and args.pipeline_model_parallel_size == 1:
+            parser.error("--num-virtual-stages-per-pipeline-rank > 1 needs --pipeline-model-parallel-size > 1")
+        if vpp == 1:  # one chunk per rank is the plain pipeline (megatron wants no virtual size then)
+            args.num_virtual_stages_per_pipeline_rank = None
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
     return args
