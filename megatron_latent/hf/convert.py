@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
 from typing import Dict, Tuple
 
 import torch
@@ -89,32 +88,25 @@ def convert_hf_to_checkpoint(
     `overrides` replace ModelConfig fields (num_latent_thoughts, scale_embeddings, ...): latent
     thoughts change the forward, not the weights. Runs in this process as a world of one.
     """
-    import torch.distributed as dist
-
     import megatron_latent  # noqa: F401  (CPU backend when CUDA is absent)
     from megatron_latent.hf.layout import load_full_into_model
     from megatron_latent.models.gpt import build_gpt_model
-    from megatron_latent.parallel.initialize import initialize_model_parallel
+    from megatron_latent.parallel.initialize import initialize_single_process
     from megatron_latent.training.checkpointing import save_checkpoint
 
     state, hf_config = read_hf_folder(hf_dir)
     config_from_hf(hf_config, **overrides).check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
     cfg, full = hf_to_megatron(state, hf_config, **overrides)
     del state
-    if not dist.is_initialized():
-        rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    if dist.get_world_size() != 1:
-        raise RuntimeError("convert_hf_to_checkpoint runs as a single process (the checkpoint reshards on load)")
-    initialize_model_parallel(1, 1)
+    initialize_single_process("convert_hf_to_checkpoint")
     model = build_gpt_model(cfg)
     load_full_into_model(model, full, cfg)
     del full
-    save_config(cfg, save_dir)
     save_checkpoint(
         save_dir, iteration, [model],
         extra={"model_config": cfg.to_dict(), "converted_from": os.path.abspath(hf_dir),
                "intended_layout": {"tensor_model_parallel_size": tensor_model_parallel_size,
                                    "pipeline_model_parallel_size": pipeline_model_parallel_size}},
+        root_files={MODEL_CONFIG_FILE: json.dumps(cfg.to_dict(), indent=2)},
     )
     return cfg

@@ -116,7 +116,7 @@ class LatentMixin:
         Fixed `num_jacobi` passes, or (tolerance given) passes until the largest change of any
         thought is <= tolerance. Returns (hidden, Jacobi passes run). The final pass fills `cache`.
         """
-        n, (b, length, h) = self.num_slots - 1, tokens.shape
+        n, length = self.num_slots - 1, tokens.shape[1]
         keep = mask[..., None].to(tokens.dtype)  # thoughts of padding positions are zeroed
 
         def run(stages, cache=None):

@@ -122,6 +122,20 @@ def initialize_model_parallel(
     return dp
 
 
+def initialize_single_process(what: str) -> None:
+    """Megatron's parallel state for tools that work on whole models in one process (conversion,
+    export, generation): TP = PP = 1, in the existing process group or a gloo world of one that
+    needs no launcher. `what` names the tool when the process group has other ranks."""
+    import tempfile
+
+    if not dist.is_initialized():
+        rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    if dist.get_world_size() != 1:
+        raise RuntimeError(f"{what} runs as a single process (checkpoints reshard on load)")
+    initialize_model_parallel(1, 1)
+
+
 def destroy_model_parallel() -> None:
     from megatron.core import parallel_state
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-import torch
-
 
 @dataclass(frozen=True)
 class MockTokenizer:

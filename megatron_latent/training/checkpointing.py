@@ -284,20 +284,13 @@ def load_single_process(root: str, iteration: Optional[int], build_model):
     """(model, ModelConfig, iteration): `build_model(cfg)` filled from checkpoint `root`, in this
     process as a world of one (TP=PP=1; a process group is started when none exists). Checkpoints
     hold global shapes, so one saved at any TP/PP layout loads here. For export and generation."""
-    import tempfile
-
     import megatron_latent  # noqa: F401  (CPU backend when CUDA is absent)
-    from megatron_latent.parallel.initialize import initialize_model_parallel
+    from megatron_latent.parallel.initialize import initialize_single_process
 
     # Checked before any process group or model exists, so a wrong path fails at once.
     iteration = resolve_iteration(root, iteration)
     cfg = checkpoint_model_config(root, iteration)
-    if not dist.is_initialized():
-        rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    if dist.get_world_size() != 1:
-        raise RuntimeError("loading a checkpoint for export or generation runs as a single process")
-    initialize_model_parallel(1, 1)
+    initialize_single_process("loading a checkpoint for export or generation")
     model = build_model(cfg)
     load_checkpoint(root, [model], iteration=iteration)
     return model, cfg, iteration

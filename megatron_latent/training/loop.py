@@ -9,7 +9,6 @@ model's own multi-pass forward, at PP>1 the passes as weight-shared virtual pipe
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
