@@ -9,6 +9,9 @@
 #
 # Preemption: rerun the same command; it resumes from $CKPT (latest complete checkpoint). SIGTERM
 # saves at the end of the current step. N=0 trains the vanilla baseline with the same recipe.
+# LAUNCHER=srun (examples/slurm_pretrain.sbatch): this script runs as one srun task per GPU and
+# starts the trainer itself, without torchrun, whose agent kills its workers 30 s after it
+# forwards a SIGTERM, which can be before a large model's last checkpoint is written.
 set -euo pipefail
 PRESET="${PRESET:-pythia-1.4b}"
 N="${N:-1}"
@@ -21,9 +24,16 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 LATENT=()
 if [ "$N" -gt 0 ]; then LATENT=(--num-latent-thoughts "$N" --jacobi-iters 2 3 --jacobi-iters-eval 3 --scale-embeddings); fi
 
-exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$GPUS_PER_NODE" \
-    --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-29500}" \
-    -m megatron_latent.pretrain \
+if [ "${LAUNCHER:-torchrun}" = srun ]; then
+    export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS"
+    export MASTER_ADDR="${MASTER_ADDR:?}" MASTER_PORT="${MASTER_PORT:-29500}"
+    LAUNCH=("${PYTHON:-python}" -m megatron_latent.pretrain)
+else
+    LAUNCH=(torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$GPUS_PER_NODE"
+            --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-29500}" -m megatron_latent.pretrain)
+fi
+
+exec "${LAUNCH[@]}" \
     --model-preset "$PRESET" "${LATENT[@]}" \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
     --bf16 --use-distributed-optimizer --recompute-granularity selective \
