@@ -162,11 +162,10 @@ def main(argv=None) -> int:
         except (loop.ResumeError, ModelConfigError) as e:
             return _error(str(e))
 
-    eval_iters = args.eval_iters
     try:
         train_ds, valid_ds, test_ds = batching.build_datasets(
             args, tokenizer if tokenizer is not None else batching.MockTokenizer(cfg.vocab_size), seq_length,
-            args.train_iters * args.global_batch_size, eval_iters * args.global_batch_size or None,
+            args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size or None,
         )
     except DataConfigError as e:
         return _error(str(e))
@@ -177,13 +176,13 @@ def main(argv=None) -> int:
     def eval_batches(ds, what):
         # The same samples at every evaluation, so the curve compares like with like; kept on the
         # host between evaluations.
-        if not eval_iters or ds is None:
+        if not args.eval_iters or ds is None:
             return None
         return batching.take(batching.micro_batches(ds, 0, args.micro_batch_size, dp_rank, dp, on_device=False),
-                             eval_iters * num_micro, what)
+                             args.eval_iters * num_micro, what)
 
     valid_batches, test_batches = eval_batches(valid_ds, "validation"), eval_batches(test_ds, "test")
-    if eval_iters and valid_batches is None:
+    if args.eval_iters and valid_batches is None:
         log("no validation data (the --split gives it no weight, or --valid-data-path is not given): "
             "no validation loss is reported")
 
@@ -211,7 +210,7 @@ def main(argv=None) -> int:
             loop.LoopConfig(
                 train_iters=args.train_iters, global_batch_size=args.global_batch_size,
                 micro_batch_size=args.micro_batch_size, num_microbatches=num_micro, seq_length=seq_length,
-                log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=eval_iters,
+                log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
                 save=args.save, load=args.load, save_interval=args.save_interval, exit_signal_handler=args.exit_signal_handler,
                 exit_interval=args.exit_interval,
                 flops_per_sample=flops_per_sample,

@@ -165,7 +165,8 @@ def start_checkpoint_writer() -> None:
     that arrives during these few hundred milliseconds is dropped."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if threading.current_thread() is not threading.main_thread():
+    # Started already: do not open the window in which a SIGTERM is dropped again at every save.
+    if filesystem_async._results_queue is not None or threading.current_thread() is not threading.main_thread():
         return
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -270,13 +271,16 @@ def read_common(root: str, iteration: int) -> Dict[str, Any]:
     return dist_checkpointing.load_common_state_dict(iteration_dir(root, iteration))
 
 
-def checkpoint_model_config(root: str, iteration: int):
+def checkpoint_model_config(root: str, iteration: int, common: Optional[Dict[str, Any]] = None):
     """The ModelConfig iteration `iteration` was saved with: its own copy in `extra`, else (older
-    checkpoints) the directory's model_config.json, which describes the newest iteration."""
+    checkpoints) the directory's model_config.json, which describes the newest iteration.
+    `common`: the iteration's read_common, when the caller has it already."""
     from megatron_latent.config import ModelConfig
     from megatron_latent.hf.convert import load_config
 
-    saved = read_common(root, iteration).get("extra", {}).get("model_config")
+    if common is None:
+        common = read_common(root, iteration)
+    saved = common.get("extra", {}).get("model_config")
     return ModelConfig.from_dict(saved) if saved is not None else load_config(root)
 
 

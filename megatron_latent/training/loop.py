@@ -68,7 +68,7 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
         log(f"no checkpoint in --load {load_dir}: starting from scratch")
         return TrainState()
     common = checkpointing.read_common(load_dir, iteration)
-    saved = checkpointing.checkpoint_model_config(load_dir, iteration)
+    saved = checkpointing.checkpoint_model_config(load_dir, iteration, common)
     mismatches = cfg.weight_mismatches(saved)
     if mismatches:
         raise ResumeError(
@@ -107,14 +107,13 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
         load_dir, model_chunks, optimizer if with_optim else None, scheduler if with_optim else None,
         iteration=iteration,
     )
-    if not with_optim:
+    if not with_optim:  # --finetune or --no-load-optim
         # The optimizer's fp32 main weights were copied from the initial weights when it was built;
         # with bf16 they, not the loaded model weights, would be stepped and copied back.
         optimizer.reload_model_params()
-    if finetune:
-        log(f"loaded weights of iteration {iteration} from {load_dir} (--finetune: training starts at 0)")
-        return TrainState()
-    if not with_optim:
+        if finetune:
+            log(f"loaded weights of iteration {iteration} from {load_dir} (--finetune: training starts at 0)")
+            return TrainState()
         # Fresh Adam moments, but the lr where the schedule is at this iteration.
         scheduler.step(increment=iteration)
         log(f"--no-load-optim: optimizer state starts fresh; the lr schedule continues at iteration {iteration}")
@@ -164,7 +163,7 @@ class LoopConfig:
 
 
 class _SignalFlag:
-    """SIGTERM sets a flag; the loop checks it (agreed over all ranks) at the end of each step."""
+    """SIGTERM sets a flag; the loop agrees on it over all ranks at the end of each step."""
 
     def __init__(self, enabled: bool):
         self.received = False
@@ -174,19 +173,18 @@ class _SignalFlag:
     def _handler(self, signum, frame):
         self.received = True
 
-    def any_rank(self) -> bool:
-        return _any_rank(self.received)
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is True on any (on the current device: NCCL needs CUDA)."""
+def _any_rank(*flags: bool) -> List[bool]:
+    """Each flag, True on every rank when it is True on any: one all-reduce for all of them (on
+    the current device: NCCL needs CUDA)."""
     from megatron_latent import platform
 
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=platform.device())
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=platform.device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def train(loop: LoopConfig, state: TrainState, model_chunks, optimizer, scheduler,
@@ -236,8 +234,11 @@ def train(loop: LoopConfig, state: TrainState, model_chunks, optimizer, schedule
         if loop.flops_per_sample is not None:
             window_flops += loop.flops_per_sample(jacobi) * loop.global_batch_size
 
-        # The loss is known on the last stage only: every rank learns of a bad one and stops.
-        if _any_rank(not (_finite(result.grad_norm) and _finite(result.loss))):
+        # The loss is known on the last stage only: every rank learns of a bad one and stops. One
+        # all-reduce carries it and the SIGTERM flag.
+        diverged, signalled = _any_rank(not (_finite(result.grad_norm) and _finite(result.loss)),
+                                        loop.exit_signal_handler and signals.received)
+        if diverged:
             what = f"loss {result.loss}, gradient norm {result.grad_norm}"
             where = (f" (the newest checkpoint is iteration {last_checkpoint[1]} in {last_checkpoint[0]})"
                      if last_checkpoint else "")
@@ -278,7 +279,6 @@ def train(loop: LoopConfig, state: TrainState, model_chunks, optimizer, schedule
 
         if loop.eval_iters and step % loop.eval_interval == 0:
             run_eval(step, valid_batches)
-        signalled = loop.exit_signal_handler and signals.any_rank()
         stop = signalled or (loop.exit_interval is not None and step % loop.exit_interval == 0)
         if loop.save and (stop or (loop.save_interval and step % loop.save_interval == 0)):
             save_fn(state)
