@@ -11,12 +11,12 @@ JACOBI_RANGE = (1, 3)
 
 
 def tiny_cfg(arch="llama", n=1, layers=4, **overrides):
-    from megatron_latent.config import ModelConfig
+    from megatron_latent.config import LatentSettings, ModelConfig
 
     kw = dict(
         name=f"tiny-{arch}", arch=arch, num_layers=layers, hidden_size=32, num_attention_heads=4,
         ffn_hidden_size=64, vocab_size=64, make_vocab_size_divisible_by=32, seq_length=L,
-        num_latent_thoughts=n, jacobi_iters=JACOBI_RANGE, jacobi_iters_eval=2, scale_embeddings=n > 0,
+        latent=LatentSettings(n, JACOBI_RANGE if n else None, jacobi_iters_eval=2, scale_embeddings=n > 0),
     )
     if arch == "llama":
         kw["num_query_groups"] = 2
@@ -47,7 +47,7 @@ def setup(cfg, tp, pp, vpp=None, distributed_optimizer=False, **config_overrides
     from megatron_latent.parallel.pipeline import build_latent_pipeline
     from megatron_latent.training import engine
 
-    dp = initialize_model_parallel(tp, pp, num_layers=cfg.num_layers)
+    dp = initialize_model_parallel(tp, pp, model=cfg)
     config = cfg.to_transformer_config(tp, pp, vpp, **config_overrides)
     chunks = build_latent_pipeline(cfg, config)
     init_weights(chunks)
@@ -74,14 +74,13 @@ def train(cfg, tp, pp, vpp=None, steps=STEPS, sequence_parallel=False, config_ov
     """STEPS Adam steps with J drawn per step; losses, grad norms, first-step grads, final weights."""
     from megatron.core import parallel_state as ps
 
-    from megatron_latent.parallel.pipeline import latent_train_step
+    from megatron_latent.training.engine import latent_train_step
 
     dp, model, opt = setup(cfg, tp, pp, vpp, distributed_optimizer, sequence_parallel=sequence_parallel,
                            **(config_overrides or {}))
-    latent = cfg.latent_settings()
     losses, norms, js, first = [], [], [], None
     for step in range(steps):
-        j = latent.jacobi_iters_for_step(step)
+        j = cfg.latent.jacobi_iters_for_step(step, seed=0)
         batches = step_batches(step, dp)
         r = latent_train_step(model, opt, iter(batches), len(batches), L, MBS, j)
         losses.append(r.loss)
@@ -104,7 +103,7 @@ def vanilla_1f1b(cfg, pp):
     from megatron_latent.parallel.initialize import initialize_model_parallel
     from megatron_latent.training import engine
 
-    initialize_model_parallel(1, pp, num_layers=cfg.num_layers)
+    initialize_model_parallel(1, pp, model=cfg)
     chunks = [build_gpt_model(cfg, model_cls=GPTModel)]
     init_weights(chunks)
     model = engine.wrap_ddp(chunks, DistributedDataParallelConfig())
@@ -137,7 +136,7 @@ def vanilla_1f1b(cfg, pp):
 
 def save_and_eval(cfg, tp, pp, root):
     """Train one step, evaluate (forward only, J = jacobi_iters_eval), save; return loss, weights."""
-    from megatron_latent.parallel.pipeline import latent_eval_loss, latent_train_step
+    from megatron_latent.training.engine import latent_eval_loss, latent_train_step
     from megatron_latent.training.checkpointing import save_checkpoint
 
     dp, model, opt = setup(cfg, tp, pp)
@@ -151,7 +150,7 @@ def save_and_eval(cfg, tp, pp, root):
 
 def load_and_eval(cfg, tp, pp, root):
     """Load into a fresh model at this layout; eval loss and full-vocabulary logits."""
-    from megatron_latent.parallel.pipeline import latent_eval_loss
+    from megatron_latent.training.engine import latent_eval_loss
     from megatron_latent.training.checkpointing import load_checkpoint
 
     dp, model, opt = setup(cfg, tp, pp)
@@ -170,7 +169,7 @@ def logits_from_weights(cfg, weights):
     from megatron_latent.parallel.initialize import initialize_model_parallel
     from megatron_latent.parallel.pipeline import build_latent_pipeline
 
-    initialize_model_parallel(1, 1, num_layers=cfg.num_layers)
+    initialize_model_parallel(1, 1, model=cfg)
     m = build_latent_pipeline(cfg)[0]
     with torch.no_grad():
         for name, p in m.named_parameters():

@@ -18,10 +18,10 @@ VARIANTS = {
 def _loss_and_grads(tp, variants):
     from megatron.core import parallel_state
 
-    from megatron_latent.models.latent import LatentSettings
+    from megatron_latent.config import LatentSettings
     from megatron_latent.parallel.initialize import initialize_model_parallel
 
-    initialize_model_parallel(tp, 1, num_layers=4)
+    initialize_model_parallel(tp, 1)
     out = {}
     for name in variants:
         overrides = dict(VARIANTS.get(name.replace("sp+", ""), {}))

@@ -144,66 +144,74 @@ def test_3d_tp2_pp2_dp2_equals_single_rank(single):
 
 
 # ------------------------------------------------------------------------------------ bad input
-def test_microbatches_incompatible_with_the_schedule_name_the_flags():
-    from megatron_latent.parallel.pipeline import PipelineConfigError, validate_schedule
+def test_microbatches_incompatible_with_the_schedule_name_the_fields():
+    from megatron_latent.config import ConfigError, ParallelLayout
 
-    validate_schedule(4, 2, 4)  # fine: a multiple of PP
-    validate_schedule(3, 2, 1)  # one chunk (N=0): megatron's 1F1B takes any count
+    pp2 = ParallelLayout(1, 2)
+    pp2.check_schedule(4, 4)  # fine: a multiple of PP
+    pp2.check_schedule(3, 1)  # one chunk (N=0): megatron's 1F1B takes any count
     for m in (1, 3, 5):
-        with pytest.raises(PipelineConfigError, match=r"--global-batch-size.*--micro-batch-size.*--pipeline-model-parallel-size 2"):
-            validate_schedule(m, 2, 4)
-    with pytest.raises(PipelineConfigError, match="--global-batch-size"):
-        validate_schedule(0, 1, 1)
+        with pytest.raises(ConfigError, match=rf"num_microbatches {m} per step.*pipeline_model_parallel_size 2"):
+            pp2.check_schedule(m, 4)
+    with pytest.raises(ConfigError, match="num_microbatches is 0"):
+        ParallelLayout().check_schedule(0, 1)
 
 
-def test_layers_not_divisible_over_stages_name_the_flag():
-    from megatron_latent.config import ModelConfigError
-    from megatron_latent.parallel.pipeline import PipelineConfigError, validate_model_split
+def test_layers_not_divisible_over_stages_name_the_field():
+    from megatron_latent.config import ConfigError, ParallelLayout
 
     cfg = pc.tiny_cfg("llama", 1, layers=6)
-    validate_model_split(cfg, 1, 2)
-    validate_model_split(cfg, 1, 3)
-    with pytest.raises(ModelConfigError, match="--pipeline-model-parallel-size 4 does not divide --num-layers 6"):
-        validate_model_split(cfg, 1, 4)
-    with pytest.raises(PipelineConfigError, match="--num-virtual-stages-per-pipeline-rank 2"):
-        validate_model_split(cfg, 1, 2, 2)
-    with pytest.raises(PipelineConfigError, match="needs --pipeline-model-parallel-size > 1"):
-        validate_model_split(cfg, 1, 1, 2)
+    ParallelLayout(1, 2).check_model(cfg)
+    ParallelLayout(1, 3).check_model(cfg)
+    with pytest.raises(ConfigError, match="num_layers 6 of model 'tiny-llama' is not divisible by "
+                                          "pipeline_model_parallel_size 4"):
+        ParallelLayout(1, 4).check_model(cfg)
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size 2 x num_virtual_stages_per_pipeline_rank 2"):
+        ParallelLayout(1, 2, 2).check_model(cfg)
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size 8 is larger than num_layers 6"):
+        ParallelLayout(1, 8).check_model(cfg)
+    with pytest.raises(ConfigError, match="needs pipeline_model_parallel_size > 1"):
+        ParallelLayout(1, 1, 2)
+    assert ParallelLayout(1, 2, 1).num_virtual_stages_per_pipeline_rank is None  # one chunk: the plain pipeline
 
 
-def test_unsupported_settings_name_the_flag():
+def test_unsupported_settings_name_the_field():
     from types import SimpleNamespace
 
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from megatron_latent.parallel.pipeline import PipelineConfigError, _validate_ddp, validate_stage_config
+    from megatron_latent.config import ConfigError, ParallelLayout
+    from megatron_latent.parallel.pipeline import _check_ddp, check_stage_config
 
     config = LLAMA1.to_transformer_config(2, 2, sequence_parallel=True)
-    validate_stage_config(config, 8)
-    with pytest.raises(PipelineConfigError, match="--seq-length 9 is not divisible by --tensor-model-parallel-size 2"):
-        validate_stage_config(config, 9)
-    with pytest.raises(PipelineConfigError, match="--context-parallel-size"):
-        validate_stage_config(SimpleNamespace(context_parallel_size=2))
-    with pytest.raises(PipelineConfigError, match="--overlap-grad-reduce"):
-        _validate_ddp([SimpleNamespace(ddp_config=DistributedDataParallelConfig(overlap_grad_reduce=True))])
-    with pytest.raises(PipelineConfigError, match="--overlap-param-gather"):
-        _validate_ddp([SimpleNamespace(ddp_config=DistributedDataParallelConfig(
+    layout = ParallelLayout.of(config)
+    assert layout == ParallelLayout(2, 2, None, sequence_parallel=True)
+    layout.check_seq_length(8)
+    with pytest.raises(ConfigError, match="sequence length 9 is not divisible by tensor_model_parallel_size 2"):
+        layout.check_seq_length(9)
+    with pytest.raises(ConfigError, match="context_parallel_size"):
+        check_stage_config(SimpleNamespace(context_parallel_size=2))
+    with pytest.raises(ConfigError, match="overlap_grad_reduce"):
+        _check_ddp([SimpleNamespace(ddp_config=DistributedDataParallelConfig(overlap_grad_reduce=True))])
+    with pytest.raises(ConfigError, match="overlap_param_gather"):
+        _check_ddp([SimpleNamespace(ddp_config=DistributedDataParallelConfig(
             use_distributed_optimizer=True, overlap_grad_reduce=False, overlap_param_gather=True))])
 
 
 def _wrong_microbatches():
     """Every rank refuses a bad micro-batch count before any pipeline message is sent."""
-    from megatron_latent.parallel.pipeline import PipelineConfigError, latent_train_step
+    from megatron_latent.config import ConfigError
+    from megatron_latent.training.engine import latent_train_step
 
     dp, model, opt = pc.setup(LLAMA1, 1, 2)
     batches = pc.step_batches(0, dp)[:3]
     try:
         latent_train_step(model, opt, iter(batches), 3, pc.L, pc.MBS, 2)
-    except PipelineConfigError as e:
+    except ConfigError as e:
         return str(e)
     return None
 
 
 def test_bad_microbatch_count_fails_on_every_rank_without_hanging():
     msgs = run_on_ranks(_wrong_microbatches, 2, timeout=120)
-    assert all(m is not None and "gives 3 micro-batches" in m for m in msgs), msgs
+    assert all(m is not None and "num_microbatches 3 per step" in m for m in msgs), msgs

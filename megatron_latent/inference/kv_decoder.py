@@ -12,6 +12,9 @@ Two things megatron's static path does not know about, handled here:
   its cache index. The context stores keys before rotary and re-applies `rotary[:end]` to all
   cached keys each step (queries take `rotary[start:end]`), so we hand the decoder a rotary table
   indexed by cache entry (LatentGPTModel.rotary_for over the cache's slot positions).
+
+The prompt's thoughts are solved by the model's own pass loop (`solve_thoughts`, the training
+forward's growth and Jacobi passes), and each decoded thought is fed back by its `thought_input`.
 * Left padding: an explicit mask [b, 1, new, cached] hides padded entries and keeps the new entries
   causal among themselves (megatron's local attention ignores the no-mask hint it switches to
   after the first step, and asserts square masks when none is given).
@@ -19,7 +22,7 @@ Two things megatron's static path does not know about, handled here:
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
@@ -73,19 +76,18 @@ class LatentKVDecoder:
     def step(self, input_ids, position_ids, valid):
         """One token per sample ([b, 1] ids and positions, [b, 1] valid): the token step then N thought
         steps at the same position. Returns the hidden state of the last thought [1, b, h]."""
-        tokens, pos = self.model.token_inputs(input_ids, position_ids)
-        x = tokens
+        x, pos = self.model.token_inputs(input_ids, position_ids)
         for _ in range(self.num_slots):
             h = self.forward_slots(x, position_ids, valid)
-            x = h + pos if pos is not None else h
+            x = self.model.thought_input(h, pos)
         return h
 
-    def fill(self, stages, position_ids, valid):
-        """Append whole positions at once: `stages` [tokens, thought 1..N] ([L, b, h] each) are
+    def fill(self, columns, position_ids, valid):
+        """Append whole positions at once: `columns` [tokens, thought 1..N] ([L, b, h] each) are
         interleaved into (N+1) L cache entries. Returns hidden [(N+1) L, b, h]."""
-        k = len(stages)
+        k = len(columns)
         return self.forward_slots(
-            slots.interleave(stages),
+            slots.interleave(columns),
             slots.slot_position_ids(position_ids, k),
             valid.repeat_interleave(k, dim=1),
         )
@@ -122,36 +124,23 @@ class LatentKVDecoder:
         if method == "exact" and n > 0:
             return torch.cat([self.step(input_ids[:, t:t + 1], position_ids[:, t:t + 1], valid[:, t:t + 1])
                               for t in range(input_ids.shape[1])]), None
-        stages, iters = self.solve_thoughts(input_ids, position_ids, valid, method, jacobi_iters, tol, max_jacobi_iters)
-        h = self.fill(stages, position_ids, valid)
-        return slots.take_slot(h, n, n + 1), iters
-
-    def solve_thoughts(self, input_ids, position_ids, valid, method, jacobi_iters, tol, max_jacobi_iters):
-        """The prompt's slot inputs [tokens, thought 1..N] from LatentGPTModel's parallel passes."""
-        model, n = self.model, self.n
+        model = self.model
         tokens, pos = model.token_inputs(input_ids, position_ids)
-        stages: List[torch.Tensor] = [tokens]
-        if n == 0:
-            return stages, None
-        mask = _token_mask(valid)
-        for _ in range(n):  # growth
-            _, stages = model.latent_pass(stages, pos, position_ids, mask)
+        converged = None
         if method == "jacobi":
-            iters = model.latent.jacobi_iters_eval if jacobi_iters is None else jacobi_iters
-            for _ in range(iters):
-                _, stages = model.latent_pass(stages, pos, position_ids, mask)
-            return stages, iters
-        limit = input_ids.shape[1] * n if max_jacobi_iters is None else max_jacobi_iters
-        real = valid.t()[:, :, None]  # [P, b, 1]
-        iters = 0
-        while iters < limit:
-            _, new = model.latent_pass(stages, pos, position_ids, mask)
-            iters += 1
-            change = max(((a - b).abs() * real).max().item() for a, b in zip(new[1:], stages[1:]))
-            stages = new
-            if change <= tol:
-                break
-        return stages, iters
+            budget = model.latent.jacobi_iters_eval if jacobi_iters is None else jacobi_iters
+        else:  # tolerance: the causal Jacobi map reaches its fixed point within P * N passes
+            budget = input_ids.shape[1] * n if max_jacobi_iters is None else max_jacobi_iters
+            real = valid.t()[:, :, None]  # [P, b, 1]: padded positions do not count
+
+            def converged(before, after):
+                change = max(((a - b).abs() * real).max().item() for a, b in zip(after[1:], before[1:]))
+                return change <= tol
+
+        # The forward's growth and Jacobi passes; the pass that fills the cache is its final pass.
+        columns, iters = model.solve_thoughts(tokens, pos, position_ids, _token_mask(valid), budget, converged)
+        h = self.fill(columns, position_ids, valid)
+        return slots.take_slot(h, n, n + 1), (iters if n else None)
 
 
 def _token_mask(valid):

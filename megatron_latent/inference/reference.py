@@ -31,7 +31,7 @@ def sequential_hidden_states(model, input_ids, position_ids, attention_mask=None
                 rotary_pos_emb=None if rotary is None else rotary[:s],
             )[-1]
             if a < n:
-                inputs.append(h + pos[t] if pos is not None else h)
+                inputs.append(model.thought_input(h, None if pos is None else pos[t]))
             else:
                 outputs.append(h)
     return torch.stack(outputs)

@@ -8,6 +8,8 @@ a training step is 3x the forward (backward = 2x).
 
 from __future__ import annotations
 
+from megatron_latent.config import LatentSettings
+
 
 def decoder_pass_flops(seq: int, hidden: int, num_layers: int, ffn_hidden: int, num_heads: int,
                        num_query_groups: int = None, gated_mlp: bool = False) -> int:
@@ -25,10 +27,7 @@ def latent_step_flops(seq: int, num_latent_thoughts: int, num_jacobi: int, vocab
                       num_layers: int, ffn_hidden: int, num_heads: int, num_query_groups: int = None,
                       gated_mlp: bool = False, training: bool = True) -> int:
     """FLOPs of one forward (+ backward when `training`) over one sequence of `seq` tokens."""
-    from megatron_latent.models.latent import LatentSettings
-
-    settings = LatentSettings(num_latent_thoughts)
-    lengths = settings.pass_lengths(num_jacobi)
+    lengths = LatentSettings(num_latent_thoughts).pass_slots(num_jacobi)
     total = sum(
         decoder_pass_flops(k * seq, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp)
         for k in lengths

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 
-from megatron_latent.config import ModelConfig
+from megatron_latent.config import ModelConfig, ParallelLayout
 from megatron_latent.models import specs
 
 
@@ -27,10 +28,8 @@ def build_gpt_model(
     and output layer; None reads them from megatron's parallel state. `config` is a
     TransformerConfig (default: `cfg.to_transformer_config(...)` at the current TP/PP sizes).
     `model_cls` and `model_kwargs` let the caller build a GPTModel subclass, e.g.
-    ``build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent_settings())``.
+    ``build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent)``.
     """
-    from megatron.core import parallel_state as ps
-
     if config is None:
         vp = ps.get_virtual_pipeline_model_parallel_world_size()
         config = cfg.to_transformer_config(
@@ -39,7 +38,7 @@ def build_gpt_model(
             vp,
         )
     else:
-        cfg.check_parallel(config.tensor_model_parallel_size, config.pipeline_model_parallel_size)
+        ParallelLayout.of(config).check_model(cfg)
     stage = {} if vp_stage is None else {"ignore_virtual": False, "vp_stage": vp_stage}
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(**stage)

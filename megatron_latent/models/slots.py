@@ -17,11 +17,11 @@ from typing import Optional, Sequence
 import torch
 
 
-def interleave(stages: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[L, b, h] per slot (stage 0 = tokens, stage k = thought k) -> [len(stages) * L, b, h]."""
-    if len(stages) == 1:
-        return stages[0]
-    return torch.stack(list(stages), dim=1).flatten(0, 1)
+def interleave(columns: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One [L, b, h] column per slot (column 0 = tokens, column k = thought k) -> [len(columns) * L, b, h]."""
+    if len(columns) == 1:
+        return columns[0]
+    return torch.stack(list(columns), dim=1).flatten(0, 1)
 
 
 def take_slot(x: torch.Tensor, k: int, num_slots: int) -> torch.Tensor:

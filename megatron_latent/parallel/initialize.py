@@ -1,73 +1,25 @@
-"""Process-group and model-parallel start-up, with the checks that must fail before any collective.
+"""Process-group and model-parallel start-up, after the layout check that must fail before any collective.
 
-A bad parallel layout (sizes that do not divide the world, more stages than layers) must stop every
-rank at start-up with the same one-line error: all ranks evaluate the same pure check on the same
-numbers, so none of them is left waiting in a collective for a peer that already died.
+A bad parallel layout (sizes that do not divide the world, more stages than layers) stops every
+rank at start-up with the same one-line error (config.ParallelLayout): all ranks evaluate the same
+pure check on the same numbers, so none of them is left waiting in a collective for a peer that
+already died.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import tempfile
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_latent import platform
-
-
-class ParallelConfigError(ValueError):
-    """An impossible parallel layout; the message names the offending flag."""
-
-
-def validate_parallel_sizes(
-    world_size: int,
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    virtual_pipeline_model_parallel_size: Optional[int] = None,
-    num_layers: Optional[int] = None,
-    num_attention_heads: Optional[int] = None,
-    num_query_groups: Optional[int] = None,
-) -> int:
-    """Check a parallel layout; return the data-parallel size."""
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    for flag, v in (
-        ("--tensor-model-parallel-size", tp),
-        ("--pipeline-model-parallel-size", pp),
-    ):
-        if v < 1:
-            raise ParallelConfigError(f"{flag} must be >= 1, got {v}")
-    if world_size % (tp * pp) != 0:
-        raise ParallelConfigError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp} = {tp * pp}"
-        )
-    if num_layers is not None:
-        if pp > num_layers:
-            raise ParallelConfigError(
-                f"--pipeline-model-parallel-size {pp} is larger than --num-layers {num_layers}: "
-                "every pipeline stage needs at least one layer"
-            )
-        if num_layers % pp != 0:
-            raise ParallelConfigError(
-                f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp}"
-            )
-    if num_attention_heads is not None and num_attention_heads % tp != 0:
-        raise ParallelConfigError(
-            f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
-            f"{num_attention_heads}"
-        )
-    if num_query_groups is not None and num_query_groups % tp != 0:
-        raise ParallelConfigError(
-            f"--tensor-model-parallel-size {tp} does not divide --num-query-groups {num_query_groups}"
-        )
-    if virtual_pipeline_model_parallel_size is not None and virtual_pipeline_model_parallel_size < 1:
-        raise ParallelConfigError(
-            "--num-virtual-stages-per-pipeline-rank must be >= 1, got "
-            f"{virtual_pipeline_model_parallel_size}"
-        )
-    return world_size // (tp * pp)
+from megatron_latent.config import ModelConfig, ParallelLayout
 
 
 def init_process_group(timeout_minutes: int = 10) -> None:
@@ -84,36 +36,28 @@ def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: Optional[int] = None,
-    num_layers: Optional[int] = None,
-    num_attention_heads: Optional[int] = None,
-    num_query_groups: Optional[int] = None,
     seed: int = 1234,
+    model: Optional[ModelConfig] = None,
 ) -> int:
-    """Validate the layout, join the process group, build megatron's groups, seed the RNGs.
+    """Check the layout (against `model` too, when given), join the process group, build megatron's
+    groups, seed the RNGs. Returns the data-parallel size.
 
-    Returns the data-parallel size. The world size is read from the environment (torchrun) when
-    the process group does not exist yet, so a bad layout fails before any rendezvous.
+    The world size is read from the environment (torchrun) when the process group does not exist
+    yet, so a bad layout fails on every rank before any rendezvous (ConfigError).
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
+    layout = ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size,
+                            virtual_pipeline_model_parallel_size)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    dp = validate_parallel_sizes(
-        world,
-        tensor_model_parallel_size,
-        pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size,
-        num_layers,
-        num_attention_heads,
-        num_query_groups,
-    )
+    dp = layout.data_parallel_size(world)
+    if model is not None:
+        layout.check_model(model)
     init_process_group()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.num_virtual_stages_per_pipeline_rank,
     )
     # Same seed on every rank: weights are drawn whole and then split (use_cpu_initialization),
     # and megatron's tracker derives per-TP-rank streams for dropout from it.
@@ -126,8 +70,6 @@ def initialize_single_process(what: str) -> None:
     """Megatron's parallel state for tools that work on whole models in one process (conversion,
     export, generation): TP = PP = 1, in the existing process group or a gloo world of one that
     needs no launcher. `what` names the tool when the process group has other ranks."""
-    import tempfile
-
     if not dist.is_initialized():
         rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
@@ -137,6 +79,4 @@ def initialize_single_process(what: str) -> None:
 
 
 def destroy_model_parallel() -> None:
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()

@@ -1,13 +1,14 @@
 """One virtual pipeline chunk = one pass of the latent forward over one stage's layers.
 
-The latent forward runs the decoder several times (growth, Jacobi, final pass; DESIGN.md section
-1), and every pass needs the post-norm output of the previous one at the first stage. megatron's
-interleaved schedule sends the output of chunk c on the last pipeline rank to chunk c+1 on the first
-rank, so pass p is made virtual chunk p (times the model's own layer chunks, if any) of a pipeline
+The latent forward runs the decoder several times (growth, Jacobi, final pass; see
+models/latent.py), and every pass needs the post-norm output of the previous one at the first
+stage. megatron's interleaved schedule sends the output of chunk c on the last pipeline rank to
+chunk c+1 on the first rank, so pass p is made virtual chunk p (times the model's own layer chunks, if any) of a pipeline
 whose chunks all share one set of weights:
 
-* the first stage builds pass p's input from its own token embeddings and the thoughts it receives
-  (the post-norm output of pass p-1, sent by the last stage);
+* the first stage builds pass p's input columns from its own token embeddings and the thoughts it
+  receives (the post-norm output of pass p-1, sent by the last stage), with the model's
+  `next_columns`, the same hand-over as the single-stage pass loop;
 * every stage runs its own layers on every pass;
 * the last stage applies the final norm on every pass (its block is built with it) and the output
   layer and loss only on the final pass.
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+from megatron.core.utils import unwrap_model
 
 from megatron_latent.models import slots
 
@@ -35,14 +37,14 @@ from megatron_latent.models import slots
 class PassChunk(torch.nn.Module):
     """Virtual pipeline chunk `chunk_id`: pass `pass_index` over the layers of `stage`.
 
-    `pass_slots[p]` is the number of slots per position of pass p (LatentSettings.pass_lengths).
+    `pass_slots[p]` is the number of slots per position of pass p (LatentSettings.pass_slots).
     `config` is the schedule's view of the model config (its virtual pipeline size is the number
     of chunks); the stage keeps its own.
     """
 
     def __init__(self, stage, pass_index: int, pass_slots: List[int], config, chunk_id: int):
         super().__init__()
-        module = stage.module if hasattr(stage, "module") else stage
+        module = unwrap_model(stage)
         # Not registered as a submodule: no parameter may be seen twice (DDP, optimizer, checkpoints).
         object.__setattr__(self, "stage", module)
         self.config = config
@@ -73,33 +75,27 @@ class PassChunk(torch.nn.Module):
         the (padded) hidden states for the next chunk, or on the final chunk the per-token loss
         [b, L] (with labels) or logits."""
         m = self.stage
-        expected = len(self.pass_slots) - m.latent.num_latent_thoughts - 1
-        if num_jacobi_iters is not None and m.latent.num_latent_thoughts and num_jacobi_iters != expected:
+        n = m.latent.num_latent_thoughts
+        expected = len(self.pass_slots) - n - 1
+        if num_jacobi_iters is not None and n and num_jacobi_iters != expected:
             raise ValueError(
                 f"forward_step asked for {num_jacobi_iters} Jacobi iterations but this step's pipeline "
                 f"was built for {expected}"
             )
         p, L = self.pass_index, input_ids.shape[1]
         num_slots = self.pass_slots[p]
+        inputs = None  # later stages: the previous stage's output, through set_input_tensor
         if m.pre_process:
             tokens, pos = m.token_inputs(input_ids, position_ids)
-            if p == 0:
-                inputs = tokens
-            else:
+            columns = [tokens]
+            if p > 0:
                 prev = self.pass_slots[p - 1]
-                thoughts_from = m.full_sequence(self._received(prev * L))
-                inputs = m.next_pass_inputs(tokens, pos, thoughts_from, prev)
-            hidden = m.pass_input(inputs)
+                columns = m.next_columns(tokens, pos, m.full_sequence(self._received(prev * L)), prev)
+            inputs = slots.interleave(columns)
         else:
             m.decoder.set_input_tensor(self._received(num_slots * L))
-            hidden = None
-        h = m.decoder(
-            hidden_states=hidden,
-            attention_mask=slots.slot_attention_mask(attention_mask, num_slots),
-            rotary_pos_emb=m.rotary_for(position_ids, num_slots),
-        )
+        h = m.decode(inputs, num_slots, attention_mask, position_ids)
         if m.post_process and self.is_final_pass:
-            n = m.latent.num_latent_thoughts
             if n == 0:
                 # One slot per position: the (sequence-parallel) output is already what the
                 # output layer takes.

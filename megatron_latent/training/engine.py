@@ -2,17 +2,27 @@
 
 The pieces a training driver needs, free of flags and files: wrap model chunks in megatron's
 DistributedDataParallel, build the optimizer with `get_megatron_optimizer`, and run one step
-(forward/backward over all micro-batches with `get_forward_backward_func()`, gradient
-finalisation, optimizer step, loss averaged over the data-parallel group).
+(forward/backward over all micro-batches with a megatron schedule, gradient finalisation,
+optimizer step, loss averaged over the data-parallel group). `latent_train_step` and
+`latent_eval_loss` run the latent model on any layout through parallel.pipeline's schedule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
+
+from megatron_latent import platform
+from megatron_latent.parallel.pipeline import latent_forward_backward
 
 
 @dataclass
@@ -23,8 +33,6 @@ class StepResult:
 
 def wrap_ddp(model_chunks: List[torch.nn.Module], ddp_config=None):
     """Wrap each chunk in megatron DDP (one contiguous gradient buffer per chunk)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     ddp_config = ddp_config or DistributedDataParallelConfig()
     wrapped = []
     for i, m in enumerate(model_chunks):
@@ -41,15 +49,11 @@ def wrap_ddp(model_chunks: List[torch.nn.Module], ddp_config=None):
 
 
 def build_optimizer(model_chunks, optimizer_config):
-    from megatron.core.optimizer import get_megatron_optimizer
-
     return get_megatron_optimizer(optimizer_config, model_chunks)
 
 
 def configure_model_for_training(model_chunks, optimizer) -> None:
     """Hook the schedule up to DDP and the optimizer, as megatron's training loop does."""
-    from megatron.core.distributed import finalize_model_grads
-
     for m in model_chunks:
         cfg = m.config
         cfg.grad_scale_func = optimizer.scale_loss
@@ -69,9 +73,7 @@ def train_step(
     forward_backward_func: Optional[Callable] = None,
 ) -> StepResult:
     """`forward_backward_func`: megatron's schedule for the current layout by default; the latent
-    pipeline passes its own (parallel.pipeline.latent_forward_backward), same arguments."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+    model's is parallel.pipeline.latent_forward_backward (see latent_train_step)."""
     for m in model_chunks:
         m.zero_grad_buffer()
     optimizer.zero_grad()
@@ -93,15 +95,75 @@ def train_step(
 
 def average_loss(losses: Iterable[dict], key: str = "loss") -> Optional[float]:
     """Mean of the micro-batch losses on the last stage, averaged over data-parallel ranks."""
-    from megatron.core import parallel_state as ps
-
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     values = [float(d[key]) for d in losses]
-    from megatron_latent import platform
-
     # On the current device: NCCL reduces only CUDA tensors.
     local = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=platform.device())
     if ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(local, group=ps.get_data_parallel_group())
     return float(local[0] / local[1])
+
+
+# ------------------------------------------------------------------------------ the latent model
+def masked_mean_loss(loss_mask, per_token):
+    """Mean per-token loss over unmasked tokens of a micro-batch, and the dict the driver logs (a
+    copy: the schedule divides the returned loss in place)."""
+    per_token = per_token.float()
+    if loss_mask is None:
+        loss = per_token.mean()
+    else:
+        mask = loss_mask.float()
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss, {"loss": loss.detach().clone()}
+
+
+def latent_forward_step(num_jacobi_iters: Optional[int]):
+    """A megatron forward_step_func over dict batches (tokens, labels, position_ids, optional
+    attention_mask and loss_mask), for any layout: stage modules at PP=1 and pass chunks at PP>1
+    share the call signature."""
+
+    def forward_step(data_iterator, model):
+        b = next(data_iterator)
+        out = model(
+            b["tokens"], b["position_ids"], b.get("attention_mask"), labels=b["labels"],
+            num_jacobi_iters=num_jacobi_iters,
+        )
+        return out, partial(masked_mean_loss, b.get("loss_mask"))
+
+    return forward_step
+
+
+def latent_train_step(model_chunks, optimizer, data_iterator, num_microbatches: int, seq_length: int,
+                      micro_batch_size: int, num_jacobi_iters: int, forward_step_func: Optional[Callable] = None):
+    """One optimizer step of the latent model (any layout) with J = `num_jacobi_iters`, the same
+    on every rank; returns StepResult."""
+    return train_step(
+        forward_step_func or latent_forward_step(num_jacobi_iters), data_iterator, model_chunks, optimizer,
+        num_microbatches, seq_length, micro_batch_size,
+        forward_backward_func=partial(latent_forward_backward, num_jacobi_iters=num_jacobi_iters),
+    )
+
+
+@torch.no_grad()
+def latent_eval_loss(model_chunks, data_iterator, num_microbatches: int, seq_length: int,
+                     micro_batch_size: int, num_jacobi_iters: Optional[int] = None) -> Optional[float]:
+    """Mean loss of `num_microbatches` micro-batches, forward only, in eval mode, with the fixed
+    evaluation J (`jacobi_iters_eval`) unless given; averaged over data-parallel ranks. None off
+    the last stage."""
+    latent = unwrap_model(model_chunks[0]).latent
+    j = latent.eval_jacobi_iters if num_jacobi_iters is None else num_jacobi_iters
+    j = j if latent.num_latent_thoughts else 0
+    modes = [c.training for c in model_chunks]
+    for c in model_chunks:
+        c.eval()
+    try:
+        losses = latent_forward_backward(
+            forward_step_func=latent_forward_step(j), data_iterator=data_iterator, model=model_chunks,
+            num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+            num_jacobi_iters=j, forward_only=True,
+        )
+    finally:
+        for c, mode in zip(model_chunks, modes):
+            c.train(mode)
+    return average_loss(losses)

@@ -1,0 +1,376 @@
+"""The model: one dataclass for the network and one for how it thinks, validated once.
+
+`ModelConfig` describes the network (architecture family, sizes, vocabulary) and holds the latent
+settings (`LatentSettings`, field `latent`). It knows nothing of files or flags: its errors
+(`ConfigError`) name its fields, and the command line translates them into its flags. Three
+families are supported, each matching a Hugging Face reference class exactly:
+
+* ``gpt2``     GPT2LMHeadModel: LayerNorm, GELU (tanh approximation), learned absolute
+               positions, tied input/output embeddings, biases everywhere.
+* ``gpt-neox`` GPTNeoXForCausalLM (Pythia): LayerNorm with bias, parallel attention + MLP
+               residual, rotary on `rotary_percent` of each head, exact GELU, untied output layer.
+* ``llama``    LlamaForCausalLM: RMSNorm, SwiGLU, rotary on the full head, grouped-query
+               attention, no biases, untied.
+
+`vocab_size` is the number of meaningful rows (the tokenizer's, or the HF checkpoint's); the
+embedding and output layer are built with `padded_vocab_size` rows (a multiple of
+`make_vocab_size_divisible_by`), independent of the tensor-parallel size so that checkpoints move
+between layouts unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+ARCHS = ("gpt2", "gpt-neox", "llama")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+
+# The paper trains with J drawn from {2, 3} per step and evaluates with J = 3.
+DEFAULT_JACOBI_ITERS = (2, 3)
+
+# Per-family defaults for the fields left as None.
+_ARCH_DEFAULTS = {
+    "gpt2": dict(
+        normalization="LayerNorm", activation="gelu_tanh", position_embedding_type="learned_absolute",
+        add_bias_linear=True, add_qkv_bias=True, tie_embeddings=True, parallel_residual=False,
+    ),
+    "gpt-neox": dict(
+        normalization="LayerNorm", activation="gelu", position_embedding_type="rope",
+        add_bias_linear=True, add_qkv_bias=True, tie_embeddings=False, parallel_residual=True,
+    ),
+    "llama": dict(
+        normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
+        add_bias_linear=False, add_qkv_bias=False, tie_embeddings=False, parallel_residual=False,
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """An impossible model, latent or parallel configuration. The message names the fields of
+    ModelConfig, LatentSettings or ParallelLayout it is about (a command line shows its flags)."""
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's "gelu_new" (tanh approximation). A named function, so configs stay picklable."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+# ------------------------------------------------------------------------------------ latent
+@dataclass(frozen=True)
+class LatentSettings:
+    """How the model thinks: N latent thoughts per token, solved by Jacobi passes.
+
+    N = 0 is a vanilla GPT (the weights do not depend on N). `jacobi_iters` is the inclusive range
+    the training J is drawn from per step (None: the default, filled in by ModelConfig); it is
+    None when N = 0, which has no thoughts to refine.
+    """
+
+    num_latent_thoughts: int = 0
+    jacobi_iters: Optional[Tuple[int, int]] = None
+    jacobi_iters_eval: int = 3
+    scale_embeddings: bool = False
+
+    def __post_init__(self):
+        n = self.num_latent_thoughts
+        _need(isinstance(n, int) and n >= 0, f"num_latent_thoughts must be an integer >= 0, got {n!r}")
+        _need(self.jacobi_iters_eval >= 0, f"jacobi_iters_eval must be >= 0, got {self.jacobi_iters_eval}")
+        j = self.jacobi_iters
+        if j is not None:
+            j = tuple(int(x) for x in j)
+            _need(len(j) == 2 and 0 <= j[0] <= j[1],
+                  f"jacobi_iters {list(j)}: need an inclusive range 0 <= min <= max")
+        object.__setattr__(self, "jacobi_iters", j if n else None)
+
+    @property
+    def num_slots(self) -> int:
+        """Slots per position: the token and its N thoughts."""
+        return self.num_latent_thoughts + 1
+
+    @property
+    def training_range(self) -> Tuple[int, int]:
+        if self.num_latent_thoughts == 0:
+            return (0, 0)
+        return self.jacobi_iters or DEFAULT_JACOBI_ITERS
+
+    @property
+    def eval_jacobi_iters(self) -> int:
+        """The J of evaluation forwards (0 for a vanilla model)."""
+        return self.jacobi_iters_eval if self.num_latent_thoughts else 0
+
+    def jacobi_choices(self) -> List[int]:
+        """Every J a run can use: the training range and the evaluation J."""
+        lo, hi = self.training_range
+        return sorted(set(range(lo, hi + 1)) | {self.eval_jacobi_iters})
+
+    def jacobi_iters_for_step(self, step: int, seed: int) -> int:
+        """The J of training step `step`, from (seed, step) alone: every rank draws the same, and a
+        resumed run draws what the uninterrupted run would have."""
+        lo, hi = self.training_range
+        return random.Random(seed * 1_000_003 + step).randint(lo, hi)
+
+    def pass_slots(self, num_jacobi: int) -> List[int]:
+        """Slots per position of every decoder pass of a forward with `num_jacobi` Jacobi passes:
+        growth passes 1..N, then J Jacobi passes and the final pass over all N+1 slots. The pass
+        schedule of training, of the pipeline's virtual chunks, of the prefill and of the FLOP count."""
+        n = self.num_latent_thoughts
+        return list(range(1, n + 1)) + [n + 1] * (num_jacobi + 1) if n else [1]
+
+
+_LATENT_FIELDS = tuple(f.name for f in dataclasses.fields(LatentSettings))
+
+
+# ------------------------------------------------------------------------------------ model
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    seq_length: int = 2048  # context length (max position embeddings); the learned position table of gpt2
+    num_query_groups: Optional[int] = None  # None: one group per head (multi-head attention)
+    norm_epsilon: float = 1e-5
+    rotary_percent: float = 1.0
+    rotary_base: float = 10000.0
+    make_vocab_size_divisible_by: int = 128
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # Family defaults (see _ARCH_DEFAULTS) when None.
+    normalization: Optional[str] = None
+    activation: Optional[str] = None
+    position_embedding_type: Optional[str] = None
+    add_bias_linear: Optional[bool] = None
+    add_qkv_bias: Optional[bool] = None
+    tie_embeddings: Optional[bool] = None
+    parallel_residual: Optional[bool] = None
+    # Latent thoughts (PonderLM-2): only the forward depends on them, not the weights.
+    latent: LatentSettings = field(default_factory=LatentSettings)
+    name: str = "custom"
+
+    def __post_init__(self):
+        _need(self.arch in ARCHS, f"arch {self.arch!r} is not supported; supported: {', '.join(ARCHS)}")
+        for k, v in _ARCH_DEFAULTS[self.arch].items():
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, v)
+        if self.latent.num_latent_thoughts and self.latent.jacobi_iters is None:
+            object.__setattr__(self, "latent", dataclasses.replace(self.latent, jacobi_iters=DEFAULT_JACOBI_ITERS))
+        self._validate()
+
+    def _validate(self):
+        where = f" (model {self.name!r})"
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+                     "seq_length", "make_vocab_size_divisible_by"):
+            v = getattr(self, name)
+            _need(v >= 1, f"{name} must be >= 1, got {v}{where}")
+        _need(self.hidden_size % self.num_attention_heads == 0,
+              f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+              f"{self.num_attention_heads}{where}")
+        g = self.query_groups
+        _need(1 <= g <= self.num_attention_heads and self.num_attention_heads % g == 0,
+              f"num_query_groups {g} must divide num_attention_heads {self.num_attention_heads}{where}")
+        _need(self.normalization in ("LayerNorm", "RMSNorm"),
+              f"normalization {self.normalization!r}: LayerNorm or RMSNorm")
+        _need(self.activation in ACTIVATIONS, f"activation {self.activation!r}: one of {', '.join(ACTIVATIONS)}")
+        _need(self.position_embedding_type in ("rope", "learned_absolute"),
+              f"position_embedding_type {self.position_embedding_type!r}: rope or learned_absolute")
+        _need(0.0 < self.rotary_percent <= 1.0, f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
+        if self.position_embedding_type == "rope":
+            rot = self.head_dim * self.rotary_percent
+            _need(rot == int(rot) and int(rot) % 2 == 0,
+                  f"rotary_percent {self.rotary_percent} of head dim {self.head_dim} must be an even whole "
+                  f"number of dims, got {rot}{where}")
+        _need(self.norm_epsilon > 0, f"norm_epsilon must be > 0, got {self.norm_epsilon}")
+
+    # ------------------------------------------------------------------------------ derived sizes
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameters of the model as built (padded vocabulary), counted from the sizes alone."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        norm = 2 * h if self.normalization == "LayerNorm" else h
+        qkv_out = (self.num_attention_heads + 2 * self.query_groups) * d
+        fc1_out = 2 * f if self.gated else f
+        b = self.add_bias_linear
+        layer = (
+            2 * norm
+            + h * qkv_out + (qkv_out if (b or self.add_qkv_bias) else 0)
+            + self.num_attention_heads * d * h + (h if b else 0)
+            + h * fc1_out + (fc1_out if b else 0)
+            + f * h + (h if b else 0)
+        )
+        total = self.num_layers * layer + norm
+        if include_embeddings:
+            v = self.padded_vocab_size
+            total += v * h * (1 if self.tie_embeddings else 2)
+            if self.position_embedding_type == "learned_absolute":
+                total += self.seq_length * h
+        return total
+
+    # ------------------------------------------------------------------------------ conversions
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with fields replaced; LatentSettings' fields (num_latent_thoughts, ...) may be
+        given directly and replace those of `latent`."""
+        latent = {k: changes.pop(k) for k in _LATENT_FIELDS if k in changes}
+        if latent:
+            changes["latent"] = dataclasses.replace(changes.get("latent", self.latent), **latent)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict:
+        d = dataclasses.asdict(self)
+        j = self.latent.jacobi_iters
+        d["latent"]["jacobi_iters"] = list(j) if j is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "ModelConfig":
+        """The inverse of to_dict. Also reads the flat latent fields of checkpoints written before
+        the latent settings were one object."""
+        d = dict(d)
+        latent = dict(d.pop("latent", None) or {})
+        latent.update({k: d.pop(k) for k in _LATENT_FIELDS if k in d})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known) + sorted(set(latent) - set(_LATENT_FIELDS))
+        _need(not unknown, f"unknown model config fields: {', '.join(unknown)}")
+        return cls(**d, latent=LatentSettings(**latent))
+
+    def check_seq_length(self, seq_length: int) -> None:
+        """ConfigError when training sequences of `seq_length` tokens do not fit the model."""
+        _need(seq_length >= 1, f"the training sequence length must be >= 1, got {seq_length}")
+        _need(seq_length <= self.seq_length,
+              f"training sequences of {seq_length} tokens exceed the {self.seq_length} positions "
+              f"(seq_length) of model {self.name!r}")
+
+    # Fields that decide the shapes (and meaning) of the weights; latent settings only change the forward.
+    WEIGHT_FIELDS = (
+        "arch", "num_layers", "hidden_size", "num_attention_heads", "query_groups", "ffn_hidden_size",
+        "padded_vocab_size", "normalization", "activation", "position_embedding_type", "add_bias_linear",
+        "add_qkv_bias", "tie_embeddings", "parallel_residual",
+    )
+
+    def weight_mismatches(self, other: "ModelConfig") -> list:
+        """'field: theirs vs ours' for every weight-defining field where `other` differs."""
+        fields = self.WEIGHT_FIELDS + (("seq_length",) if self.position_embedding_type == "learned_absolute" else ())
+        return [
+            f"{f}: {getattr(other, f)} vs {getattr(self, f)}"
+            for f in fields
+            if getattr(self, f) != getattr(other, f)
+        ]
+
+    def init_methods(self) -> Dict:
+        """The paper's init as TransformerConfig fields (the authors' code, after Pythia's "small
+        init"), for every family: every linear and the embedding ~ normal(0, std) truncated at 3 std
+        with std = sqrt(2 / (5H)); the output projections (attention out, MLP out) further divided by
+        sqrt(2 * layers * (N+1)), as the residual stream is traversed (N+1) times as deep in the
+        latent model. Norms stay 1, biases 0 (megatron's defaults); N = 0 gives the paper's vanilla
+        baselines."""
+        std = math.sqrt(2.0 / (5.0 * self.hidden_size))
+        out_std = std / math.sqrt(2.0 * self.num_layers * self.latent.num_slots)
+        return {
+            "init_method": _truncated_normal(std),
+            "output_layer_init_method": _truncated_normal(out_std),
+            "embedding_init_method": _truncated_normal(std),
+            "init_method_std": std,
+            "embedding_init_method_std": std,
+        }
+
+    def to_transformer_config(
+        self,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        virtual_pipeline_model_parallel_size: Optional[int] = None,
+        params_dtype: torch.dtype = torch.float32,
+        **overrides,
+    ):
+        """megatron-core TransformerConfig of this model at this layout (checked); `overrides` are
+        TransformerConfig fields (sequence_parallel, recompute_granularity, bf16, ...)."""
+        # Imported here: megatron's transformer package is heavy, and tools that only read
+        # configs (conversion of configs, data preparation) never need it.
+        from megatron.core.transformer import TransformerConfig
+
+        from megatron_latent.config.layout import ParallelLayout
+
+        ParallelLayout(
+            tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size,
+            sequence_parallel=bool(overrides.get("sequence_parallel", False)),
+        ).check_model(self)
+        act = {"gelu": torch.nn.functional.gelu, "gelu_tanh": gelu_tanh, "swiglu": torch.nn.functional.silu}
+        cuda = torch.cuda.is_available()
+        kw = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.query_groups,
+            ffn_hidden_size=self.ffn_hidden_size,
+            kv_channels=self.head_dim,
+            normalization=self.normalization,
+            layernorm_epsilon=self.norm_epsilon,
+            activation_func=act[self.activation],
+            gated_linear_unit=self.gated,
+            add_bias_linear=self.add_bias_linear,
+            add_qkv_bias=self.add_qkv_bias,
+            hidden_dropout=self.hidden_dropout,
+            attention_dropout=self.attention_dropout,
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            params_dtype=params_dtype,
+            pipeline_dtype=params_dtype,
+            # Full weights drawn on CPU, then split: the same model at every TP size.
+            use_cpu_initialization=not cuda,
+            # gloo pairs batched p2p messages between the same two ranks wrongly (the loss of an
+            # interleaved pipeline was off); unbatched sends pair exactly.
+            batch_p2p_comm=cuda,
+            **self.init_methods(),
+        )
+        if params_dtype == torch.bfloat16:
+            kw["bf16"] = True
+        elif params_dtype == torch.float16:
+            kw["fp16"] = True
+        kw.update(overrides)
+        if (
+            kw.get("recompute_granularity") == "selective"
+            and "mlp" in (kw.get("recompute_modules") or ())
+            and self.add_bias_linear
+            and not self.parallel_residual
+        ):
+            # megatron-core 0.16.1's TransformerLayer returns the fc2 bias Parameter through its
+            # CheckpointFunction, whose backward then recurses without end.
+            raise ConfigError(
+                f"recompute_modules mlp does not work with the biased MLP of model {self.name!r} "
+                "(megatron-core 0.16.1); use recompute_granularity full"
+            )
+        return TransformerConfig(**kw)
+
+
+def _truncated_normal(std: float):
+    def init_(tensor):
+        return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    return init_
