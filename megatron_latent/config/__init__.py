@@ -4,8 +4,9 @@ Pure dataclasses validated once, at construction; megatron-core is imported only
 TransformerConfig. Errors are `ConfigError`s naming fields; the command line names its flags.
 """
 
+from megatron_latent.config.errors import ConfigError
 from megatron_latent.config.layout import ParallelLayout
-from megatron_latent.config.model import ConfigError, LatentSettings, ModelConfig, gelu_tanh
+from megatron_latent.config.model import LatentSettings, ModelConfig, gelu_tanh
 from megatron_latent.config.presets import PRESETS, describe_presets, get_preset
 
 __all__ = [

@@ -8,9 +8,12 @@ waiting for a peer that already died. Field names are Megatron's flag names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from megatron_latent.config.model import ConfigError, ModelConfig, _need
+from megatron_latent.config.errors import ConfigError, need
+
+if TYPE_CHECKING:
+    from megatron_latent.config.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -23,15 +26,15 @@ class ParallelLayout:
 
     def __post_init__(self):
         tp, pp, v = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.num_virtual_stages_per_pipeline_rank
-        _need(tp >= 1, f"tensor_model_parallel_size must be >= 1, got {tp}")
-        _need(pp >= 1, f"pipeline_model_parallel_size must be >= 1, got {pp}")
+        need(tp >= 1, f"tensor_model_parallel_size must be >= 1, got {tp}")
+        need(pp >= 1, f"pipeline_model_parallel_size must be >= 1, got {pp}")
         if v is not None:
-            _need(v >= 1, f"num_virtual_stages_per_pipeline_rank must be >= 1, got {v}")
-            _need(v == 1 or pp > 1,
+            need(v >= 1, f"num_virtual_stages_per_pipeline_rank must be >= 1, got {v}")
+            need(v == 1 or pp > 1,
                   f"num_virtual_stages_per_pipeline_rank {v} needs pipeline_model_parallel_size > 1")
             if v == 1:  # one chunk per rank is the plain pipeline (megatron wants no virtual size then)
                 object.__setattr__(self, "num_virtual_stages_per_pipeline_rank", None)
-        _need(not self.sequence_parallel or tp > 1, "sequence_parallel needs tensor_model_parallel_size > 1")
+        need(not self.sequence_parallel or tp > 1, "sequence_parallel needs tensor_model_parallel_size > 1")
 
     @property
     def virtual_chunks(self) -> int:
@@ -46,25 +49,25 @@ class ParallelLayout:
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        _need(world_size % model_parallel == 0,
+        need(world_size % model_parallel == 0,
               f"world size {world_size} is not divisible by tensor_model_parallel_size "
               f"{self.tensor_model_parallel_size} x pipeline_model_parallel_size "
               f"{self.pipeline_model_parallel_size} = {model_parallel}")
         return world_size // model_parallel
 
-    def check_model(self, cfg: ModelConfig, seq_length: Optional[int] = None) -> None:
+    def check_model(self, cfg: "ModelConfig", seq_length: Optional[int] = None) -> None:
         """Heads, groups, MLP and vocabulary over the TP ranks; layers over the stages (and their
         chunks); training sequences over the sequence-parallel ranks."""
         tp, pp, v = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.virtual_chunks
         model = f"model {cfg.name!r}"
         for what, n in (("num_attention_heads", cfg.num_attention_heads), ("num_query_groups", cfg.query_groups),
                         ("ffn_hidden_size", cfg.ffn_hidden_size), ("padded vocabulary size", cfg.padded_vocab_size)):
-            _need(n % tp == 0 and tp <= n,
+            need(n % tp == 0 and tp <= n,
                   f"tensor_model_parallel_size {tp} does not divide the {what} {n} of {model}")
-        _need(pp <= cfg.num_layers,
+        need(pp <= cfg.num_layers,
               f"pipeline_model_parallel_size {pp} is larger than num_layers {cfg.num_layers} of {model}: "
               "every pipeline stage needs at least one layer")
-        _need(cfg.num_layers % (pp * v) == 0,
+        need(cfg.num_layers % (pp * v) == 0,
               f"num_layers {cfg.num_layers} of {model} is not divisible by pipeline_model_parallel_size {pp}"
               + (f" x num_virtual_stages_per_pipeline_rank {v}" if v > 1 else ""))
         if seq_length is not None:
@@ -73,7 +76,7 @@ class ParallelLayout:
     def check_seq_length(self, seq_length: int) -> None:
         tp = self.tensor_model_parallel_size
         # Every pass's sequence (a whole number of slots per token) is split over the TP ranks.
-        _need(not self.sequence_parallel or seq_length % tp == 0,
+        need(not self.sequence_parallel or seq_length % tp == 0,
               f"the training sequence length {seq_length} is not divisible by tensor_model_parallel_size {tp} "
               "(sequence_parallel splits every pass's sequence over the TP ranks)")
 
@@ -81,7 +84,7 @@ class ParallelLayout:
         """The micro-batch count megatron's schedule accepts when a step runs as `num_chunks`
         virtual chunks per rank (the latent passes times the layer chunks)."""
         pp, m = self.pipeline_model_parallel_size, num_microbatches
-        _need(m >= 1, f"num_microbatches is {m}: the global batch must hold at least one micro-batch per "
+        need(m >= 1, f"num_microbatches is {m}: the global batch must hold at least one micro-batch per "
                       "data-parallel rank")
         if pp == 1 or num_chunks == 1:
             return

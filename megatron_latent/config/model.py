@@ -28,6 +28,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_latent.config.errors import ConfigError, need
+from megatron_latent.config.layout import ParallelLayout
+
 ARCHS = ("gpt2", "gpt-neox", "llama")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 
@@ -49,16 +52,6 @@ _ARCH_DEFAULTS = {
         add_bias_linear=False, add_qkv_bias=False, tie_embeddings=False, parallel_residual=False,
     ),
 }
-
-
-class ConfigError(ValueError):
-    """An impossible model, latent or parallel configuration. The message names the fields of
-    ModelConfig, LatentSettings or ParallelLayout it is about (a command line shows its flags)."""
-
-
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -83,12 +76,12 @@ class LatentSettings:
 
     def __post_init__(self):
         n = self.num_latent_thoughts
-        _need(isinstance(n, int) and n >= 0, f"num_latent_thoughts must be an integer >= 0, got {n!r}")
-        _need(self.jacobi_iters_eval >= 0, f"jacobi_iters_eval must be >= 0, got {self.jacobi_iters_eval}")
+        need(isinstance(n, int) and n >= 0, f"num_latent_thoughts must be an integer >= 0, got {n!r}")
+        need(self.jacobi_iters_eval >= 0, f"jacobi_iters_eval must be >= 0, got {self.jacobi_iters_eval}")
         j = self.jacobi_iters
         if j is not None:
             j = tuple(int(x) for x in j)
-            _need(len(j) == 2 and 0 <= j[0] <= j[1],
+            need(len(j) == 2 and 0 <= j[0] <= j[1],
                   f"jacobi_iters {list(j)}: need an inclusive range 0 <= min <= max")
         object.__setattr__(self, "jacobi_iters", j if n else None)
 
@@ -160,7 +153,7 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self):
-        _need(self.arch in ARCHS, f"arch {self.arch!r} is not supported; supported: {', '.join(ARCHS)}")
+        need(self.arch in ARCHS, f"arch {self.arch!r} is not supported; supported: {', '.join(ARCHS)}")
         for k, v in _ARCH_DEFAULTS[self.arch].items():
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
@@ -173,25 +166,25 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
                      "seq_length", "make_vocab_size_divisible_by"):
             v = getattr(self, name)
-            _need(v >= 1, f"{name} must be >= 1, got {v}{where}")
-        _need(self.hidden_size % self.num_attention_heads == 0,
+            need(v >= 1, f"{name} must be >= 1, got {v}{where}")
+        need(self.hidden_size % self.num_attention_heads == 0,
               f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
               f"{self.num_attention_heads}{where}")
         g = self.query_groups
-        _need(1 <= g <= self.num_attention_heads and self.num_attention_heads % g == 0,
+        need(1 <= g <= self.num_attention_heads and self.num_attention_heads % g == 0,
               f"num_query_groups {g} must divide num_attention_heads {self.num_attention_heads}{where}")
-        _need(self.normalization in ("LayerNorm", "RMSNorm"),
+        need(self.normalization in ("LayerNorm", "RMSNorm"),
               f"normalization {self.normalization!r}: LayerNorm or RMSNorm")
-        _need(self.activation in ACTIVATIONS, f"activation {self.activation!r}: one of {', '.join(ACTIVATIONS)}")
-        _need(self.position_embedding_type in ("rope", "learned_absolute"),
+        need(self.activation in ACTIVATIONS, f"activation {self.activation!r}: one of {', '.join(ACTIVATIONS)}")
+        need(self.position_embedding_type in ("rope", "learned_absolute"),
               f"position_embedding_type {self.position_embedding_type!r}: rope or learned_absolute")
-        _need(0.0 < self.rotary_percent <= 1.0, f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
+        need(0.0 < self.rotary_percent <= 1.0, f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
         if self.position_embedding_type == "rope":
             rot = self.head_dim * self.rotary_percent
-            _need(rot == int(rot) and int(rot) % 2 == 0,
+            need(rot == int(rot) and int(rot) % 2 == 0,
                   f"rotary_percent {self.rotary_percent} of head dim {self.head_dim} must be an even whole "
                   f"number of dims, got {rot}{where}")
-        _need(self.norm_epsilon > 0, f"norm_epsilon must be > 0, got {self.norm_epsilon}")
+        need(self.norm_epsilon > 0, f"norm_epsilon must be > 0, got {self.norm_epsilon}")
 
     # ------------------------------------------------------------------------------ derived sizes
     @property
@@ -257,13 +250,13 @@ class ModelConfig:
         latent.update({k: d.pop(k) for k in _LATENT_FIELDS if k in d})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known) + sorted(set(latent) - set(_LATENT_FIELDS))
-        _need(not unknown, f"unknown model config fields: {', '.join(unknown)}")
+        need(not unknown, f"unknown model config fields: {', '.join(unknown)}")
         return cls(**d, latent=LatentSettings(**latent))
 
     def check_seq_length(self, seq_length: int) -> None:
         """ConfigError when training sequences of `seq_length` tokens do not fit the model."""
-        _need(seq_length >= 1, f"the training sequence length must be >= 1, got {seq_length}")
-        _need(seq_length <= self.seq_length,
+        need(seq_length >= 1, f"the training sequence length must be >= 1, got {seq_length}")
+        need(seq_length <= self.seq_length,
               f"training sequences of {seq_length} tokens exceed the {self.seq_length} positions "
               f"(seq_length) of model {self.name!r}")
 
@@ -313,8 +306,6 @@ class ModelConfig:
         # Imported here: megatron's transformer package is heavy, and tools that only read
         # configs (conversion of configs, data preparation) never need it.
         from megatron.core.transformer import TransformerConfig
-
-        from megatron_latent.config.layout import ParallelLayout
 
         ParallelLayout(
             tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Dict
 
-from megatron_latent.config.model import ConfigError, ModelConfig
+from megatron_latent.config.errors import ConfigError
+from megatron_latent.config.model import ModelConfig
 
 
 def _pythia(name, h, layers, heads):

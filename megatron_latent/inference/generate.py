@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import torch
+from megatron.core import parallel_state as ps
 
 from megatron_latent.inference.kv_decoder import PREFILL_METHODS, LatentKVDecoder
 from megatron_latent.inference.sampling import SamplingParams, sample
+from megatron_latent.models.latent import LatentGPTModel
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[int]]
 
@@ -82,7 +84,7 @@ def generate(
     params = SamplingParams(greedy, temperature, top_k, top_p, seed, vocab_size)
     _check_model(model)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     _check_prefill(prefill, jacobi_iters, tol, max_jacobi_iters)
     batch = _prepare(model, prompt_ids, extra_positions=max_new_tokens)
     b, p = batch.ids.shape
@@ -151,30 +153,28 @@ def decode_logits(
 
 # ------------------------------------------------------------------------------------ helpers
 def _check_model(model):
-    from megatron_latent.models.latent import LatentGPTModel
-
     if not isinstance(model, LatentGPTModel):
         raise TypeError(f"generation needs a LatentGPTModel, got {type(model).__name__}")
     if not (model.pre_process and model.post_process):
-        raise ValueError("generation runs with --pipeline-model-parallel-size 1 (the whole model on this rank)")
+        raise ValueError("generation runs with pipeline_model_parallel_size 1 (the whole model on this rank)")
     if model.config.sequence_parallel:
-        raise ValueError("generation runs without --sequence-parallel")
+        raise ValueError("generation runs without sequence_parallel")
     if model.training:
         raise ValueError("generation needs model.eval() (dropout would make decoding random)")
 
 
 def _check_prefill(prefill, jacobi_iters, tol, max_jacobi_iters):
     if prefill not in PREFILL_METHODS:
-        raise ValueError(f"--prefill {prefill!r}: choose one of {', '.join(PREFILL_METHODS)}")
+        raise ValueError(f"prefill {prefill!r}: choose one of {', '.join(PREFILL_METHODS)}")
     if jacobi_iters is not None and (prefill != "jacobi" or jacobi_iters < 0):
-        raise ValueError(f"--jacobi-iters-eval {jacobi_iters}: needs --prefill jacobi and a value >= 0")
+        raise ValueError(f"jacobi_iters {jacobi_iters}: needs prefill 'jacobi' and a value >= 0")
     if prefill == "tolerance":
         if tol is None or not tol > 0:
-            raise ValueError(f"--prefill tolerance needs a tolerance > 0, got {tol}")
+            raise ValueError(f"prefill 'tolerance' needs tol > 0, got {tol}")
     elif tol is not None:
-        raise ValueError("a Jacobi tolerance was given without --prefill tolerance")
+        raise ValueError("tol was given without prefill 'tolerance'")
     if max_jacobi_iters is not None and (prefill != "tolerance" or max_jacobi_iters < 1):
-        raise ValueError(f"max_jacobi_iters {max_jacobi_iters}: needs --prefill tolerance and a value >= 1")
+        raise ValueError(f"max_jacobi_iters {max_jacobi_iters}: needs prefill 'tolerance' and a value >= 1")
 
 
 def _prepare(model, prompt_ids: Prompts, extra_positions: int) -> _Batch:
@@ -201,7 +201,7 @@ def _prepare(model, prompt_ids: Prompts, extra_positions: int) -> _Batch:
     if model.position_embedding_type == "learned_absolute" and longest + extra_positions > model.max_sequence_length:
         raise ValueError(
             f"prompt of {longest} tokens + {extra_positions} new tokens exceeds the model's "
-            f"{model.max_sequence_length} learned positions (--seq-length)"
+            f"{model.max_sequence_length} learned positions (seq_length)"
         )
     ids = torch.zeros(len(prompts), longest, dtype=torch.long)
     valid = torch.zeros(len(prompts), longest, dtype=torch.bool)
@@ -214,8 +214,6 @@ def _prepare(model, prompt_ids: Prompts, extra_positions: int) -> _Batch:
 
 def _broadcast_tp(token):
     """Every tensor-parallel rank continues with the tokens of the group's first rank."""
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         torch.distributed.broadcast(token, src=ps.get_tensor_model_parallel_src_rank(),
                                     group=ps.get_tensor_model_parallel_group())

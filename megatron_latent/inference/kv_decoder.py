@@ -117,7 +117,7 @@ class LatentKVDecoder:
         With N = 0 there are no thoughts: every method is one pass over the prompt.
         """
         if method not in PREFILL_METHODS:
-            raise ValueError(f"--prefill {method!r}: choose one of {', '.join(PREFILL_METHODS)}")
+            raise ValueError(f"prefill {method!r}: choose one of {', '.join(PREFILL_METHODS)}")
         if self.length:
             raise ValueError("prefill needs an empty cache")
         n = self.n

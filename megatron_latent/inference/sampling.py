@@ -20,11 +20,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature} (use --greedy for argmax)")
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use greedy for argmax)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"--top-k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
 
