@@ -18,7 +18,6 @@ def full_weights(cfg):
     """A full (unsharded) state dict for `cfg`, each tensor drawn from a generator seeded by its
     name: larger than the paper's init so that thoughts, positions and padding visibly matter."""
     from megatron_latent.hf.layout import expected_shapes
-
     from parallel_utils import draw
 
     return {

@@ -10,8 +10,13 @@ import torch
 from data_fixtures import train_hf_bpe
 from megatron_latent.data import indexed
 from megatron_latent.data.gpt_data import (
-    DataArgs, DataConfigError, MegatronPretrainingSampler, build_pretraining_data_loader,
-    build_train_valid_test_datasets, train_valid_test_num_samples)
+    DataArgs,
+    DataConfigError,
+    MegatronPretrainingSampler,
+    build_pretraining_data_loader,
+    build_train_valid_test_datasets,
+    train_valid_test_num_samples,
+)
 from megatron_latent.data.tokenizer import build_tokenizer
 from multirank import run_on_ranks
 

@@ -74,7 +74,7 @@ def test_resume_continues_exactly(tmp_path, optimizer):
     for step in range(1, 7):
         got = first.get(step, rest.get(step))
         assert got == full[step], (step, got, full[step])
-    js = [l.split(" J ")[1].split()[0] for l in out_a.splitlines() if l.startswith("iteration")]
+    js = [line.split(" J ")[1].split()[0] for line in out_a.splitlines() if line.startswith("iteration")]
     assert len(set(js)) > 1  # J really varies per step
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "6"
     assert json.load(open(os.path.join(save, "model_config.json")))["num_latent_thoughts"] == 1
@@ -173,7 +173,8 @@ def test_bad_flags_stop_the_parser(argv, needle, capsys):
 def test_one_virtual_stage_is_the_plain_pipeline():
     from megatron_latent.training.arguments import parse_args
 
-    args = parse_args(["--mock-data", "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "1"])
+    args = parse_args(["--mock-data", "--pipeline-model-parallel-size", "2",
+                       "--num-virtual-stages-per-pipeline-rank", "1"])
     assert args.num_virtual_stages_per_pipeline_rank is None
 
 
@@ -209,7 +210,7 @@ def test_divergence_stops_without_saving(tmp_path):
                             "--save-interval", "1"] + _tb(tmp_path, "tb")
     (code, _, err), = run_on_ranks(_main, 1, argv)
     assert code == 1, err[-2000:]
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "stopping without saving" in lines[0] and "Lower --lr" in lines[0], err[-2000:]
     bad = int(lines[0].split("iteration ")[1].split(":")[0])
     assert bad >= 2 and sorted(_losses(tmp_path, "tb")) == list(range(1, bad))
@@ -225,9 +226,9 @@ def test_a_failed_checkpoint_write_stops_every_rank(tmp_path):
                    "--global-batch-size", "4", "--save", str(blocker / "ckpt")]
     results = run_on_ranks(_main, 2, argv, timeout=300)
     assert [r[0] for r in results] == [1, 1]
-    err = [l for l in results[0][2].splitlines() if l.startswith("error: ")]
+    err = [line for line in results[0][2].splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and err[0].startswith("error: --save") and "Not a directory" in err[0], results[0][2][-2000:]
-    assert not [l for l in results[1][2].splitlines() if l.startswith("error: ")]  # said once
+    assert not [line for line in results[1][2].splitlines() if line.startswith("error: ")]  # said once
 
 
 def test_bf16_tracks_fp32(tmp_path):
@@ -301,7 +302,7 @@ def test_pipeline_micro_batch_count_is_checked_before_training(capsys):
         "--mock-data", "--seq-length", "16", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
         "--global-batch-size", "2"])
     assert [r[0] for r in results] == [2, 2]
-    err = [l for l in results[0][2].splitlines() if "Warning" not in l and not l.startswith("  ")]
+    err = [line for line in results[0][2].splitlines() if "Warning" not in line and not line.startswith("  ")]
     assert len(err) == 1 and "gives 1 micro-batches per step" in err[0] and "--pipeline-model-parallel-size 2" in err[0]
 
 
