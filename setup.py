@@ -18,7 +18,10 @@ setup(
         "zstandard",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.46", "safetensors", "matplotlib", "lm-eval[hf]>=0.4"],
+        "test": [
+            "pytest>=7", "pytest-timeout", "ruff", "transformers>=4.46", "safetensors", "matplotlib",
+            "lm-eval[hf]>=0.4",
+        ],
         "plot": ["matplotlib", "tensorboard"],
         "hf": ["transformers>=4.46", "safetensors"],
         "eval": ["lm-eval[hf]>=0.4", "transformers>=4.46", "safetensors"],

@@ -27,3 +27,43 @@ def single_rank():
     initialize_model_parallel(1, 1)
     yield
     torch.manual_seed(0)
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()  # the default group and every other one
+
+
+def _megatron_groups():
+    """The process groups megatron's parallel state refers to now."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    found = set()
+    for value in vars(parallel_state).values():
+        if isinstance(value, dict):
+            value = list(value.values())
+        found.update(v for v in (value if isinstance(value, (list, tuple)) else [value])
+                     if isinstance(v, dist.ProcessGroup))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _destroy_orphaned_groups():
+    """Each megatron (re)initialisation in this process (the single_rank fixture; a checkpoint load
+    for export or generation) creates a new set of gloo groups, each with its own threads, and
+    megatron's destroy_model_parallel only forgets the old set. After each test, destroy the groups
+    that neither the default group nor megatron's current state uses."""
+    yield
+    import sys
+
+    if "megatron.core.parallel_state" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    keep = _megatron_groups() | {dist.group.WORLD}
+    # torch keeps the registry of live groups in a private map; there is no public listing.
+    for pg in [pg for pg in dist.distributed_c10d._world.pg_map if pg not in keep]:
+        dist.destroy_process_group(pg)

@@ -1,7 +1,5 @@
 """Tiny latent models of the three families for the generation tests (same weights at any TP)."""
 
-import zlib
-
 import torch
 
 FAMILIES = ("tiny-gpt2", "tiny-pythia", "tiny-llama")
@@ -20,13 +18,12 @@ def full_weights(cfg):
     """A full (unsharded) state dict for `cfg`, each tensor drawn from a generator seeded by its
     name: larger than the paper's init so that thoughts, positions and padding visibly matter."""
     from megatron_latent.hf.layout import expected_shapes
+    from parallel_utils import draw
 
-    full = {}
-    for name, shape in expected_shapes(cfg).items():
-        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        t = torch.randn(shape, generator=g) * 0.05
-        full[name] = 1.0 + t if "norm" in name and name.endswith("weight") else t
-    return full
+    return {
+        name: draw(name, shape, center=1.0 if "norm" in name and name.endswith("weight") else 0.0)
+        for name, shape in expected_shapes(cfg).items()
+    }
 
 
 def family_model(preset, n, **overrides):

@@ -30,18 +30,18 @@ def hf_model(arch: str, seed: int = 0):
         cls = tf.LlamaForCausalLM
     else:
         raise ValueError(arch)
+    from parallel_utils import draw
+
     torch.manual_seed(seed)
     model = cls(cfg).float().eval()
-    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name or "ln_" in name:
-                p.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
-            elif p.dim() == 1:
-                p.copy_(0.2 * noise)
-            else:
-                p.copy_(noise / p.shape[-1 if "c_" not in name else 0] ** 0.5)
+            key = f"{arch}:{seed}:{name}"
+            if p.dim() == 1:
+                norm_weight = ("norm" in name or "ln_" in name) and name.endswith("weight")
+                p.copy_(draw(key, p.shape, std=0.2, center=1.0 if norm_weight else 0.0))
+            else:  # GPT-2's Conv1D weights are stored [in, out]
+                p.copy_(draw(key, p.shape, std=p.shape[-1 if "c_" not in name else 0] ** -0.5))
     return model
 
 

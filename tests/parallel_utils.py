@@ -12,6 +12,7 @@ VOCAB, SEQ, HIDDEN, HEADS, LAYERS = 64, 16, 32, 4, 4
 
 
 def tiny_config(tp=1, pp=1, **overrides):
+    """Sizes and parallel settings of a tiny model (a TransformerConfig; `tiny_gpt` builds from it)."""
     from megatron.core.transformer import TransformerConfig
 
     kw = dict(
@@ -25,48 +26,68 @@ def tiny_config(tp=1, pp=1, **overrides):
         hidden_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        # Pairing of unbatched send/recv is exact on gloo (see DESIGN.md section 3).
+        # On gloo, batched p2p paired messages between the same two ranks wrongly in the interleaved
+        # schedule (the loss was off); unbatched send/recv pairs exactly, as the product does on CPU.
         batch_p2p_comm=False,
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
 
 
-def tiny_gpt(config, position_embedding_type="rope", vp_stage=None, latent=None):
-    """A tiny GPTModel for this rank's pipeline stage (and virtual stage `vp_stage`); a
-    LatentGPTModel when `latent` (LatentSettings) is given."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+# The product's family for each position embedding: GPT-NeoX (rotary, LayerNorm, biases, parallel
+# residual, untied output layer) or GPT-2 (learned positions, tied embeddings).
+FAMILY = {"rope": "gpt-neox", "learned_absolute": "gpt2"}
+# What the test's TransformerConfig decides; architecture fields come from the family.
+_CARRIED = ("sequence_parallel", "recompute_granularity", "recompute_method", "recompute_num_layers",
+            "recompute_modules", "init_method", "output_layer_init_method")
 
-    kw = {} if vp_stage is None else {"ignore_virtual": False, "vp_stage": vp_stage}
-    cls, extra = GPTModel, {}
-    if latent is not None:
-        from megatron_latent.models.latent import LatentGPTModel
 
-        cls, extra = LatentGPTModel, {"latent": latent}
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+def tiny_model_config(config, position_embedding_type="rope"):
+    """The megatron_latent ModelConfig of `config`'s sizes in the family of `position_embedding_type`."""
+    from megatron_latent.config import ModelConfig
 
-    from megatron_latent.models.norms import with_torch_norms
-
-    spec = with_torch_norms(get_gpt_layer_local_spec(), get_num_layers_to_build(config, vp_stage=vp_stage))
-    return cls(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        pre_process=ps.is_pipeline_first_stage(**kw),
-        post_process=ps.is_pipeline_last_stage(**kw),
-        position_embedding_type=position_embedding_type,
-        vp_stage=vp_stage,
-        **extra,
+    arch = FAMILY[position_embedding_type]
+    return ModelConfig(
+        name=f"tiny-{arch}", arch=arch, num_layers=config.num_layers, hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
+        ffn_hidden_size=config.ffn_hidden_size, vocab_size=VOCAB, make_vocab_size_divisible_by=VOCAB,
+        seq_length=SEQ,
     )
 
 
+def tiny_gpt(config, position_embedding_type="rope", vp_stage=None, latent=None):
+    """This rank's pipeline stage (virtual stage `vp_stage`) of a tiny model built the product's
+    way (build_gpt_model, local spec): a GPTModel, or a LatentGPTModel when `latent`
+    (LatentSettings) is given. `config` gives the sizes, parallel layout, sequence parallelism,
+    recomputation, dtype and init methods."""
+    from megatron_latent.models.gpt import build_gpt_model
+
+    cfg = tiny_model_config(config, position_embedding_type)
+    tc = cfg.to_transformer_config(
+        config.tensor_model_parallel_size,
+        config.pipeline_model_parallel_size,
+        config.virtual_pipeline_model_parallel_size,
+        params_dtype=config.params_dtype,
+        **{f: getattr(config, f) for f in _CARRIED},
+    )
+    if latent is None:
+        return build_gpt_model(cfg, vp_stage=vp_stage, config=tc, use_te=False)
+    from megatron_latent.models.latent import LatentGPTModel
+
+    return build_gpt_model(cfg, vp_stage=vp_stage, config=tc, use_te=False, model_cls=LatentGPTModel, latent=latent)
+
+
+def draw(key, shape, std=0.05, center=0.0):
+    """The tests' one weight generator: center + N(0, std^2), from a generator seeded by `key` (a
+    parameter's global name), so that every layout, shard and side (megatron, Hugging Face) holds
+    the same full tensor."""
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    return center + torch.randn(shape, generator=g) * std
+
+
 def init_weights(chunks):
-    """Deterministic weights keyed by global parameter name, so every layout starts from the same
-    model: each full tensor is drawn from a generator seeded by its name, then this rank's TP
-    shard is taken."""
+    """Weights from `draw` for this rank's model chunks, keyed by global parameter name, so every
+    layout starts from the same model: each full tensor is drawn, then this rank's TP shard is taken."""
     from megatron.core import parallel_state as ps
 
     tp_rank = ps.get_tensor_model_parallel_rank()
@@ -76,14 +97,11 @@ def init_weights(chunks):
             key = _global_name(name, chunk)
             if key == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
                 key = "embedding.word_embeddings.weight"  # the last stage's copy of a tied embedding
-            g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
             sharded = tp > 1 and getattr(p, "tensor_model_parallel", False)
             full_shape = list(p.shape)
             if sharded:
                 full_shape[p.partition_dim] *= tp
-            full = torch.randn(full_shape, generator=g) * 0.05
-            if "norm" in name and name.endswith("weight"):
-                full = 1.0 + full
+            full = draw(key, full_shape, center=1.0 if "norm" in name and name.endswith("weight") else 0.0)
             if sharded and "linear_fc1" in name and chunk.config.gated_linear_unit:
                 # megatron's gated fc1 shard is [gate_r; up_r], not row block r of [gate; up]
                 gate, up = full.chunk(2, dim=0)

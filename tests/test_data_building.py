@@ -2,7 +2,6 @@
 resume by consumed samples, DP=2 with rank 0 building first."""
 
 import os
-import socket
 
 import numpy
 import pytest
@@ -11,9 +10,15 @@ import torch
 from data_fixtures import train_hf_bpe
 from megatron_latent.data import indexed
 from megatron_latent.data.gpt_data import (
-    DataArgs, DataConfigError, MegatronPretrainingSampler, build_pretraining_data_loader,
-    build_train_valid_test_datasets, train_valid_test_num_samples)
+    DataArgs,
+    DataConfigError,
+    MegatronPretrainingSampler,
+    build_pretraining_data_loader,
+    build_train_valid_test_datasets,
+    train_valid_test_num_samples,
+)
 from megatron_latent.data.tokenizer import build_tokenizer
+from multirank import run_on_ranks
 
 SEQ = 16
 DOC_LEN = 10  # tokens per document, EOD included
@@ -115,33 +120,22 @@ def test_sampler_resumes_exactly():
     assert train_valid_test_num_samples(100, 8, 5, 50) == [800, 120, 40]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dp_worker(rank, port, env, cache, out):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        args = DataArgs(seq_length=SEQ, data_path=["0.3", env["A"], "0.7", env["B"]],
-                        split="969,30,1", data_cache_path=cache)
-        train, _, _ = build_train_valid_test_datasets(args, env["tok"], [64, 8, 8])
-        loader = build_pretraining_data_loader(train, consumed_samples=16, micro_batch_size=4,
-                                               data_parallel_rank=rank, data_parallel_size=2)
-        batches = [batch["tokens"] for _, batch in zip(range(3), loader)]
-        reference = torch.stack([train[i]["tokens"] for i in range(64)])
-        torch.save({"batches": batches, "reference": reference}, os.path.join(out, f"{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def _dp_body(env, cache):
+    rank = torch.distributed.get_rank()
+    args = DataArgs(seq_length=SEQ, data_path=["0.3", env["A"], "0.7", env["B"]],
+                    split="969,30,1", data_cache_path=cache)
+    train, _, _ = build_train_valid_test_datasets(args, env["tok"], [64, 8, 8])
+    loader = build_pretraining_data_loader(train, consumed_samples=16, micro_batch_size=4,
+                                           data_parallel_rank=rank, data_parallel_size=2)
+    batches = [batch["tokens"] for _, batch in zip(range(3), loader)]
+    reference = torch.stack([train[i]["tokens"] for i in range(64)])
+    return {"batches": batches, "reference": reference}
 
 
 def test_builder_at_data_parallel_2(env, tmp_path):
-    cache, out = str(tmp_path / "cache"), str(tmp_path)
+    cache = str(tmp_path / "cache")
     env_paths = {"A": env["A"], "B": env["B"], "tok": env["tok"]}
-    torch.multiprocessing.spawn(_dp_worker, args=(_free_port(), env_paths, cache, out), nprocs=2)
-    r0, r1 = (torch.load(os.path.join(out, f"{r}.pt")) for r in range(2))
+    r0, r1 = run_on_ranks(_dp_body, 2, env_paths, cache)
     assert torch.equal(r0["reference"], r1["reference"])  # both ranks read the same samples
     ref = r0["reference"]
     # resumed at 16 consumed samples: global micro-batches of 8 = rank 0's 4 then rank 1's 4

@@ -41,9 +41,8 @@ def test_rotary_by_cache_index_would_be_wrong(preset, monkeypatch):
 
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_n0_greedy_equals_plain_gpt_greedy_without_cache(preset):
-    from megatron_latent.models.gpt import build_gpt_model
-
     from gen_utils import family_config
+    from megatron_latent.models.gpt import build_gpt_model
 
     latent = family_model(preset, 0)
     plain = build_gpt_model(family_config(preset, 0), use_te=False).eval()
@@ -195,9 +194,8 @@ def test_bad_input_errors_clearly(kwargs, message):
 
 
 def test_bad_model_errors_clearly():
-    from megatron_latent.models.gpt import build_gpt_model
-
     from gen_utils import family_config
+    from megatron_latent.models.gpt import build_gpt_model
 
     with pytest.raises(TypeError, match="LatentGPTModel"):
         generate(build_gpt_model(family_config("tiny-llama", 0), use_te=False).eval(), [[1]], 1)

@@ -134,7 +134,8 @@ def _sgd_clipped_step(tp):
     chunks = [tiny_gpt(tiny_config(tp, 1))]
     init_weights(chunks)
     model = engine.wrap_ddp(chunks, DistributedDataParallelConfig())
-    opt = engine.build_optimizer(model, OptimizerConfig(optimizer="sgd", lr=0.1, sgd_momentum=0.0, weight_decay=0.0, clip_grad=CLIP))
+    opt = engine.build_optimizer(
+        model, OptimizerConfig(optimizer="sgd", lr=0.1, sgd_momentum=0.0, weight_decay=0.0, clip_grad=CLIP))
     engine.configure_model_for_training(model, opt)
     before = _merged(model, grads=False)
     result = engine.train_step(_forward_step, iter([batch(i, MBS) for i in range(2)]), model, opt, 2, SEQ, MBS)

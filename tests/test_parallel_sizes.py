@@ -1,7 +1,5 @@
 """A bad parallel layout stops every rank at start-up with one line naming the flag."""
 
-import time
-
 import pytest
 
 from megatron_latent.parallel.initialize import ParallelConfigError, validate_parallel_sizes
@@ -38,7 +36,7 @@ def _start(tp, pp, num_layers):
 
 
 def test_bad_layout_fails_on_every_rank_without_hanging():
-    t0 = time.monotonic()
+    # A rank left waiting for the failed one would hit run_on_ranks' timeout, which reports
+    # "timed out" instead of the flag: the match below fails then.
     with pytest.raises(AssertionError, match="larger than --num-layers 1"):
         run_on_ranks(_start, 2, 1, 2, 1, timeout=60)
-    assert time.monotonic() - t0 < 60

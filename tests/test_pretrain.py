@@ -30,18 +30,24 @@ def _runs(argvs):
     return [_main(a) for a in argvs]
 
 
-def _losses(stdout):
-    lines = [l for l in stdout.splitlines() if l.startswith("iteration")]
-    return {int(l.split()[1].split("/")[0]): float(l.split("loss ")[1].split()[0]) for l in lines}
+def _tb(tmp_path, name):
+    return ["--tensorboard-dir", str(tmp_path / name)]
 
 
-def test_latent_training_at_tp2_lowers_the_loss():
-    argv = TINY + LATENT + ["--mock-data", "--tensor-model-parallel-size", "2", "--seq-length", "16",
-                            "--train-iters", "8", "--micro-batch-size", "2", "--global-batch-size", "4",
-                            "--lr", "1e-2"]
+def _losses(tmp_path, name, key="train/loss"):
+    """{iteration: value} of `key` in the metrics.jsonl that run `name` wrote (its --tensorboard-dir)."""
+    with open(tmp_path / name / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return {r["iteration"]: r[key] for r in records if key in r}
+
+
+def test_latent_training_at_tp2_lowers_the_loss(tmp_path):
+    argv = TINY + LATENT + _tb(tmp_path, "tb") + [
+        "--mock-data", "--tensor-model-parallel-size", "2", "--seq-length", "16", "--train-iters", "8",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2"]
     results = run_on_ranks(_main, 2, argv)
     assert [r[0] for r in results] == [0, 0]
-    losses = _losses(results[0][1])
+    losses = _losses(tmp_path, "tb")
     assert sorted(losses) == list(range(1, 9)) and " J " in results[0][1]
     assert losses[8] < losses[1] - 0.3
 
@@ -56,19 +62,19 @@ def test_resume_continues_exactly(tmp_path, optimizer):
         "--mock-data", "--seq-length", "16", "--train-iters", "6", "--micro-batch-size", "2",
         "--global-batch-size", "8", "--lr", "1e-2", "--jacobi-iters", "1", "3"]
     runs = run_on_ranks(_runs, 2, [
-        common,
-        common + ["--save", save, "--exit-interval", "3"],
-        common + ["--load", save, "--save", save],
+        common + _tb(tmp_path, "a"),
+        common + _tb(tmp_path, "b") + ["--save", save, "--exit-interval", "3"],
+        common + _tb(tmp_path, "c") + ["--load", save, "--save", save],
     ], timeout=600)
     (code_a, out_a, _), (code_b, out_b, _), (code_c, out_c, _) = runs[0]
     assert (code_a, code_b, code_c) == (0, 0, 0)
-    full, first, rest = _losses(out_a), _losses(out_b), _losses(out_c)
+    full, first, rest = (_losses(tmp_path, run) for run in "abc")
     assert sorted(first) == [1, 2, 3] and sorted(rest) == [4, 5, 6]
     assert "resumed from" in out_c
     for step in range(1, 7):
         got = first.get(step, rest.get(step))
-        assert abs(got - full[step]) <= 1e-6 * abs(full[step]), (step, got, full[step])
-    js = [l.split(" J ")[1].split()[0] for l in out_a.splitlines() if l.startswith("iteration")]
+        assert got == full[step], (step, got, full[step])
+    js = [line.split(" J ")[1].split()[0] for line in out_a.splitlines() if line.startswith("iteration")]
     assert len(set(js)) > 1  # J really varies per step
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "6"
     assert json.load(open(os.path.join(save, "model_config.json")))["num_latent_thoughts"] == 1
@@ -96,22 +102,19 @@ def _corpus(tmp_path):
 
 def test_real_data_with_document_resets(tmp_path):
     tok, data = _corpus(tmp_path)
-    tb = str(tmp_path / "tb")
-    argv = TINY + LATENT + [
+    argv = TINY + LATENT + _tb(tmp_path, "tb") + [
         "--data-path", data, "--split", "80,10,10", "--tokenizer-type", "HuggingFaceTokenizer",
         "--tokenizer-model", tok, "--seq-length", "32", "--train-iters", "4", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--eval-interval", "3", "--eval-iters", "1", "--reset-position-ids",
-        "--reset-attention-mask", "--eod-mask-loss", "--tensorboard-dir", tb,
+        "--reset-attention-mask", "--eod-mask-loss",
     ]
     (code, out, err), = run_on_ranks(_main, 1, argv)
     assert code == 0, err
-    assert sorted(_losses(out)) == [1, 2, 3, 4]
     # Every --eval-interval and at the end (as Megatron), then the test split once.
     assert out.count("validation at iteration") == 2 and out.count("test at iteration 4") == 1
-    records = [json.loads(l) for l in open(os.path.join(tb, "metrics.jsonl"))]
-    assert [r["iteration"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
-    assert [r["iteration"] for r in records if "valid/loss" in r] == [3, 4]
-    assert [r["iteration"] for r in records if "test/loss" in r] == [4]
+    assert list(_losses(tmp_path, "tb")) == [1, 2, 3, 4]
+    assert list(_losses(tmp_path, "tb", "valid/loss")) == [3, 4]
+    assert list(_losses(tmp_path, "tb", "test/loss")) == [4]
 
 
 def test_continued_pretraining_from_a_converted_hf_checkpoint(tmp_path):
@@ -124,10 +127,10 @@ def test_continued_pretraining_from_a_converted_hf_checkpoint(tmp_path):
     run_on_ranks(convert_hf_to_checkpoint, 1, hf_dir, conv)
     base = ["--mock-data", "--load", conv, "--use-checkpoint-args", "--num-workers", "0", "--seq-length", "16",
             "--train-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "2"] + LATENT
-    (no_flag, with_flag), = run_on_ranks(_runs, 1, [base, base + ["--finetune"]])
+    (no_flag, with_flag), = run_on_ranks(_runs, 1, [base, base + ["--finetune"] + _tb(tmp_path, "tb")])
     assert no_flag[0] == 2 and "pass --finetune" in no_flag[2]
     assert with_flag[0] == 0, with_flag[2]
-    assert "loaded weights of iteration 0" in with_flag[1] and sorted(_losses(with_flag[1])) == [1, 2]
+    assert "loaded weights of iteration 0" in with_flag[1] and sorted(_losses(tmp_path, "tb")) == [1, 2]
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -170,7 +173,8 @@ def test_bad_flags_stop_the_parser(argv, needle, capsys):
 def test_one_virtual_stage_is_the_plain_pipeline():
     from megatron_latent.training.arguments import parse_args
 
-    args = parse_args(["--mock-data", "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "1"])
+    args = parse_args(["--mock-data", "--pipeline-model-parallel-size", "2",
+                       "--num-virtual-stages-per-pipeline-rank", "1"])
     assert args.num_virtual_stages_per_pipeline_rank is None
 
 
@@ -185,7 +189,7 @@ def test_resuming_with_other_settings_names_the_flags(tmp_path):
         base + ["--load", save, "--hidden-size", "64"],
         base + ["--load", save, "--num-latent-thoughts", "2"],
         base + ["--load", save, "--lr", "1e-3"],
-        base + ["--load", save, "--lr", "1e-3", "--override-opt_param-scheduler"],
+        base + ["--load", save, "--lr", "1e-3", "--override-opt_param-scheduler"] + _tb(tmp_path, "tb"),
     ])
     codes = [r[0] for r in runs]
     assert codes == [0, 2, 2, 2, 0], [r[2][-500:] for r in runs]
@@ -194,7 +198,7 @@ def test_resuming_with_other_settings_names_the_flags(tmp_path):
     assert "hidden_size: 32 vs 64" in errors[0][0]
     assert "--num-latent-thoughts 1 -> 2" in errors[1][0] and "pass --finetune" in errors[1][0]
     assert "--lr (max_lr 0.003 vs 0.001)" in errors[2][0] and "--override-opt_param-scheduler" in errors[2][0]
-    assert "resumed from" in runs[4][1] and sorted(_losses(runs[4][1])) == [2]
+    assert "resumed from" in runs[4][1] and sorted(_losses(tmp_path, "tb")) == [2]
 
 
 def test_divergence_stops_without_saving(tmp_path):
@@ -203,13 +207,13 @@ def test_divergence_stops_without_saving(tmp_path):
     save = str(tmp_path / "ckpt")
     argv = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--train-iters", "6", "--micro-batch-size", "2",
                             "--global-batch-size", "2", "--lr", "1e30", "--save", save,
-                            "--save-interval", "1"]
-    (code, out, err), = run_on_ranks(_main, 1, argv)
+                            "--save-interval", "1"] + _tb(tmp_path, "tb")
+    (code, _, err), = run_on_ranks(_main, 1, argv)
     assert code == 1, err[-2000:]
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "stopping without saving" in lines[0] and "Lower --lr" in lines[0], err[-2000:]
     bad = int(lines[0].split("iteration ")[1].split(":")[0])
-    assert bad >= 2 and sorted(_losses(out)) == list(range(1, bad))
+    assert bad >= 2 and sorted(_losses(tmp_path, "tb")) == list(range(1, bad))
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == str(bad - 1)
 
 
@@ -222,20 +226,20 @@ def test_a_failed_checkpoint_write_stops_every_rank(tmp_path):
                    "--global-batch-size", "4", "--save", str(blocker / "ckpt")]
     results = run_on_ranks(_main, 2, argv, timeout=300)
     assert [r[0] for r in results] == [1, 1]
-    err = [l for l in results[0][2].splitlines() if l.startswith("error: ")]
+    err = [line for line in results[0][2].splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and err[0].startswith("error: --save") and "Not a directory" in err[0], results[0][2][-2000:]
-    assert not [l for l in results[1][2].splitlines() if l.startswith("error: ")]  # said once
+    assert not [line for line in results[1][2].splitlines() if line.startswith("error: ")]  # said once
 
 
-def test_bf16_tracks_fp32():
+def test_bf16_tracks_fp32(tmp_path):
     """--bf16 (bf16 weights and activations, fp32 main weights in the optimizer, fp32 gradient
     reduction and loss) follows the fp32 run within bf16 rounding; on CPU this checks the wiring,
     the GPU smoke checks the speed."""
     base = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--train-iters", "3", "--micro-batch-size", "2",
                             "--global-batch-size", "4"]
-    (fp32, bf16), = run_on_ranks(_runs, 1, [base, base + ["--bf16"]])
+    (fp32, bf16), = run_on_ranks(_runs, 1, [base + _tb(tmp_path, "fp32"), base + ["--bf16"] + _tb(tmp_path, "bf16")])
     assert fp32[0] == 0 and bf16[0] == 0, bf16[2]
-    a, b = _losses(fp32[1]), _losses(bf16[1])
+    a, b = _losses(tmp_path, "fp32"), _losses(tmp_path, "bf16")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
         assert abs(a[step] - b[step]) < 0.02 * a[step], (step, a[step], b[step])
@@ -283,15 +287,14 @@ def test_pipeline_parallel_latent_run_equals_one_rank(tmp_path):
     base = LATENT + ["--mock-data", "--load", conv, "--use-checkpoint-args", "--finetune", "--num-workers", "0",
                      "--seq-length", "16", "--train-iters", "3", "--micro-batch-size", "1", "--global-batch-size", "4",
                      "--lr", "1e-3", "--lr-warmup-fraction", "0", "--eval-interval", "3", "--eval-iters", "1"]
-    (one,) = run_on_ranks(_main, 1, base)
-    two = run_on_ranks(_main, 2, base + ["--pipeline-model-parallel-size", "2"])
+    (one,) = run_on_ranks(_main, 1, base + _tb(tmp_path, "one"))
+    two = run_on_ranks(_main, 2, base + ["--pipeline-model-parallel-size", "2"] + _tb(tmp_path, "two"))
     assert one[0] == 0 and [r[0] for r in two] == [0, 0], two[0][2] + two[1][2]
-    ref, got = _losses(one[1]), _losses(two[1][1])  # rank 1 is the last stage: it reports
-    assert sorted(got) == [1, 2, 3]
-    for step in ref:
-        assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], (step, got[step], ref[step])
-    val = lambda out: float(out.split("validation at iteration 3 | loss ")[1].split()[0])
-    assert abs(val(two[1][1]) - val(one[1])) <= 1e-5 * val(one[1])
+    for key in ("train/loss", "valid/loss"):
+        ref, got = _losses(tmp_path, "one", key), _losses(tmp_path, "two", key)
+        assert sorted(got) == sorted(ref) == ([1, 2, 3] if key == "train/loss" else [3])
+        for step in ref:
+            assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], (key, step, got[step], ref[step])
 
 
 def test_pipeline_micro_batch_count_is_checked_before_training(capsys):
@@ -299,7 +302,7 @@ def test_pipeline_micro_batch_count_is_checked_before_training(capsys):
         "--mock-data", "--seq-length", "16", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
         "--global-batch-size", "2"])
     assert [r[0] for r in results] == [2, 2]
-    err = [l for l in results[0][2].splitlines() if "Warning" not in l and not l.startswith("  ")]
+    err = [line for line in results[0][2].splitlines() if "Warning" not in line and not line.startswith("  ")]
     assert len(err) == 1 and "gives 1 micro-batches per step" in err[0] and "--pipeline-model-parallel-size 2" in err[0]
 
 
