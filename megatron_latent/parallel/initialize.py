@@ -75,7 +75,11 @@ def initialize_single_process(what: str) -> None:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
     if dist.get_world_size() != 1:
         raise RuntimeError(f"{what} runs as a single process (checkpoints reshard on load)")
-    initialize_model_parallel(1, 1)
+    ready = (parallel_state.model_parallel_is_initialized()
+             and parallel_state.get_tensor_model_parallel_world_size() == 1
+             and parallel_state.get_pipeline_model_parallel_world_size() == 1)
+    if not ready:  # rebuilding would leave megatron's old groups (and their threads) behind
+        initialize_model_parallel(1, 1)
 
 
 def destroy_model_parallel() -> None:
