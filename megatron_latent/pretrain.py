@@ -49,7 +49,7 @@ CONFIG_ERRORS = (ModelConfigError, LatentConfigError, TokenizerError, FileNotFou
 # ------------------------------------------------------------------------------ console
 class _RankFilter(logging.Filter):
     """Lets records through on the printing rank only: global rank 0 until the parallel layout
-    stands, then the rank that holds the reported loss (`main` switches it)."""
+    stands, then the rank that holds the reported loss (`_run` switches it)."""
 
     def __init__(self):
         super().__init__()
@@ -80,7 +80,7 @@ def _setup_console() -> _RankFilter:
     """The package's messages on the console (replacing an earlier call's handler); returns the
     filter that decides which rank prints."""
     package = logging.getLogger("megatron_latent")
-    for h in [h for h in package.handlers if type(h).__name__ == "_Console"]:
+    for h in [h for h in package.handlers if isinstance(h, _Console)]:
         package.removeHandler(h)
     handler, rank_filter = _Console(logging.INFO), _RankFilter()
     handler.addFilter(rank_filter)
