@@ -1,35 +1,180 @@
-"""Training entry point: `torchrun --nproc_per_node N -m megatron_latent.pretrain [flags]`.
+"""Training entry point: `python -m megatron_latent.pretrain [flags]` on one process, or
+`torchrun --nproc_per_node N -m megatron_latent.pretrain [flags]` on several.
 
-A thin driver over the library: flags -> model config -> parallel state -> model, megatron DDP,
-optimizer, scheduler -> resume -> data -> `training.loop.train`. Runs on CPU (gloo) or GPU (NCCL)
-alike. Every configuration error is one line naming the flag, printed by rank 0, exit status 2.
+A thin driver over the library: `configure` (flags -> model config, parallel layout, micro-batches,
+Jacobi draw, all checked) -> `build_trainer` (model, megatron DDP, optimizer, scheduler, resume,
+data) -> `training.loop.train`. Runs on CPU (gloo) or GPU (NCCL) alike. Every configuration error
+is one line naming the flag, exit status 2; messages are printed by one rank (see `_Console`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import sys
+import tempfile
+from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_latent import platform
+from megatron_latent.config import ModelConfig, ModelConfigError
+from megatron_latent.data.gpt_data import DataConfigError
+from megatron_latent.data.tokenizer import TokenizerError
+from megatron_latent.hf.convert import MODEL_CONFIG_FILE
+from megatron_latent.models.flops import latent_step_flops
+from megatron_latent.models.latent import LatentConfigError
+from megatron_latent.parallel.initialize import ParallelConfigError, initialize_model_parallel
+from megatron_latent.parallel.pipeline import (
+    PipelineConfigError, build_latent_pipeline, pass_slots, validate_model_split, validate_schedule)
+from megatron_latent.training import batches as batching
+from megatron_latent.training import checkpointing, engine, loop
+from megatron_latent.training.arguments import model_config_from_args, parse_args
+from megatron_latent.training.metrics import MetricsWriter
+
+logger = logging.getLogger("megatron_latent.pretrain")  # not __name__: that is "__main__" under -m
+
+# Bad flags, data or checkpoints found before the first step: one line, exit status 2.
+CONFIG_ERRORS = (ModelConfigError, LatentConfigError, TokenizerError, FileNotFoundError, ParallelConfigError,
+                 PipelineConfigError, DataConfigError, loop.ResumeError)
 
 
-def _error(msg: str, code: int = 2, printer: bool = None) -> int:
-    """Print `msg` once (on rank 0 unless `printer` says whether this rank prints) and return the
-    exit status."""
-    import torch.distributed as dist
+# ------------------------------------------------------------------------------ console
+class _RankFilter(logging.Filter):
+    """Lets records through on the printing rank only: global rank 0 until the parallel layout
+    stands, then the rank that holds the reported loss (`_run` switches it)."""
 
-    if printer if printer is not None else (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"error: {msg}", file=sys.stderr)
+    def __init__(self):
+        super().__init__()
+        self.prints = (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.prints
+
+
+class _Console(logging.Handler):
+    """Info to sys.stdout, warnings and errors (prefixed "error: " ...) to sys.stderr, looked up at
+    each record: tests and tools redirect them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                stream, msg = sys.stderr, f"{record.levelname.lower()}: {msg}"
+            else:
+                stream = sys.stdout
+            stream.write(msg + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001  (logging's own convention)
+            self.handleError(record)
+
+
+def _setup_console() -> _RankFilter:
+    """The package's messages on the console (replacing an earlier call's handler); returns the
+    filter that decides which rank prints."""
+    package = logging.getLogger("megatron_latent")
+    for h in [h for h in package.handlers if isinstance(h, _Console)]:
+        package.removeHandler(h)
+    handler, rank_filter = _Console(logging.INFO), _RankFilter()
+    handler.addFilter(rank_filter)
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    return rank_filter
+
+
+def _error(msg: str, code: int = 2) -> int:
+    logger.error(msg)
     return code
 
 
-def build_model(cfg, args):
+# ------------------------------------------------------------------------------ process group
+_world_of_one: Optional[tempfile.TemporaryDirectory] = None
+
+
+def _join_world_of_one(tp: int, pp: int) -> None:
+    """Without a launcher (no WORLD_SIZE), run as a world of one process, if the layout fits it.
+    The rendezvous is a file, so no port has to be free."""
+    global _world_of_one
+    if tp * pp > 1:
+        raise ParallelConfigError(
+            f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} needs {tp * pp} processes "
+            f"(or a multiple): launch with torchrun --nproc_per_node {tp * pp} -m megatron_latent.pretrain ...")
+    backend = platform.distributed_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(0)
+    _world_of_one = tempfile.TemporaryDirectory(prefix="megatron_latent_rendezvous_")
+    dist.init_process_group(backend, init_method=f"file://{_world_of_one.name}/store", rank=0, world_size=1)
+
+
+def _leave_world_of_one() -> None:
+    """Undo `_join_world_of_one` (a caller's process group is left as it is)."""
+    global _world_of_one
+    if _world_of_one is None:
+        return
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    _world_of_one.cleanup()
+    _world_of_one = None
+
+
+# ------------------------------------------------------------------------------ configuration
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the flags decide before any model exists, every part of it checked."""
+
+    cfg: ModelConfig
+    tokenizer: Any  # None: --mock-data without --tokenizer-type
+    seq_length: int
+    data_parallel_size: int
+    num_microbatches: int
+    jacobi_for_step: Callable[[int], Optional[int]]  # None for a vanilla GPT
+    jacobi_eval: Optional[int]
+
+
+def configure(args) -> Plan:
+    """Flags -> tokenizer, model config and parallel layout (joined: megatron's groups exist
+    afterwards), with every check that must pass before a model is built. Raises one of
+    CONFIG_ERRORS, naming the flag; all ranks check the same numbers, so all stop together."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    vpp = args.num_virtual_stages_per_pipeline_rank or 1
+    tokenizer = batching.build_tokenizer_from_args(args)
+    cfg = model_config_from_args(args, tokenizer.vocab_size if tokenizer is not None else None)
+    cfg.check_parallel(tp, pp)
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        _join_world_of_one(tp, pp)
+    dp = initialize_model_parallel(tp, pp, num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+                                   num_query_groups=cfg.query_groups, seed=args.seed)
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ParallelConfigError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp}")
+    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
+    # J of step s is drawn from (--seed, s) alone: every rank, and a resumed run, draws the same.
+    latent = dataclasses.replace(cfg.latent_settings(), jacobi_seed=args.seed)
+    # Every J the run can draw (and the evaluation J) must suit the pipeline schedule.
+    validate_model_split(cfg, tp, pp, vpp)
+    lo, hi = latent.training_range
+    for j in sorted(set(range(lo, hi + 1)) | {latent.jacobi_iters_eval if cfg.num_latent_thoughts else 0}):
+        validate_schedule(num_micro, pp, len(pass_slots(latent, j)) * vpp)
+    n = cfg.num_latent_thoughts
+    return Plan(
+        cfg, tokenizer, args.seq_length if args.seq_length is not None else cfg.seq_length, dp, num_micro,
+        jacobi_for_step=latent.jacobi_iters_for_step if n else (lambda step: None),
+        jacobi_eval=latent.jacobi_iters_eval if n else None,
+    )
+
+
+# ------------------------------------------------------------------------------ building
+def build_model(cfg: ModelConfig, args):
     """This rank's stage module(s) (before DDP) of the latent model, any TP/PP/VPP layout."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_latent.parallel.pipeline import build_latent_pipeline
-
     overrides = {}
     if args.sequence_parallel:
         overrides["sequence_parallel"] = True
@@ -49,11 +194,6 @@ def build_model(cfg, args):
 
 
 def build_optimizer_and_scheduler(model, args):
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from megatron_latent.training import engine
-
     opt = engine.build_optimizer(
         model,
         OptimizerConfig(
@@ -78,100 +218,32 @@ def build_optimizer_and_scheduler(model, args):
     return opt, sched
 
 
-def main(argv=None) -> int:
-    import megatron_latent  # noqa: F401  (CPU backend when CUDA is absent)
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallelConfig
-
-    from megatron_latent.config import ModelConfigError
-    from megatron_latent.data.gpt_data import DataConfigError
-    from megatron_latent.data.tokenizer import TokenizerError
-    from megatron_latent.hf.convert import MODEL_CONFIG_FILE
-    from megatron_latent.models.flops import latent_step_flops
-    from megatron_latent.models.latent import LatentConfigError
-    from megatron_latent.parallel.initialize import ParallelConfigError, initialize_model_parallel
-    from megatron_latent.parallel.pipeline import (
-        PipelineConfigError, pass_slots, validate_model_split, validate_schedule)
-    from megatron_latent.training import batches as batching
-    from megatron_latent.training import checkpointing, engine, loop
-    from megatron_latent.training.arguments import model_config_from_args, parse_args
-    from megatron_latent.training.metrics import MetricsWriter
-
-    args = parse_args(argv)
-    try:
-        tokenizer = batching.build_tokenizer_from_args(args)
-        cfg = model_config_from_args(args, tokenizer.vocab_size if tokenizer is not None else None)
-        cfg.check_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    except (ModelConfigError, LatentConfigError, TokenizerError, FileNotFoundError) as e:
-        return _error(str(e))
-    seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
-    try:
-        dp = initialize_model_parallel(
-            args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-            num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-            num_query_groups=cfg.query_groups, seed=args.seed,
-        )
-    except ParallelConfigError as e:
-        return _error(str(e))
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        return _error(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-                      f"{args.micro_batch_size} x data-parallel size {dp}")
-    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
-    # J of step s is drawn from (--seed, s) alone: every rank, and a resumed run, draws the same.
-    latent = dataclasses.replace(cfg.latent_settings(), jacobi_seed=args.seed)
-    try:
-        # Every J the run can draw (and the evaluation J) must suit the pipeline schedule.
-        validate_model_split(cfg, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                             args.num_virtual_stages_per_pipeline_rank or 1)
-        lo, hi = latent.training_range
-        for j in sorted(set(range(lo, hi + 1)) | {latent.jacobi_iters_eval if cfg.num_latent_thoughts else 0}):
-            validate_schedule(num_micro, args.pipeline_model_parallel_size,
-                              len(pass_slots(latent, j)) * (args.num_virtual_stages_per_pipeline_rank or 1))
-    except (PipelineConfigError, ModelConfigError) as e:
-        return _error(str(e))
-    reporter = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-                and ps.get_data_parallel_rank() == 0)
-    rank0 = torch.distributed.get_rank() == 0
-
-    def log(msg):
-        if reporter or rank0:
-            print(msg, flush=True)
-
+def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
+    """Model, DDP, optimizer and scheduler, the resumed state, the data and the checkpoint writer."""
+    cfg, dp = plan.cfg, plan.data_parallel_size
     model = engine.wrap_ddp(
         build_model(cfg, args),
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer,
-        ),
+        DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16,
+                                      use_distributed_optimizer=args.use_distributed_optimizer),
     )
     opt, sched = build_optimizer_and_scheduler(model, args)
     engine.configure_model_for_training(model, opt)
-    if rank0:
-        print(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, N={cfg.num_latent_thoughts} "
-              f"latent thoughts | TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
-              f"DP={dp} | {num_micro} micro-batches of {args.micro_batch_size} per step", flush=True)
-
+    logger.info(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, N={cfg.num_latent_thoughts} "
+                f"latent thoughts | TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
+                f"DP={dp} | {plan.num_microbatches} micro-batches of {args.micro_batch_size} per step")
     state = loop.TrainState()
     if args.load:
-        try:
-            state = loop.resume(
-                args.load, cfg, model, opt, sched, finetune=args.finetune, load_optim=not args.no_load_optim,
-                optimizer_layout={k: getattr(args, k) for k in (
-                    "tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer",
-                    "bf16", "num_virtual_stages_per_pipeline_rank")},
-                log=log if rank0 else (lambda m: None))
-        except (loop.ResumeError, ModelConfigError) as e:
-            return _error(str(e))
+        state = loop.resume(
+            args.load, cfg, model, opt, sched, finetune=args.finetune, load_optim=not args.no_load_optim,
+            optimizer_layout={k: getattr(args, k) for k in (
+                "tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer",
+                "bf16", "num_virtual_stages_per_pipeline_rank")})
 
-    try:
-        train_ds, valid_ds, test_ds = batching.build_datasets(
-            args, tokenizer if tokenizer is not None else batching.MockTokenizer(cfg.vocab_size), seq_length,
-            args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size or None,
-        )
-    except DataConfigError as e:
-        return _error(str(e))
+    train_ds, valid_ds, test_ds = batching.build_datasets(
+        args, plan.tokenizer if plan.tokenizer is not None else batching.MockTokenizer(cfg.vocab_size),
+        plan.seq_length, args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size or None,
+    )
     dp_rank = ps.get_data_parallel_rank()
-    train_iter = batching.micro_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
-                                        dp_rank, dp, args.num_workers)
 
     def eval_batches(ds, what):
         # The same samples at every evaluation, so the curve compares like with like; kept on the
@@ -179,53 +251,75 @@ def main(argv=None) -> int:
         if not args.eval_iters or ds is None:
             return None
         return batching.take(batching.micro_batches(ds, 0, args.micro_batch_size, dp_rank, dp, on_device=False),
-                             args.eval_iters * num_micro, what)
+                             args.eval_iters * plan.num_microbatches, what)
 
-    valid_batches, test_batches = eval_batches(valid_ds, "validation"), eval_batches(test_ds, "test")
+    valid_batches = eval_batches(valid_ds, "validation")
     if args.eval_iters and valid_batches is None:
-        log("no validation data (the --split gives it no weight, or --valid-data-path is not given): "
-            "no validation loss is reported")
+        logger.info("no validation data (the --split gives it no weight, or --valid-data-path is not given): "
+                    "no validation loss is reported")
 
-    n = cfg.num_latent_thoughts
-
-    def flops_per_sample(jacobi):
-        return latent_step_flops(seq_length, n, jacobi or 0, cfg.padded_vocab_size, cfg.hidden_size,
-                                 cfg.num_layers, cfg.ffn_hidden_size, cfg.num_attention_heads,
-                                 cfg.query_groups, cfg.gated)
-
-    def save(st):
+    def save(st: loop.TrainState) -> None:
         checkpointing.save_checkpoint(
             args.save, st.iteration, model, opt, sched,
             extra={"consumed_train_samples": st.consumed_train_samples, "model_config": cfg.to_dict(),
-                   "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}},
+                   "args": {k: v for k, v in vars(args).items()
+                            if isinstance(v, (int, float, str, bool, list, type(None)))}},
             root_files={MODEL_CONFIG_FILE: json.dumps(cfg.to_dict(), indent=2)},
         )
-        log(f"saved checkpoint of iteration {st.iteration} to {args.save}")
+        logger.info(f"saved checkpoint of iteration {st.iteration} to {args.save}")
+
+    def flops_per_sample(jacobi):
+        return latent_step_flops(plan.seq_length, cfg.num_latent_thoughts, jacobi or 0, cfg.padded_vocab_size,
+                                 cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size, cfg.num_attention_heads,
+                                 cfg.query_groups, cfg.gated)
 
     if args.save:
         checkpointing.start_checkpoint_writer()  # before the loop's SIGTERM handler exists
-    metrics = MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration)
+    return loop.Trainer(
+        settings=loop.LoopConfig(
+            train_iters=args.train_iters, global_batch_size=args.global_batch_size,
+            micro_batch_size=args.micro_batch_size, num_microbatches=plan.num_microbatches,
+            seq_length=plan.seq_length, log_interval=args.log_interval, eval_interval=args.eval_interval,
+            eval_iters=args.eval_iters, save=args.save, load=args.load, save_interval=args.save_interval,
+            exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
+            flops_per_sample=flops_per_sample,
+        ),
+        model=model, optimizer=opt, scheduler=sched,
+        train_batches=batching.micro_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
+                                             dp_rank, dp, args.num_workers),
+        valid_batches=valid_batches, test_batches=eval_batches(test_ds, "test"),
+        jacobi_for_step=plan.jacobi_for_step, jacobi_eval=plan.jacobi_eval, save=save,
+        metrics=MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration),
+        reporter=reporter, state=state,
+    )
+
+
+# ------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    console = _setup_console()
     try:
-        loop.train(
-            loop.LoopConfig(
-                train_iters=args.train_iters, global_batch_size=args.global_batch_size,
-                micro_batch_size=args.micro_batch_size, num_microbatches=num_micro, seq_length=seq_length,
-                log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-                save=args.save, load=args.load, save_interval=args.save_interval, exit_signal_handler=args.exit_signal_handler,
-                exit_interval=args.exit_interval,
-                flops_per_sample=flops_per_sample,
-            ),
-            state, model, opt, sched, train_iter, valid_batches, test_batches,
-            jacobi_for_step=(lambda step: latent.jacobi_iters_for_step(step)) if n else (lambda step: None),
-            jacobi_eval=latent.jacobi_iters_eval if n else None,
-            save_fn=save, metrics=metrics, log=log, reporter=reporter,
-        )
-    except loop.TrainingDiverged as e:
-        return _error(str(e), code=1, printer=reporter)  # every rank stops; the last stage knows the loss
-    except checkpointing.CheckpointWriteError as e:
-        return _error(str(e), code=1)
+        return _run(args, console)
     finally:
-        metrics.close()
+        _leave_world_of_one()
+
+
+def _run(args, console: _RankFilter) -> int:
+    try:
+        plan = configure(args)
+        # The loss lives on the last pipeline stage: one of its ranks reports, and prints from now on.
+        reporter = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                    and ps.get_data_parallel_rank() == 0)
+        console.prints = reporter
+        trainer = build_trainer(args, plan, reporter)
+    except CONFIG_ERRORS as e:
+        return _error(str(e))
+    try:
+        loop.train(trainer)
+    except (loop.TrainingDiverged, checkpointing.CheckpointWriteError) as e:
+        return _error(str(e), code=1)  # raised on every rank
+    finally:
+        trainer.metrics.close()
     return 0
 
 

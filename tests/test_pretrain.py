@@ -345,3 +345,50 @@ def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
     stopped = int(log.split("SIGTERM received: exiting after iteration ")[1].split()[0])
     assert stopped >= 2 and f"saved checkpoint of iteration {stopped} " in log
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == str(stopped)
+
+
+def test_without_a_launcher_it_runs_as_one_process(tmp_path):
+    """`python -m megatron_latent.pretrain` with no torchrun environment trains as a world of one
+    (a layout that needs more processes is one line saying how to launch); its log lines and
+    metrics.jsonl carry elapsed time and an ETA."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = lambda argv: subprocess.run([sys.executable, "-m", "megatron_latent.pretrain", *argv], env=env,
+                                      capture_output=True, text=True, timeout=300)
+    tb = str(tmp_path / "tb")
+    argv = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--train-iters", "4", "--micro-batch-size", "2",
+                            "--global-batch-size", "4", "--tensorboard-dir", tb]
+    done = run(argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(_losses(done.stdout)) == [1, 2, 3, 4]
+    assert all(" | elapsed " in l and " | ETA " in l for l in done.stdout.splitlines() if l.startswith("iteration"))
+    records = [json.loads(l) for l in open(os.path.join(tb, "metrics.jsonl"))]
+    elapsed, eta = [r["train/elapsed_s"] for r in records], [r["train/eta_s"] for r in records]
+    assert all(a < b for a, b in zip(elapsed, elapsed[1:])) and all(e > 0 for e in eta[:-1]) and eta[-1] == 0.0
+
+    refused = run(argv + ["--tensor-model-parallel-size", "2"])
+    err = [l for l in refused.stderr.splitlines() if l.startswith("error: ")]
+    assert refused.returncode == 2 and len(err) == 1, refused.stderr[-3000:]
+    assert "launch with torchrun --nproc_per_node 2" in err[0]
+
+
+def test_eta_is_the_mean_wall_time_per_step_after_the_first(monkeypatch):
+    """The first step of a run pays start-up costs: once there are others, the ETA leaves it out
+    (and counts evaluations and saves between steps, as wall time)."""
+    from megatron_latent.training import loop
+
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    clock = loop._Clock(train_iters=10)
+    now[0] += 5.0  # step 3 (a resumed run's first) takes 5 s
+    clock.step_done(3, 5.0, 0.0)
+    assert clock.eta(3) == 5.0 * 7 and clock.elapsed() == 5.0
+    now[0] += 0.5 + 1.0  # an evaluation after step 3 (0.5 s), then step 4 (1 s)
+    clock.step_done(4, 1.0, 0.0)
+    now[0] += 1.0  # step 5
+    clock.step_done(5, 1.0, 0.0)
+    assert clock.eta(5) == 1.25 * 5 and clock.elapsed() == 7.5

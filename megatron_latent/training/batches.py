@@ -7,8 +7,13 @@ micro-batches in the same order (the latent first stage needs the tokens, the la
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional
+
+from megatron_latent import platform
+from megatron_latent.data.gpt_data import DataArgs, build_pretraining_data_loader, build_train_valid_test_datasets
+from megatron_latent.data.tokenizer import build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -30,16 +35,12 @@ def build_tokenizer_from_args(args):
     """The tokenizer the flags name, or None (--mock-data without --tokenizer-type)."""
     if args.tokenizer_type is None:
         return None
-    from megatron_latent.data.tokenizer import build_tokenizer
-
     return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
 
 
 def build_datasets(args, tokenizer, seq_length: int, train_samples: int, eval_samples: Optional[int]):
     """(train, valid, test) megatron GPT datasets; valid and test hold `eval_samples` each (as
     Megatron: --eval-iters global batches) and are None when their split has no weight."""
-    from megatron_latent.data.gpt_data import DataArgs, build_train_valid_test_datasets
-
     data_args = DataArgs(
         seq_length=seq_length,
         data_path=args.data_path,
@@ -58,8 +59,6 @@ def build_datasets(args, tokenizer, seq_length: int, train_samples: int, eval_sa
     )
     if args.mock_data:
         # megatron logs that mock datasets have no index cache to save, once per split
-        import logging
-
         logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
     per_split = [train_samples, eval_samples, eval_samples]
     if args.train_data_path:  # separate paths per split: a missing one is simply not built
@@ -70,8 +69,6 @@ def build_datasets(args, tokenizer, seq_length: int, train_samples: int, eval_sa
 
 def to_device(batch: dict) -> dict:
     """A micro-batch on the training device."""
-    from megatron_latent import platform
-
     device = platform.device()
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -81,8 +78,6 @@ def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
     """Endless-as-the-dataset iterator of this rank's micro-batches from `consumed_samples` on,
     on the training device unless `on_device` is False. A resumed run passes its checkpoint's
     consumed_samples."""
-    from megatron_latent.data.gpt_data import build_pretraining_data_loader
-
     loader = build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
                                            num_workers=num_workers)
     for batch in loader:

@@ -1,24 +1,32 @@
 """The training loop: resume from a checkpoint, then steps with logging, validation and saving.
 
-Free of flag parsing: `pretrain.py` builds the model, optimizer, scheduler and data iterators and
-hands them to `train` with a `LoopConfig`. Steps and validation run through
-`parallel.pipeline` (latent_train_step / latent_eval_loss), which covers every layout: at PP=1 the
-model's own multi-pass forward, at PP>1 the passes as weight-shared virtual pipeline chunks.
+Free of flag parsing: `pretrain.py` builds the model, optimizer, scheduler and data and hands them
+to `train` as one `Trainer`. Steps and validation run through `parallel.pipeline`
+(latent_train_step / latent_eval_loss), which covers every layout: at PP=1 the model's own
+multi-pass forward, at PP>1 the passes as weight-shared virtual pipeline chunks. Messages go to
+the `megatron_latent.training.loop` logger; the driver decides which rank prints them.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_latent import platform
+from megatron_latent.parallel.pipeline import latent_eval_loss, latent_train_step
 from megatron_latent.training import batches as batching
 from megatron_latent.training import checkpointing
+from megatron_latent.training.metrics import MetricsWriter, peak_flops
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ resume
@@ -51,7 +59,7 @@ _LATENT_FLAGS = {"num_latent_thoughts": "--num-latent-thoughts", "scale_embeddin
 
 
 def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: bool = False,
-           load_optim: bool = True, optimizer_layout: Optional[dict] = None, log=print) -> TrainState:
+           load_optim: bool = True, optimizer_layout: Optional[dict] = None) -> TrainState:
     """Load the latest checkpoint under `load_dir` into the model (and optimizer and scheduler).
 
     No checkpoint there: a fresh start (the usual `--load X --save X` preemption setup), unless
@@ -65,7 +73,7 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     if iteration is None:
         if finetune:
             raise ResumeError(f"--finetune: no checkpoint in --load {load_dir}")
-        log(f"no checkpoint in --load {load_dir}: starting from scratch")
+        logger.info(f"no checkpoint in --load {load_dir}: starting from scratch")
         return TrainState()
     common = checkpointing.read_common(load_dir, iteration)
     saved = checkpointing.checkpoint_model_config(load_dir, iteration, common)
@@ -101,8 +109,8 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
                 "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"
             )
     if saved.jacobi_iters != cfg.jacobi_iters or saved.jacobi_iters_eval != cfg.jacobi_iters_eval:
-        log(f"note: Jacobi iterations change from training {tuple(saved.jacobi_iters)} / eval "
-            f"{saved.jacobi_iters_eval} to {tuple(cfg.jacobi_iters)} / {cfg.jacobi_iters_eval}")
+        logger.info(f"note: Jacobi iterations change from training {tuple(saved.jacobi_iters)} / eval "
+                    f"{saved.jacobi_iters_eval} to {tuple(cfg.jacobi_iters)} / {cfg.jacobi_iters_eval}")
     info = checkpointing.load_checkpoint(
         load_dir, model_chunks, optimizer if with_optim else None, scheduler if with_optim else None,
         iteration=iteration,
@@ -112,13 +120,13 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
         # with bf16 they, not the loaded model weights, would be stepped and copied back.
         optimizer.reload_model_params()
         if finetune:
-            log(f"loaded weights of iteration {iteration} from {load_dir} (--finetune: training starts at 0)")
+            logger.info(f"loaded weights of iteration {iteration} from {load_dir} (--finetune: training starts at 0)")
             return TrainState()
         # Fresh Adam moments, but the lr where the schedule is at this iteration.
         scheduler.step(increment=iteration)
-        log(f"--no-load-optim: optimizer state starts fresh; the lr schedule continues at iteration {iteration}")
+        logger.info(f"--no-load-optim: optimizer state starts fresh; the lr schedule continues at iteration {iteration}")
     extra = info["extra"]
-    log(f"resumed from {load_dir} at iteration {iteration}")
+    logger.info(f"resumed from {load_dir} at iteration {iteration}")
     return TrainState(iteration, int(extra.get("consumed_train_samples", 0)))
 
 
@@ -159,7 +167,28 @@ class LoopConfig:
     save_interval: Optional[int] = None
     exit_signal_handler: bool = False
     exit_interval: Optional[int] = None
-    flops_per_sample: Optional[Callable[[int], float]] = None  # J -> model FLOPs of one sample
+    flops_per_sample: Optional[Callable[[Optional[int]], float]] = None  # J -> model FLOPs of one sample
+
+
+@dataclass
+class Trainer:
+    """Everything `train` works on, built once by the driver."""
+
+    settings: LoopConfig
+    model: List[torch.nn.Module]  # this rank's DDP-wrapped chunks
+    optimizer: Any
+    scheduler: Any
+    train_batches: Iterator[dict]  # this rank's micro-batches, from the resumed data position on
+    valid_batches: Optional[List[dict]] = None  # on the host; the same ones at every evaluation
+    test_batches: Optional[List[dict]] = None
+    # J of a training step, drawn from the seed and the step alone (a resumed run draws what the
+    # uninterrupted run would have); None for a vanilla GPT.
+    jacobi_for_step: Callable[[int], Optional[int]] = lambda step: None
+    jacobi_eval: Optional[int] = None
+    save: Optional[Callable[[TrainState], None]] = None  # writes a checkpoint to settings.save
+    metrics: Optional[MetricsWriter] = None
+    reporter: bool = True  # this rank holds the reported loss (last stage, TP and DP rank 0)
+    state: TrainState = field(default_factory=TrainState)
 
 
 class _SignalFlag:
@@ -174,12 +203,9 @@ class _SignalFlag:
         self.received = True
 
 
-
 def _any_rank(*flags: bool) -> List[bool]:
     """Each flag, True on every rank when it is True on any: one all-reduce for all of them (on
     the current device: NCCL needs CUDA)."""
-    from megatron_latent import platform
-
     if not dist.is_initialized():
         return list(flags)
     t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=platform.device())
@@ -187,113 +213,152 @@ def _any_rank(*flags: bool) -> List[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-def train(loop: LoopConfig, state: TrainState, model_chunks, optimizer, scheduler,
-          train_iter: Iterator[dict], valid_batches: Optional[List[dict]], test_batches: Optional[List[dict]],
-          jacobi_for_step: Callable[[int], Optional[int]], jacobi_eval: Optional[int],
-          save_fn: Callable[[TrainState], None], metrics, log, reporter: bool) -> TrainState:
-    """Run steps state.iteration+1 .. train_iters; returns the final state.
+class _Clock:
+    """This run's times: the window of steps since the last log line (ms/step, tokens/s, FLOP/s),
+    the elapsed time, and the ETA."""
 
-    `jacobi_for_step(step)` is the step's J (drawn from the seed and the step alone, so a resumed
-    run draws what the uninterrupted run would have). `save_fn(state)` writes a checkpoint.
+    def __init__(self, train_iters: int):
+        self.train_iters = train_iters
+        self.start = time.perf_counter()
+        self.first = None  # (step, end time) of this run's first step
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.window_time, self.window_flops, self.window_steps = 0.0, 0.0, 0
+
+    def step_done(self, step: int, seconds: float, flops: float) -> None:
+        self.window_time += seconds
+        self.window_flops += flops
+        self.window_steps += 1
+        if self.first is None:
+            self.first = (step, time.perf_counter())
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def eta(self, step: int) -> float:
+        """Seconds until train_iters at this run's mean wall time per step. The first step is left
+        out once there are others: it pays one-time costs (communicators, allocator, data-loader
+        workers, lazy initialisation). Wall time, so evaluations and saves count, spread over the
+        steps."""
+        first_step, first_end = self.first
+        if step > first_step:
+            per_step = (time.perf_counter() - first_end) / (step - first_step)
+        else:
+            per_step = first_end - self.start
+        return per_step * (self.train_iters - step)
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _report_step(t: Trainer, step: int, jacobi: Optional[int], result, clock: _Clock) -> None:
+    """The iteration line, and its record in metrics.jsonl."""
+    s = t.settings
+    step_time = clock.window_time / clock.window_steps
+    values = {
+        "train/loss": result.loss,
+        "train/lr": t.optimizer.param_groups[0]["lr"],
+        "train/tokens_per_s": s.global_batch_size * s.seq_length / step_time,
+        "train/step_time_s": step_time,
+        "train/consumed_samples": t.state.consumed_train_samples,
+    }
+    line = (f"iteration {step:6d}/{s.train_iters} | consumed samples {t.state.consumed_train_samples} | "
+            f"loss {result.loss:.4f} | " + (f"J {jacobi} | " if jacobi is not None else "")
+            + f"lr {values['train/lr']:.3e} | ")
+    if result.grad_norm is not None:
+        values["train/grad_norm"] = result.grad_norm
+        line += f"grad norm {result.grad_norm:.3f} | "
+    line += f"{1000 * step_time:.1f} ms/step | {values['train/tokens_per_s']:,.0f} tokens/s"
+    if clock.window_flops and torch.cuda.is_available():
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        tflops = clock.window_flops / clock.window_time / world / 1e12
+        values["train/tflops_per_device"] = tflops
+        line += f" | {tflops:.1f} TFLOP/s/device"
+        peak = peak_flops()
+        if peak:
+            values["train/mfu"] = tflops * 1e12 / peak
+            line += f" | MFU {100 * values['train/mfu']:.1f}%"
+    values["train/elapsed_s"], values["train/eta_s"] = clock.elapsed(), clock.eta(step)
+    line += f" | elapsed {_hms(values['train/elapsed_s'])} | ETA {_hms(values['train/eta_s'])}"
+    logger.info(line)
+    if t.metrics is not None:
+        t.metrics.write(step, values)
+
+
+def _evaluate(t: Trainer, step: int, batches: Optional[List[dict]], name: str = "validation",
+              key: str = "valid/loss") -> None:
+    if not batches:
+        return
+    # Evaluation batches wait on the host; each is moved to the device when it is used.
+    loss = latent_eval_loss(t.model, (batching.to_device(b) for b in batches), len(batches),
+                            t.settings.seq_length, t.settings.micro_batch_size, t.jacobi_eval)
+    if t.reporter and loss is not None:
+        logger.info(f"{name} at iteration {step} | loss {loss:.4f} | ppl {math.exp(min(loss, 50.0)):.3f}")
+        if t.metrics is not None:
+            t.metrics.write(step, {key: loss})
+
+
+def train(t: Trainer) -> TrainState:
+    """Run steps t.state.iteration+1 .. train_iters; returns the final state.
+
     Raises TrainingDiverged at a non-finite loss or gradient norm, before anything is saved."""
-    from megatron_latent.training.metrics import peak_flops
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    peak = peak_flops()
-    signals = _SignalFlag(loop.exit_signal_handler)
+    s, state = t.settings, t.state
+    signals = _SignalFlag(s.exit_signal_handler)
+    clock = _Clock(s.train_iters)
     first_step = state.iteration + 1
     last_saved = state.iteration
-    last_checkpoint = (loop.load, state.iteration) if loop.load and state.iteration else None
-    window_time, window_flops, window_steps = 0.0, 0.0, 0
+    last_checkpoint = (s.load, state.iteration) if s.load and state.iteration else None
 
-    from megatron_latent.parallel.pipeline import latent_eval_loss, latent_train_step
-
-    def run_eval(step, batches, name="validation", key="valid/loss"):
-        if not batches:
-            return
-        # Evaluation batches wait on the host; each is moved to the device when it is used.
-        loss = latent_eval_loss(model_chunks, (batching.to_device(b) for b in batches), len(batches),
-                                loop.seq_length, loop.micro_batch_size, jacobi_eval)
-        if reporter and loss is not None:
-            log(f"{name} at iteration {step} | loss {loss:.4f} | ppl {math.exp(min(loss, 50.0)):.3f}")
-            metrics.write(step, {key: loss})
-
-    while state.iteration < loop.train_iters:
+    while state.iteration < s.train_iters:
         step = state.iteration + 1
         t0 = time.perf_counter()
-        jacobi = jacobi_for_step(step)
-        micro = batching.take(train_iter, loop.num_microbatches)
-        result = latent_train_step(model_chunks, optimizer, iter(micro), loop.num_microbatches,
-                                   loop.seq_length, loop.micro_batch_size, jacobi or 0)
-        scheduler.step(increment=1)
+        jacobi = t.jacobi_for_step(step)
+        micro = batching.take(t.train_batches, s.num_microbatches)
+        result = latent_train_step(t.model, t.optimizer, iter(micro), s.num_microbatches,
+                                   s.seq_length, s.micro_batch_size, jacobi or 0)
+        t.scheduler.step(increment=1)
         state.iteration = step
-        state.consumed_train_samples += loop.global_batch_size
-        dt = time.perf_counter() - t0
-        window_time += dt
-        window_steps += 1
-        if loop.flops_per_sample is not None:
-            window_flops += loop.flops_per_sample(jacobi) * loop.global_batch_size
+        state.consumed_train_samples += s.global_batch_size
+        flops = s.flops_per_sample(jacobi) * s.global_batch_size if s.flops_per_sample else 0.0
+        clock.step_done(step, time.perf_counter() - t0, flops)
 
         # The loss is known on the last stage only: every rank learns of a bad one and stops. One
         # all-reduce carries it and the SIGTERM flag.
         diverged, signalled = _any_rank(not (_finite(result.grad_norm) and _finite(result.loss)),
-                                        loop.exit_signal_handler and signals.received)
+                                        s.exit_signal_handler and signals.received)
         if diverged:
-            what = f"loss {result.loss}, gradient norm {result.grad_norm}"
             where = (f" (the newest checkpoint is iteration {last_checkpoint[1]} in {last_checkpoint[0]})"
                      if last_checkpoint else "")
             raise TrainingDiverged(
-                f"iteration {step}: {what}; stopping without saving{where}. Lower --lr or lengthen the "
-                "warmup, then resume with --load and --override-opt_param-scheduler."
+                f"iteration {step}: loss {result.loss}, gradient norm {result.grad_norm}; stopping without "
+                f"saving{where}. Lower --lr or lengthen the warmup, then resume with --load and "
+                "--override-opt_param-scheduler."
             )
 
-        if step % loop.log_interval == 0:
-            if reporter:
-                tokens_per_s = window_steps * loop.global_batch_size * loop.seq_length / window_time
-                values = {
-                    "train/loss": result.loss,
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/tokens_per_s": tokens_per_s,
-                    "train/step_time_s": window_time / window_steps,
-                    "train/consumed_samples": state.consumed_train_samples,
-                }
-                line = (
-                    f"iteration {step:6d}/{loop.train_iters} | consumed samples {state.consumed_train_samples} | "
-                    f"loss {result.loss:.4f} | " + (f"J {jacobi} | " if jacobi is not None else "")
-                    + f"lr {values['train/lr']:.3e} | "
-                )
-                if result.grad_norm is not None:
-                    values["train/grad_norm"] = result.grad_norm
-                    line += f"grad norm {result.grad_norm:.3f} | "
-                line += f"{1000 * window_time / window_steps:.1f} ms/step | {tokens_per_s:,.0f} tokens/s"
-                if window_flops and torch.cuda.is_available():
-                    tflops = window_flops / window_time / world / 1e12
-                    values["train/tflops_per_device"] = tflops
-                    line += f" | {tflops:.1f} TFLOP/s/device"
-                    if peak:
-                        values["train/mfu"] = tflops * 1e12 / peak
-                        line += f" | MFU {100 * values['train/mfu']:.1f}%"
-                log(line)
-                metrics.write(step, values)
-            window_time, window_flops, window_steps = 0.0, 0.0, 0
-
-        if loop.eval_iters and step % loop.eval_interval == 0:
-            run_eval(step, valid_batches)
-        stop = signalled or (loop.exit_interval is not None and step % loop.exit_interval == 0)
-        if loop.save and (stop or (loop.save_interval and step % loop.save_interval == 0)):
-            save_fn(state)
+        if step % s.log_interval == 0:
+            if t.reporter:
+                _report_step(t, step, jacobi, result, clock)
+            clock.reset_window()
+        if s.eval_iters and step % s.eval_interval == 0:
+            _evaluate(t, step, t.valid_batches)
+        stop = signalled or (s.exit_interval is not None and step % s.exit_interval == 0)
+        if s.save and (stop or (s.save_interval and step % s.save_interval == 0)):
+            t.save(state)
             last_saved = step
-            last_checkpoint = (loop.save, step)
+            last_checkpoint = (s.save, step)
         if stop:
-            log(f"{'SIGTERM received' if signalled else '--exit-interval reached'}: exiting after iteration {step}")
+            logger.info(f"{'SIGTERM received' if signalled else '--exit-interval reached'}: "
+                        f"exiting after iteration {step}")
             return state
 
     # As Megatron: the validation loss of the final weights, and the test loss once, at the end
     # (not again when a finished run is resumed).
-    if loop.eval_iters and state.iteration >= first_step:
-        if loop.train_iters % loop.eval_interval != 0:
-            run_eval(state.iteration, valid_batches)
-        run_eval(state.iteration, test_batches, "test", "test/loss")
-    if loop.save and last_saved != state.iteration:
-        save_fn(state)
+    if s.eval_iters and state.iteration >= first_step:
+        if s.train_iters % s.eval_interval != 0:
+            _evaluate(t, state.iteration, t.valid_batches)
+        _evaluate(t, state.iteration, t.test_batches, "test", "test/loss")
+    if s.save and last_saved != state.iteration:
+        t.save(state)
     return state

@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from typing import Dict, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
 
 # Dense bf16 peak of one accelerator, for MFU. Model FLOPs are exact (models/flops.py).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def peak_flops() -> Optional[float]:
-    import torch
-
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
@@ -36,12 +38,12 @@ class MetricsWriter:
         if os.path.isfile(path):
             _truncate_after(path, start_iteration)
         self.jsonl = open(path, "a", buffering=1)
-        try:
+        try:  # optional, and slow to import
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir, purge_step=start_iteration + 1)
         except ImportError:
-            print(f"[metrics] tensorboard is not installed: writing {log_dir}/metrics.jsonl only", file=sys.stderr)
+            logger.warning(f"tensorboard is not installed: writing {log_dir}/metrics.jsonl only")
 
     def write(self, step: int, values: Dict[str, float]) -> None:
         if self.jsonl is not None:
