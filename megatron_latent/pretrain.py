@@ -25,25 +25,22 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_latent import platform
-from megatron_latent.config import ModelConfig, ModelConfigError
+from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.data.gpt_data import DataConfigError
 from megatron_latent.data.tokenizer import TokenizerError
 from megatron_latent.hf.convert import MODEL_CONFIG_FILE
 from megatron_latent.models.flops import latent_step_flops
-from megatron_latent.models.latent import LatentConfigError
-from megatron_latent.parallel.initialize import ParallelConfigError, initialize_model_parallel
-from megatron_latent.parallel.pipeline import (
-    PipelineConfigError, build_latent_pipeline, pass_slots, validate_model_split, validate_schedule)
+from megatron_latent.parallel.initialize import initialize_model_parallel
+from megatron_latent.parallel.pipeline import build_latent_pipeline
 from megatron_latent.training import batches as batching
 from megatron_latent.training import checkpointing, engine, loop
-from megatron_latent.training.arguments import model_config_from_args, parse_args
+from megatron_latent.training.arguments import flag_error, model_config_from_args, parse_args
 from megatron_latent.training.metrics import MetricsWriter
 
 logger = logging.getLogger("megatron_latent.pretrain")  # not __name__: that is "__main__" under -m
 
-# Bad flags, data or checkpoints found before the first step: one line, exit status 2.
-CONFIG_ERRORS = (ModelConfigError, LatentConfigError, TokenizerError, FileNotFoundError, ParallelConfigError,
-                 PipelineConfigError, DataConfigError, loop.ResumeError)
+# Bad flags, data or checkpoints found before the first step: one line naming the flag, exit status 2.
+CONFIG_ERRORS = (ConfigError, TokenizerError, FileNotFoundError, DataConfigError, loop.ResumeError)
 
 
 # ------------------------------------------------------------------------------ console
@@ -104,8 +101,8 @@ def _join_world_of_one(tp: int, pp: int) -> None:
     The rendezvous is a file, so no port has to be free."""
     global _world_of_one
     if tp * pp > 1:
-        raise ParallelConfigError(
-            f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} needs {tp * pp} processes "
+        raise ConfigError(
+            f"tensor_model_parallel_size {tp} x pipeline_model_parallel_size {pp} needs {tp * pp} processes "
             f"(or a multiple): launch with torchrun --nproc_per_node {tp * pp} -m megatron_latent.pretrain ...")
     backend = platform.distributed_backend()
     if backend == "nccl":
@@ -131,6 +128,7 @@ class Plan:
     """What the flags decide before any model exists, every part of it checked."""
 
     cfg: ModelConfig
+    layout: ParallelLayout
     tokenizer: Any  # None: --mock-data without --tokenizer-type
     seq_length: int
     data_parallel_size: int
@@ -142,50 +140,47 @@ class Plan:
 def configure(args) -> Plan:
     """Flags -> tokenizer, model config and parallel layout (joined: megatron's groups exist
     afterwards), with every check that must pass before a model is built. Raises one of
-    CONFIG_ERRORS, naming the flag; all ranks check the same numbers, so all stop together."""
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    vpp = args.num_virtual_stages_per_pipeline_rank or 1
+    CONFIG_ERRORS; all ranks check the same numbers, so all stop together."""
+    layout = ParallelLayout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                            args.num_virtual_stages_per_pipeline_rank, args.sequence_parallel)
     tokenizer = batching.build_tokenizer_from_args(args)
     cfg = model_config_from_args(args, tokenizer.vocab_size if tokenizer is not None else None)
-    cfg.check_parallel(tp, pp)
+    seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
+    layout.check_model(cfg, seq_length)
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-        _join_world_of_one(tp, pp)
-    dp = initialize_model_parallel(tp, pp, num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-                                   num_query_groups=cfg.query_groups, seed=args.seed)
+        _join_world_of_one(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
+    dp = initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
+                                   layout.num_virtual_stages_per_pipeline_rank, seed=args.seed, model=cfg)
     if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ParallelConfigError(
-            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+        raise ConfigError(
+            f"global_batch_size {args.global_batch_size} is not divisible by micro_batch_size "
             f"{args.micro_batch_size} x data-parallel size {dp}")
     num_micro = args.global_batch_size // (args.micro_batch_size * dp)
-    # J of step s is drawn from (--seed, s) alone: every rank, and a resumed run, draws the same.
-    latent = dataclasses.replace(cfg.latent_settings(), jacobi_seed=args.seed)
+    latent = cfg.latent
     # Every J the run can draw (and the evaluation J) must suit the pipeline schedule.
-    validate_model_split(cfg, tp, pp, vpp)
-    lo, hi = latent.training_range
-    for j in sorted(set(range(lo, hi + 1)) | {latent.jacobi_iters_eval if cfg.num_latent_thoughts else 0}):
-        validate_schedule(num_micro, pp, len(pass_slots(latent, j)) * vpp)
-    n = cfg.num_latent_thoughts
+    for j in latent.jacobi_choices():
+        layout.check_schedule(num_micro, len(latent.pass_slots(j)) * layout.virtual_chunks)
+    n = latent.num_latent_thoughts
     return Plan(
-        cfg, tokenizer, args.seq_length if args.seq_length is not None else cfg.seq_length, dp, num_micro,
-        jacobi_for_step=latent.jacobi_iters_for_step if n else (lambda step: None),
-        jacobi_eval=latent.jacobi_iters_eval if n else None,
+        cfg, layout, tokenizer, seq_length, dp, num_micro,
+        # J of step s is drawn from (--seed, s) alone: every rank, and a resumed run, draws the same.
+        jacobi_for_step=(lambda step: latent.jacobi_iters_for_step(step, args.seed)) if n else (lambda step: None),
+        jacobi_eval=latent.eval_jacobi_iters if n else None,
     )
 
 
 # ------------------------------------------------------------------------------ building
-def build_model(cfg: ModelConfig, args):
+def build_model(cfg: ModelConfig, layout: ParallelLayout, args):
     """This rank's stage module(s) (before DDP) of the latent model, any TP/PP/VPP layout."""
-    overrides = {}
-    if args.sequence_parallel:
-        overrides["sequence_parallel"] = True
+    overrides = {"sequence_parallel": layout.sequence_parallel}
     if args.recompute_granularity:
         overrides["recompute_granularity"] = args.recompute_granularity
         if args.recompute_granularity == "full":
             overrides.update(recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
     config = cfg.to_transformer_config(
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_pipeline_model_parallel_world_size(),
-        args.num_virtual_stages_per_pipeline_rank,
+        layout.tensor_model_parallel_size,
+        layout.pipeline_model_parallel_size,
+        layout.num_virtual_stages_per_pipeline_rank,
         # bf16 weights; the optimizer keeps fp32 main weights and losses are reduced in fp32.
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         **overrides,
@@ -222,13 +217,13 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
     """Model, DDP, optimizer and scheduler, the resumed state, the data and the checkpoint writer."""
     cfg, dp = plan.cfg, plan.data_parallel_size
     model = engine.wrap_ddp(
-        build_model(cfg, args),
+        build_model(cfg, plan.layout, args),
         DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16,
                                       use_distributed_optimizer=args.use_distributed_optimizer),
     )
     opt, sched = build_optimizer_and_scheduler(model, args)
     engine.configure_model_for_training(model, opt)
-    logger.info(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, N={cfg.num_latent_thoughts} "
+    logger.info(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, N={cfg.latent.num_latent_thoughts} "
                 f"latent thoughts | TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
                 f"DP={dp} | {plan.num_microbatches} micro-batches of {args.micro_batch_size} per step")
     state = loop.TrainState()
@@ -269,7 +264,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
         logger.info(f"saved checkpoint of iteration {st.iteration} to {args.save}")
 
     def flops_per_sample(jacobi):
-        return latent_step_flops(plan.seq_length, cfg.num_latent_thoughts, jacobi or 0, cfg.padded_vocab_size,
+        return latent_step_flops(plan.seq_length, cfg.latent.num_latent_thoughts, jacobi or 0, cfg.padded_vocab_size,
                                  cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size, cfg.num_attention_heads,
                                  cfg.query_groups, cfg.gated)
 
@@ -313,7 +308,7 @@ def _run(args, console: _RankFilter) -> int:
         console.prints = reporter
         trainer = build_trainer(args, plan, reporter)
     except CONFIG_ERRORS as e:
-        return _error(str(e))
+        return _error(flag_error(e))
     try:
         loop.train(trainer)
     except (loop.TrainingDiverged, checkpointing.CheckpointWriteError) as e:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
+from megatron_latent.cli import flag_message
+from megatron_latent.config import ConfigError, ModelConfig, get_preset
+from megatron_latent.training.checkpointing import checkpoint_model_config, resolve_iteration
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -27,11 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vocabulary size for --mock-data without a tokenizer (default: the preset's)")
 
     g = p.add_argument_group("latent thoughts")
-    g.add_argument("--num-latent-thoughts", type=int, default=0, help="N thoughts per token (0 = vanilla GPT)")
+    g.add_argument("--num-latent-thoughts", type=int, default=None,
+                   help="N thoughts per token (0 = vanilla GPT; default 0, or the checkpoint's with "
+                        "--use-checkpoint-args, as for every latent flag)")
     g.add_argument("--jacobi-iters", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="inclusive range J is drawn from per training step (default 2 3 when N > 0)")
-    g.add_argument("--jacobi-iters-eval", type=int, default=3, help="J of evaluation forwards")
-    g.add_argument("--scale-embeddings", action="store_true", help="scale token embeddings by sqrt(2.5 H)")
+    g.add_argument("--jacobi-iters-eval", type=int, default=None, help="J of evaluation forwards (default 3)")
+    g.add_argument("--scale-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale token embeddings by sqrt(2.5 H)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -149,31 +156,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error("--recompute-activations is --recompute-granularity selective; do not combine it with "
                          f"--recompute-granularity {args.recompute_granularity}")
         args.recompute_granularity = "selective"
-    vpp = args.num_virtual_stages_per_pipeline_rank
-    if vpp is not None:
-        if vpp < 1:
-            parser.error(f"--num-virtual-stages-per-pipeline-rank must be >= 1, got {vpp}")
-        if vpp > 1 and args.pipeline_model_parallel_size == 1:
-            parser.error("--num-virtual-stages-per-pipeline-rank > 1 needs --pipeline-model-parallel-size > 1")
-        if vpp == 1:  # one chunk per rank is the plain pipeline (megatron wants no virtual size then)
-            args.num_virtual_stages_per_pipeline_rank = None
-    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
-        parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
     return args
 
 
-def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] = None):
-    """The ModelConfig the flags describe: the preset with the given sizes replaced.
+def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] = None) -> ModelConfig:
+    """The ModelConfig the flags describe: the preset (or, with --use-checkpoint-args, the
+    checkpoint's model) with the sizes and latent settings the flags give replaced.
 
     `vocab_size` is the tokenizer's (real data); without one, --vocab-size or the preset's.
-    Raises ModelConfigError / LatentConfigError naming the flag.
+    Latent flags left out keep the preset's or the checkpoint's values. Raises ConfigError.
     """
-    from megatron_latent.config import ModelConfigError, get_preset
-    from megatron_latent.models.latent import LatentSettings
-
-    # LatentSettings checks the combination (e.g. --jacobi-iters with N = 0) with the flags' names.
-    LatentSettings(args.num_latent_thoughts, tuple(args.jacobi_iters) if args.jacobi_iters else None,
-                   args.jacobi_iters_eval, args.scale_embeddings)
     overrides = {
         field: getattr(args, flag)
         for field, flag in (
@@ -181,26 +173,37 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
             ("num_attention_heads", "num_attention_heads"), ("num_query_groups", "num_query_groups"),
             ("seq_length", "max_position_embeddings"), ("rotary_percent", "rotary_percent"),
             ("rotary_base", "rotary_base"), ("make_vocab_size_divisible_by", "make_vocab_size_divisible_by"),
+            ("num_latent_thoughts", "num_latent_thoughts"), ("jacobi_iters_eval", "jacobi_iters_eval"),
+            ("scale_embeddings", "scale_embeddings"),
         )
         if getattr(args, flag) is not None
     }
+    if args.jacobi_iters is not None:
+        overrides["jacobi_iters"] = tuple(args.jacobi_iters)
     if vocab_size is not None:
         if args.vocab_size is not None and args.vocab_size != vocab_size:
-            raise ModelConfigError(f"--vocab-size {args.vocab_size} differs from the tokenizer's {vocab_size}")
+            raise ConfigError(f"vocab_size {args.vocab_size} differs from the tokenizer's {vocab_size}")
         overrides["vocab_size"] = vocab_size
     elif args.vocab_size is not None:
         overrides["vocab_size"] = args.vocab_size
-    overrides.update(
-        num_latent_thoughts=args.num_latent_thoughts,
-        jacobi_iters=tuple(args.jacobi_iters) if args.jacobi_iters else (2, 3),
-        jacobi_iters_eval=args.jacobi_iters_eval,
-        scale_embeddings=args.scale_embeddings,
-    )
     if args.use_checkpoint_args:
-        from megatron_latent.training.checkpointing import checkpoint_model_config, resolve_iteration
-
         cfg = checkpoint_model_config(args.load, resolve_iteration(args.load)).replace(**overrides)
     else:
         cfg = get_preset(args.model_preset, **overrides)
+    if args.jacobi_iters is not None and not cfg.latent.num_latent_thoughts:
+        raise ConfigError("jacobi_iters was given for a model with num_latent_thoughts 0: a vanilla model has no "
+                          "thoughts to refine")
     cfg.check_seq_length(args.seq_length if args.seq_length is not None else cfg.seq_length)
     return cfg
+
+
+# Library names whose flag is not the parser destination of the same name.
+_RENAMED = {
+    "seq_length": "--max-position-embeddings",  # ModelConfig.seq_length is the model's context
+    "num_microbatches": "the micro-batch count (--global-batch-size / (--micro-batch-size x data-parallel size))",
+}
+
+
+def flag_error(error: BaseException) -> str:
+    """A library error with its field names shown as this command line's flags."""
+    return flag_message(error, build_parser(), _RENAMED)

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_latent import platform
-from megatron_latent.parallel.pipeline import latent_eval_loss, latent_train_step
 from megatron_latent.training import batches as batching
 from megatron_latent.training import checkpointing
+from megatron_latent.training.engine import latent_eval_loss, latent_train_step
 from megatron_latent.training.metrics import MetricsWriter, peak_flops
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
             f"--load {load_dir}: the checkpoint's model differs from the flags' "
             f"(checkpoint vs flags) in {'; '.join(mismatches)}"
         )
-    changed = [f"{flag} {getattr(saved, f)} -> {getattr(cfg, f)}"
-               for f, flag in _LATENT_FLAGS.items() if getattr(saved, f) != getattr(cfg, f)]
+    changed = [f"{flag} {getattr(saved.latent, f)} -> {getattr(cfg.latent, f)}"
+               for f, flag in _LATENT_FLAGS.items() if getattr(saved.latent, f) != getattr(cfg.latent, f)]
     if changed and not finetune:
         raise ResumeError(
             f"--load {load_dir}: iteration {iteration} was trained with other latent settings "
@@ -108,9 +108,10 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
                 f"{'; '.join(differ)}; pass --override-opt_param-scheduler to follow the flags or "
                 "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"
             )
-    if saved.jacobi_iters != cfg.jacobi_iters or saved.jacobi_iters_eval != cfg.jacobi_iters_eval:
-        logger.info(f"note: Jacobi iterations change from training {tuple(saved.jacobi_iters)} / eval "
-                    f"{saved.jacobi_iters_eval} to {tuple(cfg.jacobi_iters)} / {cfg.jacobi_iters_eval}")
+    was, now = saved.latent, cfg.latent
+    if (was.training_range, was.eval_jacobi_iters) != (now.training_range, now.eval_jacobi_iters):
+        logger.info(f"note: Jacobi iterations change from training {was.training_range} / eval "
+                    f"{was.eval_jacobi_iters} to {now.training_range} / {now.eval_jacobi_iters}")
     info = checkpointing.load_checkpoint(
         load_dir, model_chunks, optimizer if with_optim else None, scheduler if with_optim else None,
         iteration=iteration,
