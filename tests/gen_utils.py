@@ -34,7 +34,7 @@ def family_model(preset, n, **overrides):
     from megatron_latent.models.latent import LatentGPTModel
 
     cfg = family_config(preset, n, **overrides)
-    model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent_settings(), use_te=False)
+    model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent, use_te=False)
     load_full_into_model(model, full_weights(cfg), cfg)
     return model.eval()
 

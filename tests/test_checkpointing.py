@@ -20,7 +20,7 @@ def _setup(tp, pp, seed):
     from megatron_latent.parallel.initialize import initialize_model_parallel
     from megatron_latent.training import engine
 
-    initialize_model_parallel(tp, pp, num_layers=4, seed=seed)
+    initialize_model_parallel(tp, pp, seed=seed)
     chunks = [tiny_gpt(tiny_config(tp, pp))]
     if seed == 0:
         init_weights(chunks)

@@ -30,9 +30,9 @@ def _model(cfg):
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
 
-    if cfg.num_latent_thoughts == 0:
+    if cfg.latent.num_latent_thoughts == 0:
         return build_gpt_model(cfg, use_te=False)  # the plain GPTModel: vanilla
-    return build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent_settings(), use_te=False)
+    return build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent, use_te=False)
 
 
 def _counted(model, n, j, training):

@@ -22,7 +22,7 @@ def _model(arch, tp=1, sp=False, **latent):
     cfg, full = hf_to_megatron(hf.state_dict(), hf.config)
     cfg = cfg.replace(**latent)
     config = cfg.to_transformer_config(tp, 1, sequence_parallel=sp)
-    model = build_gpt_model(cfg, config=config, model_cls=LatentGPTModel, latent=cfg.latent_settings())
+    model = build_gpt_model(cfg, config=config, model_cls=LatentGPTModel, latent=cfg.latent)
     load_full_into_model(model, full, cfg)
     return cfg, model
 

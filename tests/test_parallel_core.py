@@ -34,7 +34,7 @@ def _train(tp, pp, vpp=None, distributed_optimizer=False):
     from megatron_latent.parallel.initialize import initialize_model_parallel
     from megatron_latent.training import engine
 
-    dp = initialize_model_parallel(tp, pp, vpp, num_layers=4)
+    dp = initialize_model_parallel(tp, pp, vpp)
     cfg = tiny_config(tp, pp, virtual_pipeline_model_parallel_size=vpp)
     chunks = [tiny_gpt(cfg, vp_stage=v) for v in range(vpp)] if vpp else [tiny_gpt(cfg)]
     init_weights(chunks)
@@ -130,7 +130,7 @@ def _sgd_clipped_step(tp):
     from megatron_latent.parallel.initialize import initialize_model_parallel
     from megatron_latent.training import engine
 
-    initialize_model_parallel(tp, 1, num_layers=4)
+    initialize_model_parallel(tp, 1)
     chunks = [tiny_gpt(tiny_config(tp, 1))]
     init_weights(chunks)
     model = engine.wrap_ddp(chunks, DistributedDataParallelConfig())
