@@ -72,6 +72,7 @@ def validate_parallel_sizes(
 
 def init_process_group(timeout_minutes: int = 10) -> None:
     """Join the default process group from torchrun's environment (no-op if already joined)."""
+    platform.install_cpu_backend()  # megatron runs from here on; inert with CUDA
     if dist.is_initialized():
         return
     backend = platform.distributed_backend()
@@ -97,6 +98,7 @@ def initialize_model_parallel(
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    platform.install_cpu_backend()  # megatron runs from here on; inert with CUDA
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     dp = validate_parallel_sizes(
         world,
