@@ -12,7 +12,7 @@ from data_fixtures import EOD, make_texts, train_hf_bpe, train_sentencepiece, wr
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron_latent.data import indexed
 from megatron_latent.data.preprocess import PreprocessConfig, format_summary, preprocess
-from megatron_latent.data.tokenizer import TokenizerError, build_tokenizer, pad_vocab_size
+from megatron_latent.data.tokenizer import TokenizerError, build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,15 +31,6 @@ def make_tokenizer(kind, files):
     if kind == "GPT2BPETokenizer":
         return build_tokenizer(kind, vocab_file=files["vocab"], merge_file=files["merges"])
     return build_tokenizer(kind, files["sp"])
-
-
-def test_pad_vocab_size():
-    assert pad_vocab_size(50277) == 50304
-    assert pad_vocab_size(50277, 128, 2) == 50432
-    assert pad_vocab_size(50304, 128, 1) == 50304
-    assert pad_vocab_size(1, 8, 4) == 32
-    with pytest.raises(ValueError):
-        pad_vocab_size(0)
 
 
 @pytest.mark.parametrize("kind", ["HuggingFaceTokenizer", "GPT2BPETokenizer", "SentencePieceTokenizer"])
