@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from hf_tiny import VOCAB, hf_logits, hf_model, rel_err, tokens
