@@ -1,8 +1,6 @@
-"""megatron-latent: GPT pretraining with latent thoughts in continuous space, on megatron-core."""
+"""megatron-latent: GPT pretraining with latent thoughts in continuous space, on megatron-core.
 
-from megatron_latent.platform import install_cpu_backend as _install_cpu_backend
+Importing the package (or any module of it) has no side effects: the CPU backend that lets
+megatron-core run without CUDA switches itself on at parallel start-up (see platform.py)."""
 
 __version__ = "0.1.0"
-
-# Inert when CUDA is present; on CPU-only machines megatron-core needs it to run at all.
-_install_cpu_backend()

@@ -19,9 +19,13 @@ megatron-core on disk:
   are replaced by CPU equivalents; the "CUDA generator" is the CPU default generator, so megatron's
   tracker forks the generator that CPU dropout really uses (2).
 
-``torch.cuda.is_available()`` stays ``False``. The backend is installed automatically by
-``import megatron_latent`` when CUDA is absent and never when it is present: on a GPU machine this
-module changes nothing. It is the only place in the project that knows about this.
+``torch.cuda.is_available()`` stays ``False``. Importing this module (or the package) changes
+nothing: the backend switches itself on at parallel start-up (``parallel.initialize``), the path
+every use of megatron's parallel state takes, and entry points that run megatron code without it
+call :func:`install_cpu_backend` themselves. Tools that never reach megatron (preprocessing, HF
+mapping) pay neither its import (~2 s) nor the mode's cost per torch call (~1 us). With CUDA
+present it is never installed: on a GPU machine this module changes nothing. It is the only place
+in the project that knows about this.
 """
 
 from __future__ import annotations
@@ -87,6 +91,10 @@ class _CudaToCpuMode(TorchFunctionMode):
     """Maps CUDA placements to the CPU at the torch-function boundary."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # Fast path for the common call (no keywords, not a placement method). Most of the mode's
+        # cost is torch's own dispatch into Python (measured in docs/benchmarks.md), not this body.
+        if not kwargs and func not in _PLACEMENT_METHODS:
+            return func(*args)
         if kwargs:
             if "device" in kwargs and _is_cuda(kwargs["device"]):
                 kwargs = dict(kwargs, device="cpu")
@@ -108,6 +116,11 @@ class _CudaToCpuMode(TorchFunctionMode):
             name = func(*args)
             return _CUDA_TYPE_NAMES.get(name, name)
         return func(*args, **kwargs)
+
+
+_PLACEMENT_METHODS = frozenset(
+    (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.type)
+)
 
 
 class _Stream:

@@ -69,9 +69,9 @@ def megatron_logits(model, tokens, **kw):
 def save(model, cfg, root, iteration=0):
     import torch.distributed as dist
 
-    from megatron_latent.hf.convert import save_config
+    from megatron_latent.checkpoint_layout import write_model_config
     from megatron_latent.training.checkpointing import save_checkpoint
 
     save_checkpoint(root, iteration, [model])
     if dist.get_rank() == 0:
-        save_config(cfg, root)
+        write_model_config(cfg, root)

@@ -1,8 +1,13 @@
 """SavedActivationMeter counts the bytes autograd saves for backward, live and peak."""
 
+import os
+import sys
+
 import torch
 
-from megatron_latent.training.activation_memory import SavedActivationMeter
+# A measuring tool of tools/bench_pipeline.py, not part of the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from activation_memory import SavedActivationMeter  # noqa: E402
 
 
 def test_counts_saved_activations_until_backward_frees_them():

@@ -15,7 +15,6 @@ from megatron_latent.data.gpt_data import (
     MegatronPretrainingSampler,
     build_pretraining_data_loader,
     build_train_valid_test_datasets,
-    train_valid_test_num_samples,
 )
 from megatron_latent.data.tokenizer import build_tokenizer
 from multirank import run_on_ranks
@@ -117,7 +116,6 @@ def test_sampler_resumes_exactly():
     assert list(MegatronPretrainingSampler(10, 6, 3, 1, 2, drop_last=False)) == [[9]]
     with pytest.raises(DataConfigError, match="consumed_samples 40 >= total 40"):
         MegatronPretrainingSampler(40, 40, 3, 0, 2)
-    assert train_valid_test_num_samples(100, 8, 5, 50) == [800, 120, 40]
 
 
 def _dp_body(env, cache):

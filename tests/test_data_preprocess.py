@@ -9,10 +9,10 @@ import numpy
 import pytest
 
 from data_fixtures import EOD, make_texts, train_hf_bpe, train_sentencepiece, write_bytes, write_gpt2_files, write_jsonl
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron_latent.data import indexed
-from megatron_latent.data.preprocess import PreprocessConfig, format_summary, preprocess
-from megatron_latent.data.tokenizer import TokenizerError, build_tokenizer, pad_vocab_size
+from megatron_latent.data.preprocess import PreprocessConfig, preprocess
+from megatron_latent.data.tokenizer import TokenizerError, build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,15 +31,6 @@ def make_tokenizer(kind, files):
     if kind == "GPT2BPETokenizer":
         return build_tokenizer(kind, vocab_file=files["vocab"], merge_file=files["merges"])
     return build_tokenizer(kind, files["sp"])
-
-
-def test_pad_vocab_size():
-    assert pad_vocab_size(50277) == 50304
-    assert pad_vocab_size(50277, 128, 2) == 50432
-    assert pad_vocab_size(50304, 128, 1) == 50304
-    assert pad_vocab_size(1, 8, 4) == 32
-    with pytest.raises(ValueError):
-        pad_vocab_size(0)
 
 
 @pytest.mark.parametrize("kind", ["HuggingFaceTokenizer", "GPT2BPETokenizer", "SentencePieceTokenizer"])
@@ -161,6 +152,17 @@ def test_compact_builder_writes_what_megatron_builder_writes(tmp_path):
     ours.finalize(str(tmp_path / "ours.idx"))
     for suffix in (".bin", ".idx"):
         assert _read(str(tmp_path / ("stock" + suffix))) == _read(str(tmp_path / ("ours" + suffix)))
+    # Our reader parses what megatron's reader parses.
+    index, stock = indexed.read_index(str(tmp_path / "stock.idx")), IndexedDataset(str(tmp_path / "stock"))
+    assert index.dtype is numpy.uint16
+    assert numpy.array_equal(index.sequence_lengths, stock.sequence_lengths)
+    assert numpy.array_equal(index.sequence_pointers, stock.index.sequence_pointers)
+    assert numpy.array_equal(index.document_indices, stock.document_indices)
+
+
+@pytest.mark.parametrize("vocab", [None, 100, 65499, 65500, 200000])
+def test_token_dtype_is_megatrons(vocab):
+    assert indexed.optimal_dtype(vocab) is DType.optimal_dtype(vocab)
 
 
 def test_cli_end_to_end(tok_files, tmp_path):

@@ -24,7 +24,7 @@ def _save_at_tp2(root, tokenizer_path):
     what the TP=2 model itself generates from each."""
     from gen_utils import family_config, full_weights
     from megatron_latent.data.tokenizer import HuggingFaceTokenizer
-    from megatron_latent.hf.convert import save_config
+    from megatron_latent.checkpoint_layout import write_model_config
     from megatron_latent.hf.layout import load_full_into_model
     from megatron_latent.inference import generate
     from megatron_latent.models.gpt import build_gpt_model
@@ -50,7 +50,7 @@ def _save_at_tp2(root, tokenizer_path):
             "text_tol_iters": generate(model, [text_ids], 1, prefill="tolerance", tol=1e-6).prefill_iters,
         }
     if torch.distributed.get_rank() == 0:
-        save_config(cfg, root)
+        write_model_config(cfg, root)
     out["vocab_size"] = cfg.vocab_size
     return out
 
@@ -117,9 +117,9 @@ def test_cli_bad_input_one_clear_line(tmp_path, capsys, args, message):
     with open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt", "w") as f:
         f.write("1\n")
     from megatron_latent.config import get_preset
-    from megatron_latent.hf.convert import save_config
+    from megatron_latent.checkpoint_layout import write_model_config
 
-    save_config(get_preset("tiny-llama"), str(tmp_path / "ckpt"))
+    write_model_config(get_preset("tiny-llama"), str(tmp_path / "ckpt"))
     assert main([a.format(root=tmp_path / "ckpt") for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

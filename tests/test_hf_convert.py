@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from hf_tiny import VOCAB, hf_logits, hf_model, rel_err, tokens
@@ -27,13 +26,13 @@ def _tool_main(argv):
 def _load_and_run(ckpt, hf_dir):
     import transformers
 
-    from megatron_latent.hf.convert import load_config
+    from megatron_latent.checkpoint_layout import read_model_config
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.parallel.initialize import initialize_model_parallel
     from megatron_latent.training.checkpointing import load_checkpoint
 
     initialize_model_parallel(2, 1)
-    cfg = load_config(ckpt)
+    cfg = read_model_config(ckpt)
     model = build_gpt_model(cfg, parallel_output=False).eval()
     info = load_checkpoint(ckpt, [model])
     ids = tokens()

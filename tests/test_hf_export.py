@@ -215,7 +215,7 @@ def _save_parallel(root):
 def test_export_from_tp2_and_pp2(tmp_path, single_rank):
     from safetensors.torch import load_file
 
-    from megatron_latent.hf.convert import save_config
+    from megatron_latent.checkpoint_layout import write_model_config
     from megatron_latent.hf.export import export_to_hf
     from megatron_latent.hf.mapping import megatron_to_hf
 
@@ -245,7 +245,7 @@ def test_export_from_tp2_and_pp2(tmp_path, single_rank):
         latent_pp = os.path.join(root, f"pp2-{arch}-n1")
         shutil.copytree(pp, latent_pp)
         cfg1 = small_config(arch, 1)
-        save_config(cfg1, latent_pp)
+        write_model_config(cfg1, latent_pp)
         export_to_hf(latent_pp, os.path.join(root, f"hf-pp2-{arch}-n1"))
         with torch.no_grad():
             got = _load(os.path.join(root, f"hf-pp2-{arch}-n1"), latent=True)(x).logits

@@ -1,20 +1,60 @@
-"""The CPU backend: on without CUDA, inert with CUDA, and it maps exactly what megatron needs."""
+"""The CPU backend: off at import, on at parallel start-up without CUDA, inert with CUDA, and it
+maps exactly what megatron needs."""
 
 import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
-import megatron_latent  # noqa: F401
 from megatron_latent import platform
+
+# As an entry point that runs megatron code without parallel start-up does.
+platform.install_cpu_backend()
 
 
 def _run(code):
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
+
+
+def test_import_changes_nothing():
+    # What tools import (preprocessing, HF mapping, configs) neither installs the backend nor pays
+    # for megatron-core's tensor_parallel import.
+    out = _run(
+        """
+        import sys, torch
+        current_device = torch.cuda.current_device
+        import megatron_latent, megatron_latent.config, megatron_latent.hf.mapping
+        import megatron_latent.data.preprocess
+        from megatron_latent import platform
+        assert not platform.cpu_backend_installed()
+        assert torch.cuda.current_device is current_device
+        assert not torch.overrides._get_current_function_mode_stack()
+        assert torch.ones(1).type() == "torch.FloatTensor"
+        heavy = sorted(m for m in sys.modules if m.startswith("megatron.core"))
+        assert not heavy, heavy
+        print("clean")
+        """
+    )
+    assert out == "clean"
+
+
+def test_parallel_start_up_installs_it():
+    out = _run(
+        """
+        import torch
+        from megatron_latent import platform
+        from megatron_latent.parallel.initialize import initialize_single_process
+        assert not platform.cpu_backend_installed()
+        initialize_single_process("test")
+        assert platform.cpu_backend_installed()
+        assert torch.zeros(1, device="cuda").device.type == "cpu"
+        print("on")
+        """
+    )
+    assert out == "on"
 
 
 def test_installed_without_cuda():
@@ -32,9 +72,9 @@ def test_inert_when_cuda_is_present():
         torch.cuda.is_available = lambda: True
         before = {n: getattr(torch.cuda, n) for n in
                   ("current_device", "synchronize", "get_rng_state", "set_rng_state", "manual_seed", "Stream")}
-        import megatron_latent
         from megatron_latent import platform
         from megatron.core.tensor_parallel import random as mrandom
+        assert not platform.install_cpu_backend()
         assert not platform.cpu_backend_installed()
         assert all(getattr(torch.cuda, n) is f for n, f in before.items())
         assert not torch.overrides._get_current_function_mode_stack()

@@ -4,7 +4,7 @@
         [--prompt-len 64 --new-tokens 64 --batch-size 1] [--thoughts 0,1,2] [--threads 1]
 
 For each N: new tokens per second of greedy decoding after the prompt (prefill excluded), the
-ratio to N=0 (DESIGN.md expects about N+1: N+1 cached steps per token), and the time of each
+ratio to N=0 (about N+1 expected: N+1 cached steps per token), and the time of each
 prefill method with the Jacobi passes it used. Also the uncached sequential reference on the
 same prompt, for scale. Random weights (paper init); numbers are per process, fp32.
 """

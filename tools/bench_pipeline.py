@@ -11,7 +11,7 @@ virtual pipeline chunks) on one rank (PP=1) and on PP ranks, and prints
   V = N + J + 1 chunks (the passes);
 * per stage: the share of the step's wall time the rank's process spent computing (CPU time / wall
   time; on CPU, gloo waits sleep), and the peak bytes of activations saved for backward (all
-  passes of the micro-batches in flight; training.activation_memory), and at PP=1 for comparison.
+  passes of the micro-batches in flight; tools/activation_memory.py), and at PP=1 for comparison.
 
 Ranks are processes on this machine (gloo on CPU, one thread each); on a shared machine the
 measured overhead includes whatever else runs.
@@ -40,7 +40,7 @@ def _rank_main(rank, world, init_file, args, queue):
     from megatron_latent.parallel.pipeline import build_latent_pipeline, latent_forward_backward, latent_forward_step
     from megatron_latent.platform import distributed_backend
     from megatron_latent.training import engine
-    from megatron_latent.training.activation_memory import SavedActivationMeter
+    from activation_memory import SavedActivationMeter  # tools/, beside this script
 
     torch.set_num_threads(args.threads)
     dist.init_process_group(distributed_backend(), init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -45,7 +45,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     if args.workers < 1 or args.partitions < 1:
-        sys.exit(f"error: --workers and --partitions must be >= 1")
+        sys.exit("error: --workers and --partitions must be >= 1")
     # The native tokenizer pools read their size once, at first use: set it before anything runs.
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, args.workers // args.partitions)))
     from megatron_latent.data.corpus import InputError

@@ -7,8 +7,8 @@ Free of CLI parsing: the training driver fills a `DataArgs` from its flags (`--d
 documented in docs/data.md ("Sample accounting").
 """
 
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import numpy
 import torch
@@ -40,20 +40,6 @@ class DataArgs:
     mmap_bin_files: bool = True
     num_dataset_builder_threads: int = 1
     mock_data: bool = False
-    extra: dict = field(default_factory=dict)  # more GPTDatasetConfig fields, passed through
-
-
-def train_valid_test_num_samples(
-    train_iters: int, global_batch_size: int, eval_iters: int, eval_interval: int
-) -> List[int]:
-    """Megatron's sample budget: every train sample, plus `eval_iters` batches at each of the
-    `train_iters // eval_interval + 1` evaluations (the last one after training), plus one test."""
-    evaluations = train_iters // eval_interval + 1 if eval_interval > 0 else 1
-    return [
-        train_iters * global_batch_size,
-        evaluations * eval_iters * global_batch_size,
-        eval_iters * global_batch_size,
-    ]
 
 
 def _check_prefixes(flag: str, blend) -> None:
@@ -99,7 +85,6 @@ def make_gpt_dataset_config(args: DataArgs, tokenizer) -> GPTDatasetConfig:
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=args.create_attention_mask,
-        **args.extra,
     )
 
 
@@ -107,14 +92,12 @@ def build_train_valid_test_datasets(
     args: DataArgs,
     tokenizer,
     num_samples: Sequence[Optional[int]],
-    is_built_on_rank: Callable[[], bool] = lambda: True,
 ):
     """(train, valid, test) datasets, each None where its split is empty or not built here.
 
     Distributed-aware (call on every rank): with torch.distributed initialised, rank 0 builds
     first and writes the index caches to `data_cache_path`, the others wait at a barrier and then
-    read them. `is_built_on_rank` lets the driver skip ranks that need no data (megatron: only
-    tensor-parallel rank 0 of the first and last pipeline stages)."""
+    read them."""
     config = make_gpt_dataset_config(args, tokenizer)
     _check_nonempty_splits(config, num_samples)
     blended = any(b is not None and len(b[0]) > 1 for b in (config.blend_per_split or [config.blend]))
@@ -124,7 +107,7 @@ def build_train_valid_test_datasets(
             "--data-cache-path with a blend needs torch.distributed initialised (world size 1 is "
             "fine); the training driver does this before building data")
     cls = MockGPTDataset if config.mock else GPTDataset
-    builder = BlendedMegatronDatasetBuilder(cls, list(num_samples), is_built_on_rank, config)
+    builder = BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config)
     train, valid, test = builder.build()
     return train, valid, test
 

@@ -1,43 +1,75 @@
 """Writing and checking megatron-core indexed datasets (`<prefix>.bin` + `<prefix>.idx`).
 
-Writing goes through megatron-core's `IndexedDatasetBuilder` (so the format is megatron's own),
-with two changes for Pile-sized runs: the per-document index lives in compact arrays (12 bytes a
-document instead of ~70 for Python int lists) and the sequence pointers are computed with numpy
-at finalize (the stock writer loops in Python and builds a list of all pointers). The files are
-written under temporary names and renamed at the end, `.idx` last, so an interrupted run never
-leaves a pair that looks complete.
+The format is megatron-core's (`megatron.core.datasets.indexed_dataset`, version 1): the `.bin` is
+the token ids back to back; the `.idx` is a header (magic, version, dtype code, sequence and
+document counts) and then the sequence lengths (int32), byte pointers (int64) and document
+boundaries (int64). It is written and read here with numpy rather than through megatron's
+`IndexedDatasetBuilder`: importing megatron-core costs ~2 s (its package imports all of
+`tensor_parallel`) in every preprocessing process, its writer keeps Python lists of every document
+(~70 bytes each, 12 here) and loops in Python at finalize, and its index reader is private. The
+tests check byte-identical output against megatron's builder and read everything back with
+megatron's `IndexedDataset`, which training uses (`open_dataset`).
+
+Files are written under temporary names and renamed at the end, `.idx` last, so an interrupted
+run never leaves a pair that looks complete.
 """
 
 import os
+import struct
 from array import array
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy
 
-from megatron.core.datasets.indexed_dataset import (
-    DType,
-    IndexedDataset,
-    IndexedDatasetBuilder,
-    _IndexReader,
-    _IndexWriter,
-)
-
 TMP_SUFFIX = ".tmp"
 
+_MAGIC = b"MMIDIDX\x00\x00"
+_VERSION = 1
+# megatron-core's DType codes.
+_DTYPE_CODES = {numpy.uint8: 1, numpy.int8: 2, numpy.int16: 3, numpy.int32: 4, numpy.int64: 5,
+                numpy.float64: 6, numpy.float32: 7, numpy.uint16: 8}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
-class _NumpyIndexWriter(_IndexWriter):
-    def _sequence_pointers(self, sequence_lengths):
-        lengths = numpy.asarray(sequence_lengths, dtype=numpy.int64)
-        pointers = numpy.zeros(len(lengths), dtype=numpy.int64)
-        numpy.cumsum(lengths[:-1] * DType.size(self.dtype), out=pointers[1:])
-        return pointers
+
+def optimal_dtype(vocab_size) -> type:
+    """The token dtype megatron-core picks for a vocabulary (its `DType.optimal_dtype`)."""
+    return numpy.uint16 if vocab_size is not None and vocab_size < 65500 else numpy.int32
 
 
-class CompactIndexedDatasetBuilder(IndexedDatasetBuilder):
-    """`IndexedDatasetBuilder` with array-backed index lists; writes byte-identical files."""
+class Index(NamedTuple):
+    dtype: type
+    sequence_lengths: numpy.ndarray  # int32, one per sequence
+    sequence_pointers: numpy.ndarray  # int64 byte offsets into the .bin
+    document_indices: numpy.ndarray  # int64, 0 then the end sequence of each document
+
+
+def read_index(idx_path: str) -> Index:
+    """Parse an `.idx` file; ValueError naming the file when it is not one."""
+    with open(idx_path, "rb") as f:
+        header = f.read(len(_MAGIC) + 8 + 1 + 8 + 8)
+        data = f.read()
+    if len(header) < 34 or header[:9] != _MAGIC:
+        raise ValueError(f"{idx_path}: not a megatron indexed-dataset index (bad header)")
+    version, code, sequences, documents = struct.unpack("<QBQQ", header[9:])
+    if version != _VERSION or code not in _CODE_DTYPES:
+        raise ValueError(f"{idx_path}: unsupported index version {version} or dtype code {code}")
+    sizes = (4 * sequences, 8 * sequences, 8 * documents)
+    if len(data) < sum(sizes):
+        raise ValueError(f"{idx_path}: truncated ({len(data)} bytes after the header, {sum(sizes)} expected)")
+    lengths = numpy.frombuffer(data, numpy.int32, sequences, 0)
+    pointers = numpy.frombuffer(data, numpy.int64, sequences, sizes[0])
+    docs = numpy.frombuffer(data, numpy.int64, documents, sizes[0] + sizes[1])
+    return Index(_CODE_DTYPES[code], lengths, pointers, docs)
+
+
+class CompactIndexedDatasetBuilder:
+    """Writes what megatron-core's `IndexedDatasetBuilder` writes, for single-sequence documents,
+    keeping the index in compact arrays."""
 
     def __init__(self, bin_path: str, dtype=numpy.int32):
-        super().__init__(bin_path, dtype=dtype)
+        self.dtype = dtype
+        self.data_file = open(bin_path, "wb")
         self.sequence_lengths = array("i")
         self.document_indices = array("q", [0])
 
@@ -62,12 +94,13 @@ class CompactIndexedDatasetBuilder(IndexedDatasetBuilder):
         self.document_indices.extend(range(first + 1, first + 1 + len(lengths)))
 
     def add_index(self, path_prefix: str) -> None:
-        index = _IndexReader(path_prefix + ".idx", multimodal=False)
+        """Append a finished pair (a partition of the same run)."""
+        index = read_index(path_prefix + ".idx")
         if index.dtype != self.dtype:
-            raise ValueError(f"{path_prefix}.idx: dtype {index.dtype} differs from {self.dtype}")
+            raise ValueError(f"{path_prefix}.idx: dtype {index.dtype.__name__} differs from {self.dtype.__name__}")
         offset = len(self.sequence_lengths)
-        self.sequence_lengths.extend(numpy.asarray(index.sequence_lengths, dtype=numpy.int32))
-        self.document_indices.extend((offset + index.document_indices[1:]).astype(numpy.int64))
+        self.sequence_lengths.extend(index.sequence_lengths)
+        self.document_indices.extend(offset + index.document_indices[1:])
         del index
         with open(path_prefix + ".bin", "rb") as f:
             while True:
@@ -78,12 +111,15 @@ class CompactIndexedDatasetBuilder(IndexedDatasetBuilder):
 
     def finalize(self, idx_path: str) -> None:
         self.data_file.close()
-        with _NumpyIndexWriter(idx_path, self.dtype) as writer:
-            writer.write(
-                numpy.frombuffer(self.sequence_lengths, dtype=numpy.int32),
-                None,
-                numpy.frombuffer(self.document_indices, dtype=numpy.int64),
-            )
+        lengths = numpy.frombuffer(self.sequence_lengths, dtype=numpy.int32)
+        pointers = numpy.zeros(len(lengths), dtype=numpy.int64)
+        numpy.cumsum(lengths[:-1].astype(numpy.int64) * numpy.dtype(self.dtype).itemsize, out=pointers[1:])
+        with open(idx_path, "wb") as f:
+            f.write(_MAGIC)
+            f.write(struct.pack("<QBQQ", _VERSION, _DTYPE_CODES[self.dtype], len(lengths), len(self.document_indices)))
+            f.write(lengths.tobytes(order="C"))
+            f.write(pointers.tobytes(order="C"))
+            f.write(numpy.frombuffer(self.document_indices, dtype=numpy.int64).tobytes(order="C"))
 
 
 def temporary_prefix(prefix: str) -> str:
@@ -119,7 +155,7 @@ class DatasetSummary:
 
 
 def summarize(prefix: str) -> DatasetSummary:
-    index = _IndexReader(prefix + ".idx", multimodal=False)
+    index = read_index(prefix + ".idx")
     lengths = numpy.asarray(index.sequence_lengths, dtype=numpy.int64)
     return DatasetSummary(
         prefix=prefix,
@@ -146,10 +182,10 @@ def verify(prefix: str, vocab_size=None, max_scan_tokens: int = 1 << 31) -> list
     if errors:
         return errors
     try:
-        index = _IndexReader(prefix + ".idx", multimodal=False)
-    except Exception as err:  # any parse failure is a finding, reported with the file name
-        return [f"{prefix}.idx: unreadable index: {type(err).__name__}: {err}"]
-    itemsize = DType.size(index.dtype)
+        index = read_index(prefix + ".idx")
+    except ValueError as err:  # the message names the file
+        return [str(err)]
+    itemsize = numpy.dtype(index.dtype).itemsize
     lengths = numpy.asarray(index.sequence_lengths, dtype=numpy.int64)
     pointers = numpy.asarray(index.sequence_pointers, dtype=numpy.int64)
     doc_idx = numpy.asarray(index.document_indices, dtype=numpy.int64)
@@ -177,5 +213,9 @@ def verify(prefix: str, vocab_size=None, max_scan_tokens: int = 1 << 31) -> list
     return errors
 
 
-def open_dataset(prefix: str) -> IndexedDataset:
+def open_dataset(prefix: str):
+    """megatron-core's `IndexedDataset` over a pair (what training reads)."""
+    # Imported here: megatron-core's import costs ~2 s, which inspecting or preprocessing need not pay.
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     return IndexedDataset(prefix, multimodal=False, mmap=True)

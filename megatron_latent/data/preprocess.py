@@ -22,8 +22,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from megatron.core.datasets.indexed_dataset import DType
-
 from megatron_latent.data import corpus, indexed
 from megatron_latent.data.tokenizer import Tokenizer
 
@@ -125,7 +123,7 @@ def _run_partition(
     if threads and "RAYON_NUM_THREADS" not in os.environ:
         os.environ["RAYON_NUM_THREADS"] = str(threads)  # read by rayon at its first use
     stats = PreprocessStats()
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    dtype = indexed.optimal_dtype(tokenizer.vocab_size)
     eod = tokenizer.eod if config.append_eod else None
     builders = [indexed.CompactIndexedDatasetBuilder(p + ".bin", dtype=dtype) for p in tmp_prefixes]
     keys = list(config.json_keys)
@@ -235,7 +233,7 @@ def preprocess(config: PreprocessConfig, tokenizer: Tokenizer) -> PreprocessStat
             progress = _Progress(bar=bar, log_interval=config.log_interval)
             stats.merge(_run_partition(groups[0], part_prefixes[0], part_problems[0], tokenizer,
                                        config, config.workers, progress))
-            stats.dtype = DType.optimal_dtype(tokenizer.vocab_size).__name__
+            stats.dtype = indexed.optimal_dtype(tokenizer.vocab_size).__name__
         else:
             _run_partitions(groups, part_prefixes, part_problems, tokenizer, config, bar, stats)
             _merge_parts(part_prefixes, finals, tokenizer)
@@ -288,11 +286,11 @@ def _run_partitions(groups, part_prefixes, part_problems, tokenizer, config, bar
                 break
         for future in futures:  # raises the first partition error, in input order
             stats.merge(future.result())
-    stats.dtype = DType.optimal_dtype(tokenizer.vocab_size).__name__
+    stats.dtype = indexed.optimal_dtype(tokenizer.vocab_size).__name__
 
 
 def _merge_parts(part_prefixes, finals, tokenizer):
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    dtype = indexed.optimal_dtype(tokenizer.vocab_size)
     for k, final in enumerate(finals):
         tmp = indexed.temporary_prefix(final)
         builder = indexed.CompactIndexedDatasetBuilder(tmp + ".bin", dtype=dtype)

@@ -28,23 +28,6 @@ class TokenizerError(ValueError):
     """A tokenizer file is missing or unusable; the message names the file."""
 
 
-def pad_vocab_size(
-    vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
-) -> int:
-    """Smallest multiple of `make_vocab_size_divisible_by * tensor_model_parallel_size` that holds
-    `vocab_size` entries (Megatron semantics; Pythia: 50277 -> 50304). The one place this is
-    computed: models, export and data code all call it."""
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    if make_vocab_size_divisible_by <= 0 or tensor_model_parallel_size <= 0:
-        raise ValueError(
-            "make_vocab_size_divisible_by and tensor_model_parallel_size must be positive, got "
-            f"{make_vocab_size_divisible_by} and {tensor_model_parallel_size}"
-        )
-    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
-
-
 class Tokenizer:
     """Base class: subclasses set `_eod`, `eod_token`, `eod_source` and implement the methods."""
 

@@ -14,19 +14,21 @@ import os
 from typing import Dict, Tuple
 
 import torch
+import transformers
+from safetensors.torch import load_file
 
+from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, model_config_text
 from megatron_latent.config import ModelConfig
-from megatron_latent.hf.layout import StateDict
+from megatron_latent.hf.layout import StateDict, load_full_into_model
 from megatron_latent.hf.mapping import SUPPORTED, base_model_type, config_from_hf, hf_to_megatron
-
-MODEL_CONFIG_FILE = "model_config.json"
+from megatron_latent.models.gpt import build_gpt_model
+from megatron_latent.parallel.initialize import initialize_single_process
+from megatron_latent.training.checkpointing import save_checkpoint
 
 
 def read_hf_folder(hf_dir: str) -> Tuple[StateDict, object]:
     """(state dict, config) of a local HF model folder: config.json plus *.safetensors or
     pytorch_model*.bin (sharded or not). The architecture is checked before weights are read."""
-    import transformers
-
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--hf-dir {hf_dir}: no config.json there")
@@ -46,8 +48,6 @@ def read_hf_folder(hf_dir: str) -> Tuple[StateDict, object]:
     files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     state: Dict[str, torch.Tensor] = {}
     if files:
-        from safetensors.torch import load_file
-
         for fn in files:
             state.update(load_file(fn))
     else:
@@ -57,22 +57,6 @@ def read_hf_folder(hf_dir: str) -> Tuple[StateDict, object]:
         for fn in files:
             state.update(torch.load(fn, map_location="cpu", weights_only=True))
     return state, hf_config
-
-
-def save_config(cfg: ModelConfig, save_dir: str) -> None:
-    os.makedirs(save_dir, exist_ok=True)
-    tmp = os.path.join(save_dir, MODEL_CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
-    os.replace(tmp, os.path.join(save_dir, MODEL_CONFIG_FILE))
-
-
-def load_config(ckpt_dir: str) -> ModelConfig:
-    path = os.path.join(ckpt_dir, MODEL_CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--load {ckpt_dir}: no {MODEL_CONFIG_FILE} there")
-    with open(path) as f:
-        return ModelConfig.from_dict(json.load(f))
 
 
 def convert_hf_to_checkpoint(
@@ -88,12 +72,6 @@ def convert_hf_to_checkpoint(
     `overrides` replace ModelConfig fields (num_latent_thoughts, scale_embeddings, ...): latent
     thoughts change the forward, not the weights. Runs in this process as a world of one.
     """
-    import megatron_latent  # noqa: F401  (CPU backend when CUDA is absent)
-    from megatron_latent.hf.layout import load_full_into_model
-    from megatron_latent.models.gpt import build_gpt_model
-    from megatron_latent.parallel.initialize import initialize_single_process
-    from megatron_latent.training.checkpointing import save_checkpoint
-
     state, hf_config = read_hf_folder(hf_dir)
     config_from_hf(hf_config, **overrides).check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
     cfg, full = hf_to_megatron(state, hf_config, **overrides)
@@ -107,6 +85,6 @@ def convert_hf_to_checkpoint(
         extra={"model_config": cfg.to_dict(), "converted_from": os.path.abspath(hf_dir),
                "intended_layout": {"tensor_model_parallel_size": tensor_model_parallel_size,
                                    "pipeline_model_parallel_size": pipeline_model_parallel_size}},
-        root_files={MODEL_CONFIG_FILE: json.dumps(cfg.to_dict(), indent=2)},
+        root_files={MODEL_CONFIG_FILE: model_config_text(cfg)},
     )
     return cfg

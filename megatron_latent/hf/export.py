@@ -3,7 +3,7 @@
 The checkpoint (`<load>/model_config.json` + training/checkpointing.py's layout) is read in this
 process as a world of one: the model is built at TP=1/PP=1 and megatron `dist_checkpointing`
 reshards whatever layout it was saved at. The folder holds config.json, model.safetensors
-(sharded with an index above `max_shard_size`), generation_config.json and, given a tokenizer,
+(sharded with an index above `max_shard_size`, written by huggingface_hub), generation_config.json and, given a tokenizer,
 tokenizer files that AutoTokenizer loads.
 
 N = 0 without embedding scaling exports the stock architecture (GPT2LMHeadModel,
@@ -26,10 +26,15 @@ import tempfile
 from typing import Optional
 
 import torch
+from huggingface_hub import save_torch_state_dict
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from megatron_latent.config import ModelConfig
+from megatron_latent.data.tokenizer import HuggingFaceTokenizer, TokenizerError
 from megatron_latent.hf.layout import StateDict, merge_tp_pp
-from megatron_latent.hf.mapping import megatron_to_hf
+from megatron_latent.hf.mapping import config_to_hf, megatron_to_hf
+from megatron_latent.inference.loading import load_single_process
+from megatron_latent.models.gpt import build_gpt_model
 
 MODELING_FILE = "modeling_latent.py"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,9 +52,6 @@ def is_latent(cfg: ModelConfig) -> bool:
 
 def read_checkpoint(load_dir: str, iteration: Optional[int] = None):
     """(ModelConfig, full megatron state dict, iteration) of a checkpoint directory."""
-    from megatron_latent.models.gpt import build_gpt_model
-    from megatron_latent.training.checkpointing import load_single_process
-
     # Weights only: the latent forward is not needed here.
     model, cfg, iteration = load_single_process(load_dir, iteration, build_gpt_model)
     sd = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
@@ -85,8 +87,6 @@ def hf_config_dict(cfg: ModelConfig, eos_token_id=None, dtype: str = "float32") 
 
 
 def megatron_to_hf_config(cfg: ModelConfig):
-    from megatron_latent.hf.mapping import config_to_hf
-
     hc = config_to_hf(cfg)
     for key in ("num_latent_thoughts", "num_jacobi_iterations", "random_jacobi_iterations", "scale_embeds"):
         if hasattr(hc, key):
@@ -95,26 +95,15 @@ def megatron_to_hf_config(cfg: ModelConfig):
 
 
 def write_weights(state: StateDict, out_dir: str, max_shard_size: str = "5GB") -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: state[n].contiguous() for n in names}, os.path.join(out_dir, filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": split.tensor_to_filename}
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+    """model.safetensors, or shards and model.safetensors.index.json above `max_shard_size`, as
+    transformers' save_pretrained writes them (huggingface_hub's writer, which also drops
+    duplicates of tensors that share memory)."""
+    save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size)
 
 
 def write_tokenizer(tokenizer_model: str, out_dir: str, vocab_size: int):
     """Tokenizer files AutoTokenizer loads, from a tokenizers JSON (file or folder). Returns the
     end-of-document token id."""
-    from transformers import PreTrainedTokenizerFast
-
-    from megatron_latent.data.tokenizer import HuggingFaceTokenizer, TokenizerError
-
     if tokenizer_model.endswith(".model"):
         # transformers 5's conversion of sentencepiece models did not reproduce their ids (checked
         # against the sentencepiece library); rather no tokenizer than a wrong one.
@@ -146,8 +135,6 @@ def export_to_hf(
     max_shard_size: str = "5GB",
 ) -> dict:
     """Export a checkpoint to the HF folder `save_dir`. Returns a summary dict."""
-    from transformers import GenerationConfig
-
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
     save_dir = os.path.abspath(save_dir.rstrip("/"))

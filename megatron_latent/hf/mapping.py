@@ -1,8 +1,9 @@
 """Weights and configs between our full megatron state dict and Hugging Face causal LMs.
 
 Supported: GPT2LMHeadModel (model_type gpt2), GPTNeoXForCausalLM (gpt_neox), LlamaForCausalLM
-(llama). `megatron_to_hf` / `hf_to_megatron` work on full state dicts (see `layout`): export
-merges shards first (`merge_tp_pp`), import splits after (`split_tp_pp`).
+(llama). `megatron_to_hf` / `hf_to_megatron` work on full state dicts (see `layout`), the state of
+a TP=1, PP=1 model: export and conversion run as a world of one and megatron `dist_checkpointing`
+reshards the checkpoint to and from any parallel layout.
 
 QKV layouts. megatron-core stores linear_qkv per query group: for group g, the rows of its
 nq/ng query heads, then its key head, then its value head. GPT-NeoX's query_key_value is per head
@@ -24,7 +25,7 @@ from megatron_latent.hf.layout import CheckpointShapeError, StateDict, check_ful
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
 _ARCH_OF = {"gpt2": "gpt2", "gpt_neox": "gpt-neox", "llama": "llama"}
-# The authors' names for the latent knobs, kept in exported configs (DESIGN.md section 1).
+# The authors' names for the latent knobs (PonderLM-2, arXiv 2509.23184), kept in exported configs.
 LATENT_KEYS = ("num_latent_thoughts", "num_jacobi_iterations", "random_jacobi_iterations", "scale_embeds")
 
 

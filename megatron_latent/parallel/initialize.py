@@ -24,6 +24,7 @@ from megatron_latent.config import ModelConfig, ParallelLayout
 
 def init_process_group(timeout_minutes: int = 10) -> None:
     """Join the default process group from torchrun's environment (no-op if already joined)."""
+    platform.install_cpu_backend()  # megatron runs from here on; inert with CUDA
     if dist.is_initialized():
         return
     backend = platform.distributed_backend()
@@ -45,6 +46,7 @@ def initialize_model_parallel(
     The world size is read from the environment (torchrun) when the process group does not exist
     yet, so a bad layout fails on every rank before any rendezvous (ConfigError).
     """
+    platform.install_cpu_backend()  # megatron runs from here on; inert with CUDA
     layout = ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size,
                             virtual_pipeline_model_parallel_size)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))

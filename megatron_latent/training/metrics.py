@@ -94,29 +94,3 @@ def read_metrics(path: str, key: str):
     if not steps:
         raise ValueError(f"{path}: no {key!r} values")
     return steps, values
-
-
-def plot_metrics(runs: Dict[str, str], out_png: str, keys=("train/loss", "valid/loss"),
-                 tokens_per_step: Optional[Dict[str, int]] = None) -> None:
-    """One PNG with a panel per key, a curve per run ({label: metrics.jsonl}). With
-    `tokens_per_step` the x axis is tokens seen instead of iterations. Written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for label, path in runs.items():
-            steps, values = read_metrics(path, key)
-            x = [s * tokens_per_step[label] for s in steps] if tokens_per_step else steps
-            ax.plot(x, values, label=label, marker="o" if len(x) < 30 else None)
-        ax.set_title(key)
-        ax.set_xlabel("tokens" if tokens_per_step else "iteration")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out_png)

@@ -1,0 +1,94 @@
+"""Every use of megatron-core internals (names with a leading underscore, or behaviour we work
+around), in one place, written for megatron-core 0.16.1.
+
+Importing this module with another megatron-core version warns once, naming both versions. A
+warning, not an error: a release that keeps these internals works unchanged (and a version bump
+is tried by running the tests, which an error would block), and each helper below fails with a
+clear error naming the installed version where the internal it needs is gone, instead of
+misbehaving. The CPU backend's own patch of megatron's RNG hooks stays in platform.py, where
+everything about running without CUDA is kept (it is checked by tests/test_platform.py).
+
+Users: training/checkpointing.py (the writer queue, the optimizer state around a load).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+
+import torch
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+WRITTEN_FOR = "0.16.1"
+
+
+def installed_version() -> str:
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _missing(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"megatron-core {installed_version()} has no {what}; megatron_latent/compat.py was written for "
+        f"{WRITTEN_FOR}: adapt it or install megatron-core=={WRITTEN_FOR}"
+    )
+
+
+if installed_version() != WRITTEN_FOR:
+    warnings.warn(
+        f"megatron-core {installed_version()} is installed; megatron_latent/compat.py works around "
+        f"internals of {WRITTEN_FOR} (checkpoint writer, distributed-optimizer load)",
+        stacklevel=2,
+    )
+
+
+# megatron's async checkpoint writer keeps a module-level queue served by a spawned process.
+
+
+def writer_queue_started() -> bool:
+    if not hasattr(filesystem_async, "_results_queue"):
+        raise _missing("dist_checkpointing.strategies.filesystem_async._results_queue")
+    return filesystem_async._results_queue is not None
+
+
+def start_writer_queue() -> None:
+    """Start the writer's queue server now (it starts lazily at the first save otherwise)."""
+    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    if start is None:
+        raise _missing("dist_checkpointing.strategies.filesystem_async._get_write_results_queue")
+    start()
+
+
+def materialize_optimizer_state(optimizer) -> None:
+    """torch's Adam allocates its state (and `step`) at the first step; the distributed optimizer's
+    load needs it allocated before the checkpoint is read into it. megatron's own dummy step (zero
+    gradients) does that; whatever it does to the weights is overwritten by the load. Other
+    optimizers load into an empty state."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or opt.optimizer.state:
+            continue
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is None:
+            raise _missing("DistributedOptimizer._init_optimizer_states_with_dummy_values")
+        init()
+
+
+def restore_adam_steps(optimizer) -> None:
+    """The distributed optimizer's load sets torch Adam's per-parameter `step` from the param
+    groups and then copies the bucket state over it, which holds the placeholder step of
+    `materialize_optimizer_state`; the groups keep the true one (megatron-core 0.16.1, torch
+    Adam; Transformer Engine's and Apex's Adam keep the step in the groups only)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                state = inner.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.full_like(state["step"], float(group["step"]))
