@@ -16,8 +16,12 @@ import argparse
 import json
 import sys
 
+# The generation library's argument names whose flag is spelled differently (see cli.flag_message).
+_RENAMED = {"prefill": "--prefill", "jacobi_iters": "--jacobi-iters-eval", "tol": "--jacobi-tol",
+            "temperature": "--temperature", "greedy": "--greedy"}
 
-def parse_args(argv=None):
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="KV-cached latent-thought generation from a checkpoint")
     p.add_argument("--load", required=True, help="checkpoint directory (with model_config.json)")
     p.add_argument("--iteration", type=int, default=None, help="iteration to load (default: latest)")
@@ -40,6 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--vocab-file", default=None)
     p.add_argument("--merge-file", default=None)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     sampling = [f for f in ("temperature", "top_k", "top_p", "seed") if getattr(args, f) is not None]
     if args.greedy and sampling:
@@ -63,7 +72,9 @@ def _prompt_ids(text: str):
 
 def main(argv=None) -> int:
     args, sampling = parse_args(argv)
-    from megatron_latent.config import ModelConfigError
+    # Imported after the flags are read: a mistyped flag fails at once, before megatron loads.
+    from megatron_latent.cli import flag_message
+    from megatron_latent.config import ConfigError
     from megatron_latent.data.tokenizer import TokenizerError, build_tokenizer
     from megatron_latent.inference import generate
     from megatron_latent.inference.loading import load_model_for_inference
@@ -92,8 +103,8 @@ def main(argv=None) -> int:
             eod_id=eod,
             vocab_size=cfg.vocab_size,
         )
-    except (ModelConfigError, TokenizerError, ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, TokenizerError, ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {flag_message(e, build_parser(), _RENAMED)}", file=sys.stderr)
         return 2
     ids = out.ids[0]
     record = {
@@ -101,7 +112,7 @@ def main(argv=None) -> int:
         "ids": ids,
         "text": tokenizer.detokenize(ids) if tokenizer is not None else None,
         "iteration": iteration,
-        "num_latent_thoughts": cfg.num_latent_thoughts,
+        "num_latent_thoughts": cfg.latent.num_latent_thoughts,
         "prefill": args.prefill,
         "prefill_iters": out.prefill_iters,
     }

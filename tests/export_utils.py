@@ -48,7 +48,7 @@ def latent_model(cfg, full=None):
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
 
-    model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent_settings(), parallel_output=False)
+    model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent, parallel_output=False)
     load_full_into_model(model, random_full(cfg) if full is None else full, cfg)
     return model.eval()
 

@@ -136,8 +136,8 @@ def vanilla_1f1b(cfg, pp):
 
 def save_and_eval(cfg, tp, pp, root):
     """Train one step, evaluate (forward only, J = jacobi_iters_eval), save; return loss, weights."""
-    from megatron_latent.training.engine import latent_eval_loss, latent_train_step
     from megatron_latent.training.checkpointing import save_checkpoint
+    from megatron_latent.training.engine import latent_eval_loss, latent_train_step
 
     dp, model, opt = setup(cfg, tp, pp)
     batches = step_batches(0, dp)
@@ -150,8 +150,8 @@ def save_and_eval(cfg, tp, pp, root):
 
 def load_and_eval(cfg, tp, pp, root):
     """Load into a fresh model at this layout; eval loss and full-vocabulary logits."""
-    from megatron_latent.training.engine import latent_eval_loss
     from megatron_latent.training.checkpointing import load_checkpoint
+    from megatron_latent.training.engine import latent_eval_loss
 
     dp, model, opt = setup(cfg, tp, pp)
     load_checkpoint(root, model)

@@ -73,25 +73,25 @@ def test_parallel_residual_layer_is_used_for_pythia(single_rank):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(num_attention_heads=5), "--hidden-size 64 is not divisible by --num-attention-heads 5"),
-        (dict(num_query_groups=3), "--num-query-groups 3 must divide --num-attention-heads 4"),
-        (dict(rotary_percent=0.3), "--rotary-percent 0.3"),
-        (dict(num_latent_thoughts=-1), "--num-latent-thoughts must be >= 0"),
-        (dict(jacobi_iters=(3, 2)), r"--jacobi-iters \[3, 2\]"),
+        (dict(num_attention_heads=5), "hidden_size 64 is not divisible by num_attention_heads 5"),
+        (dict(num_query_groups=3), "num_query_groups 3 must divide num_attention_heads 4"),
+        (dict(rotary_percent=0.3), "rotary_percent 0.3"),
+        (dict(num_latent_thoughts=-1), "num_latent_thoughts must be an integer >= 0"),
+        (dict(num_latent_thoughts=1, jacobi_iters=(3, 2)), r"jacobi_iters \[3, 2\]"),
         (dict(activation="relu"), "activation 'relu'"),
     ],
 )
 def test_bad_config_names_field(overrides, message):
-    from megatron_latent.config import ModelConfigError, get_preset
+    from megatron_latent.config import ConfigError, get_preset
 
-    with pytest.raises(ModelConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         get_preset("tiny-llama", **overrides)
 
 
 def test_unknown_preset_lists_presets():
-    from megatron_latent.config import ModelConfigError, get_preset
+    from megatron_latent.config import ConfigError, get_preset
 
-    with pytest.raises(ModelConfigError, match="--model-preset 'pythia-7b' is unknown; presets: pythia-70m"):
+    with pytest.raises(ConfigError, match="model_preset 'pythia-7b' is unknown; presets: pythia-70m"):
         get_preset("pythia-7b")
 
 
@@ -100,9 +100,9 @@ def test_config_round_trips_and_latent_settings():
 
     c = get_preset("tiny-pythia", num_latent_thoughts=1, scale_embeddings=True)
     assert ModelConfig.from_dict(c.to_dict()) == c
-    s = c.latent_settings()
+    s = c.latent
     assert (s.num_latent_thoughts, s.training_range, s.jacobi_iters_eval, s.scale_embeddings) == (1, (2, 3), 3, True)
-    assert get_preset("tiny-pythia").latent_settings().num_latent_thoughts == 0
+    assert get_preset("tiny-pythia").latent.num_latent_thoughts == 0
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ def test_parallel_residual_recompute_equals_plain(single_rank, recompute):
 
 
 def test_selective_mlp_recompute_with_biases_is_refused():
-    from megatron_latent.config import ModelConfigError, get_preset
+    from megatron_latent.config import ConfigError, get_preset
 
-    with pytest.raises(ModelConfigError, match="--recompute-modules mlp"):
+    with pytest.raises(ConfigError, match="recompute_modules mlp"):
         get_preset("tiny-gpt2").to_transformer_config(recompute_granularity="selective", recompute_modules=["mlp"])

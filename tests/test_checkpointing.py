@@ -4,7 +4,6 @@ exactly, at TP=2 and at PP=2, and training resumes on the same losses as an unin
 import os
 
 import pytest
-import torch
 
 from multirank import run_on_ranks
 from parallel_utils import SEQ, batch, gather_full, init_weights, max_rel_diff, tiny_config, tiny_gpt

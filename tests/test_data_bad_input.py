@@ -6,9 +6,9 @@ import zlib
 
 import pytest
 import zstandard
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from data_fixtures import make_texts, train_hf_bpe, write_bytes, write_jsonl
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_latent.data import preprocess as pp
 from megatron_latent.data.preprocess import PreprocessConfig, PreprocessError, format_summary, preprocess
 from megatron_latent.data.tokenizer import build_tokenizer

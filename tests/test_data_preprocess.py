@@ -7,9 +7,9 @@ import sys
 
 import numpy
 import pytest
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 from data_fixtures import EOD, make_texts, train_hf_bpe, train_sentencepiece, write_bytes, write_gpt2_files, write_jsonl
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron_latent.data import indexed
 from megatron_latent.data.preprocess import PreprocessConfig, preprocess
 from megatron_latent.data.tokenizer import TokenizerError, build_tokenizer

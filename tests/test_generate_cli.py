@@ -23,8 +23,8 @@ def _save_at_tp2(root, tokenizer_path):
     """Save iterations 5 and 7 (different weights) of a tiny LLaMA-GQA N=1 model at TP=2; return
     what the TP=2 model itself generates from each."""
     from gen_utils import family_config, full_weights
-    from megatron_latent.data.tokenizer import HuggingFaceTokenizer
     from megatron_latent.checkpoint_layout import write_model_config
+    from megatron_latent.data.tokenizer import HuggingFaceTokenizer
     from megatron_latent.hf.layout import load_full_into_model
     from megatron_latent.inference import generate
     from megatron_latent.models.gpt import build_gpt_model
@@ -38,7 +38,7 @@ def _save_at_tp2(root, tokenizer_path):
     out = {}
     for iteration, scale in ((5, 0.5), (7, 1.0)):
         full = {k: v * scale if "norm" not in k else v for k, v in full_weights(cfg).items()}
-        model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent_settings(), use_te=False)
+        model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent, use_te=False)
         load_full_into_model(model, full, cfg)
         model.eval()
         save_checkpoint(root, iteration, [model])
@@ -116,8 +116,8 @@ def test_cli_bad_input_one_clear_line(tmp_path, capsys, args, message):
     os.makedirs(tmp_path / "ckpt")
     with open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt", "w") as f:
         f.write("1\n")
-    from megatron_latent.config import get_preset
     from megatron_latent.checkpoint_layout import write_model_config
+    from megatron_latent.config import get_preset
 
     write_model_config(get_preset("tiny-llama"), str(tmp_path / "ckpt"))
     assert main([a.format(root=tmp_path / "ckpt") for a in args]) == 2

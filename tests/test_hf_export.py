@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from export_utils import ARCHS, L, VOCAB, ids, latent_model, megatron_logits, positions, random_full, save, small_config
+from export_utils import ARCHS, VOCAB, L, ids, latent_model, megatron_logits, positions, random_full, save, small_config
 from multirank import run_on_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,14 +255,14 @@ def test_export_from_tp2_and_pp2(tmp_path, single_rank):
 def test_latent_export_converts_back(tmp_path, single_rank):
     """convert_from_hf reads a latent export (without running its code): same N, same weights."""
     from megatron_latent.hf.convert import convert_hf_to_checkpoint
-    from megatron_latent.hf.export import read_checkpoint, export_to_hf
+    from megatron_latent.hf.export import export_to_hf, read_checkpoint
 
     cfg = small_config("gpt-neox", 2)
     full = random_full(cfg)
     save(latent_model(cfg, full), cfg, str(tmp_path / "ckpt"))
     export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     back = convert_hf_to_checkpoint(str(tmp_path / "hf"), str(tmp_path / "back"))
-    assert (back.num_latent_thoughts, back.scale_embeddings, back.jacobi_iters_eval) == (2, True, 3)
+    assert (back.latent.num_latent_thoughts, back.latent.scale_embeddings, back.latent.jacobi_iters_eval) == (2, True, 3)
     _, again, _ = read_checkpoint(str(tmp_path / "back"))
     assert sorted(again) == sorted(full)
     for k in full:  # the padding rows of the vocabulary are not exported (they come back as zeros)

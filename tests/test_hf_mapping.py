@@ -131,16 +131,14 @@ def test_shape_mismatch_names_tensor_and_shapes():
         split_tp_pp(full, wrong.replace(num_layers=2), 1, 1)
 
 
-def test_tensor_parallel_larger_than_groups_names_flag():
-    from megatron_latent.config import ModelConfigError
+def test_tensor_parallel_larger_than_groups_names_field():
+    from megatron_latent.config import ConfigError
     from megatron_latent.hf.layout import split_tp_pp
     from megatron_latent.hf.mapping import hf_to_megatron
 
     hf = hf_model("llama")
     cfg, full = hf_to_megatron(hf.state_dict(), hf.config)
-    with pytest.raises(ModelConfigError, match=r"--tensor-model-parallel-size 4 is larger than the number of query groups \(2\)"):
+    with pytest.raises(ConfigError, match=r"tensor_model_parallel_size 4 does not divide the num_query_groups 2"):
         split_tp_pp(full, cfg, 4, 1)
-    with pytest.raises(ModelConfigError, match=r"--tensor-model-parallel-size 8 is larger than the number of attention heads"):
+    with pytest.raises(ConfigError, match=r"tensor_model_parallel_size 8 does not divide the num_attention_heads 4"):
         cfg.to_transformer_config(tensor_model_parallel_size=8)
-    with pytest.raises(ModelConfigError, match=r"--tensor-model-parallel-size 3 does not divide the number of attention heads"):
-        cfg.check_parallel(3, 1)

@@ -4,10 +4,10 @@ exact sequential rollout, gradients flow through every pass and match finite dif
 import pytest
 import torch
 
+from megatron_latent.config import ConfigError, LatentSettings, get_preset
 from megatron_latent.inference.reference import sequential_logits
 from megatron_latent.models import slots
-from megatron_latent.config import ConfigError, LatentSettings, get_preset
-from parallel_utils import VOCAB, batch, init_weights, tiny_config, tiny_gpt
+from parallel_utils import batch, init_weights, tiny_config, tiny_gpt
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 L = 8

@@ -6,14 +6,13 @@ must equal the single-rank run's within 1e-5 (fp32). Cases sharing a world size 
 spawned ranks (see pipeline_cases.run_cases).
 """
 
-import os
 
 import pytest
 import torch
 
+import pipeline_cases as pc
 from multirank import run_on_ranks
 from parallel_utils import max_rel_diff
-import pipeline_cases as pc
 
 TOL = 1e-5
 LLAMA1, LLAMA2, GPT2, PYTHIA = pc.tiny_cfg("llama", 1), pc.tiny_cfg("llama", 2), pc.tiny_cfg("gpt2", 1), pc.tiny_cfg("gpt-neox", 1)

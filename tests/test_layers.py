@@ -11,13 +11,14 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Lowest first. A unit is a subpackage or a top-level module of megatron_latent.
 LAYERS = [
-    {"__init__", "platform", "compat"},  # the device and megatron-core adaptations
+    {"__init__", "platform", "compat", "cli"},  # the device and megatron-core adaptations; flag names
     {"config"},  # dataclasses: model, latent settings, layout, presets
-    {"models", "data", "checkpoint_meta"},  # the network; tokens on disk; what a checkpoint holds
+    {"models", "data", "checkpoint_layout"},  # the network; tokens on disk; what a checkpoint holds
     {"parallel"},  # process groups, the latent pipeline
     {"training"},  # steps, the loop, checkpoints
-    {"inference", "hf"},  # decoding; Hugging Face conversion and export
-    {"cli", "pretrain", "generate"},  # command lines
+    {"inference"},  # decoding, and loading a checkpoint into one process
+    {"hf"},  # Hugging Face conversion and export
+    {"pretrain", "generate"},  # command lines
 ]
 _LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

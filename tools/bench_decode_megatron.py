@@ -70,7 +70,7 @@ def main(argv=None):
             num_attention_heads=max(4, h // 64), num_query_groups=None, vocab_size=args.vocab_size,
             seq_length=args.prompt_len + args.new_tokens, num_latent_thoughts=n, scale_embeddings=bool(n),
         )
-        model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent_settings(), use_te=False)
+        model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent, use_te=False)
         model = model.to(device).eval()
         t_prefill_only, _ = best(lambda: generate(model, prompt, 1))
         t_total, out = best(lambda: generate(model, prompt, args.new_tokens + 1))
@@ -78,7 +78,7 @@ def main(argv=None):
         base = tok_s if n == 0 else base
         row = {"N": n, "decode_tok_s": round(tok_s, 1),
                "slowdown_vs_N0": round(base / tok_s, 2) if base else None, "prefill": {}}
-        for method, kw in (("exact", {}), ("jacobi", {"jacobi_iters": cfg.jacobi_iters_eval}),
+        for method, kw in (("exact", {}), ("jacobi", {"jacobi_iters": cfg.latent.jacobi_iters_eval}),
                            ("tolerance", {"tol": 1e-4})):
             t, res = best(lambda: decode_logits(model, prompt, decode_steps=0, prefill=method, **kw))
             row["prefill"][method] = {"s": round(t, 4), "jacobi_passes": res.prefill_iters}

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=("gpt2", "gpt-neox", "llama"), default="gpt-neox")
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-attention-heads", type=int, default=4)
@@ -26,39 +26,30 @@ def main():
     args = p.parse_args()
 
     import torch
-    import torch.distributed as dist
 
-    import megatron_latent  # noqa: F401
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
+    from megatron_latent.config import ModelConfig
     from megatron_latent.models.flops import latent_step_flops
-    from megatron_latent.models.latent import LatentGPTModel, LatentSettings
-    from megatron_latent.models.norms import with_torch_norms
-    from megatron_latent.parallel.initialize import initialize_model_parallel
+    from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.models.latent import LatentGPTModel
+    from megatron_latent.parallel.initialize import initialize_single_process
     from megatron_latent.platform import device
 
     torch.set_num_threads(args.threads)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "gloo" if device().type == "cpu" else "nccl",
-            init_method=f"file://{tempfile.mkdtemp()}/rdzv", rank=0, world_size=1,
-        )
-    initialize_model_parallel(1, 1)
-    cfg = TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16,
+    initialize_single_process("bench_latent")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    base = ModelConfig(
+        name="bench", arch=args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, ffn_hidden_size=4 * args.hidden_size,
+        vocab_size=args.vocab_size, seq_length=args.seq_length,
     )
-    spec = with_torch_norms(get_gpt_layer_local_spec(), args.num_layers)
     L, b = args.seq_length, args.micro_batch_size
     tokens = torch.randint(0, args.vocab_size, (b, L), device=device())
     pos = torch.arange(L, device=device()).expand(b, L)
 
     def step_time(n, j):
-        latent = LatentSettings(n, scale_embeddings=True) if n else LatentSettings()
-        m = LatentGPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=args.vocab_size,
-                           max_sequence_length=L, position_embedding_type="rope", latent=latent).to(device())
+        cfg = base.replace(num_latent_thoughts=n, scale_embeddings=bool(n))
+        m = build_gpt_model(cfg, config=cfg.to_transformer_config(params_dtype=dtype), model_cls=LatentGPTModel,
+                            latent=cfg.latent).to(device())
         m.train()
         times = []
         for i in range(args.iters + 1):
@@ -71,11 +62,11 @@ def main():
         return sorted(times)[len(times) // 2]
 
     def flops(n, j):
-        return latent_step_flops(L, n, j, args.vocab_size, args.hidden_size, args.num_layers,
-                                 cfg.ffn_hidden_size, args.num_attention_heads)
+        return latent_step_flops(L, n, j, base.padded_vocab_size, args.hidden_size, args.num_layers,
+                                 base.ffn_hidden_size, args.num_attention_heads, base.query_groups, base.gated)
 
     base_t, base_f = step_time(0, 0), flops(0, 0)
-    print(f"model: {args.num_layers} layers, H={args.hidden_size}, V={args.vocab_size}, L={L}, "
+    print(f"model: {args.arch}, {args.num_layers} layers, H={args.hidden_size}, V={args.vocab_size}, L={L}, "
           f"micro-batch {b}, {args.threads} threads, {device()}, {'bf16' if args.bf16 else 'fp32'}")
     print(f"{'config':<12}{'step (s)':>10}{'time ratio':>12}{'FLOP ratio':>12}{'time/FLOP':>11}")
     print(f"{'N=0':<12}{base_t:>10.3f}{1.0:>12.2f}{1.0:>12.2f}{1.0:>11.2f}")

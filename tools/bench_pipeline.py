@@ -30,27 +30,28 @@ def _rank_main(rank, world, init_file, args, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch
     import torch.distributed as dist
-
-    import megatron_latent  # noqa: F401  (CPU backend when CUDA is absent)
+    from activation_memory import SavedActivationMeter  # tools/, beside this script
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from megatron_latent.config import ModelConfig
+    import megatron_latent  # noqa: F401  (CPU backend when CUDA is absent)
+    from megatron_latent.config import LatentSettings, ModelConfig
     from megatron_latent.parallel.initialize import initialize_model_parallel
-    from megatron_latent.parallel.pipeline import build_latent_pipeline, latent_forward_backward, latent_forward_step
+    from megatron_latent.parallel.pipeline import build_latent_pipeline, latent_forward_backward
     from megatron_latent.platform import distributed_backend
     from megatron_latent.training import engine
-    from activation_memory import SavedActivationMeter  # tools/, beside this script
+    from megatron_latent.training.engine import latent_forward_step
 
     torch.set_num_threads(args.threads)
     dist.init_process_group(distributed_backend(), init_method=f"file://{init_file}", rank=rank, world_size=world)
     cfg = ModelConfig(
         name="bench", arch=args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads, ffn_hidden_size=4 * args.hidden_size,
-        vocab_size=args.vocab_size, seq_length=args.seq_length, num_latent_thoughts=args.num_latent_thoughts,
-        jacobi_iters=(args.jacobi_iters, args.jacobi_iters), scale_embeddings=True,
+        vocab_size=args.vocab_size, seq_length=args.seq_length,
+        latent=LatentSettings(args.num_latent_thoughts, (args.jacobi_iters,) * 2 if args.num_latent_thoughts else None,
+                              scale_embeddings=True),
     )
-    initialize_model_parallel(1, world, num_layers=cfg.num_layers)
+    initialize_model_parallel(1, world, model=cfg)
     model = engine.wrap_ddp(build_latent_pipeline(cfg), DistributedDataParallelConfig())
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     L, b = args.seq_length, args.micro_batch_size

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing --save folder")
     args = p.parse_args(argv)
 
-    from megatron_latent.config import ModelConfigError
+    from megatron_latent.config import ConfigError
     from megatron_latent.hf.export import export_to_hf
     from megatron_latent.hf.layout import CheckpointShapeError
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         info = export_to_hf(args.load, args.save, iteration=args.iteration, dtype=args.dtype,
                             tokenizer_model=args.tokenizer_model, force=args.force,
                             max_shard_size=args.max_shard_size)
-    except (ModelConfigError, CheckpointShapeError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointShapeError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kind = "latent (trust_remote_code=True)" if info["remote_code"] else "stock class"

@@ -49,8 +49,7 @@ def main(argv=None):
     # The native tokenizer pools read their size once, at first use: set it before anything runs.
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, args.workers // args.partitions)))
     from megatron_latent.data.corpus import InputError
-    from megatron_latent.data.preprocess import (
-        PreprocessConfig, PreprocessError, format_summary, preprocess)
+    from megatron_latent.data.preprocess import PreprocessConfig, PreprocessError, format_summary, preprocess
     from megatron_latent.data.tokenizer import TokenizerError, build_tokenizer
 
     try:

@@ -8,12 +8,9 @@ waiting for a peer that already died. Field names are Megatron's flag names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from megatron_latent.config.errors import ConfigError, need
-
-if TYPE_CHECKING:
-    from megatron_latent.config.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -55,8 +52,8 @@ class ParallelLayout:
               f"{self.pipeline_model_parallel_size} = {model_parallel}")
         return world_size // model_parallel
 
-    def check_model(self, cfg: "ModelConfig", seq_length: Optional[int] = None) -> None:
-        """Heads, groups, MLP and vocabulary over the TP ranks; layers over the stages (and their
+    def check_model(self, cfg, seq_length: Optional[int] = None) -> None:
+        """`cfg` (a ModelConfig, which imports this module) split this way: heads, groups, MLP and vocabulary over the TP ranks; layers over the stages (and their
         chunks); training sequences over the sequence-parallel ranks."""
         tp, pp, v = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.virtual_chunks
         model = f"model {cfg.name!r}"

@@ -148,7 +148,8 @@ class HuggingFaceTokenizer(_RustTokenizer):
 class GPT2BPETokenizer(_RustTokenizer):
     def __init__(self, vocab_file: str, merge_file: str, eod_token: Optional[str] = None):
         super().__init__("GPT2BPETokenizer", [vocab_file, merge_file], eod_token=eod_token)
-        from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
 
         for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
             if not path or not os.path.isfile(path):

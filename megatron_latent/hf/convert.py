@@ -18,7 +18,7 @@ import transformers
 from safetensors.torch import load_file
 
 from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, model_config_text
-from megatron_latent.config import ModelConfig
+from megatron_latent.config import ModelConfig, ParallelLayout
 from megatron_latent.hf.layout import StateDict, load_full_into_model
 from megatron_latent.hf.mapping import SUPPORTED, base_model_type, config_from_hf, hf_to_megatron
 from megatron_latent.models.gpt import build_gpt_model
@@ -73,7 +73,7 @@ def convert_hf_to_checkpoint(
     thoughts change the forward, not the weights. Runs in this process as a world of one.
     """
     state, hf_config = read_hf_folder(hf_dir)
-    config_from_hf(hf_config, **overrides).check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
+    ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size).check_model(config_from_hf(hf_config, **overrides))
     cfg, full = hf_to_megatron(state, hf_config, **overrides)
     del state
     initialize_single_process("convert_hf_to_checkpoint")

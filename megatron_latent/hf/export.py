@@ -47,7 +47,7 @@ class ExportError(ValueError):
 
 
 def is_latent(cfg: ModelConfig) -> bool:
-    return bool(cfg.num_latent_thoughts or cfg.scale_embeddings)
+    return bool(cfg.latent.num_latent_thoughts or cfg.latent.scale_embeddings)
 
 
 def read_checkpoint(load_dir: str, iteration: Optional[int] = None):
@@ -75,10 +75,10 @@ def hf_config_dict(cfg: ModelConfig, eos_token_id=None, dtype: str = "float32") 
             "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{_LATENT_CLASSES[cfg.arch]}",
         }
         d.update(
-            num_latent_thoughts=cfg.num_latent_thoughts,
-            num_jacobi_iterations=cfg.jacobi_iters_eval,
-            random_jacobi_iterations=list(cfg.jacobi_iters) if cfg.num_latent_thoughts else None,
-            scale_embeds=cfg.scale_embeddings,
+            num_latent_thoughts=cfg.latent.num_latent_thoughts,
+            num_jacobi_iterations=cfg.latent.jacobi_iters_eval,
+            random_jacobi_iterations=list(cfg.latent.jacobi_iters) if cfg.latent.jacobi_iters else None,
+            scale_embeds=cfg.latent.scale_embeddings,
             latent_prefill="jacobi",
             jacobi_tolerance=1e-4,
             max_jacobi_iterations=None,
@@ -175,6 +175,6 @@ def export_to_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"save": save_dir, "arch": cfg.arch, "num_latent_thoughts": cfg.num_latent_thoughts,
+    return {"save": save_dir, "arch": cfg.arch, "num_latent_thoughts": cfg.latent.num_latent_thoughts,
             "iteration": iteration, "parameters": sum(t.numel() for t in state.values()),
             "remote_code": is_latent(cfg), "tokenizer": tokenizer_model is not None}

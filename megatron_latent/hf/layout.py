@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from megatron_latent.config import ModelConfig
+from megatron_latent.config import ModelConfig, ParallelLayout
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -140,7 +140,7 @@ def _canonical(name: str) -> str:
 def merge_tp_pp(shards: Sequence[Sequence[StateDict]], cfg: ModelConfig) -> StateDict:
     """Full state dict from `shards[pp_rank][tp_rank]` (local or TE names)."""
     pp, tp = len(shards), len(shards[0])
-    cfg.check_parallel(tp, pp)
+    ParallelLayout(tp, pp).check_model(cfg)
     full: StateDict = {}
     for p, row in enumerate(shards):
         if len(row) != tp:
@@ -207,7 +207,7 @@ def _take(t: torch.Tensor, key: str, cfg: ModelConfig, tp: int, rank: int) -> to
 def split_tp_pp(full: StateDict, cfg: ModelConfig, tp: int, pp: int, te_names: bool = False) -> List[List[StateDict]]:
     """`shards[pp_rank][tp_rank]` of the full state dict (checked against `cfg` first)."""
     check_full_state_dict(full, cfg)
-    cfg.check_parallel(tp, pp)
+    ParallelLayout(tp, pp).check_model(cfg)
     return [[shard_for(full, cfg, tp, pp, t, p, te_names) for t in range(tp)] for p in range(pp)]
 
 

@@ -102,10 +102,8 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
             latent["jacobi_iters"] = tuple(c.random_jacobi_iterations)
     elif getattr(c, "scale_embeds", False):
         latent = dict(scale_embeddings=True)
-    kw.update(latent)
     kw["name"] = name
-    kw.update(overrides)
-    return ModelConfig(**kw)
+    return ModelConfig(**kw).replace(**{**latent, **overrides})
 
 
 def _rope(c) -> Dict:
@@ -146,11 +144,12 @@ def config_to_hf(cfg: ModelConfig):
                             rms_norm_eps=cfg.norm_epsilon, attention_bias=cfg.add_bias_linear,
                             mlp_bias=cfg.add_bias_linear, attention_dropout=cfg.attention_dropout,
                             rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base}, **common)
-    if cfg.num_latent_thoughts or cfg.scale_embeddings:
-        hc.num_latent_thoughts = cfg.num_latent_thoughts
-        hc.num_jacobi_iterations = cfg.jacobi_iters_eval
-        hc.random_jacobi_iterations = list(cfg.jacobi_iters)
-        hc.scale_embeds = cfg.scale_embeddings
+    lat = cfg.latent
+    if lat.num_latent_thoughts or lat.scale_embeddings:
+        hc.num_latent_thoughts = lat.num_latent_thoughts
+        hc.num_jacobi_iterations = lat.jacobi_iters_eval
+        hc.random_jacobi_iterations = list(lat.jacobi_iters) if lat.jacobi_iters else None
+        hc.scale_embeds = lat.scale_embeddings
     return hc
 
 

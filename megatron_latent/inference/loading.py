@@ -36,6 +36,6 @@ def load_model_for_inference(load_dir: str, iteration: Optional[int] = None) -> 
     """
     model, cfg, iteration = load_single_process(
         load_dir, iteration,
-        lambda cfg: build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent_settings(), use_te=False),
+        lambda cfg: build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent, use_te=False),
     )
     return model.eval(), cfg, iteration

@@ -23,17 +23,3 @@ class TorchNorm:
         for p in norm.parameters():
             p.sequence_parallel = config.sequence_parallel
         return norm
-
-
-def with_torch_norms(layer_spec, num_layers: int):
-    """A block spec: `layer_spec` with its norms (and the final norm) replaced by TorchNorm."""
-    import copy
-
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-    spec = copy.deepcopy(layer_spec)
-    for name in ("input_layernorm", "pre_mlp_layernorm", "pre_cross_attn_layernorm"):
-        current = getattr(spec.submodules, name, None)
-        if current is not None and getattr(current, "__name__", "") == "WrappedTorchNorm":
-            setattr(spec.submodules, name, TorchNorm)
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=TorchNorm)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_latent import compat, platform
+
 # read_latest_iteration, read_common, checkpoint_model_config: re-exported for the training loop.
 from megatron_latent.checkpoint_layout import (  # noqa: F401
     TRACKER,
