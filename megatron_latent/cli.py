@@ -12,7 +12,8 @@ import re
 from typing import Dict, Optional
 
 
-def flag_message(error: BaseException, parser: argparse.ArgumentParser, renames: Optional[Dict[str, str]] = None) -> str:
+def flag_message(error: BaseException, parser: argparse.ArgumentParser,
+                 renames: Optional[Dict[str, str]] = None) -> str:
     flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
     flags.update(renames or {})
     names = sorted((n for n in flags if "_" in n or n in (renames or {})), key=len, reverse=True)

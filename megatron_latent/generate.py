@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="prompt text (needs --tokenizer-type/--tokenizer-model)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless a sampling flag is given)")
+    p.add_argument("--greedy", action="store_true",
+                   help="argmax decoding (the default unless a sampling flag is given)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None, help="0 = off")
     p.add_argument("--top-p", type=float, default=None, help="1 = off")

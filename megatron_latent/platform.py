@@ -13,7 +13,8 @@ On a machine without CUDA, :func:`install_cpu_backend` adapts exactly these, wit
 megatron-core on disk:
 
 * a ``TorchFunctionMode`` (entered for the whole process, and re-entered around the backward of
-  custom autograd functions, which autograd runs with no mode active) rewrites CUDA devices to CPU in ``device=`` arguments, ``Tensor.to`` and ``Tensor.cuda``, drops
+  custom autograd functions, which autograd runs with no mode active) rewrites CUDA devices to CPU
+  in ``device=`` arguments, ``Tensor.to`` and ``Tensor.cuda``, drops
   ``pin_memory=True``, and makes ``Tensor.type()`` report CUDA type names (1 and 3);
 * ``torch.cuda``'s device, stream, synchronisation and RNG functions, which raise without CUDA,
   are replaced by CPU equivalents; the "CUDA generator" is the CPU default generator, so megatron's

@@ -223,9 +223,10 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
     )
     opt, sched = build_optimizer_and_scheduler(model, args)
     engine.configure_model_for_training(model, opt)
-    logger.info(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, N={cfg.latent.num_latent_thoughts} "
-                f"latent thoughts | TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
-                f"DP={dp} | {plan.num_microbatches} micro-batches of {args.micro_batch_size} per step")
+    logger.info(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, "
+                f"N={cfg.latent.num_latent_thoughts} latent thoughts | TP={args.tensor_model_parallel_size} "
+                f"PP={args.pipeline_model_parallel_size} DP={dp} | {plan.num_microbatches} micro-batches of "
+                f"{args.micro_batch_size} per step")
     state = loop.TrainState()
     if args.load:
         state = loop.resume(

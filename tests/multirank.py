@@ -35,7 +35,9 @@ def _worker(rank, world_size, init_file, fn, args, results):
         torch.set_num_threads(1)
         import torch.distributed as dist
 
-        from megatron_latent.platform import install_cpu_backend; install_cpu_backend()  # before any megatron code
+        from megatron_latent.platform import install_cpu_backend
+
+        install_cpu_backend()  # before any megatron code
 
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size

@@ -39,7 +39,8 @@ def _load_and_run(ckpt, hf_dir):
     with torch.no_grad():
         got = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)[..., :VOCAB]
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
-    return {"err": rel_err(got, hf_logits(hf, ids)), "n": cfg.latent.num_latent_thoughts, "iteration": info["iteration"]}
+    return {"err": rel_err(got, hf_logits(hf, ids)), "n": cfg.latent.num_latent_thoughts,
+            "iteration": info["iteration"]}
 
 
 def test_convert_then_load_at_tp2(tmp_path):

@@ -62,7 +62,8 @@ def test_export_matches_megatron(tmp_path, arch, n):
         tol = hf(x, latent_prefill="tolerance", jacobi_tolerance=1e-6)
         j0 = hf(x, num_jacobi_iterations=0).logits
     print(f"\n{arch} N={n}: |jacobi - megatron| {_err(got, ref):.1e}, |exact - sequential| {_err(ex, exact):.1e}, "
-          f"tolerance: {tol.jacobi_iterations} iterations, |err| {_err(tol.logits, exact):.1e}; J=0 {_err(j0, exact):.2f}")
+          f"tolerance: {tol.jacobi_iterations} iterations, |err| {_err(tol.logits, exact):.1e}; "
+          f"J=0 {_err(j0, exact):.2f}")
     assert _err(ex, exact) < 1e-5
     assert _err(tol.logits, exact) < 1e-5 and 1 <= tol.jacobi_iterations <= n * L
     assert _err(j0, exact) > 1e-2  # the thoughts matter: the tests above can fail
@@ -137,7 +138,8 @@ def test_refuses_overwrite_and_writes_atomically(tmp_path, single_rank, capsys):
     assert not (out / "marker").exists() and (out / "config.json").exists()
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]  # no temporary folders left behind
     # Bad input: one line naming the flag, nothing written.
-    for argv, msg in ((["--load", str(tmp_path / "nope")], "--load"), (["--load", ckpt, "--iteration", "5"], "--iteration 5"),
+    for argv, msg in ((["--load", str(tmp_path / "nope")], "--load"),
+                      (["--load", ckpt, "--iteration", "5"], "--iteration 5"),
                       (["--load", ckpt, "--tokenizer-model", str(tmp_path / "t.json")], "--tokenizer-model")):
         assert _tool(argv + ["--save", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
@@ -262,7 +264,8 @@ def test_latent_export_converts_back(tmp_path, single_rank):
     save(latent_model(cfg, full), cfg, str(tmp_path / "ckpt"))
     export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     back = convert_hf_to_checkpoint(str(tmp_path / "hf"), str(tmp_path / "back"))
-    assert (back.latent.num_latent_thoughts, back.latent.scale_embeddings, back.latent.jacobi_iters_eval) == (2, True, 3)
+    got = (back.latent.num_latent_thoughts, back.latent.scale_embeddings, back.latent.jacobi_iters_eval)
+    assert got == (2, True, 3)
     _, again, _ = read_checkpoint(str(tmp_path / "back"))
     assert sorted(again) == sorted(full)
     for k in full:  # the padding rows of the vocabulary are not exported (they come back as zeros)

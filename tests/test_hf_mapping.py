@@ -127,7 +127,8 @@ def test_shape_mismatch_names_tensor_and_shapes():
     wrong = get_preset("tiny-llama", vocab_size=VOCAB)  # ffn 176 vs 96, 4 layers vs 2
     with pytest.raises(CheckpointShapeError, match="decoder.layers.2.input_layernorm.weight is missing"):
         check_full_state_dict(full, wrong)
-    with pytest.raises(CheckpointShapeError, match=r"mlp.linear_fc1.weight has shape \(192, 64\), model .* expects \(352, 64\)"):
+    with pytest.raises(CheckpointShapeError,
+                       match=r"mlp.linear_fc1.weight has shape \(192, 64\), model .* expects \(352, 64\)"):
         split_tp_pp(full, wrong.replace(num_layers=2), 1, 1)
 
 

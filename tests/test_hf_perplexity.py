@@ -64,7 +64,8 @@ def test_text_file_and_indexed_dataset(folder, capsys):
     root, tok, tokens = folder
     hf = str(root / "hf")
     count, nll = _direct(hf, tokens, 16)
-    assert _tool(["--hf-dir", hf, "--text-file", str(root / "text.txt"), "--seq-length", "16", "--batch-size", "3"]) == 0
+    assert _tool(["--hf-dir", hf, "--text-file", str(root / "text.txt"),
+                  "--seq-length", "16", "--batch-size", "3"]) == 0
     t, n, p = _parse(capsys.readouterr().out)
     assert t == count and abs(n - nll) < 1e-5 and abs(p - math.exp(nll)) < 1e-3 * p
     # The same tokens as a two-document indexed dataset (the stream is the documents back to back).

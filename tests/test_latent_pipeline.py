@@ -15,7 +15,8 @@ from multirank import run_on_ranks
 from parallel_utils import max_rel_diff
 
 TOL = 1e-5
-LLAMA1, LLAMA2, GPT2, PYTHIA = pc.tiny_cfg("llama", 1), pc.tiny_cfg("llama", 2), pc.tiny_cfg("gpt2", 1), pc.tiny_cfg("gpt-neox", 1)
+LLAMA1, LLAMA2 = pc.tiny_cfg("llama", 1), pc.tiny_cfg("llama", 2)
+GPT2, PYTHIA = pc.tiny_cfg("gpt2", 1), pc.tiny_cfg("gpt-neox", 1)
 VANILLA = pc.tiny_cfg("llama", 0)
 RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 

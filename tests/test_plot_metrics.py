@@ -10,10 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _write(path, losses):
     with open(path, "w") as f:
-        for i, l in enumerate(losses, 1):
-            f.write(json.dumps({"iteration": i, "train/loss": l}) + "\n")
+        for i, loss in enumerate(losses, 1):
+            f.write(json.dumps({"iteration": i, "train/loss": loss}) + "\n")
             if i % 2 == 0:
-                f.write(json.dumps({"iteration": i, "valid/loss": l + 0.1}) + "\n")
+                f.write(json.dumps({"iteration": i, "valid/loss": loss + 0.1}) + "\n")
 
 
 def _tool(*argv):

@@ -357,21 +357,25 @@ def test_without_a_launcher_it_runs_as_one_process(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    run = lambda argv: subprocess.run([sys.executable, "-m", "megatron_latent.pretrain", *argv], env=env,
-                                      capture_output=True, text=True, timeout=300)
+
+    def run(argv):
+        return subprocess.run([sys.executable, "-m", "megatron_latent.pretrain", *argv], env=env,
+                              capture_output=True, text=True, timeout=300)
+
     tb = str(tmp_path / "tb")
     argv = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--train-iters", "4", "--micro-batch-size", "2",
                             "--global-batch-size", "4", "--tensorboard-dir", tb]
     done = run(argv)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(_losses(done.stdout)) == [1, 2, 3, 4]
-    assert all(" | elapsed " in l and " | ETA " in l for l in done.stdout.splitlines() if l.startswith("iteration"))
-    records = [json.loads(l) for l in open(os.path.join(tb, "metrics.jsonl"))]
+    assert all(" | elapsed " in line and " | ETA " in line
+               for line in done.stdout.splitlines() if line.startswith("iteration"))
+    records = [json.loads(line) for line in open(os.path.join(tb, "metrics.jsonl"))]
     elapsed, eta = [r["train/elapsed_s"] for r in records], [r["train/eta_s"] for r in records]
     assert all(a < b for a, b in zip(elapsed, elapsed[1:])) and all(e > 0 for e in eta[:-1]) and eta[-1] == 0.0
 
     refused = run(argv + ["--tensor-model-parallel-size", "2"])
-    err = [l for l in refused.stderr.splitlines() if l.startswith("error: ")]
+    err = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert refused.returncode == 2 and len(err) == 1, refused.stderr[-3000:]
     assert "launch with torchrun --nproc_per_node 2" in err[0]
 

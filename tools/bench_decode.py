@@ -56,7 +56,8 @@ def bench(model, batch, prefill, decode, vocab):
         for _ in range(decode):
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             t = time.perf_counter()
-            out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{"cache" if hasattr(out, "cache") else "past_key_values": cache})
+            out = model(input_ids=nxt, attention_mask=mask, use_cache=True,
+                        **{"cache" if hasattr(out, "cache") else "past_key_values": cache})
             lat.append(time.perf_counter() - t)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = prefill + decode

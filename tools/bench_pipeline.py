@@ -61,7 +61,8 @@ def _rank_main(rank, world, init_file, args, queue):
         out = []
         for _ in range(m):
             t = torch.randint(0, args.vocab_size, (b, L + 1), generator=g).to(device)
-            out.append({"tokens": t[:, :-1], "labels": t[:, 1:], "position_ids": torch.arange(L, device=device).expand(b, L)})
+            out.append({"tokens": t[:, :-1], "labels": t[:, 1:],
+                        "position_ids": torch.arange(L, device=device).expand(b, L)})
         return out
 
     results = {}
@@ -97,7 +98,8 @@ def _run(world, args):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank_main, args=(r, world, os.path.join(tmp, "rdzv"), args, queue)) for r in range(world)]
+        procs = [ctx.Process(target=_rank_main, args=(r, world, os.path.join(tmp, "rdzv"), args, queue))
+                 for r in range(world)]
         for p in procs:
             p.start()
         out = [queue.get() for _ in procs]
@@ -131,7 +133,8 @@ def main():
     print(f"{args.arch} layers={args.num_layers} hidden={args.hidden_size} L={args.seq_length} "
           f"mbs={args.micro_batch_size} N={args.num_latent_thoughts} J={args.jacobi_iters}: "
           f"{passes} passes = virtual chunks per stage")
-    head = f"{'M':>3} {'PP=1 (s)':>9} {f'PP={pp} (s)':>9} {'ideal (s)':>9} {'overhead':>8} {'bubble':>7} {'PP=1 act MiB':>12}"
+    head = (f"{'M':>3} {'PP=1 (s)':>9} {f'PP={pp} (s)':>9} {'ideal (s)':>9} {'overhead':>8} {'bubble':>7} "
+            f"{'PP=1 act MiB':>12}")
     head += "".join(f" {f'stage{s} busy':>11}" for s in range(pp))
     head += "".join(f" {f'stage{s} MiB':>10}" for s in range(pp))
     print(head)

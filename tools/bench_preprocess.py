@@ -3,12 +3,13 @@
     python tools/bench_preprocess.py --input ../shared/data/sample-corpus.jsonl.zst \
         --tokenizer-model ../shared/data/gpt-neox-20b-tokenizer.json --workers 1 2
 
-Each measurement runs in a fresh process (best of --repeat, the two kinds alternating) with RAYON_NUM_THREADS = workers (the Rust thread pool
-size is fixed at first use). The limit: `encode_batch_fast` over the same documents, already
-decoded and in memory, in batches of the size preprocessing uses. Preprocessing: the library call
-behind tools/preprocess_data.py (read + decompress + parse + tokenize + write), timed from the
-first byte read to the renamed outputs; interpreter start and tokenizer loading excluded on both
-sides. Peak RSS is reported for the preprocessing process.
+Each measurement runs in a fresh process (best of --repeat, the two kinds alternating) with
+RAYON_NUM_THREADS = workers (the Rust thread pool size is fixed at first use). The limit:
+`encode_batch_fast` over the same documents, already decoded and in memory, in batches of the
+size preprocessing uses. Preprocessing: the library call behind tools/preprocess_data.py
+(read + decompress + parse + tokenize + write), timed from the first byte read to the renamed
+outputs; interpreter start and tokenizer loading excluded on both sides. Peak RSS is reported for the
+preprocessing process.
 """
 
 import argparse

@@ -22,7 +22,8 @@ class ParallelLayout:
     sequence_parallel: bool = False
 
     def __post_init__(self):
-        tp, pp, v = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.num_virtual_stages_per_pipeline_rank
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        v = self.num_virtual_stages_per_pipeline_rank
         need(tp >= 1, f"tensor_model_parallel_size must be >= 1, got {tp}")
         need(pp >= 1, f"pipeline_model_parallel_size must be >= 1, got {pp}")
         if v is not None:
@@ -53,8 +54,9 @@ class ParallelLayout:
         return world_size // model_parallel
 
     def check_model(self, cfg, seq_length: Optional[int] = None) -> None:
-        """`cfg` (a ModelConfig, which imports this module) split this way: heads, groups, MLP and vocabulary over the TP ranks; layers over the stages (and their
-        chunks); training sequences over the sequence-parallel ranks."""
+        """`cfg` (a ModelConfig, which imports this module) split this way: heads, groups, MLP and vocabulary
+        over the TP ranks; layers over the stages (and their chunks); training sequences over the
+        sequence-parallel ranks."""
         tp, pp, v = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.virtual_chunks
         model = f"model {cfg.name!r}"
         for what, n in (("num_attention_heads", cfg.num_attention_heads), ("num_query_groups", cfg.query_groups),

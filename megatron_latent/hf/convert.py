@@ -73,7 +73,8 @@ def convert_hf_to_checkpoint(
     thoughts change the forward, not the weights. Runs in this process as a world of one.
     """
     state, hf_config = read_hf_folder(hf_dir)
-    ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size).check_model(config_from_hf(hf_config, **overrides))
+    ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size).check_model(
+        config_from_hf(hf_config, **overrides))
     cfg, full = hf_to_megatron(state, hf_config, **overrides)
     del state
     initialize_single_process("convert_hf_to_checkpoint")

@@ -3,8 +3,8 @@
 The checkpoint (`<load>/model_config.json` + training/checkpointing.py's layout) is read in this
 process as a world of one: the model is built at TP=1/PP=1 and megatron `dist_checkpointing`
 reshards whatever layout it was saved at. The folder holds config.json, model.safetensors
-(sharded with an index above `max_shard_size`, written by huggingface_hub), generation_config.json and, given a tokenizer,
-tokenizer files that AutoTokenizer loads.
+(sharded with an index above `max_shard_size`, written by huggingface_hub), generation_config.json and,
+given a tokenizer, tokenizer files that AutoTokenizer loads.
 
 N = 0 without embedding scaling exports the stock architecture (GPT2LMHeadModel,
 GPTNeoXForCausalLM, LlamaForCausalLM), loadable without remote code. Otherwise the config gets a
@@ -38,7 +38,8 @@ from megatron_latent.models.gpt import build_gpt_model
 
 MODELING_FILE = "modeling_latent.py"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LATENT_CLASSES = {"gpt2": "LatentGPT2LMHeadModel", "gpt-neox": "LatentGPTNeoXForCausalLM", "llama": "LatentLlamaForCausalLM"}
+_LATENT_CLASSES = {"gpt2": "LatentGPT2LMHeadModel", "gpt-neox": "LatentGPTNeoXForCausalLM",
+                   "llama": "LatentLlamaForCausalLM"}
 _LATENT_CONFIGS = {"gpt2": "LatentGPT2Config", "gpt-neox": "LatentGPTNeoXConfig", "llama": "LatentLlamaConfig"}
 
 
@@ -117,7 +118,8 @@ def write_tokenizer(tokenizer_model: str, out_dir: str, vocab_size: int):
         raise ExportError(f"--tokenizer-model {e}") from e
     if ours.vocab_size > vocab_size:
         raise ExportError(
-            f"--tokenizer-model {tokenizer_model}: {ours.vocab_size} tokens, more than the model's vocabulary {vocab_size}"
+            f"--tokenizer-model {tokenizer_model}: {ours.vocab_size} tokens, "
+            f"more than the model's vocabulary {vocab_size}"
         )
     tok.eos_token = tok.bos_token = ours.eod_token
     tok.model_max_length = 10**30

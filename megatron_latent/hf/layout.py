@@ -191,7 +191,8 @@ def shard_for(full: StateDict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
         out[name] = _take(t, key, cfg, tp, tp_rank)
     if last and cfg.tie_embeddings and not first:
         # megatron keeps a copy of the tied embedding as the last stage's output layer.
-        out["output_layer.weight"] = _take(full["embedding.word_embeddings.weight"], "output_layer.weight", cfg, tp, tp_rank)
+        out["output_layer.weight"] = _take(full["embedding.word_embeddings.weight"], "output_layer.weight",
+                                           cfg, tp, tp_rank)
     return out
 
 

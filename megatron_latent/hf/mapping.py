@@ -216,7 +216,8 @@ def _layer_pairs(cfg: ModelConfig):
 def _names(cfg: ModelConfig):
     """HF names of: layer prefix, embedding, position embedding, final norm prefix, head."""
     return {
-        "gpt2": ("transformer.h.", "transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.", "lm_head.weight"),
+        "gpt2": ("transformer.h.", "transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.",
+                 "lm_head.weight"),
         "gpt-neox": ("gpt_neox.layers.", "gpt_neox.embed_in.weight", None, "gpt_neox.final_layer_norm.", _neox_head()),
         "llama": ("model.layers.", "model.embed_tokens.weight", None, "model.norm.", "lm_head.weight"),
     }[cfg.arch]
@@ -311,9 +312,11 @@ def hf_to_megatron(hf_state: StateDict, hf_config, **overrides) -> Tuple[ModelCo
             if cfg.add_bias_linear:
                 qkv = [get(f"{src}self_attn.{p}_proj.bias") for p in "qkv"]
                 full[dst + "self_attention.linear_qkv.bias"] = _qkv_from_heads(*qkv, cfg)
-            full[dst + "mlp.linear_fc1.weight"] = torch.cat([get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")])
+            full[dst + "mlp.linear_fc1.weight"] = torch.cat(
+                [get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")])
             if cfg.add_bias_linear:
-                full[dst + "mlp.linear_fc1.bias"] = torch.cat([get(src + "mlp.gate_proj.bias"), get(src + "mlp.up_proj.bias")])
+                full[dst + "mlp.linear_fc1.bias"] = torch.cat(
+                    [get(src + "mlp.gate_proj.bias"), get(src + "mlp.up_proj.bias")])
     full["decoder.final_layernorm.weight"] = get(final + "weight").clone()
     if cfg.normalization == "LayerNorm":
         full["decoder.final_layernorm.bias"] = get(final + "bias").clone()

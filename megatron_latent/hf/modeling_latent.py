@@ -211,9 +211,11 @@ class LatentMixin:
                 tol = self.config.jacobi_tolerance if jacobi_tolerance is None else jacobi_tolerance
             hidden, iters = self.jacobi_hidden(
                 tokens, position_ids, mask[:, past:],
-                num_jacobi=self.config.num_jacobi_iterations if num_jacobi_iterations is None else num_jacobi_iterations,
+                num_jacobi=(self.config.num_jacobi_iterations if num_jacobi_iterations is None
+                            else num_jacobi_iterations),
                 tolerance=tol,
-                max_iters=max_jacobi_iterations if max_jacobi_iterations is not None else self.config.max_jacobi_iterations,
+                max_iters=(max_jacobi_iterations if max_jacobi_iterations is not None
+                           else self.config.max_jacobi_iterations),
                 cache=cache if use_cache else None,
             )
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -233,7 +235,8 @@ class LatentMixin:
         cache = cache if cache is not None else past_key_values
         done = 0 if cache is None else cache.get_seq_length() // self.num_slots
         inputs = {"input_ids": input_ids[:, done:], "attention_mask": attention_mask, _CACHE_FIELD: cache}
-        for key in ("use_cache", "latent_prefill", "num_jacobi_iterations", "jacobi_tolerance", "max_jacobi_iterations"):
+        for key in ("use_cache", "latent_prefill", "num_jacobi_iterations", "jacobi_tolerance",
+                    "max_jacobi_iterations"):
             if kwargs.get(key) is not None:
                 inputs[key] = kwargs[key]
         return inputs

@@ -28,7 +28,8 @@ def load_single_process(
     return model, cfg, iteration
 
 
-def load_model_for_inference(load_dir: str, iteration: Optional[int] = None) -> Tuple[torch.nn.Module, ModelConfig, int]:
+def load_model_for_inference(load_dir: str,
+                             iteration: Optional[int] = None) -> Tuple[torch.nn.Module, ModelConfig, int]:
     """(LatentGPTModel in eval mode, ModelConfig, iteration loaded) from checkpoint `load_dir`,
     as a world of one at TP=PP=1 whatever layout it was saved at. The local
     (non-Transformer-Engine) layer spec is used: the KV-cached decoder passes explicit padding

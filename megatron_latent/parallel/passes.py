@@ -3,8 +3,8 @@
 The latent forward runs the decoder several times (growth, Jacobi, final pass; see
 models/latent.py), and every pass needs the post-norm output of the previous one at the first
 stage. megatron's interleaved schedule sends the output of chunk c on the last pipeline rank to
-chunk c+1 on the first rank, so pass p is made virtual chunk p (times the model's own layer chunks, if any) of a pipeline
-whose chunks all share one set of weights:
+chunk c+1 on the first rank, so pass p is made virtual chunk p (times the model's own layer chunks,
+if any) of a pipeline whose chunks all share one set of weights:
 
 * the first stage builds pass p's input columns from its own token embeddings and the thoughts it
   receives (the post-norm output of pass p-1, sent by the last stage), with the model's

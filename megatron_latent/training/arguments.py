@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
-    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (fp32 main params in the optimizer)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 weights and activations (fp32 main params in the optimizer)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)

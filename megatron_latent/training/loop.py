@@ -125,7 +125,8 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
             return TrainState()
         # Fresh Adam moments, but the lr where the schedule is at this iteration.
         scheduler.step(increment=iteration)
-        logger.info(f"--no-load-optim: optimizer state starts fresh; the lr schedule continues at iteration {iteration}")
+        logger.info("--no-load-optim: optimizer state starts fresh; "
+                    f"the lr schedule continues at iteration {iteration}")
     extra = info["extra"]
     logger.info(f"resumed from {load_dir} at iteration {iteration}")
     return TrainState(iteration, int(extra.get("consumed_train_samples", 0)))
@@ -134,17 +135,21 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
 def _check_optimizer_layout(load_dir: str, saved: dict, now: dict) -> None:
     if not saved:
         return  # saved by an older driver: megatron's own checks apply
-    flags = lambda d: " ".join(
-        ["--use-distributed-optimizer"] * bool(d.get("use_distributed_optimizer"))
-        + [f"--tensor-model-parallel-size {d.get('tensor_model_parallel_size')}",
-           f"--pipeline-model-parallel-size {d.get('pipeline_model_parallel_size')}"]
-        + ["--bf16"] * bool(d.get("bf16"))
-        + [f"--num-virtual-stages-per-pipeline-rank {d['num_virtual_stages_per_pipeline_rank']}"]
-        * bool(d.get("num_virtual_stages_per_pipeline_rank")))
+    def flags(d):
+        return " ".join(
+            ["--use-distributed-optimizer"] * bool(d.get("use_distributed_optimizer"))
+            + [f"--tensor-model-parallel-size {d.get('tensor_model_parallel_size')}",
+               f"--pipeline-model-parallel-size {d.get('pipeline_model_parallel_size')}"]
+            + ["--bf16"] * bool(d.get("bf16"))
+            + [f"--num-virtual-stages-per-pipeline-rank {d['num_virtual_stages_per_pipeline_rank']}"]
+            * bool(d.get("num_virtual_stages_per_pipeline_rank")))
+
     distributed = bool(saved.get("use_distributed_optimizer")), bool(now["use_distributed_optimizer"])
     # Its buckets are keyed by TP/PP rank, gradient-buffer dtype and model chunk.
-    layout = lambda d: (d.get("tensor_model_parallel_size"), d.get("pipeline_model_parallel_size"),
-                        bool(d.get("bf16")), d.get("num_virtual_stages_per_pipeline_rank") or 1)
+    def layout(d):
+        return (d.get("tensor_model_parallel_size"), d.get("pipeline_model_parallel_size"),
+                bool(d.get("bf16")), d.get("num_virtual_stages_per_pipeline_rank") or 1)
+
     if distributed[0] != distributed[1] or (distributed[0] and layout(saved) != layout(now)):
         raise ResumeError(
             f"--load {load_dir}: its optimizer state was saved with {flags(saved)} and cannot be read with "
