@@ -77,7 +77,7 @@ def test_impossible_layout_names_flag(tmp_path, capsys):
     capsys.readouterr()
     assert _tool_main(["--hf-dir", hf_dir, "--save", str(tmp_path / "out"), "--tensor-model-parallel-size", "4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--tensor-model-parallel-size 4 is larger than the number of query groups (2)" in err
+    assert "\n" not in err and "--tensor-model-parallel-size 4 does not divide the num_query_groups 2" in err
     assert not (tmp_path / "out").exists()
 
 

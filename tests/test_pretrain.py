@@ -135,11 +135,15 @@ def test_continued_pretraining_from_a_converted_hf_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--model-preset", "nope"], "--model-preset 'nope' is unknown"),
-    (["--seq-length", "128"], "--seq-length 128 exceeds --max-position-embeddings 64"),
-    (["--num-latent-thoughts", "1", "--jacobi-iters", "3", "2"], "--jacobi-iters 3 2: need an inclusive range"),
-    (["--jacobi-iters", "2", "3"], "--jacobi-iters was given with --num-latent-thoughts 0"),
-    (["--num-latent-thoughts", "-1"], "--num-latent-thoughts must be >= 0"),
-    (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3 does not divide"),
+    (["--seq-length", "128"], "training sequences of 128 tokens exceed the 64 positions (--max-position-embeddings)"),
+    (["--num-latent-thoughts", "1", "--jacobi-iters", "3", "2"], "--jacobi-iters [3, 2]: need an inclusive range"),
+    (["--jacobi-iters", "2", "3"], "--jacobi-iters was given for a model with --num-latent-thoughts 0"),
+    (["--num-latent-thoughts", "-1"], "--num-latent-thoughts must be an integer >= 0"),
+    (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3 does not divide the --num-attention-heads"),
+    (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--num-virtual-stages-per-pipeline-rank", "2"], "needs --pipeline-model-parallel-size > 1"),
+    (["--global-batch-size", "6", "--micro-batch-size", "4"],
+     "--global-batch-size 6 is not divisible by --micro-batch-size 4 x data-parallel size 1"),
 ])
 def test_bad_model_flags_are_one_clear_error(argv, needle, capsys):
     from megatron_latent import pretrain
@@ -152,7 +156,6 @@ def test_bad_model_flags_are_one_clear_error(argv, needle, capsys):
 @pytest.mark.parametrize("argv, needle", [
     ([], "give exactly one data source"),
     (["--mock-data", "--finetune"], "--finetune needs --load"),
-    (["--mock-data", "--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--data-path", "x"], "need --tokenizer-type"),
     (["--mock-data", "--recompute-activations", "--recompute-granularity", "full"],
      "--recompute-activations is --recompute-granularity selective"),
@@ -160,7 +163,6 @@ def test_bad_model_flags_are_one_clear_error(argv, needle, capsys):
      "give one of --lr-warmup-fraction and --lr-warmup-iters"),
     (["--mock-data", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"],
      "give one of --override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler"),
-    (["--mock-data", "--num-virtual-stages-per-pipeline-rank", "2"], "needs --pipeline-model-parallel-size > 1"),
 ])
 def test_bad_flags_stop_the_parser(argv, needle, capsys):
     from megatron_latent.training.arguments import parse_args
@@ -168,14 +170,6 @@ def test_bad_flags_stop_the_parser(argv, needle, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert needle in capsys.readouterr().err
-
-
-def test_one_virtual_stage_is_the_plain_pipeline():
-    from megatron_latent.training.arguments import parse_args
-
-    args = parse_args(["--mock-data", "--pipeline-model-parallel-size", "2",
-                       "--num-virtual-stages-per-pipeline-rank", "1"])
-    assert args.num_virtual_stages_per_pipeline_rank is None
 
 
 def test_resuming_with_other_settings_names_the_flags(tmp_path):
