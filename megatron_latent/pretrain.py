@@ -227,6 +227,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
                 f"N={cfg.latent.num_latent_thoughts} latent thoughts | TP={args.tensor_model_parallel_size} "
                 f"PP={args.pipeline_model_parallel_size} DP={dp} | {plan.num_microbatches} micro-batches of "
                 f"{args.micro_batch_size} per step")
+    logger.info(f"model settings: {cfg.describe()}")
     state = loop.TrainState()
     if args.load:
         state = loop.resume(

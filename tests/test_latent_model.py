@@ -171,7 +171,7 @@ def test_bad_latent_settings(kwargs, match):
 
 def test_latent_settings_inside_the_model_config():
     cfg = get_preset("tiny-pythia", num_latent_thoughts=1)
-    assert cfg.latent.jacobi_iters == (2, 3)  # the default range, filled in once N > 0
+    assert cfg.latent.jacobi_iters == (2, 4)  # the family's default range, filled in once N > 0
     assert cfg.replace(num_latent_thoughts=0).latent.jacobi_iters is None  # a vanilla model has no J
     assert cfg.replace(jacobi_iters=(1, 4)).latent == LatentSettings(1, (1, 4))
     # Round trip, and the flat latent fields of older checkpoints.
@@ -183,24 +183,28 @@ def test_latent_settings_inside_the_model_config():
         type(cfg).from_dict(flat | {"jacobi_seed": 1})
 
 
-def test_paper_init():
-    # std sqrt(2/(5H)), truncated at 3 std; output projections / sqrt(2 * layers * (N+1)).
+@pytest.mark.parametrize("preset,passes", [("tiny-pythia", True), ("tiny-llama", False), ("tiny-gpt2", True)])
+def test_paper_init(preset, passes):
+    # std sqrt(2/(5H)), truncated at 3 std; output projections / sqrt(2 * layers * (N+1)) in the authors'
+    # GPT-NeoX code (and our GPT-2), / sqrt(2 * layers) in their LLaMA code.
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
 
-    cfg = get_preset("tiny-pythia", num_latent_thoughts=1)
+    cfg = get_preset(preset, num_latent_thoughts=1)
     H, layers, n = cfg.hidden_size, cfg.num_layers, cfg.latent.num_latent_thoughts
     torch.manual_seed(0)
     m = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent)
     std = (2 / (5 * H)) ** 0.5
-    out_std = std / (2 * layers * (n + 1)) ** 0.5
-    weights = [(m.embedding.word_embeddings.weight, std), (m.output_layer.weight, std)]
+    out_std = std / (2 * layers * ((n + 1) if passes else 1)) ** 0.5
+    weights = [(m.embedding.word_embeddings.weight, std)]
+    if not cfg.tie_embeddings:
+        weights.append((m.output_layer.weight, std))
     for layer in m.decoder.layers:
         weights += [(layer.self_attention.linear_qkv.weight, std), (layer.self_attention.linear_proj.weight, out_std),
                     (layer.mlp.linear_fc1.weight, std), (layer.mlp.linear_fc2.weight, out_std)]
     # The std of a normal truncated at 3 sigma is sqrt(1 - 6 phi(3) / (2 Phi(3) - 1)) = 0.98658 sigma. The
     # sample std of k draws has a relative standard error of about 1/sqrt(2k): allow 5 of them, per
-    # tensor and over all weights pooled (229k draws: 0.7%, which tells 0.98658 from 0.9733).
+    # tensor and over all weights pooled (~200k draws: 0.8%, which tells 0.98658 from 0.9733).
     trunc = 0.98658
     for w, s in weights:
         assert w.std().item() == pytest.approx(trunc * s, rel=5 / (2 * w.numel()) ** 0.5)
@@ -209,4 +213,33 @@ def test_paper_init():
     assert pooled.std().item() == pytest.approx(trunc, rel=5 / (2 * pooled.numel()) ** 0.5)
     layer = m.decoder.layers[0]
     assert torch.equal(m.decoder.final_layernorm.weight, torch.ones(H))
-    assert torch.equal(layer.self_attention.linear_qkv.bias, torch.zeros_like(layer.self_attention.linear_qkv.bias))
+    if cfg.add_qkv_bias:
+        assert torch.equal(layer.self_attention.linear_qkv.bias, torch.zeros_like(layer.self_attention.linear_qkv.bias))
+
+
+@pytest.mark.parametrize("preset,scaled_out", [("tiny-pythia", False), ("tiny-llama", False), ("tiny-gpt2", True)])
+def test_hf_init_of_the_paper_baselines(preset, scaled_out):
+    # --init-method-std s: the stock HF init, normal(0, s) (not truncated); only HF's GPT-2 scales c_proj.
+    from megatron_latent.models.gpt import build_gpt_model
+
+    cfg = get_preset(preset, init_method_std=0.05)
+    torch.manual_seed(0)
+    m = build_gpt_model(cfg)
+    out_std = 0.05 / (2 * cfg.num_layers) ** 0.5 if scaled_out else 0.05
+    layers = m.decoder.layers
+    qkv = torch.cat([x.self_attention.linear_qkv.weight.flatten() for x in layers])
+    out = torch.cat([x.mlp.linear_fc2.weight.flatten() for x in layers])
+    assert qkv.std().item() == pytest.approx(0.05, rel=5 / (2 * qkv.numel()) ** 0.5)
+    assert out.std().item() == pytest.approx(out_std, rel=5 / (2 * out.numel()) ** 0.5)
+    assert qkv.abs().max().item() > 3.5 * 0.05  # not truncated (P(|x| > 3.5 sigma) * 49k draws ~ 23)
+
+
+def test_paper_defaults_per_family():
+    # The authors' training J ranges: GPT-NeoX torch.randint(2, 5), LLaMA torch.randint(2, 4).
+    ranges = {p: get_preset(p, num_latent_thoughts=1).latent.training_range for p in ("pythia-410m", "llama-410m", "gpt2-small")}
+    assert ranges == {"pythia-410m": (2, 4), "llama-410m": (2, 3), "gpt2-small": (2, 3)}
+    on, off = get_preset("pythia-410m", num_latent_thoughts=1), get_preset("pythia-410m")
+    assert on.latent.scale_embeddings and on.latent.jacobi_iters_eval == 3
+    assert not off.latent.scale_embeddings and off.latent.jacobi_iters is None and off.init_method_std is None
+    assert on.replace(scale_embeddings=False).latent.scale_embeddings is False
+    assert "training J drawn from {2, 3, 4}" in on.describe() and "sqrt(2.5 H)" in on.describe()

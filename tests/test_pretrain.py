@@ -391,3 +391,27 @@ def test_eta_is_the_mean_wall_time_per_step_after_the_first(monkeypatch):
     now[0] += 1.0  # step 5
     clock.step_done(5, 1.0, 0.0)
     assert clock.eta(5) == 1.25 * 5 and clock.elapsed() == 7.5
+
+
+def test_use_checkpoint_args_keeps_the_checkpoint_latent_settings(tmp_path):
+    """--use-checkpoint-args takes N, the J range, the evaluation J and the scaling from the
+    checkpoint; a latent flag given on the command line replaces only itself."""
+    first, second, third = (str(tmp_path / d) for d in ("a", "b", "c"))
+    common = TINY + ["--mock-data", "--seq-length", "16", "--train-iters", "1", "--micro-batch-size", "2",
+                     "--global-batch-size", "2"]
+    runs, = run_on_ranks(_runs, 1, [
+        common + ["--num-latent-thoughts", "1", "--jacobi-iters", "1", "4", "--jacobi-iters-eval", "5",
+                  "--no-scale-embeddings", "--save", first],
+        common + ["--load", first, "--use-checkpoint-args", "--finetune", "--save", second],
+        common + ["--load", first, "--use-checkpoint-args", "--finetune", "--save", third, "--num-latent-thoughts", "2"],
+    ])
+    assert [r[0] for r in runs] == [0, 0, 0], [r[2][-800:] for r in runs]
+
+    def latent(root):
+        return json.load(open(os.path.join(root, "model_config.json")))["latent"]
+
+    kept = {"num_latent_thoughts": 1, "jacobi_iters": [1, 4], "jacobi_iters_eval": 5, "scale_embeddings": False}
+    assert latent(first) == latent(second) == kept
+    assert "N=1 latent thoughts, training J drawn from {1, 2, 3, 4} per step, evaluation J=5" in runs[1][1]
+    # A new N: the given flag wins; the scaling follows the new N's default unless given, the range stays.
+    assert latent(third) == dict(kept, num_latent_thoughts=2, scale_embeddings=True)

@@ -34,8 +34,16 @@ from megatron_latent.config.layout import ParallelLayout
 ARCHS = ("gpt2", "gpt-neox", "llama")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 
-# The paper trains with J drawn from {2, 3} per step and evaluates with J = 3.
-DEFAULT_JACOBI_ITERS = (2, 3)
+# What the authors' code (LUMIA-Group/PonderLM-2) does per family, our defaults: the inclusive range
+# the training J is drawn from per step (GPT-NeoX: torch.randint(2, 5); LLaMA: torch.randint(2, 4))
+# and how deep the output projections' init is scaled (GPT-NeoX divides their std by
+# sqrt(2 L (N+1)), LLaMA by sqrt(2 L)). GPT-2 has no authors' code: it takes the range the paper
+# states, {2, 3}, and the Pythia code's init, their main line of models.
+_PAPER_DEFAULTS = {
+    "gpt2": dict(jacobi_iters=(2, 3), init_counts_thought_passes=True),
+    "gpt-neox": dict(jacobi_iters=(2, 4), init_counts_thought_passes=True),
+    "llama": dict(jacobi_iters=(2, 3), init_counts_thought_passes=False),
+}
 
 # Per-family defaults for the fields left as None.
 _ARCH_DEFAULTS = {
@@ -65,14 +73,16 @@ class LatentSettings:
     """How the model thinks: N latent thoughts per token, solved by Jacobi passes.
 
     N = 0 is a vanilla GPT (the weights do not depend on N). `jacobi_iters` is the inclusive range
-    the training J is drawn from per step (None: the default, filled in by ModelConfig); it is
-    None when N = 0, which has no thoughts to refine.
+    the training J is drawn from per step (None: the family's default, filled in by ModelConfig);
+    it is None when N = 0, which has no thoughts to refine. `scale_embeddings` (token embeddings
+    times sqrt(2.5 H), so that they start at the unit RMS of the post-norm thoughts): None means
+    the paper's setting, on exactly when N > 0.
     """
 
     num_latent_thoughts: int = 0
     jacobi_iters: Optional[Tuple[int, int]] = None
     jacobi_iters_eval: int = 3
-    scale_embeddings: bool = False
+    scale_embeddings: Optional[bool] = None
 
     def __post_init__(self):
         n = self.num_latent_thoughts
@@ -81,9 +91,10 @@ class LatentSettings:
         j = self.jacobi_iters
         if j is not None:
             j = tuple(int(x) for x in j)
-            need(len(j) == 2 and 0 <= j[0] <= j[1],
-                  f"jacobi_iters {list(j)}: need an inclusive range 0 <= min <= max")
+            need(len(j) == 2 and 0 <= j[0] <= j[1], f"jacobi_iters {list(j)}: need an inclusive range 0 <= min <= max")
         object.__setattr__(self, "jacobi_iters", j if n else None)
+        if self.scale_embeddings is None:
+            object.__setattr__(self, "scale_embeddings", n > 0)
 
     @property
     def num_slots(self) -> int:
@@ -94,7 +105,7 @@ class LatentSettings:
     def training_range(self) -> Tuple[int, int]:
         if self.num_latent_thoughts == 0:
             return (0, 0)
-        return self.jacobi_iters or DEFAULT_JACOBI_ITERS
+        return self.jacobi_iters or _PAPER_DEFAULTS["llama"]["jacobi_iters"]
 
     @property
     def eval_jacobi_iters(self) -> int:
@@ -150,6 +161,9 @@ class ModelConfig:
     parallel_residual: Optional[bool] = None
     # Latent thoughts (PonderLM-2): only the forward depends on them, not the weights.
     latent: LatentSettings = field(default_factory=LatentSettings)
+    # None: the paper's init (see init_methods). A float: the stock Hugging Face init of the family
+    # with this std, which the authors' vanilla baselines had (their `initializer_range`, 0.02).
+    init_method_std: Optional[float] = None
     name: str = "custom"
 
     def __post_init__(self):
@@ -158,7 +172,7 @@ class ModelConfig:
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
         if self.latent.num_latent_thoughts and self.latent.jacobi_iters is None:
-            object.__setattr__(self, "latent", dataclasses.replace(self.latent, jacobi_iters=DEFAULT_JACOBI_ITERS))
+            object.__setattr__(self, "latent", dataclasses.replace(self.latent, jacobi_iters=default_jacobi_iters(self.arch)))
         self._validate()
 
     def _validate(self):
@@ -185,6 +199,8 @@ class ModelConfig:
                   f"rotary_percent {self.rotary_percent} of head dim {self.head_dim} must be an even whole "
                   f"number of dims, got {rot}{where}")
         need(self.norm_epsilon > 0, f"norm_epsilon must be > 0, got {self.norm_epsilon}")
+        need(self.init_method_std is None or self.init_method_std > 0,
+             f"init_method_std must be > 0, got {self.init_method_std}")
 
     # ------------------------------------------------------------------------------ derived sizes
     @property
@@ -229,8 +245,11 @@ class ModelConfig:
     # ------------------------------------------------------------------------------ conversions
     def replace(self, **changes) -> "ModelConfig":
         """A copy with fields replaced; LatentSettings' fields (num_latent_thoughts, ...) may be
-        given directly and replace those of `latent`."""
+        given directly and replace those of `latent`. A new N re-derives the default embedding
+        scaling (and, from N = 0, the default J range) unless those are given too."""
         latent = {k: changes.pop(k) for k in _LATENT_FIELDS if k in changes}
+        if latent.get("num_latent_thoughts", self.latent.num_latent_thoughts) != self.latent.num_latent_thoughts:
+            latent.setdefault("scale_embeddings", None)
         if latent:
             changes["latent"] = dataclasses.replace(changes.get("latent", self.latent), **latent)
         return dataclasses.replace(self, **changes)
@@ -277,14 +296,28 @@ class ModelConfig:
         ]
 
     def init_methods(self) -> Dict:
-        """The paper's init as TransformerConfig fields (the authors' code, after Pythia's "small
-        init"), for every family: every linear and the embedding ~ normal(0, std) truncated at 3 std
-        with std = sqrt(2 / (5H)); the output projections (attention out, MLP out) further divided by
-        sqrt(2 * layers * (N+1)), as the residual stream is traversed (N+1) times as deep in the
-        latent model. Norms stay 1, biases 0 (megatron's defaults); N = 0 gives the paper's vanilla
-        baselines."""
+        """The init as TransformerConfig fields.
+
+        The paper's (`init_method_std` None; the authors' code, after Pythia's "small init"): every
+        linear and the embedding ~ normal(0, std) truncated at 3 std with std = sqrt(2 / (5H)); the
+        output projections (attention out, MLP out) further divided by sqrt(2 L (N+1)) for GPT-NeoX
+        and GPT-2 (the residual stream is traversed N+1 times as deep) and by sqrt(2 L) for LLaMA,
+        as the authors' code of each family does. Norms 1, biases 0 (megatron's defaults).
+
+        With `init_method_std` s: the stock Hugging Face init of the family, which the authors'
+        vanilla baselines had: normal(0, s) everywhere; GPT-2 divides its output projections by
+        sqrt(2 L) (HF's GPT2 does; its GPT-NeoX and LLaMA classes do not).
+        """
+        depth = 2.0 * self.num_layers
+        if self.init_method_std is not None:
+            std = self.init_method_std
+            out_std = std / math.sqrt(depth) if self.arch == "gpt2" else std
+            return {"init_method": _normal(std), "output_layer_init_method": _normal(out_std),
+                    "embedding_init_method": _normal(std), "init_method_std": std, "embedding_init_method_std": std}
+        if _PAPER_DEFAULTS[self.arch]["init_counts_thought_passes"]:
+            depth *= self.latent.num_slots
         std = math.sqrt(2.0 / (5.0 * self.hidden_size))
-        out_std = std / math.sqrt(2.0 * self.num_layers * self.latent.num_slots)
+        out_std = std / math.sqrt(depth)
         return {
             "init_method": _truncated_normal(std),
             "output_layer_init_method": _truncated_normal(out_std),
@@ -292,6 +325,24 @@ class ModelConfig:
             "init_method_std": std,
             "embedding_init_method_std": std,
         }
+
+    def describe(self) -> str:
+        """The settings that decide what is trained, resolved, in one line (printed at start)."""
+        lat = self.latent
+        if lat.num_latent_thoughts:
+            lo, hi = lat.training_range
+            thoughts = (f"N={lat.num_latent_thoughts} latent thoughts, training J drawn from {{{', '.join(map(str, range(lo, hi + 1)))}}} "
+                        f"per step, evaluation J={lat.jacobi_iters_eval}")
+        else:
+            thoughts = "vanilla (N=0)"
+        scale = "embeddings x sqrt(2.5 H)" if lat.scale_embeddings else "embeddings unscaled"
+        init = self.init_methods()
+        out = init["output_layer_init_method"].std
+        if self.init_method_std is None:
+            kind = f"paper init (truncated normal, std {init['init_method_std']:.4g}, output projections {out:.4g})"
+        else:
+            kind = f"HF init (normal, std {self.init_method_std:.4g}, output projections {out:.4g})"
+        return f"{thoughts}; {scale}; {kind}"
 
     def to_transformer_config(
         self,
@@ -360,8 +411,26 @@ class ModelConfig:
         return TransformerConfig(**kw)
 
 
-def _truncated_normal(std: float):
-    def init_(tensor):
-        return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std)
+def default_jacobi_iters(arch: str) -> Tuple[int, int]:
+    """The training J range of the authors' code for this family (GPT-2: the paper's {2, 3})."""
+    return _PAPER_DEFAULTS[arch]["jacobi_iters"]
 
-    return init_
+
+class _Init:
+    """An init function that knows its std (named, so configs stay picklable)."""
+
+    def __init__(self, std: float, truncated: bool):
+        self.std, self.truncated = std, truncated
+
+    def __call__(self, tensor):
+        if self.truncated:
+            return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=self.std, a=-3 * self.std, b=3 * self.std)
+        return torch.nn.init.normal_(tensor, mean=0.0, std=self.std)
+
+
+def _truncated_normal(std: float) -> _Init:
+    return _Init(std, truncated=True)
+
+
+def _normal(std: float) -> _Init:
+    return _Init(std, truncated=False)

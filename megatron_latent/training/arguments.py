@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rotary-base", type=float, default=None, help="replaces the preset's value")
     g.add_argument("--seq-length", type=int, default=None,
                    help="training sequence length in tokens (default: --max-position-embeddings)")
+    g.add_argument("--init-method-std", type=float, default=None,
+                   help="the stock Hugging Face init of the family with this std, as the paper's vanilla baselines "
+                        "had (0.02); default: the paper's init (docs/architectures.md)")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size for --mock-data without a tokenizer (default: the preset's)")
 
@@ -35,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N thoughts per token (0 = vanilla GPT; default 0, or the checkpoint's with "
                         "--use-checkpoint-args, as for every latent flag)")
     g.add_argument("--jacobi-iters", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
-                   help="inclusive range J is drawn from per training step (default 2 3 when N > 0)")
+                   help="inclusive range J is drawn from per training step (default: the authors' for the "
+                        "family: 2 4 for gpt-neox, 2 3 for llama and gpt2)")
     g.add_argument("--jacobi-iters-eval", type=int, default=None, help="J of evaluation forwards (default 3)")
     g.add_argument("--scale-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="scale token embeddings by sqrt(2.5 H)")
+                   help="scale token embeddings by sqrt(2.5 H) (default: on when N > 0, as in the paper)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -175,7 +179,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
             ("seq_length", "max_position_embeddings"), ("rotary_percent", "rotary_percent"),
             ("rotary_base", "rotary_base"), ("make_vocab_size_divisible_by", "make_vocab_size_divisible_by"),
             ("num_latent_thoughts", "num_latent_thoughts"), ("jacobi_iters_eval", "jacobi_iters_eval"),
-            ("scale_embeddings", "scale_embeddings"),
+            ("scale_embeddings", "scale_embeddings"), ("init_method_std", "init_method_std"),
         )
         if getattr(args, flag) is not None
     }
