@@ -15,8 +15,8 @@ run() {
         | grep -E "^(model|iteration|error)|Error" | tail -5
 }
 echo "== vanilla (N=0)";              run
-echo "== latent N=1, J in {2,3}";    run --num-latent-thoughts 1 --scale-embeddings
-echo "== latent N=1, selective recompute"; run --num-latent-thoughts 1 --scale-embeddings --recompute-granularity selective
+echo "== latent N=1, J in {2,3} (LLaMA defaults)";    run --num-latent-thoughts 1
+echo "== latent N=1, selective recompute"; run --num-latent-thoughts 1 --recompute-granularity selective
 echo "== step-time ratios vs FLOP ratios"
 timeout 180 "$PY" tools/bench_latent.py --num-layers 12 --hidden-size 1024 --num-attention-heads 16 \
     --vocab-size 50304 --seq-length 1024 --micro-batch-size 4 --iters 5 --bf16 2>&1 | grep -v -i warn | tail -6

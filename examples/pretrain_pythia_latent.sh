@@ -8,7 +8,10 @@
 #   bash examples/pretrain_pythia_latent.sh [extra flags]
 #
 # Preemption: rerun the same command; it resumes from $CKPT (latest complete checkpoint). SIGTERM
-# saves at the end of the current step. N=0 trains the vanilla baseline with the same recipe.
+# saves at the end of the current step. N=0 trains the vanilla baseline with the same recipe (weight
+# decay 0.01 for both, as Pythia and the authors' Pythia runs). The latent settings are the
+# authors' GPT-NeoX defaults (J drawn from {2,3,4}, evaluation J=3, embeddings x sqrt(2.5 H), their
+# init); the run prints them in its first lines.
 # LAUNCHER=srun (examples/slurm_pretrain.sbatch): this script runs as one srun task per GPU and
 # starts the trainer itself, without torchrun, whose agent kills its workers 30 s after it
 # forwards a SIGTERM, which can be before a large model's last checkpoint is written.
@@ -21,8 +24,7 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 : "${DATA:?set DATA to the indexed dataset prefix (tools/preprocess_data.py output)}"
 : "${TOKENIZER:?set TOKENIZER to the GPT-NeoX-20B tokenizer.json}"
 : "${CKPT:?set CKPT to the checkpoint directory}"
-LATENT=()
-if [ "$N" -gt 0 ]; then LATENT=(--num-latent-thoughts "$N" --jacobi-iters 2 3 --jacobi-iters-eval 3 --scale-embeddings); fi
+LATENT=(--num-latent-thoughts "$N")
 
 if [ "${LAUNCHER:-torchrun}" = srun ]; then
     export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS"

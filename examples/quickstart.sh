@@ -9,7 +9,7 @@ OUT="${OUT:-/tmp/megatron-latent-quickstart}"
 rm -rf "$OUT"
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m megatron_latent.pretrain \
     --mock-data --model-preset tiny-llama --tensor-model-parallel-size 2 --seq-length 64 \
-    --num-latent-thoughts 1 --jacobi-iters 2 3 --scale-embeddings \
+    --num-latent-thoughts 1 \
     --micro-batch-size 4 --global-batch-size 16 --train-iters 20 --lr 3e-3 --lr-warmup-iters 2 \
     --eval-interval 10 --eval-iters 2 --num-workers 0 \
     --save "$OUT/ckpt" --save-interval 10 --tensorboard-dir "$OUT/logs" "$@"

@@ -30,6 +30,7 @@ from megatron_latent.data.gpt_data import DataConfigError
 from megatron_latent.data.tokenizer import TokenizerError
 from megatron_latent.hf.convert import MODEL_CONFIG_FILE
 from megatron_latent.models.flops import latent_step_flops
+from megatron_latent.models.specs import transformer_engine_available
 from megatron_latent.parallel.initialize import initialize_model_parallel
 from megatron_latent.parallel.pipeline import build_latent_pipeline
 from megatron_latent.training import batches as batching
@@ -143,6 +144,13 @@ def configure(args) -> Plan:
     CONFIG_ERRORS; all ranks check the same numbers, so all stop together."""
     layout = ParallelLayout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                             args.num_virtual_stages_per_pipeline_rank, args.sequence_parallel)
+    if args.reset_attention_mask and transformer_engine_available():
+        # megatron's TE attention takes attn_mask_type=causal and ignores a dense mask: documents
+        # would silently attend across their resets.
+        raise ConfigError(
+            "reset_attention_mask is not supported with Transformer Engine attention (its fused kernels apply "
+            "a plain causal mask, so documents would attend across resets); train without it, as Megatron-LM's "
+            "GPT recipes do, or uninstall transformer_engine to use the local attention")
     tokenizer = batching.build_tokenizer_from_args(args)
     cfg = model_config_from_args(args, tokenizer.vocab_size if tokenizer is not None else None)
     seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length

@@ -415,3 +415,12 @@ def test_use_checkpoint_args_keeps_the_checkpoint_latent_settings(tmp_path):
     assert "N=1 latent thoughts, training J drawn from {1, 2, 3, 4} per step, evaluation J=5" in runs[1][1]
     # A new N: the given flag wins; the scaling follows the new N's default unless given, the range stays.
     assert latent(third) == dict(kept, num_latent_thoughts=2, scale_embeddings=True)
+
+
+def test_document_resets_are_refused_with_transformer_engine(monkeypatch, capsys):
+    from megatron_latent import pretrain
+
+    monkeypatch.setattr(pretrain, "transformer_engine_available", lambda: True)
+    assert pretrain.main(["--mock-data", "--reset-attention-mask"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reset-attention-mask is not supported with Transformer Engine" in err[0], err
