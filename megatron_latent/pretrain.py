@@ -276,7 +276,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
     def flops_per_sample(jacobi):
         return latent_step_flops(plan.seq_length, cfg.latent.num_latent_thoughts, jacobi or 0, cfg.padded_vocab_size,
                                  cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size, cfg.num_attention_heads,
-                                 cfg.query_groups, cfg.gated)
+                                 cfg.query_groups, cfg.gated, grad_passes=cfg.latent.grad_passes)
 
     if args.save:
         checkpointing.start_checkpoint_writer()  # before the loop's SIGTERM handler exists

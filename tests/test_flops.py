@@ -62,6 +62,20 @@ def test_flops_equal_torch_flop_counter(preset, n, j, training):
     assert _counted(_model(cfg), n, j, training) == expected
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_flops_with_grad_passes_equal_torch_flop_counter(k):
+    # N=1, J=2: 4 passes; the first 4 - k are forward only.
+    cfg = _config("tiny-llama", 1).replace(grad_passes=k)
+    expected = B * latent_step_flops(
+        S, 1, 2, cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size,
+        cfg.num_attention_heads, cfg.query_groups, cfg.gated, grad_passes=k,
+    )
+    assert _counted(_model(cfg), 1, 2, True) == expected
+    full = latent_step_flops(S, 1, 2, cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size,
+                             cfg.num_attention_heads, cfg.query_groups, cfg.gated)
+    assert (expected < B * full) == (k < 4)
+
+
 def test_latent_flop_ratio_of_the_design_brief():
     # 4 layers, H=256, V=2048, L=256 (ffn 4H): exact ratios 7.0 (J=2) and 9.0 (J=3) to vanilla.
     kw = dict(vocab=2048, hidden=256, num_layers=4, ffn_hidden=1024, num_heads=4)

@@ -116,6 +116,44 @@ def test_every_pass_contributes_gradient(monkeypatch):
         assert (grads(detach_pass=p) - full).abs().max() > 1e-6
 
 
+def _grads(m, d, j):
+    m.zero_grad()
+    loss = m(d["tokens"], d["position_ids"], None, labels=d["labels"], num_jacobi_iters=j).mean()
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("n,j", [(1, 2), (2, 1)])
+def test_grad_passes_backpropagate_through_the_last_k_passes_only(monkeypatch, n, j):
+    """grad_passes k: the passes before the last k keep no graph. Equal to detaching their outputs;
+    k = all passes is the full backpropagation, bit for bit."""
+    import dataclasses
+
+    m = _model(n, scale=True).train()
+    d = batch(6, 2, L)
+    total = len(m.latent.pass_slots(j))
+    full = _grads(m, d, j)
+    original = type(m).run_pass
+    for k in range(1, total + 1):
+        # The reference: the full graph with the outputs of the first total - k passes detached.
+        calls = {"i": 0}
+
+        def detached(self, *a):
+            out = original(self, *a)
+            i, calls["i"] = calls["i"], calls["i"] + 1
+            return out.detach() if i < total - k else out
+
+        monkeypatch.setattr(type(m), "run_pass", detached)
+        ref = _grads(m, d, j)
+        monkeypatch.setattr(type(m), "run_pass", original)
+        m.latent = dataclasses.replace(m.latent, grad_passes=k)
+        got = _grads(m, d, j)
+        m.latent = dataclasses.replace(m.latent, grad_passes=None)
+        assert got[0] == ref[0] == full[0]  # the forward is the same
+        assert torch.equal(got[1], ref[1]), k
+        assert (k == total) == torch.equal(got[1], full[1]), k
+
+
 def test_gradient_matches_finite_differences_float64():
     m = _model(1, scale=True, dtype=torch.float64).train()
     d = batch(5, 1, 4)

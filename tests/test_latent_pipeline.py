@@ -18,6 +18,8 @@ TOL = 1e-5
 LLAMA1, LLAMA2 = pc.tiny_cfg("llama", 1), pc.tiny_cfg("llama", 2)
 GPT2, PYTHIA = pc.tiny_cfg("gpt2", 1), pc.tiny_cfg("gpt-neox", 1)
 VANILLA = pc.tiny_cfg("llama", 0)
+# Backpropagation through the last k passes only: the passes before run as a forward-only schedule.
+LLAMA1_K2, LLAMA2_K1 = LLAMA1.replace(grad_passes=2), LLAMA2.replace(grad_passes=1)
 RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 
 
@@ -33,6 +35,8 @@ def pp2(ckpt_dir):
         ("llama-n2", "train", (LLAMA2, 1, 2)),
         ("gpt2-n1", "train", (GPT2, 1, 2)),
         ("llama-n1-vpp2", "train", (LLAMA1, 1, 2, 2)),
+        ("llama-n1-k2", "train", (LLAMA1_K2, 1, 2)),
+        ("llama-n2-k1-vpp2", "train", (LLAMA2_K1, 1, 2, 2)),
         ("vanilla-wiring", "train", (VANILLA, 1, 2)),
         ("vanilla-megatron-1f1b", "vanilla_1f1b", (VANILLA, 2)),
         ("save", "save_and_eval", (LLAMA1, 1, 2, ckpt_dir)),
@@ -46,6 +50,8 @@ def single(pp2, ckpt_dir):
         ("llama-n1", "train", (LLAMA1, 1, 1)),
         ("llama-n2", "train", (LLAMA2, 1, 1)),
         ("gpt2-n1", "train", (GPT2, 1, 1)),
+        ("llama-n1-k2", "train", (LLAMA1_K2, 1, 1)),
+        ("llama-n2-k1", "train", (LLAMA2_K1, 1, 1)),
         ("vanilla", "train", (VANILLA, 1, 1)),
         ("load", "load_and_eval", (LLAMA1, 1, 1, ckpt_dir)),
         ("logits-from-pp2-weights", "logits_from_weights", (LLAMA1, pp2[0]["save"]["weights"])),
@@ -76,6 +82,14 @@ def test_reference_draws_different_j_per_step(single):
 @pytest.mark.parametrize("case", ["llama-n1", "llama-n2", "gpt2-n1"])
 def test_pp2_equals_single_rank(pp2, single, case):
     check([r[case] for r in pp2], single[case])
+
+
+@pytest.mark.parametrize("case,ref", [("llama-n1-k2", "llama-n1-k2"), ("llama-n2-k1-vpp2", "llama-n2-k1")])
+def test_pp2_with_fewer_grad_passes_equals_single_rank(pp2, single, case, ref):
+    check([r[case] for r in pp2], single[ref])
+    # Fewer passes backpropagated: other gradients than the full backpropagation's.
+    full = single["llama-n1" if ref == "llama-n1-k2" else "llama-n2"]
+    assert max_rel_diff(single[ref]["grads"], full["grads"]) > 1e-3
 
 
 def test_pp2_combined_with_interleaved_layer_chunks(pp2, single):

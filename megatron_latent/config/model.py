@@ -76,13 +76,16 @@ class LatentSettings:
     the training J is drawn from per step (None: the family's default, filled in by ModelConfig);
     it is None when N = 0, which has no thoughts to refine. `scale_embeddings` (token embeddings
     times sqrt(2.5 H), so that they start at the unit RMS of the post-norm thoughts): None means
-    the paper's setting, on exactly when N > 0.
+    the paper's setting, on exactly when N > 0. `grad_passes` k: only the last k passes of a
+    training forward (the final pass counted) build an autograd graph; the passes before them run
+    without one and keep no activations (None: every pass, the paper's full backpropagation).
     """
 
     num_latent_thoughts: int = 0
     jacobi_iters: Optional[Tuple[int, int]] = None
     jacobi_iters_eval: int = 3
     scale_embeddings: Optional[bool] = None
+    grad_passes: Optional[int] = None
 
     def __post_init__(self):
         n = self.num_latent_thoughts
@@ -95,6 +98,8 @@ class LatentSettings:
         object.__setattr__(self, "jacobi_iters", j if n else None)
         if self.scale_embeddings is None:
             object.__setattr__(self, "scale_embeddings", n > 0)
+        need(self.grad_passes is None or self.grad_passes >= 1,
+             f"grad_passes must be >= 1 (the final pass carries the loss), got {self.grad_passes}")
 
     @property
     def num_slots(self) -> int:
@@ -122,6 +127,11 @@ class LatentSettings:
         resumed run draws what the uninterrupted run would have."""
         lo, hi = self.training_range
         return random.Random(seed * 1_000_003 + step).randint(lo, hi)
+
+    def passes_without_grad(self, num_jacobi: int) -> int:
+        """How many of the first passes of a training forward run without an autograd graph."""
+        total = len(self.pass_slots(num_jacobi))
+        return 0 if self.grad_passes is None else max(0, total - self.grad_passes)
 
     def pass_slots(self, num_jacobi: int) -> List[int]:
         """Slots per position of every decoder pass of a forward with `num_jacobi` Jacobi passes:

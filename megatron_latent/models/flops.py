@@ -25,12 +25,15 @@ def decoder_pass_flops(seq: int, hidden: int, num_layers: int, ffn_hidden: int, 
 
 def latent_step_flops(seq: int, num_latent_thoughts: int, num_jacobi: int, vocab: int, hidden: int,
                       num_layers: int, ffn_hidden: int, num_heads: int, num_query_groups: int = None,
-                      gated_mlp: bool = False, training: bool = True) -> int:
-    """FLOPs of one forward (+ backward when `training`) over one sequence of `seq` tokens."""
-    lengths = LatentSettings(num_latent_thoughts).pass_slots(num_jacobi)
-    total = sum(
-        decoder_pass_flops(k * seq, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp)
-        for k in lengths
-    )
-    total += 2 * seq * hidden * vocab
-    return 3 * total if training else total
+                      gated_mlp: bool = False, training: bool = True, grad_passes: int = None) -> int:
+    """FLOPs of one forward (+ backward when `training`) over one sequence of `seq` tokens.
+    `grad_passes` k: only the last k passes are backpropagated (the others count as forward only)."""
+    settings = LatentSettings(num_latent_thoughts, grad_passes=grad_passes)
+    lengths = settings.pass_slots(num_jacobi)
+    without_grad = settings.passes_without_grad(num_jacobi) if training else 0
+    per_pass = [decoder_pass_flops(k * seq, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp)
+                for k in lengths]
+    output_layer = 2 * seq * hidden * vocab
+    if not training:
+        return sum(per_pass) + output_layer
+    return sum(per_pass[:without_grad]) + 3 * (sum(per_pass[without_grad:]) + output_layer)

@@ -20,6 +20,7 @@ tensor-parallel ranks and gathers the hidden states back to build the next pass.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, List, Optional, Tuple
 
@@ -140,9 +141,14 @@ class LatentGPTModel(GPTModel):
         """Growth passes, then up to `num_jacobi` Jacobi passes: the columns of the final pass, and
         the Jacobi passes run. `converged(before, after)`, asked after each Jacobi pass, stops early."""
         n = self.latent.num_latent_thoughts
+        # Training with grad_passes k: the passes before the last k keep no graph (their thoughts
+        # enter the next pass as constants; the token column still carries gradients).
+        no_grad = self.latent.passes_without_grad(num_jacobi) if torch.is_grad_enabled() else 0
         columns = [tokens]
         for p, num_slots in enumerate(self.latent.pass_slots(num_jacobi)[:-1]):
-            new = self.next_columns(tokens, pos, self.run_pass(columns, attention_mask, position_ids), num_slots)
+            with torch.no_grad() if p < no_grad else contextlib.nullcontext():
+                hidden = self.run_pass(columns, attention_mask, position_ids)
+            new = self.next_columns(tokens, pos, hidden, num_slots)
             stop = p >= n and converged is not None and converged(columns, new)
             columns = new
             if stop:

@@ -26,7 +26,7 @@ and no extra compute (only the transfer of a growth pass is longer than needed).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Deque, List, Optional
 
 import torch
 from megatron.core.utils import unwrap_model
@@ -42,7 +42,11 @@ class PassChunk(torch.nn.Module):
     of chunks); the stage keeps its own.
     """
 
-    def __init__(self, stage, pass_index: int, pass_slots: List[int], config, chunk_id: int):
+    def __init__(self, stage, pass_index: int, pass_slots: List[int], config, chunk_id: int,
+                 thoughts_from: Optional[Deque[torch.Tensor]] = None):
+        """`thoughts_from`: the first stage's source of the previous pass's output when that pass
+        ran in another schedule (the passes without a graph, see pipeline.latent_forward_backward):
+        one tensor per micro-batch, in order, instead of the pipeline's own hand-off."""
         super().__init__()
         module = unwrap_model(stage)
         # Not registered as a submodule: no parameter may be seen twice (DDP, optimizer, checkpoints).
@@ -52,6 +56,7 @@ class PassChunk(torch.nn.Module):
         self.vp_stage = chunk_id
         self.pass_index = pass_index
         self.pass_slots = list(pass_slots)
+        self.thoughts_from = thoughts_from
         self._input: Optional[torch.Tensor] = None
 
     @property
@@ -90,7 +95,9 @@ class PassChunk(torch.nn.Module):
             columns = [tokens]
             if p > 0:
                 prev = self.pass_slots[p - 1]
-                columns = m.next_columns(tokens, pos, m.full_sequence(self._received(prev * L)), prev)
+                received = self.thoughts_from.popleft() if self.thoughts_from is not None else self._input
+                self._input = None
+                columns = m.next_columns(tokens, pos, m.full_sequence(self._rows(received, prev * L)), prev)
             inputs = slots.interleave(columns)
         else:
             m.decoder.set_input_tensor(self._received(num_slots * L))
@@ -112,9 +119,13 @@ class PassChunk(torch.nn.Module):
         return length
 
     def _received(self, length: int) -> torch.Tensor:
-        if self._input is None:
-            raise RuntimeError(f"pipeline chunk {self.vp_stage} got no input tensor from the previous stage")
         x, self._input = self._input, None  # the schedule keeps it for the backward; we need not
+        return self._rows(x, length)
+
+    def _rows(self, x: Optional[torch.Tensor], length: int) -> torch.Tensor:
+        """The first `length` positions of a padded hand-off."""
+        if x is None:
+            raise RuntimeError(f"pipeline chunk {self.vp_stage} got no input tensor from the previous stage")
         rows = self._local(length)
         return x if x.shape[0] == rows else x[:rows]
 

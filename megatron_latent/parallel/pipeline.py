@@ -19,17 +19,19 @@ global keys, so they load at any other TP/PP.
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 from contextlib import contextmanager
 from functools import partial
-from typing import Callable, List, Optional
+from typing import Callable, Deque, List, Optional
 
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 
+from megatron_latent import platform
 from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.models.gpt import build_gpt_model
 from megatron_latent.models.latent import LatentGPTModel
@@ -95,11 +97,15 @@ def build_latent_pipeline(cfg: ModelConfig, config=None, use_te: Optional[bool] 
     ]
 
 
-def pass_chunks(model_chunks, num_jacobi_iters: int) -> List[PassChunk]:
-    """The virtual chunks of one step: pass p over layer chunk j is chunk p * v + j."""
+def pass_chunks(model_chunks, num_jacobi_iters: int, passes: Optional[range] = None,
+                thoughts_from: Optional[Deque[torch.Tensor]] = None) -> List[PassChunk]:
+    """The virtual chunks of one schedule: pass p over layer chunk j is chunk (p - passes.start) * v + j.
+    `passes`: the passes this schedule runs (default all); `thoughts_from` feeds its first pass when
+    the pass before it ran in another schedule."""
     stages = unwrap_model(list(model_chunks))
     lengths = stages[0].latent.pass_slots(num_jacobi_iters)
-    v, num = len(stages), len(lengths) * len(stages)
+    passes = range(len(lengths)) if passes is None else passes
+    v, num = len(stages), len(passes) * len(stages)
     stage_config = stages[0].config
     config = copy.copy(stage_config)
     config.virtual_pipeline_model_parallel_size = num if num > 1 else None
@@ -109,7 +115,9 @@ def pass_chunks(model_chunks, num_jacobi_iters: int) -> List[PassChunk]:
         # the DDP-wrapped stages, once each.
         config.finalize_model_grads_func = partial(_finalize_stages, stage_config.finalize_model_grads_func,
                                                    list(model_chunks))
-    return [PassChunk(model_chunks[j], p, lengths, config, p * v + j) for p in range(len(lengths)) for j in range(v)]
+    return [PassChunk(model_chunks[j], p, lengths, config, (p - passes.start) * v + j,
+                      thoughts_from if p == passes.start and j == 0 else None)
+            for p in passes for j in range(v)]
 
 
 def _finalize_stages(finalize, stages, _pass_chunks, num_tokens=None, **kwargs):
@@ -162,16 +170,71 @@ def latent_forward_backward(
         return get_forward_backward_func(1, None)(
             data_iterator=data_iterator, model=list(model), seq_length=seq_length, **common
         )
-    chunks = pass_chunks(model, num_jacobi_iters)
-    num = len(chunks)
-    layout.check_schedule(num_microbatches, num, stage.config.microbatch_group_size_per_vp_stage)
     if isinstance(data_iterator, (list, tuple)):
         raise ValueError("latent_forward_backward takes one iterator over the step's micro-batches")
+    total = len(stage.latent.pass_slots(num_jacobi_iters))
+    without_grad = 0 if forward_only else stage.latent.passes_without_grad(num_jacobi_iters)
+    for num in {without_grad, total - without_grad} - {0}:
+        layout.check_schedule(num_microbatches, num * layout.virtual_chunks, stage.config.microbatch_group_size_per_vp_stage)
+    longest = max(stage.latent.pass_slots(num_jacobi_iters)) * seq_length
+    thoughts = None
+    if without_grad:
+        # The passes without a graph run as a forward-only schedule of their own, so they cost no
+        # backward slot and keep no activations; the last stage hands their final output to the
+        # first stage, where the training schedule's first pass picks it up per micro-batch.
+        batches = list(data_iterator)
+        data_iterator = iter(batches)
+        with torch.no_grad():
+            outputs = _run_schedule(
+                pass_chunks(model, num_jacobi_iters, range(without_grad)), iter(batches), longest,
+                dict(common, forward_step_func=_keep_output(forward_step_func), forward_only=True))
+        thoughts = _hand_to_first_stage(outputs, num_microbatches, model, longest, micro_batch_size)
+    chunks = pass_chunks(model, num_jacobi_iters, range(without_grad, total), thoughts)
+    return _run_schedule(chunks, data_iterator, longest, common)
+
+
+def _run_schedule(chunks, data_iterator, seq_length: int, common: dict):
+    """megatron's interleaved schedule over `chunks` (its 1F1B schedule for one chunk)."""
+    num = len(chunks)
     # Every virtual chunk reads every micro-batch: lockstep copies of the one iterator.
     iterators = list(itertools.tee(data_iterator, num)) if num > 1 else data_iterator
     vp = num if num > 1 else None
-    longest = max(stage.latent.pass_slots(num_jacobi_iters)) * seq_length
     with _virtual_pipeline_size(vp):
-        return get_forward_backward_func(layout.pipeline_model_parallel_size, vp)(
-            data_iterator=iterators, model=chunks, seq_length=longest, **common
+        return get_forward_backward_func(ps.get_pipeline_model_parallel_world_size(), vp)(
+            data_iterator=iterators, model=chunks, seq_length=seq_length, **common
         )
+
+
+def _keep_output(forward_step_func):
+    """The forward step of the passes without a graph: the last chunk's output (the hand-off of the
+    last pass it runs) is kept, not turned into a loss."""
+
+    def forward_step(data_iterator, model):
+        output, _ = forward_step_func(data_iterator, model)
+        return output, lambda out: (out.new_zeros(()), {"hidden": out})
+
+    return forward_step
+
+
+def _hand_to_first_stage(outputs, num_microbatches: int, model, longest: int, micro_batch_size: int):
+    """Send the kept outputs (one per micro-batch, on the last stage) to the first stage: a deque
+    there, None elsewhere."""
+    first, last = ps.is_pipeline_first_stage(ignore_virtual=True), ps.is_pipeline_last_stage(ignore_virtual=True)
+    config = unwrap_model(model[0]).config
+    rows = longest // (config.tensor_model_parallel_size if config.sequence_parallel else 1)
+    shape = (rows, micro_batch_size, config.hidden_size)
+    group = ps.get_pipeline_model_parallel_group()
+    peer_first = ps.get_pipeline_model_parallel_first_rank()
+    peer_last = ps.get_pipeline_model_parallel_last_rank()
+    if last:
+        for out in outputs:
+            torch.distributed.send(out["hidden"].contiguous(), peer_first, group=group)
+        return None
+    if first:
+        received = collections.deque()
+        for _ in range(num_microbatches):
+            t = torch.empty(shape, dtype=config.pipeline_dtype, device=platform.device())
+            torch.distributed.recv(t, peer_last, group=group)
+            received.append(t)
+        return received
+    return None

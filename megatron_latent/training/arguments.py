@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inclusive range J is drawn from per training step (default: the authors' for the "
                         "family: 2 4 for gpt-neox, 2 3 for llama and gpt2)")
     g.add_argument("--jacobi-iters-eval", type=int, default=None, help="J of evaluation forwards (default 3)")
+    g.add_argument("--jacobi-grad-passes", type=int, default=None, metavar="K",
+                   help="backpropagate through the last K passes of a step only (the final pass counted); the "
+                        "passes before run without a graph (default: all passes, the paper's)")
     g.add_argument("--scale-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="scale token embeddings by sqrt(2.5 H) (default: on when N > 0, as in the paper)")
 
@@ -180,6 +183,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
             ("rotary_base", "rotary_base"), ("make_vocab_size_divisible_by", "make_vocab_size_divisible_by"),
             ("num_latent_thoughts", "num_latent_thoughts"), ("jacobi_iters_eval", "jacobi_iters_eval"),
             ("scale_embeddings", "scale_embeddings"), ("init_method_std", "init_method_std"),
+            ("grad_passes", "jacobi_grad_passes"),
         )
         if getattr(args, flag) is not None
     }
@@ -204,6 +208,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
 
 # Library names whose flag is not the parser destination of the same name.
 _RENAMED = {
+    "grad_passes": "--jacobi-grad-passes",
     "seq_length": "--max-position-embeddings",  # ModelConfig.seq_length is the model's context
     "num_microbatches": "the micro-batch count (--global-batch-size / (--micro-batch-size x data-parallel size))",
 }
