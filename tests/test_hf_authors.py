@@ -11,24 +11,18 @@ import os
 import pytest
 import torch
 
-from export_utils import ids, latent_model
+from export_utils import THEIR_RANGE, ids, latent_model
 from hf_tiny import hf_model, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The authors' training J ranges: GPT-NeoX torch.randint(2, 5), LLaMA torch.randint(2, 4).
-THEIR_RANGE = {"gpt-neox": (2, 4), "llama": (2, 3), "gpt2": (2, 3)}
 # What their loader writes for the PonderLM-2 script (scripts/train_ponderlm2_llama_410m.sh).
 THEIRS = dict(num_latent_thoughts=1, num_jacobi_iterations=3, random_jacobi_iterations=True, interpolation=False,
               interpolation_use_topk=False, scale_embeds=True, recurrent_model=True, output_hidden_states=False)
 
 
-@pytest.fixture(autouse=True)
-def family_ranges(monkeypatch):
-    """The lead's `default_jacobi_iters(arch)`; stubbed with the authors' ranges until it lands."""
+def test_family_ranges_are_the_authors():
     from megatron_latent.config import model
 
-    if not hasattr(model, "default_jacobi_iters"):
-        monkeypatch.setattr(model, "default_jacobi_iters", lambda arch: THEIR_RANGE[arch], raising=False)
     assert all(tuple(model.default_jacobi_iters(a)) == r for a, r in THEIR_RANGE.items())
 
 
@@ -57,7 +51,8 @@ def _their_logits(hf, x, n, j, scale):
 
     def run(stages):
         g = len(stages)
-        out = hf.base_model(inputs_embeds=torch.stack(stages, 2).flatten(1, 2), position_ids=pos.repeat_interleave(g, 1),
+        out = hf.base_model(inputs_embeds=torch.stack(stages, 2).flatten(1, 2),
+                            position_ids=pos.repeat_interleave(g, 1),
                             attention_mask=torch.ones(b, length * g, dtype=torch.long)).last_hidden_state
         return out.unflatten(1, (length, g))
 
@@ -128,8 +123,9 @@ def _tool(argv):
 @pytest.mark.parametrize("keys, msg", [
     (dict(interpolation=True), "config.json interpolation true"),
     (dict(interpolation=None), "config.json interpolation true (or absent"),
-    (dict(recurrent_model=False), "config.json recurrent_model false (or absent) with 1 latent thought(s), scale_embeds true"),
-    (dict(recurrent_model=None, num_latent_thoughts=0), "recurrent_model false (or absent) with 0 latent thought(s), scale_embeds true"),
+    (dict(recurrent_model=False), "config.json recurrent_model false (or absent) with 1 latent thought(s)"),
+    (dict(recurrent_model=None, num_latent_thoughts=0),
+     "recurrent_model false (or absent) with 0 latent thought(s), scale_embeds true"),
     (dict(pause_token_id=50288), "config.json pause_token_id: a Pause Token baseline model"),
     (dict(random_jacobi_iterations="yes"), "config.json random_jacobi_iterations 'yes'"),
     (dict(scale_embeds="true"), "config.json scale_embeds 'true': expected true or false"),
