@@ -94,6 +94,11 @@ def test_latent_export_needs_remote_code(tmp_path, single_rank):
     export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), dtype="bfloat16")
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert conf["num_latent_thoughts"] == 1 and conf["num_jacobi_iterations"] == 3 and conf["scale_embeds"] is True
+    # The authors' keys with their meaning (tests/test_hf_authors.py has the cases).
+    assert conf["interpolation"] is False and conf["recurrent_model"] is True
+    assert isinstance(conf["random_jacobi_iterations"], bool)
+    # Read by transformers 4.x too: legacy rotary names, the 4.x head name.
+    assert (conf["rotary_pct"], conf["rotary_emb_base"]) == (cfg.rotary_percent, cfg.rotary_base)
     assert conf["model_type"] == "latent_gpt_neox" and conf["dtype"] == "bfloat16"
     # Never silently a vanilla model: without trust_remote_code the folder does not load.
     with pytest.raises(ValueError, match="trust_remote_code"):
@@ -241,6 +246,8 @@ def test_export_from_tp2_and_pp2(tmp_path, single_rank):
         cfg0 = small_config(arch, 0)
         want, _ = megatron_to_hf(random_full(cfg0), cfg0)
         have = load_file(os.path.join(root, f"hf-pp2-{arch}", "model.safetensors"))
+        if "embed_out.weight" in have:  # GPT-NeoX's head is stored under its 4.x name
+            have["lm_head.weight"] = have.pop("embed_out.weight")
         assert set(have) == set(want) - ({"lm_head.weight"} if cfg0.tie_embeddings else set())
         assert all(torch.equal(have[k], want[k]) for k in have)
         # The same PP=2 checkpoint read as a latent N=1 checkpoint (N changes the forward only).

@@ -8,10 +8,14 @@ given a tokenizer, tokenizer files that AutoTokenizer loads.
 
 N = 0 without embedding scaling exports the stock architecture (GPT2LMHeadModel,
 GPTNeoXForCausalLM, LlamaForCausalLM), loadable without remote code. Otherwise the config gets a
-`latent_*` model type, the knobs `num_latent_thoughts`, `num_jacobi_iterations`,
-`random_jacobi_iterations`, `scale_embeds` (the authors' names), prefill defaults, and an
-`auto_map` to modeling_latent.py, copied into the folder: such a folder loads only with
-`trust_remote_code=True`, so it is never silently run as a vanilla model.
+`latent_*` model type, the authors' latent keys with their meaning (hf/authors.py), prefill
+defaults, and an `auto_map` to modeling_latent.py, copied into the folder: such a folder loads only
+with `trust_remote_code=True`, so it is never silently run as a vanilla model.
+
+Every transformers version setup.py admits (>= 4.46) reads the folder the same: config.json
+carries the 4.x names next to the 5.x ones (GPT-NeoX `rotary_pct`/`rotary_emb_base`, LLaMA
+`rope_theta`, `torch_dtype`) and the GPT-NeoX head is stored as `embed_out.weight`, the name 4.x
+loads and 5.x renames to `lm_head` on loading (tests/test_hf_oldest.py loads exports under 4.46.3).
 
 The folder is written under a temporary name next to the target and renamed at the end; an
 existing target is replaced only with `force`.
@@ -31,6 +35,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from megatron_latent.config import ModelConfig
 from megatron_latent.data.tokenizer import HuggingFaceTokenizer, TokenizerError
+from megatron_latent.hf.authors import latent_to_hf
 from megatron_latent.hf.layout import StateDict, merge_tp_pp
 from megatron_latent.hf.mapping import config_to_hf, megatron_to_hf
 from megatron_latent.inference.loading import load_single_process
@@ -62,12 +67,16 @@ def read_checkpoint(load_dir: str, iteration: Optional[int] = None):
 
 def hf_config_dict(cfg: ModelConfig, eos_token_id=None, dtype: str = "float32") -> dict:
     """config.json contents: the stock config, plus the latent fields and auto_map when latent."""
-    hc = megatron_to_hf_config(cfg)
+    hc = config_to_hf(cfg)
     # The stock defaults (GPT-2's 50256) may not even exist in this vocabulary: the tokenizer decides.
     hc.bos_token_id = hc.eos_token_id = eos_token_id
     d = hc.to_dict()
-    d["dtype"] = dtype
-    d.pop("torch_dtype", None)
+    d["dtype"] = d["torch_dtype"] = dtype
+    # transformers 4.x names (5.x reads them too, and prefers rope_parameters, which agrees).
+    if cfg.arch == "gpt-neox":
+        d.update(rotary_pct=cfg.rotary_percent, rotary_emb_base=cfg.rotary_base)
+    elif cfg.arch == "llama":
+        d["rope_theta"] = cfg.rotary_base
     if is_latent(cfg):
         d["model_type"] = "latent_" + d["model_type"]
         d["architectures"] = [_LATENT_CLASSES[cfg.arch]]
@@ -75,24 +84,8 @@ def hf_config_dict(cfg: ModelConfig, eos_token_id=None, dtype: str = "float32") 
             "AutoConfig": f"{MODELING_FILE[:-3]}.{_LATENT_CONFIGS[cfg.arch]}",
             "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{_LATENT_CLASSES[cfg.arch]}",
         }
-        d.update(
-            num_latent_thoughts=cfg.latent.num_latent_thoughts,
-            num_jacobi_iterations=cfg.latent.jacobi_iters_eval,
-            random_jacobi_iterations=list(cfg.latent.jacobi_iters) if cfg.latent.jacobi_iters else None,
-            scale_embeds=cfg.latent.scale_embeddings,
-            latent_prefill="jacobi",
-            jacobi_tolerance=1e-4,
-            max_jacobi_iterations=None,
-        )
+        d.update(latent_to_hf(cfg), latent_prefill="jacobi", jacobi_tolerance=1e-4, max_jacobi_iterations=None)
     return d
-
-
-def megatron_to_hf_config(cfg: ModelConfig):
-    hc = config_to_hf(cfg)
-    for key in ("num_latent_thoughts", "num_jacobi_iterations", "random_jacobi_iterations", "scale_embeds"):
-        if hasattr(hc, key):
-            delattr(hc, key)  # re-added by hf_config_dict for latent exports only
-    return hc
 
 
 def write_weights(state: StateDict, out_dir: str, max_shard_size: str = "5GB") -> None:
@@ -149,6 +142,8 @@ def export_to_hf(
     del full
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # tied: HF restores it from the input embedding
+    elif cfg.arch == "gpt-neox" and "lm_head.weight" in state:
+        state["embed_out.weight"] = state.pop("lm_head.weight")  # the name every version loads
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
 
     parent = os.path.dirname(save_dir)

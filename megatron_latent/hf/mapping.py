@@ -21,12 +21,11 @@ from typing import Dict, Tuple
 import torch
 
 from megatron_latent.config import ModelConfig
+from megatron_latent.hf.authors import latent_from_hf
 from megatron_latent.hf.layout import CheckpointShapeError, StateDict, check_full_state_dict
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
 _ARCH_OF = {"gpt2": "gpt2", "gpt_neox": "gpt-neox", "llama": "llama"}
-# The authors' names for the latent knobs (PonderLM-2, arXiv 2509.23184), kept in exported configs.
-LATENT_KEYS = ("num_latent_thoughts", "num_jacobi_iterations", "random_jacobi_iterations", "scale_embeds")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -47,7 +46,8 @@ def base_model_type(model_type):
 
 
 def config_from_hf(hf_config, **overrides) -> ModelConfig:
-    """Our ModelConfig of an HF config (`overrides` replace fields, e.g. num_latent_thoughts)."""
+    """Our ModelConfig of an HF config (`overrides` replace fields, e.g. num_latent_thoughts). The
+    latent keys are read in the authors' meaning (hf/authors.py); configs we cannot run are refused."""
     mt = base_model_type(getattr(hf_config, "model_type", None))
     if mt not in SUPPORTED:
         arch = (getattr(hf_config, "architectures", None) or [None])[0]
@@ -93,17 +93,8 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
                   rotary_percent=rope.get("partial_rotary_factor", 1.0), rotary_base=rope["rope_theta"],
                   add_bias_linear=bool(c.attention_bias), add_qkv_bias=bool(c.attention_bias),
                   tie_embeddings=bool(c.tie_word_embeddings))
-    latent = {}
-    if getattr(c, "num_latent_thoughts", 0):
-        latent = dict(num_latent_thoughts=int(c.num_latent_thoughts),
-                      jacobi_iters_eval=int(getattr(c, "num_jacobi_iterations", 3)),
-                      scale_embeddings=bool(getattr(c, "scale_embeds", False)))
-        if getattr(c, "random_jacobi_iterations", None):
-            latent["jacobi_iters"] = tuple(c.random_jacobi_iterations)
-    elif getattr(c, "scale_embeds", False):
-        latent = dict(scale_embeddings=True)
     kw["name"] = name
-    return ModelConfig(**kw).replace(**{**latent, **overrides})
+    return ModelConfig(**kw).replace(**{**latent_from_hf(c, kw["arch"]), **overrides})
 
 
 def _rope(c) -> Dict:
@@ -115,7 +106,8 @@ def _rope(c) -> Dict:
 
 
 def config_to_hf(cfg: ModelConfig):
-    """The HF config (a transformers PretrainedConfig) of our ModelConfig."""
+    """The stock HF config (a transformers PretrainedConfig) of our ModelConfig; the latent keys are
+    added by the export (hf/authors.py)."""
     import transformers as tf
 
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
@@ -144,12 +136,6 @@ def config_to_hf(cfg: ModelConfig):
                             rms_norm_eps=cfg.norm_epsilon, attention_bias=cfg.add_bias_linear,
                             mlp_bias=cfg.add_bias_linear, attention_dropout=cfg.attention_dropout,
                             rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base}, **common)
-    lat = cfg.latent
-    if lat.num_latent_thoughts or lat.scale_embeddings:
-        hc.num_latent_thoughts = lat.num_latent_thoughts
-        hc.num_jacobi_iterations = lat.jacobi_iters_eval
-        hc.random_jacobi_iterations = list(lat.jacobi_iters) if lat.jacobi_iters else None
-        hc.scale_embeds = lat.scale_embeddings
     return hc
 
 

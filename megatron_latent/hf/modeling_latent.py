@@ -4,7 +4,10 @@ This file ships inside exported Hugging Face folders (loaded with ``trust_remote
 imports only torch and transformers. Each token is followed by N latent thoughts: thought k of
 position i is the post-final-norm hidden state of slot k-1 of the same position, fed back as the
 next input vector (``inputs_embeds``) at the same position id. Logits come from slot N.
-With ``scale_embeds`` token embeddings are multiplied by sqrt(2.5 * hidden_size). With learned
+With ``scale_embeds`` token embeddings are multiplied by sqrt(2.5 * hidden_size). The config keys
+are the authors' (LUMIA-Group/PonderLM-2) with their meaning; ``interpolation`` true (their
+PonderLM-1 mode) and ``recurrent_model`` false (their vanilla forward) are refused. Works with
+transformers 4.46 and later (4.x GPT-2 keeps tuple caches: converted at the call). With learned
 positions (GPT-2) the stock model adds the position embedding to every slot, thoughts included.
 
 ``forward`` takes token-level ``input_ids`` / ``attention_mask`` (so lm-evaluation-harness and
@@ -39,16 +42,26 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+try:  # transformers 5
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+except ImportError:
+    register_checkpoint_conversion_mapping = None
+
 PREFILL_MODES = ("jacobi", "exact", "tolerance")
 _LATENT_DEFAULTS = dict(
     num_latent_thoughts=1,
     num_jacobi_iterations=3,
-    random_jacobi_iterations=None,
+    random_jacobi_iterations=False,  # training only: J drawn from the family range
+    jacobi_iters_range=None,  # training only: our exact range when theirs cannot say it
     scale_embeds=True,
+    interpolation=False,
+    recurrent_model=True,
     latent_prefill="jacobi",
     jacobi_tolerance=1e-4,
     max_jacobi_iterations=None,  # None: N * prompt length, enough for the exact fixed point
 )
+_CACHE_TAKES_CONFIG = "config" in inspect.signature(DynamicCache.__init__).parameters  # 5.x
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
@@ -77,8 +90,20 @@ LatentGPTNeoXConfig = _latent_config(GPTNeoXConfig)
 LatentLlamaConfig = _latent_config(LlamaConfig)
 
 
+def _new_cache(config):
+    return DynamicCache(config=config) if _CACHE_TAKES_CONFIG else DynamicCache()
+
+
 class LatentMixin:
     """The latent forward over any stock *ForCausalLM whose base model returns post-norm states."""
+
+    def __init__(self, config, *args, **kwargs):
+        if config.interpolation:
+            raise ValueError("config interpolation true: PonderLM-1 interpolated embeddings are not implemented here")
+        if not config.recurrent_model:
+            raise ValueError("config recurrent_model false: the authors' code would run the vanilla forward; "
+                             "load the folder with the stock class instead")
+        super().__init__(config, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ pieces
     @property
@@ -102,11 +127,24 @@ class LatentMixin:
     def decoder_pass(self, inputs, position_ids, slot_mask, cache=None):
         """Post-norm hidden states [b, S, h] of slot inputs [b, S, h]. The 2D mask is always passed:
         without one transformers would read the repeated position ids as packed sequences."""
+        if cache is not None and getattr(self, "_supports_cache_class", True) is False:
+            return self._tuple_cache_pass(inputs, position_ids, slot_mask, cache)
         kw = {self._cache_arg(): cache} if cache is not None else {}
         out = self.base_model(
             inputs_embeds=inputs, position_ids=position_ids, attention_mask=slot_mask,
             use_cache=cache is not None, **kw,
         )
+        return out.last_hidden_state
+
+    def _tuple_cache_pass(self, inputs, position_ids, slot_mask, cache):
+        """decoder_pass for base models that take tuple caches (GPT-2 in transformers 4.x): the
+        DynamicCache is handed over as tuples and gets the new entries appended."""
+        past = cache.to_legacy_cache() if cache.get_seq_length() else None
+        out = self.base_model(inputs_embeds=inputs, position_ids=position_ids, attention_mask=slot_mask,
+                              past_key_values=past, use_cache=True)
+        new = inputs.shape[1]
+        for layer, (k, v) in enumerate(out.past_key_values):
+            cache.update(k[:, :, -new:], v[:, :, -new:], layer)
         return out.last_hidden_state
 
     # -------------------------------------------------------------------------- prefill modes
@@ -201,11 +239,11 @@ class LatentMixin:
         iters = None
         if past or mode == "exact":
             if cache is None:
-                cache = DynamicCache(config=self.config)
+                cache = _new_cache(self.config)
             hidden = self.exact_hidden(tokens, position_ids, slot_mask, cache)
         else:
             if use_cache and cache is None:
-                cache = DynamicCache(config=self.config)
+                cache = _new_cache(self.config)
             tol = None
             if mode == "tolerance":
                 tol = self.config.jacobi_tolerance if jacobi_tolerance is None else jacobi_tolerance
@@ -248,6 +286,13 @@ class LatentGPT2LMHeadModel(LatentMixin, GPT2LMHeadModel):
 
 class LatentGPTNeoXForCausalLM(LatentMixin, GPTNeoXForCausalLM):
     config_class = LatentGPTNeoXConfig
+
+
+if register_checkpoint_conversion_mapping is not None:
+    # transformers 5 renames the files' `embed_out` (the name 4.x reads) to `lm_head` for its own
+    # class only; remote-code subclasses must ask for it.
+    register_checkpoint_conversion_mapping(
+        LatentGPTNeoXForCausalLM.__name__, [WeightRenaming(r"^embed_out\.", "lm_head.")], overwrite=True)
 
 
 class LatentLlamaForCausalLM(LatentMixin, LlamaForCausalLM):
