@@ -11,17 +11,6 @@ VOCAB = 250  # padded to 256 on the megatron side; the export trims it
 # The authors' training J ranges per family: GPT-NeoX torch.randint(2, 5), LLaMA torch.randint(2, 4).
 THEIR_RANGE = {"gpt-neox": (2, 4), "llama": (2, 3), "gpt2": (2, 3)}
 
-
-def _stub_family_ranges():
-    """Until the lead's `megatron_latent.config.model.default_jacobi_iters` lands on this branch,
-    the export (hf/authors.py) reads this stand-in with the same values. Remove after the merge."""
-    from megatron_latent.config import model
-
-    if not hasattr(model, "default_jacobi_iters"):
-        model.default_jacobi_iters = THEIR_RANGE.__getitem__
-
-
-_stub_family_ranges()
 ARCHS = ["gpt2", "gpt-neox", "llama"]
 L = 8
 

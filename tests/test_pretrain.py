@@ -403,7 +403,8 @@ def test_use_checkpoint_args_keeps_the_checkpoint_latent_settings(tmp_path):
         common + ["--num-latent-thoughts", "1", "--jacobi-iters", "1", "4", "--jacobi-iters-eval", "5",
                   "--no-scale-embeddings", "--save", first],
         common + ["--load", first, "--use-checkpoint-args", "--finetune", "--save", second],
-        common + ["--load", first, "--use-checkpoint-args", "--finetune", "--save", third, "--num-latent-thoughts", "2"],
+        common + ["--load", first, "--use-checkpoint-args", "--finetune", "--save", third,
+                  "--num-latent-thoughts", "2"],
     ])
     assert [r[0] for r in runs] == [0, 0, 0], [r[2][-800:] for r in runs]
 

@@ -182,7 +182,8 @@ class ModelConfig:
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
         if self.latent.num_latent_thoughts and self.latent.jacobi_iters is None:
-            object.__setattr__(self, "latent", dataclasses.replace(self.latent, jacobi_iters=default_jacobi_iters(self.arch)))
+            default = default_jacobi_iters(self.arch)
+            object.__setattr__(self, "latent", dataclasses.replace(self.latent, jacobi_iters=default))
         self._validate()
 
     def _validate(self):
@@ -341,7 +342,8 @@ class ModelConfig:
         lat = self.latent
         if lat.num_latent_thoughts:
             lo, hi = lat.training_range
-            thoughts = (f"N={lat.num_latent_thoughts} latent thoughts, training J drawn from {{{', '.join(map(str, range(lo, hi + 1)))}}} "
+            choices = ", ".join(map(str, range(lo, hi + 1)))
+            thoughts = (f"N={lat.num_latent_thoughts} latent thoughts, training J drawn from {{{choices}}} "
                         f"per step, evaluation J={lat.jacobi_iters_eval}")
         else:
             thoughts = "vanilla (N=0)"

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+from megatron_latent.config.model import default_jacobi_iters
+
 # Keys of other methods of their code base (Pause Token, PonderLM-1 "orin"/"addhidden").
 _OTHER_METHOD_KEYS = {"pause_token_id": "Pause Token baseline", "hidden_layer_num": "PonderLM-1 (hidden-layer)",
                       "residual_interpolated_embeds": "PonderLM-1 (interpolated embeddings)"}
@@ -36,9 +38,7 @@ class AuthorsConfigError(ValueError):
 
 
 def _family_range(arch: str) -> Tuple[int, int]:
-    from megatron_latent.config import model  # lazily: the family defaults live with the configuration
-
-    return tuple(model.default_jacobi_iters(arch))
+    return tuple(default_jacobi_iters(arch))
 
 
 def _range(value, key: str) -> Optional[Tuple[int, int]]:

@@ -175,7 +175,8 @@ def latent_forward_backward(
     total = len(stage.latent.pass_slots(num_jacobi_iters))
     without_grad = 0 if forward_only else stage.latent.passes_without_grad(num_jacobi_iters)
     for num in {without_grad, total - without_grad} - {0}:
-        layout.check_schedule(num_microbatches, num * layout.virtual_chunks, stage.config.microbatch_group_size_per_vp_stage)
+        layout.check_schedule(num_microbatches, num * layout.virtual_chunks,
+                              stage.config.microbatch_group_size_per_vp_stage)
     longest = max(stage.latent.pass_slots(num_jacobi_iters)) * seq_length
     thoughts = None
     if without_grad:
