@@ -1,0 +1,95 @@
+"""Cheaper latent training, measured: step time and peak activation memory of one forward+backward
+for --jacobi-grad-passes K = 1, 2 and all, at N = 1 and 2, J = 2 and 3, beside the exact FLOP
+ratio to a vanilla step; and the same with every pass recomputed from its input in backward
+(megatron's full recompute over the whole layer stack: --recompute-granularity full
+--recompute-method uniform --recompute-num-layers <layers>).
+
+    python tools/bench_grad_passes.py [--arch gpt-neox --num-layers 4 --hidden-size 128 --seq-length 128]
+
+Activation memory is what autograd saves for backward (tools/activation_memory.py), so it reads
+the same on any device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=("gpt2", "gpt-neox", "llama"), default="gpt-neox")
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+
+    # Imported after the flags: --help answers at once.
+    import torch
+    from activation_memory import SavedActivationMeter  # tools/, beside this script
+
+    from megatron_latent.config import ModelConfig
+    from megatron_latent.models.flops import latent_step_flops
+    from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.models.latent import LatentGPTModel
+    from megatron_latent.parallel.initialize import initialize_single_process
+    from megatron_latent.platform import device
+
+    torch.set_num_threads(args.threads)
+    initialize_single_process("bench_grad_passes")
+    base = ModelConfig(
+        name="bench", arch=args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, ffn_hidden_size=4 * args.hidden_size,
+        vocab_size=args.vocab_size, seq_length=args.seq_length,
+    )
+    L, b = args.seq_length, args.micro_batch_size
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (b, L + 1), generator=g).to(device())
+    pos = torch.arange(L, device=device()).expand(b, L)
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=args.num_layers)
+
+    def measure(n, j, k, overrides):
+        cfg = base.replace(num_latent_thoughts=n, grad_passes=k)
+        torch.manual_seed(0)
+        m = build_gpt_model(cfg, config=cfg.to_transformer_config(**overrides), model_cls=LatentGPTModel,
+                            latent=cfg.latent).to(device()).train()
+        times, peak = [], 0
+        for i in range(args.iters + 1):
+            t0 = time.perf_counter()
+            with SavedActivationMeter(m.parameters()) as meter:
+                loss = m(tokens[:, :-1], pos, None, labels=tokens[:, 1:], num_jacobi_iters=j if n else None).mean()
+            loss.backward()
+            if device().type == "cuda":
+                torch.cuda.synchronize()
+            peak = max(peak, meter.peak_bytes)
+            if i:  # the first iteration warms up
+                times.append(time.perf_counter() - t0)
+        flops = latent_step_flops(L, n, j, cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers,
+                                  cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.query_groups, cfg.gated,
+                                  grad_passes=k)
+        return sorted(times)[len(times) // 2], peak, flops
+
+    t0, m0, f0 = measure(0, 0, None, {})
+    print(f"model: {args.arch}, {args.num_layers} layers, H={args.hidden_size}, V={args.vocab_size}, L={L}, "
+          f"micro-batch {b}, {args.threads} threads, {device()}, fp32")
+    print(f"vanilla step {t0:.3f} s, activations {m0 / 2**20:.1f} MiB")
+    print(f"{'N':>2} {'J':>2} {'passes':>6} {'K':>4} {'recompute':>9} | {'step (s)':>8} {'time ratio':>10} "
+          f"{'FLOP ratio':>10} | {'act. MiB':>8} {'vs vanilla':>10}")
+    for n in (1, 2):
+        for j in (2, 3):
+            passes = n + j + 1
+            for k in (1, 2, None):
+                for name, overrides in (("-", {}), ("full", recompute)):
+                    t, mem, f = measure(n, j, k, overrides)
+                    print(f"{n:>2} {j:>2} {passes:>6} {k or 'all':>4} {name:>9} | {t:>8.3f} {t / t0:>10.2f} "
+                          f"{f / f0:>10.2f} | {mem / 2**20:>8.1f} {mem / m0:>10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
