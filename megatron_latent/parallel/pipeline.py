@@ -207,12 +207,12 @@ def _run_schedule(chunks, data_iterator, seq_length: int, common: dict):
 
 
 def _keep_output(forward_step_func):
-    """The forward step of the passes without a graph: the last chunk's output (the hand-off of the
-    last pass it runs) is kept, not turned into a loss."""
+    """The forward step of the passes without a graph: without a loss function, megatron's schedule
+    keeps the last chunk's output (the hand-off of the last pass it runs) as it is."""
 
     def forward_step(data_iterator, model):
         output, _ = forward_step_func(data_iterator, model)
-        return output, lambda out: (out.new_zeros(()), {"hidden": out})
+        return output, None
 
     return forward_step
 
@@ -229,7 +229,7 @@ def _hand_to_first_stage(outputs, num_microbatches: int, model, longest: int, mi
     peer_last = ps.get_pipeline_model_parallel_last_rank()
     if last:
         for out in outputs:
-            torch.distributed.send(out["hidden"].contiguous(), peer_first, group=group)
+            torch.distributed.send(out.contiguous(), peer_first, group=group)
         return None
     if first:
         received = collections.deque()
