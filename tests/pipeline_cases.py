@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from parallel_utils import batch, gather_full, init_weights
@@ -115,12 +117,7 @@ def vanilla_1f1b(cfg, pp):
     def forward_step(data_iterator, m):
         b = next(data_iterator)
         out = m(b["tokens"], b["position_ids"], None, labels=b["labels"])
-
-        def loss_func(per_token):
-            loss = per_token.float().mean()
-            return loss, {"loss": loss.detach().clone()}
-
-        return out, loss_func
+        return out, partial(engine.token_loss, None)
 
     losses, norms, first = [], [], None
     for step in range(STEPS):

@@ -121,6 +121,8 @@ def pass_chunks(model_chunks, num_jacobi_iters: int, passes: Optional[range] = N
 
 
 def _finalize_stages(finalize, stages, _pass_chunks, num_tokens=None, **kwargs):
+    # num_tokens: the step's target count for the per-token loss, summed by the schedule over the
+    # loss_func calls, i.e. only the final pass's chunk on the last stage (the only one with a loss).
     return finalize(stages, num_tokens, **kwargs)
 
 

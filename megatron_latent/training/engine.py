@@ -5,6 +5,12 @@ DistributedDataParallel, build the optimizer with `get_megatron_optimizer`, and 
 (forward/backward over all micro-batches with a megatron schedule, gradient finalisation,
 optimizer step, loss averaged over the data-parallel group). `latent_train_step` and
 `latent_eval_loss` run the latent model on any layout through parallel.pipeline's schedule.
+
+The loss of a step is megatron-core's per-token loss (`calculate_per_token_loss`): the sum of the
+token losses of the global batch divided by its number of unmasked targets, so a micro-batch or a
+data-parallel rank with fewer targets (EOD masking, padding) weighs less, not more. Every
+loss_func returns megatron's triple (`token_loss`); the schedules sum the token counts and
+finalize_model_grads divides the gradients by the global count.
 """
 
 from __future__ import annotations
@@ -27,15 +33,20 @@ from megatron_latent.parallel.pipeline import latent_forward_backward
 
 @dataclass
 class StepResult:
-    loss: Optional[float]  # mean over micro-batches and data-parallel ranks; None off the last stage
+    loss: Optional[float]  # token-weighted mean over the global batch; None off the last stage
     grad_norm: Optional[float]  # over all ranks (the same on every rank)
 
 
 def wrap_ddp(model_chunks: List[torch.nn.Module], ddp_config=None):
-    """Wrap each chunk in megatron DDP (one contiguous gradient buffer per chunk)."""
+    """Wrap each chunk in megatron DDP (one contiguous gradient buffer per chunk), for the
+    per-token loss."""
     ddp_config = ddp_config or DistributedDataParallelConfig()
     wrapped = []
     for i, m in enumerate(model_chunks):
+        # Set here, not in configure_model_for_training: DDP fixes its gradient scaling on
+        # construction from this flag (a plain sum over DP instead of 1/DP; finalize_model_grads
+        # then divides by the global token count). The schedules read it from the same config.
+        m.config.calculate_per_token_loss = True
         wrapped.append(
             DistributedDataParallel(
                 m.config,
@@ -56,6 +67,8 @@ def configure_model_for_training(model_chunks, optimizer) -> None:
     """Hook the schedule up to DDP and the optimizer, as megatron's training loop does."""
     for m in model_chunks:
         cfg = m.config
+        if not cfg.calculate_per_token_loss:
+            raise ValueError("model chunks must be wrapped with engine.wrap_ddp (per-token loss)")
         cfg.grad_scale_func = optimizer.scale_loss
         cfg.finalize_model_grads_func = finalize_model_grads
         syncs = [c.no_sync for c in model_chunks]
@@ -94,30 +107,40 @@ def train_step(
 
 
 def average_loss(losses: Iterable[dict], key: str = "loss") -> Optional[float]:
-    """Mean of the micro-batch losses on the last stage, averaged over data-parallel ranks."""
+    """Token-weighted mean loss of the global batch: the [loss sum, tokens] pairs of the
+    micro-batches (`token_loss`) summed on the last stage and over data-parallel ranks, then
+    divided. None off the last stage."""
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    values = [float(d[key]) for d in losses]
     # On the current device: NCCL reduces only CUDA tensors.
-    local = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=platform.device())
+    local = torch.zeros(2, dtype=torch.float64, device=platform.device())
+    for d in losses:
+        pair = d[key]
+        if not torch.is_tensor(pair) or pair.numel() != 2:
+            raise ValueError(f"loss dict entry {key!r} must be the pair [loss sum, tokens] (engine.token_loss), "
+                             f"got {pair!r}")
+        local += pair.detach().reshape(2).to(local)
     if ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(local, group=ps.get_data_parallel_group())
-    return float(local[0] / local[1])
+    return float(local[0] / local[1].clamp(min=1.0))
+
+
+def token_loss(loss_mask, per_token):
+    """megatron's per-token loss_func triple for one micro-batch: the sum of the token losses over
+    unmasked targets, their number (int, summed by the schedule for finalize_model_grads), and the
+    logged pair [sum, number] that average_loss reduces."""
+    per_token = per_token.float()
+    if loss_mask is None:
+        total = per_token.sum()
+        num_tokens = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
+    else:
+        mask = loss_mask.to(per_token.dtype).view_as(per_token)
+        total = (per_token * mask).sum()
+        num_tokens = mask.sum().to(torch.int)
+    return total, num_tokens, {"loss": torch.stack([total.detach(), num_tokens.to(total.dtype)])}
 
 
 # ------------------------------------------------------------------------------ the latent model
-def masked_mean_loss(loss_mask, per_token):
-    """Mean per-token loss over unmasked tokens of a micro-batch, and the dict the driver logs (a
-    copy: the schedule divides the returned loss in place)."""
-    per_token = per_token.float()
-    if loss_mask is None:
-        loss = per_token.mean()
-    else:
-        mask = loss_mask.float()
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-    return loss, {"loss": loss.detach().clone()}
-
-
 def latent_forward_step(num_jacobi_iters: Optional[int]):
     """A megatron forward_step_func over dict batches (tokens, labels, position_ids, optional
     attention_mask and loss_mask), for any layout: stage modules at PP=1 and pass chunks at PP>1
@@ -129,7 +152,7 @@ def latent_forward_step(num_jacobi_iters: Optional[int]):
             b["tokens"], b["position_ids"], b.get("attention_mask"), labels=b["labels"],
             num_jacobi_iters=num_jacobi_iters,
         )
-        return out, partial(masked_mean_loss, b.get("loss_mask"))
+        return out, partial(token_loss, b.get("loss_mask"))
 
     return forward_step
 
@@ -148,9 +171,9 @@ def latent_train_step(model_chunks, optimizer, data_iterator, num_microbatches: 
 @torch.no_grad()
 def latent_eval_loss(model_chunks, data_iterator, num_microbatches: int, seq_length: int,
                      micro_batch_size: int, num_jacobi_iters: Optional[int] = None) -> Optional[float]:
-    """Mean loss of `num_microbatches` micro-batches, forward only, in eval mode, with the fixed
-    evaluation J (`jacobi_iters_eval`) unless given; averaged over data-parallel ranks. None off
-    the last stage."""
+    """Token-weighted mean loss of `num_microbatches` micro-batches on every data-parallel rank,
+    forward only, in eval mode, with the fixed evaluation J (`jacobi_iters_eval`) unless given.
+    None off the last stage."""
     latent = unwrap_model(model_chunks[0]).latent
     j = latent.eval_jacobi_iters if num_jacobi_iters is None else num_jacobi_iters
     j = j if latent.num_latent_thoughts else 0
