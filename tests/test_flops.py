@@ -3,19 +3,37 @@ backward) of tiny product models, vanilla and latent.
 
 What FlopCounterMode counts here: every matmul (aten mm/addmm for the linear layers and the output
 layer, baddbmm/bmm for the local spec's core attention QK^T and AV on CPU, at 2 FLOPs per
-multiply-add; the bias add of addmm/baddbmm is not counted) and their backward matmuls. It does not
+multiply-add; the bias add of addmm/baddbmm is not counted) and their backward matmuls. The local
+spec's attention runs torch's fused kernel (models.attention), whose CPU variant torch's counter
+does not know: it is counted below with torch's own formula for the GPU variants (QK^T and AV over
+the full S x S, as models.flops counts them). It does not
 count elementwise work (norms, activations, softmax, rotary, the thought feedback, cross-entropy) or
 embedding lookups, and neither does models.flops. So the two must agree exactly.
 """
 
 import pytest
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_latent.models.flops import latent_step_flops
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 B, S = 2, 8
+
+aten = torch.ops.aten
+# The CPU flash kernels take (query, key, value, ...) and (grad_out, query, key, value, ...) like the
+# GPU ones that torch's formulas cover.
+@flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+def _cpu_flash_flop(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+@flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def _cpu_flash_backward_flop(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    # The four matmuls of the backward (dV, dP, dQ, dK), as the unfused path runs them; the fused
+    # kernel also recomputes QK^T, which torch's formula adds and models.flops does not count.
+    return 2 * flop_counter.sdpa_flop_count(query, key, value)
 
 
 def _config(preset, n):

@@ -5,7 +5,8 @@ or GPT-NeoX's parallel residual) and otherwise only in TransformerConfig fields 
 activation, gated MLP, biases, query groups) that megatron's modules read themselves.
 
 * local (CPU, or GPU without TE): megatron's ColumnParallel/RowParallelLinear and
-  DotProductAttention, norms from `models.norms.TorchNorm` (sequence-parallel capable).
+  DotProductAttention (over torch's fused attention kernel: models.attention), norms from
+  `models.norms.TorchNorm` (sequence-parallel capable).
 * Transformer Engine (chosen automatically when `transformer_engine` imports and CUDA is present):
   norms fused into the following linear (TELayerNormColumnParallelLinear), TE attention and
   row-parallel linears. With TE the parallel-residual layer reduces twice (TE's row-parallel
@@ -24,7 +25,6 @@ import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -33,6 +33,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_latent.config import ModelConfig
+from megatron_latent.models.attention import FusedDotProductAttention
 from megatron_latent.models.norms import TorchNorm
 from megatron_latent.models.parallel_residual import (
     ParallelResidualTransformerLayer,
@@ -80,7 +81,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
         qkv = fc1 = ColumnParallelLinear
         # Parallel residual: both projections hand back partial sums, the layer reduces once.
         proj = fc2 = PartialSumRowParallelLinear if cfg.parallel_residual else RowParallelLinear
-        attn = DotProductAttention
+        attn = FusedDotProductAttention
         in_norm = mlp_norm = TorchNorm
         keys_map = dict(_SHARDED_KEYS_MAP)
     return ModuleSpec(
