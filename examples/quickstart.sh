@@ -28,6 +28,8 @@ while [ $# -gt 0 ]; do
 done
 START=$SECONDS
 source tools/setup_env.sh
+# megatron-core's notices on CPU (no apex / Transformer Engine, deprecations) would bury the output.
+export PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning"
 mkdir -p "$OUT/data" "$OUT/runs"
 OUT="$(realpath "$OUT")"
 step() { echo; echo "=== [$(( SECONDS - START ))s] $*"; }
@@ -78,7 +80,7 @@ train() {  # NAME FLAGS...: skipped when its checkpoint is at the last iteration
         return
     fi
     "$PY" -m megatron_latent.pretrain "${COMMON[@]}" "$@" --save "$dir/ckpt" --load "$dir/ckpt" \
-        --save-interval 50 --tensorboard-dir "$dir/logs" 2>&1 | grep -v -i "warn" | tee "$dir.log"
+        --save-interval 50 --tensorboard-dir "$dir/logs" 2>&1 | tee "$dir.log"
 }
 train vanilla --num-latent-thoughts 0
 train vanilla-2x-layers --num-latent-thoughts 0 --num-layers 8

@@ -16,7 +16,13 @@ import torch
 from megatron_latent.analysis.compare import format_table, plot_valid_loss, summarize_run, verdict
 from megatron_latent.config import ModelConfig
 from megatron_latent.data.pycorpus import (
-    EOD_TOKEN, stdlib_documents, stdlib_files, stdlib_root, train_bpe_tokenizer, write_stdlib_corpus)
+    EOD_TOKEN,
+    stdlib_documents,
+    stdlib_files,
+    stdlib_root,
+    train_bpe_tokenizer,
+    write_stdlib_corpus,
+)
 from megatron_latent.models.flops import decoder_pass_flops, latent_decode_flops, latent_step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

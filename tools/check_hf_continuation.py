@@ -31,15 +31,14 @@ def main(argv=None) -> int:
     from megatron_latent.analysis.continuation import hf_greedy_ids
 
     hf_ids = hf_greedy_ids(args.hf_dir, prompt, len(megatron_ids))
-    decode = (lambda ids: None)
+    decode = None
     if args.tokenizer_model:
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(args.tokenizer_model)
-        decode = tok.decode
+        decode = Tokenizer.from_file(args.tokenizer_model).decode
         print(f"prompt:                {decode(prompt)!r}")
     for name, ids in (("megatron_latent.generate", megatron_ids), ("Hugging Face export", hf_ids)):
-        print(f"{name:<25}{ids}" + (f"\n{'':<25}{decode(ids)!r}" if args.tokenizer_model else ""))
+        print(f"{name:<25}{ids}" + (f"\n{'':<25}{decode(ids)!r}" if decode else ""))
     if hf_ids != megatron_ids:
         first = next(i for i, (a, b) in enumerate(zip(hf_ids + [None], megatron_ids + [None])) if a != b)
         print(f"error: the continuations differ from new token {first} on", file=sys.stderr)

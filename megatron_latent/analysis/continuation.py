@@ -12,7 +12,7 @@ def hf_greedy_ids(hf_dir: str, prompt_ids: Sequence[int], max_new_tokens: int) -
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
-                                                              torch_dtype=torch.float32).eval()
+                                                              dtype=torch.float32).eval()
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

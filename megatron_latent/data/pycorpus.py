@@ -16,7 +16,7 @@ import random
 import sysconfig
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from megatron_latent.data.corpus import expand_inputs, is_text, iter_lines, parse_line, Shard
+from megatron_latent.data.corpus import Shard, expand_inputs, is_text, iter_lines, parse_line
 
 EOD_TOKEN = "<|endoftext|>"
 # Not the library: tests (which include deliberately malformed files), bundled third-party code,
