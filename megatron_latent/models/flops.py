@@ -37,3 +37,18 @@ def latent_step_flops(seq: int, num_latent_thoughts: int, num_jacobi: int, vocab
     if not training:
         return sum(per_pass) + output_layer
     return sum(per_pass[:without_grad]) + 3 * (sum(per_pass[without_grad:]) + output_layer)
+
+
+def latent_decode_flops(position: int, num_latent_thoughts: int, vocab: int, hidden: int, num_layers: int,
+                        ffn_hidden: int, num_heads: int, num_query_groups: int = None,
+                        gated_mlp: bool = False) -> int:
+    """Forward FLOPs of KV-cached decoding of the token at `position` (0-based: `position` tokens
+    are in the cache): N+1 single-slot steps (the token, then its N thoughts), step k attending over
+    the (N+1) x position cached entries and the k+1 of this position; the output layer once (only
+    the last thought's logits are used). Summed over positions 0..S-1 it is the causal forward over
+    the (N+1) S slots: the matmuls of every slot, attention over the lower triangle only."""
+    slots = num_latent_thoughts + 1
+    one_slot = decoder_pass_flops(1, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp)
+    one_slot -= num_layers * 2 * 2 * hidden  # decoder_pass_flops(1) attends over 1 entry: counted below
+    entries = sum(slots * position + k + 1 for k in range(slots))
+    return slots * one_slot + num_layers * 2 * 2 * hidden * entries + 2 * hidden * vocab
