@@ -29,7 +29,7 @@ from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.data.gpt_data import DataConfigError
 from megatron_latent.data.tokenizer import TokenizerError
 from megatron_latent.hf.convert import MODEL_CONFIG_FILE
-from megatron_latent.models.flops import latent_step_flops
+from megatron_latent.models.flops import model_step_flops
 from megatron_latent.models.specs import transformer_engine_available
 from megatron_latent.parallel.initialize import initialize_model_parallel
 from megatron_latent.parallel.pipeline import build_latent_pipeline
@@ -274,9 +274,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
         logger.info(f"saved checkpoint of iteration {st.iteration} to {args.save}")
 
     def flops_per_sample(jacobi):
-        return latent_step_flops(plan.seq_length, cfg.latent.num_latent_thoughts, jacobi or 0, cfg.padded_vocab_size,
-                                 cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size, cfg.num_attention_heads,
-                                 cfg.query_groups, cfg.gated, grad_passes=cfg.latent.grad_passes)
+        return model_step_flops(cfg, plan.seq_length, jacobi or 0)
 
     if args.save:
         checkpointing.start_checkpoint_writer()  # before the loop's SIGTERM handler exists

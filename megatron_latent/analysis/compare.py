@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, checkpoint_model_config, read_common, resolve_iteration
 from megatron_latent.config import ModelConfig
-from megatron_latent.models.flops import latent_decode_flops, latent_step_flops
+from megatron_latent.models.flops import latent_decode_flops, model_step_flops
 from megatron_latent.training.metrics import read_metrics
 
 
@@ -61,9 +61,7 @@ def train_flops(cfg: ModelConfig, seq_length: int, global_batch_size: int, seed:
     total = 0
     for step in range(1, steps + 1):
         j = lat.jacobi_iters_for_step(step, seed) if lat.num_latent_thoughts else 0
-        total += latent_step_flops(seq_length, lat.num_latent_thoughts, j, cfg.padded_vocab_size, cfg.hidden_size,
-                                   cfg.num_layers, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.query_groups,
-                                   cfg.gated)
+        total += model_step_flops(cfg, seq_length, j)
     return total * global_batch_size
 
 

@@ -39,6 +39,14 @@ def latent_step_flops(seq: int, num_latent_thoughts: int, num_jacobi: int, vocab
     return sum(per_pass[:without_grad]) + 3 * (sum(per_pass[without_grad:]) + output_layer)
 
 
+def model_step_flops(cfg, seq: int, num_jacobi: int, training: bool = True) -> int:
+    """`latent_step_flops` of a ModelConfig (its sizes, N and grad_passes) over one sequence."""
+    lat = cfg.latent
+    return latent_step_flops(seq, lat.num_latent_thoughts, num_jacobi if lat.num_latent_thoughts else 0,
+                             cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size,
+                             cfg.num_attention_heads, cfg.query_groups, cfg.gated, training, lat.grad_passes)
+
+
 def latent_decode_flops(position: int, num_latent_thoughts: int, vocab: int, hidden: int, num_layers: int,
                         ffn_hidden: int, num_heads: int, num_query_groups: int = None,
                         gated_mlp: bool = False) -> int:
