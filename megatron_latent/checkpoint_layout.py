@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.utils import unwrap_model
 
 from megatron_latent.config import ModelConfig
 
@@ -94,7 +95,7 @@ def checkpoint_model_config(root: str, iteration: int, common: Optional[Dict[str
 def _chunk_keys(model_chunks: List[torch.nn.Module]):
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        yield key, (chunk.module if hasattr(chunk, "module") else chunk)
+        yield key, unwrap_model(chunk)
 
 
 def model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:

@@ -136,8 +136,9 @@ def gather_full(model, grads=False):
     """{global name: full tensor} of a (DDP-wrapped) GPT model's parameters or gradients,
     all-gathered over tensor and pipeline parallel ranks (identical on every rank)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.utils import unwrap_model
 
-    module = model.module if hasattr(model, "module") else model
+    module = unwrap_model(model)
     tp_group = ps.get_tensor_model_parallel_group()
     tp = ps.get_tensor_model_parallel_world_size()
     out = {}
