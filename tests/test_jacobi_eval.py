@@ -85,7 +85,7 @@ def test_tool_reads_a_checkpoint_to_the_library_numbers(tmp_path):
         assert result["bpb"][str(key)] == pytest.approx(value * 0.5 / math.log(2), abs=1e-6), key
     assert "exact rollout: loss" in proc.stdout
 
-    bad = subprocess.run(cmd[:5] + ["--data-path", prefix + "_missing"], cwd=ROOT, env=env,
+    bad = subprocess.run(cmd[:4] + ["--data-path", prefix + "_missing"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == f"error: --data-path: {prefix}_missing.bin does not exist"

@@ -56,11 +56,12 @@ def main(argv=None) -> int:
     losses = jacobi_losses(model, windows, args.jacobi, rollout=not args.no_rollout, batch_size=args.batch_size)
     result = {
         "load": args.load, "iteration": iteration, "data_path": args.data_path, "seq_length": seq,
-        "windows": args.num_windows, "tokens": args.num_windows * seq, "num_latent_thoughts": cfg.num_latent_thoughts,
+        "windows": args.num_windows, "tokens": args.num_windows * seq,
+        "num_latent_thoughts": cfg.latent.num_latent_thoughts,
         "loss": {str(k): v for k, v in losses.items()},
         "bpb": {str(k): bits_per_byte(v, args.tokens_per_byte) for k, v in losses.items()},
     }
-    print(f"{args.load} iteration {iteration}, N={cfg.num_latent_thoughts}: {result['tokens']:,} tokens "
+    print(f"{args.load} iteration {iteration}, N={cfg.latent.num_latent_thoughts}: {result['tokens']:,} tokens "
           f"({args.num_windows} windows of {seq})")
     for k, v in losses.items():
         bpb = result["bpb"][str(k)]
