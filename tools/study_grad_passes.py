@@ -15,7 +15,8 @@
 3. evaluation: each checkpoint's loss on the same 64 validation windows at evaluation J = 0..6
    and with the exact sequential rollout (tools/eval_jacobi.py); bits per byte from the loss.
 
-Sized for a shared 2-core CPU (about 25 minutes per seed there); on a free machine raise --steps.
+Sized for a shared 2-core CPU (23 minutes for both seeds there, one thread per run); on a free
+machine raise --steps.
 
 Finished runs and evaluations are kept under --work and not redone; the tables are printed at the
 end (markdown) and written to <work>/results.md.
