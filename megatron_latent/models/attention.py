@@ -4,9 +4,8 @@ The local path materialises the [b*heads, S, S] score matrix (baddbmm), masks an
 separate kernels and keeps the probabilities for the backward; torch's fused kernel (flash
 attention on CPU, and on GPUs without Transformer Engine) does the same arithmetic tiled, skips
 the masked-out upper triangle of a causal mask and keeps only a log-sum-exp per row. The latent
-model runs attention over (N+1)-times longer sequences, so this was its largest single cost: with
-the fused kernel its training step in tools/bench_reference.py went from 1.73x to 0.89x the
-authors' (docs/benchmarks.md).
+model runs attention over (N+1)-times longer sequences, so this was its largest single cost (about
+a third of a latent training step at the size of tools/bench_reference.py; docs/benchmarks.md).
 
 The result is megatron's up to rounding (checked in tests/test_attention.py). Configurations the
 fused call does not express the same way fall back to megatron's forward: attention dropout while
