@@ -139,15 +139,26 @@ def format_table(runs: Sequence[RunSummary], group_seeds: bool = True) -> str:
 
 
 def verdict(runs: Sequence[RunSummary], latent_label: str, baselines: Sequence[str]) -> str:
-    """One sentence: how the latent run's final validation loss compares with each baseline's."""
-    by = {r.label: r for r in runs}
-    lat = by[latent_label]
+    """One sentence: how the latent run's final validation loss compares with each baseline's. Runs
+    sharing a label (seeds) are averaged, and the larger of the two labels' seed spreads (standard
+    deviation) is given beside each difference."""
+    by: dict = {}
+    for r in runs:
+        by.setdefault(r.label, []).append(r)
+
+    def loss(label):
+        values = [r.valid_loss for r in by[label]]
+        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+    lat, (lat_loss, lat_sd) = by[latent_label][0], loss(latent_label)
     parts = []
     for b in baselines:
-        base = by[b]
-        d = lat.valid_loss - base.valid_loss
-        parts.append(f"{'beats' if d < 0 else 'does not beat'} {b} ({lat.valid_loss:.4f} vs {base.valid_loss:.4f}, "
-                     f"{d:+.4f}; {lat.train_flops / base.train_flops:.2f}x its training FLOPs, "
+        base, (base_loss, base_sd) = by[b][0], loss(b)
+        d = lat_loss - base_loss
+        spreads = [x for x in (lat_sd, base_sd) if x is not None]
+        spread = f", seed spread {max(spreads):.4f}" if spreads else ""
+        parts.append(f"{'beats' if d < 0 else 'does not beat'} {b} ({lat_loss:.4f} vs {base_loss:.4f}, "
+                     f"{d:+.4f}{spread}; {lat.train_flops / base.train_flops:.2f}x its training FLOPs, "
                      f"{lat.inference_flops_per_token / base.inference_flops_per_token:.2f}x its inference FLOPs)")
     return f"{latent_label} " + "; ".join(parts) + "."
 
