@@ -39,8 +39,9 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 # and how deep the output projections' init is scaled (GPT-NeoX divides their std by
 # sqrt(2 L (N+1)), LLaMA by sqrt(2 L)). GPT-2 has no authors' code: it takes the range the paper
 # states, {2, 3}, and the Pythia code's init, their main line of models.
+PAPER_JACOBI_ITERS = (2, 3)  # the range the paper states; also a LatentSettings' own default outside a ModelConfig
 _PAPER_DEFAULTS = {
-    "gpt2": dict(jacobi_iters=(2, 3), init_counts_thought_passes=True),
+    "gpt2": dict(jacobi_iters=PAPER_JACOBI_ITERS, init_counts_thought_passes=True),
     "gpt-neox": dict(jacobi_iters=(2, 4), init_counts_thought_passes=True),
     "llama": dict(jacobi_iters=(2, 3), init_counts_thought_passes=False),
 }
@@ -110,7 +111,7 @@ class LatentSettings:
     def training_range(self) -> Tuple[int, int]:
         if self.num_latent_thoughts == 0:
             return (0, 0)
-        return self.jacobi_iters or _PAPER_DEFAULTS["llama"]["jacobi_iters"]
+        return self.jacobi_iters or PAPER_JACOBI_ITERS
 
     @property
     def eval_jacobi_iters(self) -> int:
