@@ -69,17 +69,32 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ latent
+METHODS = ("vanilla", "latent", "interpolated", "pause", "loop")
+THOUGHT_INPUTS = ("hidden", "interpolated")
+
+
 @dataclass(frozen=True)
 class LatentSettings:
-    """How the model thinks: N latent thoughts per token, solved by Jacobi passes.
+    """How the model spends compute per token: the method, orthogonal to the network.
 
-    N = 0 is a vanilla GPT (the weights do not depend on N). `jacobi_iters` is the inclusive range
-    the training J is drawn from per step (None: the family's default, filled in by ModelConfig);
-    it is None when N = 0, which has no thoughts to refine. `scale_embeddings` (token embeddings
-    times sqrt(2.5 H), so that they start at the unit RMS of the post-norm thoughts): None means
-    the paper's setting, on exactly when N > 0. `grad_passes` k: only the last k passes of a
-    training forward (the final pass counted) build an autograd graph; the passes before them run
-    without one and keep no activations (None: every pass, the paper's full backpropagation).
+    * latent thoughts (PonderLM-2, `num_latent_thoughts` N > 0): N thought slots after every
+      token, each fed the post-norm hidden state of the slot before it (`thought_input` "hidden"),
+      or the embeddings mixed by the output softmax of that state ("interpolated", the PonderLM
+      feedback; `interpolation_topk` k > 0 mixes only the k likeliest tokens), solved by Jacobi
+      passes;
+    * pause tokens (`num_pause_tokens` K > 0): K slots of one learned pause embedding after every
+      token, one pass, the prediction read at the last of them;
+    * looped depth (`num_extra_loops` K > 0): the layer stack applied K+1 times with shared
+      weights, the final norm once.
+
+    The three are exclusive; all zero is a vanilla GPT (and the weights never depend on the method,
+    except for the pause token's embedding row). `jacobi_iters` is the inclusive range the training
+    J is drawn from per step (None: the family's default, filled in by ModelConfig); it is None
+    without latent thoughts. `scale_embeddings` (token embeddings times sqrt(c H), c in
+    `embedding_scale_factor`): None means the authors' setting, on exactly when a method is on.
+    `grad_passes` k: only the last k passes of a training forward with latent thoughts (the final
+    pass counted) build an autograd graph; the passes before them run without one and keep no
+    activations (None: every pass, the paper's full backpropagation).
     """
 
     num_latent_thoughts: int = 0
@@ -87,10 +102,25 @@ class LatentSettings:
     jacobi_iters_eval: int = 3
     scale_embeddings: Optional[bool] = None
     grad_passes: Optional[int] = None
+    thought_input: str = "hidden"
+    interpolation_topk: int = 0
+    num_pause_tokens: int = 0
+    num_extra_loops: int = 0
 
     def __post_init__(self):
         n = self.num_latent_thoughts
-        need(isinstance(n, int) and n >= 0, f"num_latent_thoughts must be an integer >= 0, got {n!r}")
+        for name in ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops", "interpolation_topk"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+        on = [name for name in ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops") if getattr(self, name)]
+        need(len(on) <= 1, f"{' and '.join(on)} are exclusive: latent thoughts, pause tokens and extra loops "
+                           "are different methods; choose one")
+        need(self.thought_input in THOUGHT_INPUTS,
+             f"thought_input {self.thought_input!r}: one of {', '.join(THOUGHT_INPUTS)}")
+        need(self.thought_input == "hidden" or n > 0,
+             f"thought_input {self.thought_input!r} needs latent thoughts (num_latent_thoughts > 0)")
+        need(not self.interpolation_topk or self.thought_input == "interpolated",
+             "interpolation_topk applies to thought_input 'interpolated' only")
         need(self.jacobi_iters_eval >= 0, f"jacobi_iters_eval must be >= 0, got {self.jacobi_iters_eval}")
         j = self.jacobi_iters
         if j is not None:
@@ -98,14 +128,48 @@ class LatentSettings:
             need(len(j) == 2 and 0 <= j[0] <= j[1], f"jacobi_iters {list(j)}: need an inclusive range 0 <= min <= max")
         object.__setattr__(self, "jacobi_iters", j if n else None)
         if self.scale_embeddings is None:
-            object.__setattr__(self, "scale_embeddings", n > 0)
+            object.__setattr__(self, "scale_embeddings", self.method != "vanilla")
         need(self.grad_passes is None or self.grad_passes >= 1,
              f"grad_passes must be >= 1 (the final pass carries the loss), got {self.grad_passes}")
+        need(self.grad_passes is None or n > 0,
+             "grad_passes applies to latent thoughts (num_latent_thoughts > 0) only")
+
+    @property
+    def method(self) -> str:
+        """One of METHODS."""
+        if self.num_latent_thoughts:
+            return "latent" if self.thought_input == "hidden" else "interpolated"
+        if self.num_pause_tokens:
+            return "pause"
+        if self.num_extra_loops:
+            return "loop"
+        return "vanilla"
+
+    @property
+    def embedding_scale_factor(self) -> float:
+        """c of the token embeddings' scale sqrt(c H) when `scale_embeddings` is on: 2.5 where the
+        next input is a post-norm hidden state (unit RMS, so the tokens start at its size), 1 for
+        pause tokens and interpolated thoughts, whose inputs are all embeddings (the authors' code
+        of each method)."""
+        return 2.5 if self.method in ("vanilla", "latent", "loop") else 1.0
+
+    @property
+    def residual_depth(self) -> int:
+        """How many times a token's prediction traverses the layer stack in sequence: N+1 with
+        latent thoughts, K+1 with extra loops, else 1 (the init scales by it, see init_methods)."""
+        if self.num_latent_thoughts:
+            return self.num_latent_thoughts + 1
+        return self.num_extra_loops + 1
+
+    @property
+    def output_slot(self) -> int:
+        """The slot of each position whose hidden state predicts the next token."""
+        return self.num_slots - 1
 
     @property
     def num_slots(self) -> int:
-        """Slots per position: the token and its N thoughts."""
-        return self.num_latent_thoughts + 1
+        """Slots per position: the token and its N thoughts (or its K pauses)."""
+        return max(self.num_latent_thoughts, self.num_pause_tokens) + 1
 
     @property
     def training_range(self) -> Tuple[int, int]:
@@ -139,7 +203,10 @@ class LatentSettings:
         growth passes 1..N, then J Jacobi passes and the final pass over all N+1 slots. The pass
         schedule of training, of the pipeline's virtual chunks, of the prefill and of the FLOP count."""
         n = self.num_latent_thoughts
-        return list(range(1, n + 1)) + [n + 1] * (num_jacobi + 1) if n else [1]
+        if n:
+            return list(range(1, n + 1)) + [n + 1] * (num_jacobi + 1)
+        # Pause tokens: one pass over all slots; extra loops: K+1 passes over the tokens.
+        return [self.num_slots] * (self.num_extra_loops + 1)
 
 
 _LATENT_FIELDS = tuple(f.name for f in dataclasses.fields(LatentSettings))
@@ -228,9 +295,20 @@ class ModelConfig:
         return self.activation == "swiglu"
 
     @property
+    def pause_token_id(self) -> Optional[int]:
+        """The embedding row of the pause token: the first row after the tokenizer's (a padded row
+        of the vocabulary, as the authors' 50288 is of GPT-NeoX's), None without pause tokens."""
+        return self.vocab_size if self.latent.num_pause_tokens else None
+
+    @property
+    def embedding_rows(self) -> int:
+        """Meaningful rows of the embedding: the tokenizer's, plus the pause token's."""
+        return self.vocab_size + (1 if self.latent.num_pause_tokens else 0)
+
+    @property
     def padded_vocab_size(self) -> int:
         m = self.make_vocab_size_divisible_by
-        return -(-self.vocab_size // m) * m
+        return -(-self.embedding_rows // m) * m
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Parameters of the model as built (padded vocabulary), counted from the sizes alone."""
@@ -260,10 +338,16 @@ class ModelConfig:
         given directly and replace those of `latent`. A new N re-derives the default embedding
         scaling (and, from N = 0, the default J range) unless those are given too."""
         latent = {k: changes.pop(k) for k in _LATENT_FIELDS if k in changes}
-        if latent.get("num_latent_thoughts", self.latent.num_latent_thoughts) != self.latent.num_latent_thoughts:
-            latent.setdefault("scale_embeddings", None)
         if latent:
-            changes["latent"] = dataclasses.replace(changes.get("latent", self.latent), **latent)
+            base = changes.get("latent", self.latent)
+            methods = ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops", "thought_input")
+            if any(latent.get(k, getattr(base, k)) != getattr(base, k) for k in methods):
+                # Another method: its own defaults, unless given.
+                latent.setdefault("scale_embeddings", None)
+                if latent.get("num_latent_thoughts", base.num_latent_thoughts) == 0:
+                    latent.setdefault("thought_input", "hidden")
+                    latent.setdefault("interpolation_topk", 0)
+            changes["latent"] = dataclasses.replace(base, **latent)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> Dict:
@@ -312,9 +396,11 @@ class ModelConfig:
 
         The paper's (`init_method_std` None; the authors' code, after Pythia's "small init"): every
         linear and the embedding ~ normal(0, std) truncated at 3 std with std = sqrt(2 / (5H)); the
-        output projections (attention out, MLP out) further divided by sqrt(2 L (N+1)) for GPT-NeoX
-        and GPT-2 (the residual stream is traversed N+1 times as deep) and by sqrt(2 L) for LLaMA,
-        as the authors' code of each family does. Norms 1, biases 0 (megatron's defaults).
+        output projections (attention out, MLP out) further divided by sqrt(2 L D) for GPT-NeoX
+        and GPT-2, D = `latent.residual_depth` (N+1 with latent thoughts, K+1 with extra loops: the
+        residual stream is traversed D times as deep), and by sqrt(2 L) for LLaMA, as the authors'
+        code of each family and method does (their GPT-NeoX pause model kept HF's init; we give
+        every method the family's paper init, so that only the method differs). Norms 1, biases 0 (megatron's defaults).
 
         With `init_method_std` s: the stock Hugging Face init of the family, which the authors'
         vanilla baselines had: normal(0, s) everywhere; GPT-2 divides its output projections by
@@ -327,7 +413,7 @@ class ModelConfig:
             return {"init_method": _normal(std), "output_layer_init_method": _normal(out_std),
                     "embedding_init_method": _normal(std), "init_method_std": std, "embedding_init_method_std": std}
         if _PAPER_DEFAULTS[self.arch]["init_counts_thought_passes"]:
-            depth *= self.latent.num_slots
+            depth *= self.latent.residual_depth
         std = math.sqrt(2.0 / (5.0 * self.hidden_size))
         out_std = std / math.sqrt(depth)
         return {
@@ -344,11 +430,20 @@ class ModelConfig:
         if lat.num_latent_thoughts:
             lo, hi = lat.training_range
             choices = ", ".join(map(str, range(lo, hi + 1)))
-            thoughts = (f"N={lat.num_latent_thoughts} latent thoughts, training J drawn from {{{choices}}} "
+            fed = "" if lat.method == "latent" else (
+                f" (interpolated inputs, top-{lat.interpolation_topk})" if lat.interpolation_topk
+                else " (interpolated inputs, full softmax)")
+            thoughts = (f"N={lat.num_latent_thoughts} latent thoughts{fed}, training J drawn from {{{choices}}} "
                         f"per step, evaluation J={lat.jacobi_iters_eval}")
+        elif lat.num_pause_tokens:
+            thoughts = f"K={lat.num_pause_tokens} pause tokens per token (pause id {self.pause_token_id})"
+        elif lat.num_extra_loops:
+            thoughts = f"K={lat.num_extra_loops} extra loops (the layer stack runs {lat.num_extra_loops + 1} times)"
         else:
             thoughts = "vanilla (N=0)"
-        scale = "embeddings x sqrt(2.5 H)" if lat.scale_embeddings else "embeddings unscaled"
+        c = lat.embedding_scale_factor
+        scale = (f"embeddings x sqrt({c:g} H)" if c != 1 else "embeddings x sqrt(H)") if lat.scale_embeddings \
+            else "embeddings unscaled"
         init = self.init_methods()
         out = init["output_layer_init_method"].std
         if self.init_method_std is None:

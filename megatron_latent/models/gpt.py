@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_latent.config import ModelConfig, ParallelLayout
 from megatron_latent.models import specs
+from megatron_latent.models.latent import LatentGPTModel
 
 
 def build_gpt_model(
@@ -45,6 +46,9 @@ def build_gpt_model(
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(**stage)
     rope = cfg.position_embedding_type == "rope"
+    if issubclass(model_cls, LatentGPTModel):
+        model_kwargs.setdefault("latent", cfg.latent)
+        model_kwargs.setdefault("token_vocab_size", cfg.vocab_size)
     return model_cls(
         config=config,
         transformer_layer_spec=specs.block_spec(cfg, config, vp_stage=vp_stage, use_te=use_te),

@@ -1,4 +1,4 @@
-"""The latent-thought GPT (PonderLM-2) on megatron-core.
+"""The latent-thought GPT (PonderLM-2) on megatron-core, and the baselines that share its pass loop.
 
 Every token is followed by N latent thoughts: thought k of position i is the post-norm hidden
 state of slot k-1 of the same position, fed back as an input vector (no projection). The input
@@ -16,6 +16,15 @@ the pipeline's pass chunks (parallel/passes.py) and the KV-cache prefill all go 
 Gradients flow through every pass. N = 0 is exactly megatron's GPTModel. Tensor and sequence
 parallelism come from megatron's layers: each pass scatters the interleaved sequence over the
 tensor-parallel ranks and gathers the hidden states back to build the next pass.
+
+The baselines (LatentSettings.method) are the same loop with other columns and hand-overs:
+
+* interpolated thoughts: `thought_input` feeds the output-softmax mix of the embeddings
+  (models/interpolation.py) instead of the hidden state;
+* pause tokens: the first pass's columns are the tokens and K columns of the pause embedding;
+  one pass, read at slot K;
+* extra loops: K+1 passes over the tokens alone; the next pass's input is the previous pass's
+  output before the final norm, which only the last pass applies.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_latent.config import ConfigError, LatentSettings
 from megatron_latent.models import slots
+from megatron_latent.models.interpolation import interpolate_embeddings
 
 # converged(columns before a Jacobi pass, columns after it) -> stop iterating
 Converged = Callable[[List[torch.Tensor], List[torch.Tensor]], bool]
@@ -42,13 +52,21 @@ class LatentGPTModel(GPTModel):
     GPTModel's: an N=0 checkpoint is a vanilla one, and N only changes the forward.
     """
 
-    def __init__(self, *args, latent: LatentSettings = LatentSettings(), pipeline_stage: bool = False, **kwargs):
+    def __init__(self, *args, latent: LatentSettings = LatentSettings(), pipeline_stage: bool = False,
+                 token_vocab_size: Optional[int] = None, **kwargs):
         """`pipeline_stage=True`: this is one pipeline stage driven pass by pass by the pipeline
-        wiring (megatron_latent.parallel.passes), which calls its pieces, never its forward."""
+        wiring (megatron_latent.parallel.passes), which calls its pieces, never its forward.
+        `token_vocab_size`: the tokenizer's rows of the (padded) vocabulary (ModelConfig.vocab_size;
+        default all): interpolated thoughts mix only those, and the pause token is the row after."""
         super().__init__(*args, **kwargs)
         self.latent = latent
+        self.token_vocab_size = token_vocab_size or self.vocab_size
+        self.pause_token_id = self.token_vocab_size if latent.num_pause_tokens else None
+        if self.pause_token_id is not None and self.pause_token_id >= self.vocab_size:
+            raise ConfigError(f"the pause token (row {self.pause_token_id}) needs a padded vocabulary of more than "
+                              f"{self.token_vocab_size} rows, got {self.vocab_size}")
         self.pipeline_stage = pipeline_stage
-        if latent.num_latent_thoughts and not (self.pre_process and self.post_process) and not pipeline_stage:
+        if latent.method != "vanilla" and not (self.pre_process and self.post_process) and not pipeline_stage:
             raise ConfigError(
                 "a LatentGPTModel split over pipeline stages (pipeline_model_parallel_size > 1) is built by "
                 "megatron_latent.parallel.pipeline.build_latent_pipeline, not directly"
@@ -68,26 +86,69 @@ class LatentGPTModel(GPTModel):
                 f"{self.max_sequence_length} positions (seq_length)"
             )
         emb = self.embedding
-        word = emb.word_embeddings(input_ids)  # [b, L, h], full sequence on every TP rank
-        if self.latent.scale_embeddings:
-            word = word * math.sqrt(2.5 * self.config.hidden_size)
+        word = emb.word_embeddings(input_ids) * self.embedding_scale  # [b, L, h], full sequence on every TP rank
         pos = emb.position_embeddings(position_ids) if emb.add_position_embedding else None
         tokens = word + pos if pos is not None else word
         tokens = tokens.transpose(0, 1).contiguous()
         return tokens, (pos.transpose(0, 1).contiguous() if pos is not None else None)
 
+    @property
+    def embedding_scale(self) -> float:
+        """What token embeddings (and the rows mixed into interpolated thoughts) are multiplied by."""
+        lat = self.latent
+        return math.sqrt(lat.embedding_scale_factor * self.config.hidden_size) if lat.scale_embeddings else 1.0
+
+    def first_columns(self, tokens, pos, pause_token_id: Optional[int] = None) -> List[torch.Tensor]:
+        """The columns of a forward's first pass: the tokens, and with pause tokens K columns of the
+        pause embedding (row `pause_token_id`, scaled as a token, plus the position term)."""
+        k = self.latent.num_pause_tokens
+        if not k:
+            return [tokens]
+        if pause_token_id is None:
+            raise ValueError("a pause-token model needs its pause_token_id (ModelConfig.pause_token_id)")
+        ids = torch.full(tokens.shape[1::-1], pause_token_id, dtype=torch.long, device=tokens.device)
+        pause = self.embedding.word_embeddings(ids) * self.embedding_scale  # [b, L, h]
+        pause = pause.transpose(0, 1)
+        pause = pause + pos if pos is not None else pause
+        return [tokens] + [pause] * k
+
     def thought_input(self, hidden, pos):
         """The input vector of the slot after one whose post-norm hidden state is `hidden`, at the
-        same position: the hidden state itself (plus the learned position term)."""
+        same position: the hidden state itself, or (interpolated thoughts) the embeddings mixed by
+        its output softmax; plus the learned position term."""
+        lat = self.latent
+        if lat.thought_input == "interpolated":
+            hidden = interpolate_embeddings(
+                hidden, self.interpolation_head(), self.embedding.word_embeddings.weight, self.token_vocab_size,
+                self.embedding_scale, lat.interpolation_topk)
         return hidden if pos is None else hidden + pos
+
+    def interpolation_head(self) -> torch.Tensor:
+        """The output layer's weight (this rank's vocabulary rows) as the first stage sees it."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        head = getattr(self, "thought_head", None)
+        if head is not None:  # a first pipeline stage's synchronized copy (parallel/pipeline.py)
+            return head
+        if self.output_layer is None or self.output_layer.weight is None:
+            raise RuntimeError("interpolated thoughts need the output layer on the stage that embeds")
+        return self.output_layer.weight
 
     def next_columns(self, tokens, pos, hidden, num_slots: int) -> List[torch.Tensor]:
         """The columns [tokens, thought 1, ...] of the pass after one over `num_slots` slots per
-        position, whose full post-norm output is `hidden` [num_slots * L, b, h]: column k+1 is fed
+        position, whose full output is `hidden` [num_slots * L, b, h] (post-norm; with extra loops
+        the output before the final norm, which is the next pass's whole input): column k+1 is fed
         from slot k, for k < min(num_slots, N). A growth pass thus adds a column."""
+        if self.latent.num_extra_loops:
+            return [hidden]
         n = self.latent.num_latent_thoughts
         fed = slots.split_slots(hidden, num_slots)[: min(num_slots, n)]
         return [tokens] + [self.thought_input(h, pos) for h in fed]
+
+    def final_norm_on_pass(self, pass_index: int, num_passes: int) -> bool:
+        """Whether pass `pass_index` ends with the final norm: every pass feeds thoughts from
+        post-norm states, but a loop hands its residual stream on and normalizes once, at the end."""
+        return not self.latent.num_extra_loops or pass_index == num_passes - 1
 
     # ----------------------------------------------------------------------------- one pass
     def rotary_for(self, position_ids: torch.Tensor, num_slots: int):
@@ -101,19 +162,22 @@ class LatentGPTModel(GPTModel):
         pos = slots.slot_position_ids(position_ids, num_slots)  # [b, S]
         return freqs[:, 0, 0][pos.t()].unsqueeze(2)
 
-    def decode(self, inputs, num_slots: int, attention_mask, position_ids):
+    def decode(self, inputs, num_slots: int, attention_mask, position_ids, final_norm: bool = True):
         """This stage's layers over one pass's interleaved sequence. `inputs`: the full input
         vectors [S, b, h] on the first stage, None on later stages (megatron's set_input_tensor
-        holds theirs). Returns the decoder's output (split over the sequence-parallel ranks)."""
-        return self.decoder(
-            hidden_states=None if inputs is None else self.pass_input(inputs),
-            attention_mask=slots.slot_attention_mask(attention_mask, num_slots),
-            rotary_pos_emb=self.rotary_for(position_ids, num_slots),
-        )
+        holds theirs). Returns the decoder's output (split over the sequence-parallel ranks), with
+        the final norm on the last stage unless `final_norm` is False."""
+        with contextlib.nullcontext() if final_norm else _without_final_norm(self.decoder):
+            return self.decoder(
+                hidden_states=None if inputs is None else self.pass_input(inputs),
+                attention_mask=slots.slot_attention_mask(attention_mask, num_slots),
+                rotary_pos_emb=self.rotary_for(position_ids, num_slots),
+            )
 
-    def run_pass(self, columns, attention_mask, position_ids):
-        """One pass of the whole decoder over the interleaved `columns` -> post-norm [S, b, h]."""
-        h = self.decode(slots.interleave(columns), len(columns), attention_mask, position_ids)
+    def run_pass(self, columns, attention_mask, position_ids, final_norm: bool = True):
+        """One pass of the whole decoder over the interleaved `columns` -> [S, b, h] (post-norm
+        unless `final_norm` is False)."""
+        h = self.decode(slots.interleave(columns), len(columns), attention_mask, position_ids, final_norm)
         return self.full_sequence(h)
 
     def pass_input(self, inputs):
@@ -144,10 +208,12 @@ class LatentGPTModel(GPTModel):
         # Training with grad_passes k: the passes before the last k keep no graph (their thoughts
         # enter the next pass as constants; the token column still carries gradients).
         no_grad = self.latent.passes_without_grad(num_jacobi) if torch.is_grad_enabled() else 0
-        columns = [tokens]
-        for p, num_slots in enumerate(self.latent.pass_slots(num_jacobi)[:-1]):
+        columns = self.first_columns(tokens, pos, self.pause_token_id)
+        schedule = self.latent.pass_slots(num_jacobi)
+        for p, num_slots in enumerate(schedule[:-1]):
             with torch.no_grad() if p < no_grad else contextlib.nullcontext():
-                hidden = self.run_pass(columns, attention_mask, position_ids)
+                hidden = self.run_pass(columns, attention_mask, position_ids,
+                                       self.final_norm_on_pass(p, len(schedule)))
             new = self.next_columns(tokens, pos, hidden, num_slots)
             stop = p >= n and converged is not None and converged(columns, new)
             columns = new
@@ -166,7 +232,7 @@ class LatentGPTModel(GPTModel):
         loss_mask=None,
         **kwargs,
     ):
-        if self.latent.num_latent_thoughts == 0 and not self.latent.scale_embeddings:
+        if self.latent.method == "vanilla" and not self.latent.scale_embeddings:
             return super().forward(
                 input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
                 loss_mask=loss_mask, **kwargs,
@@ -182,12 +248,13 @@ class LatentGPTModel(GPTModel):
         return self.output(hidden, input_ids, position_ids, labels=labels, loss_mask=loss_mask)
 
     def final_hidden_states(self, input_ids, position_ids, attention_mask, num_jacobi_iters=None):
-        """Post-norm hidden states [L, b, h] at slot N of every position after all passes."""
-        n = self.latent.num_latent_thoughts
+        """Post-norm hidden states [L, b, h] at the output slot (N, or K with pause tokens) of every
+        position after all passes."""
+        lat = self.latent
         tokens, pos = self.token_inputs(input_ids, position_ids)
         columns, _ = self.solve_thoughts(
             tokens, pos, position_ids, attention_mask, self.resolve_jacobi_iters(num_jacobi_iters))
-        return slots.take_slot(self.run_pass(columns, attention_mask, position_ids), n, n + 1)
+        return slots.take_slot(self.run_pass(columns, attention_mask, position_ids), lat.output_slot, lat.num_slots)
 
     def output(
         self, hidden, input_ids, position_ids, labels=None, loss_mask=None, runtime_gather_output=None,
@@ -220,3 +287,15 @@ class LatentGPTModel(GPTModel):
                 "with latent.jacobi_iters_for_step(step, seed)"
             )
         return self.latent.jacobi_iters_eval
+
+
+@contextlib.contextmanager
+def _without_final_norm(decoder):
+    """megatron's TransformerBlock applies its final norm whenever it has one; a loop pass before
+    the last must hand on the residual stream itself."""
+    norm = decoder.final_layernorm
+    decoder.final_layernorm = None
+    try:
+        yield
+    finally:
+        decoder.final_layernorm = norm
