@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, checkpoint_model_config, read_common, resolve_iteration
-from megatron_latent.config import ModelConfig
 from megatron_latent.cli import method_label
+from megatron_latent.config import ModelConfig
 from megatron_latent.models.flops import model_decode_flops, model_step_flops
 from megatron_latent.training.metrics import read_metrics
 
