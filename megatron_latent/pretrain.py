@@ -25,6 +25,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_latent import platform
+from megatron_latent.cli import method_label
 from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.data.gpt_data import DataConfigError
 from megatron_latent.data.tokenizer import TokenizerError
@@ -134,7 +135,7 @@ class Plan:
     seq_length: int
     data_parallel_size: int
     num_microbatches: int
-    jacobi_for_step: Callable[[int], Optional[int]]  # None for a vanilla GPT
+    jacobi_for_step: Callable[[int], Optional[int]]  # None without latent thoughts (vanilla, pause, loop)
     jacobi_eval: Optional[int]
 
 
@@ -232,7 +233,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
     opt, sched = build_optimizer_and_scheduler(model, args)
     engine.configure_model_for_training(model, opt)
     logger.info(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, "
-                f"N={cfg.latent.num_latent_thoughts} latent thoughts | TP={args.tensor_model_parallel_size} "
+                f"method {method_label(cfg.latent)} | TP={args.tensor_model_parallel_size} "
                 f"PP={args.pipeline_model_parallel_size} DP={dp} | {plan.num_microbatches} micro-batches of "
                 f"{args.micro_batch_size} per step")
     logger.info(f"model settings: {cfg.describe()}")

@@ -16,7 +16,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_latent.models.flops import latent_step_flops
+from megatron_latent.models.flops import latent_step_flops, model_step_flops
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 B, S = 2, 8
@@ -53,11 +53,11 @@ def _model(cfg):
     return build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent, use_te=False)
 
 
-def _counted(model, n, j, training):
+def _counted(model, n, j, training, jacobi=None):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (B, S + 1), generator=g)
     pos = torch.arange(S).expand(B, S)
-    kw = {"num_jacobi_iters": j} if n else {}
+    kw = {"num_jacobi_iters": j} if n or jacobi else {}
     model.train(training)
     with FlopCounterMode(display=False) as counter:
         if training:
@@ -100,3 +100,91 @@ def test_latent_flop_ratio_of_the_design_brief():
     base = latent_step_flops(256, 0, 0, **kw)
     assert latent_step_flops(256, 1, 2, **kw) / base == pytest.approx(7.0, abs=0.01)
     assert latent_step_flops(256, 1, 3, **kw) / base == pytest.approx(9.0, abs=0.01)
+
+
+# ------------------------------------------------------------------ the baselines
+def _method_config(preset, **method):
+    cfg = _config(preset, 0).replace(**method)
+    return cfg.replace(jacobi_iters=(1, 3)) if cfg.latent.num_latent_thoughts else cfg
+
+
+def _method_model(cfg):
+    from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.models.latent import LatentGPTModel
+
+    return build_gpt_model(cfg, model_cls=LatentGPTModel, use_te=False)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["forward", "train"])
+@pytest.mark.parametrize("method,j", [
+    (dict(num_pause_tokens=2), 0),
+    (dict(num_extra_loops=2), 0),
+    (dict(num_latent_thoughts=1, thought_input="interpolated"), 2),
+    (dict(num_latent_thoughts=2, thought_input="interpolated", interpolation_topk=5), 1),
+], ids=["pause", "loop", "interpolated", "interpolated-topk-n2"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_method_flops_equal_torch_flop_counter(preset, method, j, training):
+    cfg = _method_config(preset, **method)
+    expected = B * model_step_flops(cfg, S, j, training=training)
+    assert _counted(_method_model(cfg), cfg.latent.num_latent_thoughts, j, training, jacobi=True) == expected
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_interpolated_flops_with_grad_passes_equal_torch_flop_counter(k):
+    # N=1, J=2: 4 passes, 3 of them feeding thoughts; the first 4 - k keep no graph, and the mix
+    # after the last of those still gives the weights their gradients.
+    cfg = _method_config("tiny-llama", num_latent_thoughts=1, thought_input="interpolated").replace(grad_passes=k)
+    assert _counted(_method_model(cfg), 1, 2, True) == B * model_step_flops(cfg, S, 2)
+
+
+def test_method_flops_against_vanilla():
+    """The per-method structure on the brief's sizes (4 layers, H=256, V=2048, L=256)."""
+    from megatron_latent.config import ModelConfig
+    from megatron_latent.models.flops import decoder_pass_flops
+
+    base = ModelConfig(name="b", arch="gpt-neox", num_layers=4, hidden_size=256, num_attention_heads=4,
+                       ffn_hidden_size=1024, vocab_size=2048, make_vocab_size_divisible_by=1, seq_length=256)
+    layers = decoder_pass_flops(256, 256, 4, 1024, 4)
+    out = 2 * 256 * 256 * 2048
+    vanilla = model_step_flops(base, 256, 0)
+    assert vanilla == 3 * (layers + out)
+    # Loops: K+1 passes, the output layer once.
+    assert model_step_flops(base.replace(num_extra_loops=3), 256, 0) == 3 * (4 * layers + out)
+    # Pause: one pass over 4x the tokens (attention 16x), the output layer once; the pause row pads V.
+    pause = base.replace(num_pause_tokens=3)
+    assert model_step_flops(pause, 256, 0) == 3 * (decoder_pass_flops(1024, 256, 4, 1024, 4) + 2 * 256 * 256 * 2049)
+    # Interpolated N=1 J=2: the latent count plus 3 fed passes x 2 matmuls x 3 (backward).
+    interp = base.replace(num_latent_thoughts=1, thought_input="interpolated")
+    latent = base.replace(num_latent_thoughts=1)
+    assert model_step_flops(interp, 256, 2) - model_step_flops(latent, 256, 2) == 3 * 2 * 3 * out
+
+
+@pytest.mark.parametrize("method", [
+    dict(), dict(num_latent_thoughts=1), dict(num_latent_thoughts=2, thought_input="interpolated"),
+    dict(num_pause_tokens=2), dict(num_extra_loops=2),
+], ids=["vanilla", "latent", "interpolated", "pause", "loop"])
+def test_decode_flops_equal_torch_flop_counter(method):
+    """KV-cached decoding of each method, counted: single-slot steps through the model's decoder on
+    megatron's static KV cache (the token, then its thoughts fed back or its pause slots; with extra
+    loops one cache per pass, each pass fed the previous one's output), the output layer once."""
+    from megatron_latent.inference.kv_decoder import LatentKVDecoder
+    from megatron_latent.models.flops import model_decode_flops
+
+    cfg = _method_config("tiny-llama", **method)
+    lat = cfg.latent
+    model = _method_model(cfg).eval()
+    caches = [LatentKVDecoder(model, 1, 4 * lat.num_slots) for _ in range(lat.num_extra_loops + 1)]
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    for p in range(4):
+        ids, pos = torch.tensor([[p + 3]]), torch.tensor([[p]])
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            x, pe = model.token_inputs(ids, pos)
+            columns = model.first_columns(x, pe, model.pause_token_id)
+            for s in range(lat.num_slots):
+                h = caches[0].forward_slots(columns[s] if s < len(columns) else x, pos, valid)
+                if s < lat.num_latent_thoughts:
+                    x = model.thought_input(h, pe)
+            for cache in caches[1:]:
+                h = cache.forward_slots(h, pos, valid)
+            model.output(h, ids, pos)
+        assert counter.get_total_flops() == model_decode_flops(cfg, p), p

@@ -141,7 +141,7 @@ def test_table_groups_seeds_and_judges(tmp_path):
                                        [4.0, 3.05], 50.0), "latent"))
     table = format_table(runs).splitlines()
     assert len(table) == 4  # header, rule, the two seeds as one row, the latent run
-    assert table[2].startswith("| vanilla (2 seeds) | 0 | 2 | 32 |")
+    assert table[2].startswith("| vanilla (2 seeds) | vanilla | 2 | 32 |")
     assert f"| 3.1 ± 0.14 | {math.exp(3.0) / 2 + math.exp(3.2) / 2:.4g} ± " in table[2]
     assert f"| {10 * 4 * 16:,} |" in table[3] and "| 3.05 | " in table[3]
     assert len(format_table(runs, group_seeds=False).splitlines()) == 5

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, checkpoint_model_config, read_common, resolve_iteration
+from megatron_latent.cli import method_label
 from megatron_latent.config import ModelConfig
-from megatron_latent.models.flops import latent_decode_flops, model_step_flops
+from megatron_latent.models.flops import model_decode_flops, model_step_flops
 from megatron_latent.training.metrics import read_metrics
 
 
@@ -56,7 +57,8 @@ def _find(run_dir: str, sub: str, name: str) -> str:
 
 
 def train_flops(cfg: ModelConfig, seq_length: int, global_batch_size: int, seed: int, steps: int) -> int:
-    """Exact FLOPs of steps 1..`steps`: each at the J training drew for it (from seed and step)."""
+    """Exact FLOPs of steps 1..`steps` (any method): each at the J training drew for it (from seed
+    and step; latent thoughts only)."""
     lat = cfg.latent
     total = 0
     for step in range(1, steps + 1):
@@ -68,11 +70,7 @@ def train_flops(cfg: ModelConfig, seq_length: int, global_batch_size: int, seed:
 def inference_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
     """Forward FLOPs per generated token of KV-cached decoding, averaged over the positions of one
     training-length sequence (0 .. seq_length-1)."""
-    total = sum(latent_decode_flops(p, cfg.latent.num_latent_thoughts, cfg.padded_vocab_size, cfg.hidden_size,
-                                    cfg.num_layers, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.query_groups,
-                                    cfg.gated)
-                for p in range(seq_length))
-    return total / seq_length
+    return sum(model_decode_flops(cfg, p) for p in range(seq_length)) / seq_length
 
 
 def summarize_run(run_dir: str, label: Optional[str] = None) -> RunSummary:
@@ -123,14 +121,14 @@ def format_table(runs: Sequence[RunSummary], group_seeds: bool = True) -> str:
     groups: Dict = {}
     for r in runs:
         groups.setdefault(_group_key(r) if group_seeds else id(r), []).append(r)
-    head = ("| run | N | layers | hidden | parameters | training tokens | training FLOPs | inference FLOPs/token "
+    head = ("| run | method | layers | hidden | parameters | training tokens | training FLOPs | inference FLOPs/token "
             "| valid loss | valid ppl | wall time (s) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for members in groups.values():
         r = members[0]
         label = r.label if len(members) == 1 else f"{r.label} ({len(members)} seeds)"
         lines.append(
-            f"| {label} | {r.cfg.latent.num_latent_thoughts} | {r.cfg.num_layers} | {r.cfg.hidden_size} "
+            f"| {label} | {method_label(r.cfg.latent)} | {r.cfg.num_layers} | {r.cfg.hidden_size} "
             f"| {r.parameters:,} | {r.train_tokens:,} | {r.train_flops:.3e} | {r.inference_flops_per_token:.3e} "
             f"| {_mean_spread([m.valid_loss for m in members])} "
             f"| {_mean_spread([math.exp(m.valid_loss) for m in members])} "
@@ -173,7 +171,7 @@ def plot_valid_loss(runs: Sequence[RunSummary], out_png: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
         ax.plot([s * r.tokens_per_step for s in r.valid_steps], r.valid_losses, marker="o", markersize=3,
-                label=f"{r.label} (N={r.cfg.latent.num_latent_thoughts}, {r.cfg.num_layers} layers)")
+                label=f"{r.label} ({method_label(r.cfg.latent)}, {r.cfg.num_layers} layers)")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)

@@ -1,9 +1,12 @@
-"""Exact FLOP counts of the latent forward, for MFU and for benchmark ratios.
+"""Exact FLOP counts of every method's forward, for MFU and for benchmark ratios.
 
-Counted per pass at that pass's sequence length (the growth passes are shorter), attention
-included (QK^T and AV over the full S x S score matrix, as the kernels compute it), the output
-layer once per token (only at the last-thought slot). A matmul of [m, k] x [k, n] is 2mkn FLOPs;
-a training step is 3x the forward (backward = 2x).
+Counted per pass at that pass's sequence length (latent growth passes are shorter, pause passes
+(K+1) times longer), attention included (QK^T and AV over the full S x S score matrix, as the
+kernels compute it), the output layer once per token (only at the output slot; a loop's last
+pass). Interpolated thoughts add, for every thought fed, the output layer's matmul over its slot
+and the softmax mix [slots, V] @ [V, H]. A matmul of [m, k] x [k, n] is 2mkn FLOPs; a training
+step is 3x the forward (backward = 2x), except for passes run without a graph. Elementwise work
+(norms, activations, softmax, exp) and embedding lookups are not counted.
 """
 
 from __future__ import annotations
@@ -23,40 +26,90 @@ def decoder_pass_flops(seq: int, hidden: int, num_layers: int, ffn_hidden: int, 
     return num_layers * (qkv + attention + proj + mlp)
 
 
+def step_flops(latent: LatentSettings, seq: int, num_jacobi: int, vocab: int, hidden: int, num_layers: int,
+               ffn_hidden: int, num_heads: int, num_query_groups: int = None, gated_mlp: bool = False,
+               training: bool = True) -> int:
+    """FLOPs of one forward (+ backward when `training`) of a model with these settings (any
+    method) over one sequence of `seq` tokens, with `num_jacobi` Jacobi passes (latent thoughts
+    only). With `grad_passes` k only the last k passes are backpropagated."""
+    j = num_jacobi if latent.num_latent_thoughts else 0
+    lengths = latent.pass_slots(j)
+    no_grad = latent.passes_without_grad(j) if training else 0
+    per_pass = [decoder_pass_flops(k * seq, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp)
+                for k in lengths]
+    output_layer = 2 * seq * hidden * vocab  # also each of the two matmuls of one interpolated slot
+    if not training:
+        total = sum(per_pass) + output_layer
+    else:
+        total = sum(per_pass[:no_grad]) + 3 * (sum(per_pass[no_grad:]) + output_layer)
+    if latent.thought_input == "interpolated":
+        n = latent.num_latent_thoughts
+        for p, k in enumerate(lengths[:-1]):
+            fed = min(k, n) * output_layer  # slots fed by pass p: logits [seq, V], then the mix [seq, H]
+            if not training or p + 1 < no_grad:
+                total += 2 * fed  # forward only: the next pass keeps no graph
+            elif p + 1 == no_grad:
+                # The next pass is the first with a graph, this one's hidden state a constant: backward
+                # gives the output layer's and the embedding's weight gradients and the mix's input
+                # gradient, not the hidden state's.
+                total += 2 * fed + 3 * fed
+            else:
+                total += 3 * 2 * fed
+    return total
+
+
 def latent_step_flops(seq: int, num_latent_thoughts: int, num_jacobi: int, vocab: int, hidden: int,
                       num_layers: int, ffn_hidden: int, num_heads: int, num_query_groups: int = None,
                       gated_mlp: bool = False, training: bool = True, grad_passes: int = None) -> int:
-    """FLOPs of one forward (+ backward when `training`) over one sequence of `seq` tokens.
-    `grad_passes` k: only the last k passes are backpropagated (the others count as forward only)."""
-    settings = LatentSettings(num_latent_thoughts, grad_passes=grad_passes)
-    lengths = settings.pass_slots(num_jacobi)
-    without_grad = settings.passes_without_grad(num_jacobi) if training else 0
-    per_pass = [decoder_pass_flops(k * seq, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp)
-                for k in lengths]
-    output_layer = 2 * seq * hidden * vocab
-    if not training:
-        return sum(per_pass) + output_layer
-    return sum(per_pass[:without_grad]) + 3 * (sum(per_pass[without_grad:]) + output_layer)
+    """`step_flops` of latent thoughts fed their hidden state (N = 0: vanilla)."""
+    return step_flops(LatentSettings(num_latent_thoughts, grad_passes=grad_passes), seq, num_jacobi, vocab, hidden,
+                      num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp, training)
+
+
+def _sizes(cfg) -> dict:
+    return dict(vocab=cfg.padded_vocab_size, hidden=cfg.hidden_size, num_layers=cfg.num_layers,
+                ffn_hidden=cfg.ffn_hidden_size, num_heads=cfg.num_attention_heads,
+                num_query_groups=cfg.query_groups, gated_mlp=cfg.gated)
 
 
 def model_step_flops(cfg, seq: int, num_jacobi: int, training: bool = True) -> int:
-    """`latent_step_flops` of a ModelConfig (its sizes, N and grad_passes) over one sequence."""
-    lat = cfg.latent
-    return latent_step_flops(seq, lat.num_latent_thoughts, num_jacobi if lat.num_latent_thoughts else 0,
-                             cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size,
-                             cfg.num_attention_heads, cfg.query_groups, cfg.gated, training, lat.grad_passes)
+    """`step_flops` of a ModelConfig (its sizes and method) over one sequence."""
+    return step_flops(cfg.latent, seq, num_jacobi, training=training, **_sizes(cfg))
+
+
+def decode_flops(latent: LatentSettings, position: int, vocab: int, hidden: int, num_layers: int,
+                 ffn_hidden: int, num_heads: int, num_query_groups: int = None, gated_mlp: bool = False) -> int:
+    """Forward FLOPs of KV-cached decoding of the token at `position` (0-based: `position` tokens
+    are in the cache), the output layer once (only the output slot's logits are used):
+
+    * latent thoughts and pause tokens: N+1 (K+1) single-slot steps (the token, then its thoughts
+      or pauses), step k attending over the (N+1) x position cached entries and the k+1 of this
+      position; interpolated thoughts add the output layer and the mix for each of the N thoughts
+      fed. Summed over positions 0..S-1 it is the causal forward over the (N+1) S slots: the
+      matmuls of every slot, attention over the lower triangle only;
+    * extra loops: K+1 single-slot steps, one per pass, each with a cache of its own pass's
+      entries (position + 1 attended): K+1 causal forwards over S when summed.
+    """
+    attend = num_layers * 2 * 2 * hidden  # attention of one query over one cached entry
+    one_slot = decoder_pass_flops(1, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp) - attend
+    output_layer = 2 * hidden * vocab
+    if latent.num_extra_loops:
+        passes = latent.num_extra_loops + 1
+        return passes * (one_slot + attend * (position + 1)) + output_layer
+    slots = latent.num_slots
+    entries = sum(slots * position + k + 1 for k in range(slots))
+    mixes = latent.num_latent_thoughts * 2 * output_layer if latent.thought_input == "interpolated" else 0
+    return slots * one_slot + attend * entries + output_layer + mixes
 
 
 def latent_decode_flops(position: int, num_latent_thoughts: int, vocab: int, hidden: int, num_layers: int,
                         ffn_hidden: int, num_heads: int, num_query_groups: int = None,
                         gated_mlp: bool = False) -> int:
-    """Forward FLOPs of KV-cached decoding of the token at `position` (0-based: `position` tokens
-    are in the cache): N+1 single-slot steps (the token, then its N thoughts), step k attending over
-    the (N+1) x position cached entries and the k+1 of this position; the output layer once (only
-    the last thought's logits are used). Summed over positions 0..S-1 it is the causal forward over
-    the (N+1) S slots: the matmuls of every slot, attention over the lower triangle only."""
-    slots = num_latent_thoughts + 1
-    one_slot = decoder_pass_flops(1, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp)
-    one_slot -= num_layers * 2 * 2 * hidden  # decoder_pass_flops(1) attends over 1 entry: counted below
-    entries = sum(slots * position + k + 1 for k in range(slots))
-    return slots * one_slot + num_layers * 2 * 2 * hidden * entries + 2 * hidden * vocab
+    """`decode_flops` of latent thoughts fed their hidden state (N = 0: vanilla)."""
+    return decode_flops(LatentSettings(num_latent_thoughts), position, vocab, hidden, num_layers, ffn_hidden,
+                        num_heads, num_query_groups, gated_mlp)
+
+
+def model_decode_flops(cfg, position: int) -> int:
+    """`decode_flops` of a ModelConfig (its sizes and method)."""
+    return decode_flops(cfg.latent, position, **_sizes(cfg))

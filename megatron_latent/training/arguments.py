@@ -45,7 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backpropagate through the last K passes of a step only (the final pass counted); the "
                         "passes before run without a graph (default: all passes, the paper's)")
     g.add_argument("--scale-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="scale token embeddings by sqrt(2.5 H) (default: on when N > 0, as in the paper)")
+                   help="scale token embeddings by sqrt(c H), c = 2.5 for latent thoughts and loops, 1 for pause "
+                        "tokens and interpolated thoughts (default: on with any method, as the authors' code)")
+    g.add_argument("--thought-input", choices=("hidden", "interpolated"), default=None,
+                   help="what a thought is fed: the hidden state (PonderLM-2) or the embeddings mixed by its output "
+                        "softmax (interpolated, PonderLM); default hidden")
+    g.add_argument("--interpolation-topk", type=int, default=None, metavar="K",
+                   help="interpolated thoughts mix the K likeliest tokens only (0 = the full softmax; default 0)")
+
+    g = p.add_argument_group("baselines (each exclusive with latent thoughts and with each other)")
+    g.add_argument("--num-pause-tokens", type=int, default=None, metavar="K",
+                   help="K pause tokens after every token, one pass, predicting at the last (default 0)")
+    g.add_argument("--num-extra-loops", type=int, default=None, metavar="K",
+                   help="run the layer stack K+1 times with shared weights, the final norm once (default 0)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -183,10 +195,19 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
             ("rotary_base", "rotary_base"), ("make_vocab_size_divisible_by", "make_vocab_size_divisible_by"),
             ("num_latent_thoughts", "num_latent_thoughts"), ("jacobi_iters_eval", "jacobi_iters_eval"),
             ("scale_embeddings", "scale_embeddings"), ("init_method_std", "init_method_std"),
-            ("grad_passes", "jacobi_grad_passes"),
+            ("grad_passes", "jacobi_grad_passes"), ("thought_input", "thought_input"),
+            ("interpolation_topk", "interpolation_topk"),
         )
         if getattr(args, flag) is not None
     }
+    # The method's size flags: one given switches the model (a preset's or a checkpoint's) to that
+    # method, so the others not given are off; two given (> 0) are refused by LatentSettings.
+    methods = {f: getattr(args, f) for f in _METHOD_FIELDS if getattr(args, f) is not None}
+    if any(methods.values()):
+        overrides.update({f: 0 for f in _METHOD_FIELDS})
+        if not methods.get("num_latent_thoughts"):
+            overrides.setdefault("grad_passes", None)  # a latent checkpoint's, meaningless for the others
+    overrides.update(methods)
     if args.jacobi_iters is not None:
         overrides["jacobi_iters"] = tuple(args.jacobi_iters)
     if vocab_size is not None:
@@ -200,11 +221,14 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
     else:
         cfg = get_preset(args.model_preset, **overrides)
     if args.jacobi_iters is not None and not cfg.latent.num_latent_thoughts:
-        raise ConfigError("jacobi_iters was given for a model with num_latent_thoughts 0: a vanilla model has no "
-                          "thoughts to refine")
+        raise ConfigError(f"jacobi_iters was given for a model with num_latent_thoughts 0 ({cfg.latent.method}): "
+                          "only latent thoughts are refined by Jacobi passes")
     cfg.check_seq_length(args.seq_length if args.seq_length is not None else cfg.seq_length)
     return cfg
 
+
+# LatentSettings' fields that choose the method (parser destinations of the same name).
+_METHOD_FIELDS = ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops")
 
 # Library names whose flag is not the parser destination of the same name.
 _RENAMED = {

@@ -55,7 +55,10 @@ _SCHEDULE_FLAGS = {
     "end_wd": "--weight-decay",
 }
 # Latent settings that change what the weights compute: a run does not silently switch them.
-_LATENT_FLAGS = {"num_latent_thoughts": "--num-latent-thoughts", "scale_embeddings": "--scale-embeddings"}
+# The method included: a pause or loop checkpoint does not silently go on as another method.
+_LATENT_FLAGS = {"num_latent_thoughts": "--num-latent-thoughts", "thought_input": "--thought-input",
+                 "interpolation_topk": "--interpolation-topk", "num_pause_tokens": "--num-pause-tokens",
+                 "num_extra_loops": "--num-extra-loops", "scale_embeddings": "--scale-embeddings"}
 
 
 def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: bool = False,
