@@ -23,9 +23,3 @@ def flag_message(error: BaseException, parser: argparse.ArgumentParser,
     return pattern.sub(lambda m: flags[m.group(1)], str(error))
 
 
-def method_label(latent) -> str:
-    """A LatentSettings' method and its size, as logs and tables show it: "latent N=1",
-    "interpolated N=1", "pause K=3", "loop K=3", "vanilla"."""
-    size = {"latent": ("N", latent.num_latent_thoughts), "interpolated": ("N", latent.num_latent_thoughts),
-            "pause": ("K", latent.num_pause_tokens), "loop": ("K", latent.num_extra_loops)}.get(latent.method)
-    return latent.method + (f" {size[0]}={size[1]}" if size else "")

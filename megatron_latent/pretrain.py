@@ -25,7 +25,6 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_latent import platform
-from megatron_latent.cli import method_label
 from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.data.gpt_data import DataConfigError
 from megatron_latent.data.tokenizer import TokenizerError
@@ -233,7 +232,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
     opt, sched = build_optimizer_and_scheduler(model, args)
     engine.configure_model_for_training(model, opt)
     logger.info(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, "
-                f"method {method_label(cfg.latent)} | TP={args.tensor_model_parallel_size} "
+                f"method {cfg.latent.label} | TP={args.tensor_model_parallel_size} "
                 f"PP={args.pipeline_model_parallel_size} DP={dp} | {plan.num_microbatches} micro-batches of "
                 f"{args.micro_batch_size} per step")
     logger.info(f"model settings: {cfg.describe()}")

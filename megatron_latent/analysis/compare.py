@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, checkpoint_model_config, read_common, resolve_iteration
-from megatron_latent.cli import method_label
 from megatron_latent.config import ModelConfig
 from megatron_latent.models.flops import model_decode_flops, model_step_flops
 from megatron_latent.training.metrics import read_metrics
@@ -128,7 +127,7 @@ def format_table(runs: Sequence[RunSummary], group_seeds: bool = True) -> str:
         r = members[0]
         label = r.label if len(members) == 1 else f"{r.label} ({len(members)} seeds)"
         lines.append(
-            f"| {label} | {method_label(r.cfg.latent)} | {r.cfg.num_layers} | {r.cfg.hidden_size} "
+            f"| {label} | {r.cfg.latent.label} | {r.cfg.num_layers} | {r.cfg.hidden_size} "
             f"| {r.parameters:,} | {r.train_tokens:,} | {r.train_flops:.3e} | {r.inference_flops_per_token:.3e} "
             f"| {_mean_spread([m.valid_loss for m in members])} "
             f"| {_mean_spread([math.exp(m.valid_loss) for m in members])} "
@@ -171,7 +170,7 @@ def plot_valid_loss(runs: Sequence[RunSummary], out_png: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
         ax.plot([s * r.tokens_per_step for s in r.valid_steps], r.valid_losses, marker="o", markersize=3,
-                label=f"{r.label} ({method_label(r.cfg.latent)}, {r.cfg.num_layers} layers)")
+                label=f"{r.label} ({r.cfg.latent.label}, {r.cfg.num_layers} layers)")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)

@@ -146,6 +146,14 @@ class LatentSettings:
         return "vanilla"
 
     @property
+    def label(self) -> str:
+        """The method and its size, as logs and tables show it: "latent N=1", "interpolated N=1",
+        "pause K=3", "loop K=3", "vanilla"."""
+        size = {"latent": ("N", self.num_latent_thoughts), "interpolated": ("N", self.num_latent_thoughts),
+                "pause": ("K", self.num_pause_tokens), "loop": ("K", self.num_extra_loops)}.get(self.method)
+        return self.method + (f" {size[0]}={size[1]}" if size else "")
+
+    @property
     def embedding_scale_factor(self) -> float:
         """c of the token embeddings' scale sqrt(c H) when `scale_embeddings` is on: 2.5 where the
         next input is a post-norm hidden state (unit RMS, so the tokens start at its size), 1 for
