@@ -1,4 +1,5 @@
-"""Generate from a checkpoint with the KV-cached latent decoder.
+"""Generate from a checkpoint with the KV-cached decoder (any method: latent or interpolated
+thoughts, pause tokens, extra loops, vanilla; --prefill matters only with thoughts).
 
     python -m megatron_latent.generate --load CKPT (--prompt TEXT | --prompt-ids 1,2,3) \
         --max-new-tokens 32 [--greedy | --temperature 0.8 --top-p 0.95 --top-k 50 --seed 1] \
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
         "ids": ids,
         "text": tokenizer.detokenize(ids) if tokenizer is not None else None,
         "iteration": iteration,
+        "method": cfg.latent.method,
         "num_latent_thoughts": cfg.latent.num_latent_thoughts,
         "prefill": args.prefill,
         "prefill_iters": out.prefill_iters,

@@ -1,6 +1,7 @@
 """KV-cached latent generation at TP=2 (spawned gloo ranks) equals TP=1: logits, greedy and
 sampled tokens, Jacobi-to-tolerance iteration counts, for the three families (GQA included)."""
 
+import pytest
 import torch
 
 from multirank import run_on_ranks
@@ -44,3 +45,31 @@ def test_tp2_equals_tp1():
             assert g["tol_iters"] == ref["tol_iters"], where
             assert g["greedy"] == ref["greedy"], where
             assert g["sampled"] == ref["sampled"], where
+
+
+def _decode_methods(tp):
+    from gen_utils import family_model
+    from megatron_latent.inference import decode_logits, generate
+    from megatron_latent.parallel.initialize import initialize_model_parallel
+
+    initialize_model_parallel(tp, 1)
+    out = {}
+    for method, n, kw in (("interpolated", 1, dict(thought_input="interpolated", interpolation_topk=5)),
+                          ("pause", 0, dict(num_pause_tokens=2)), ("loop", 0, dict(num_extra_loops=2))):
+        m = family_model("tiny-llama", n, scale_embeddings=True, **kw)
+        rows = m.token_vocab_size + 1  # the tokenizer's and (pause) the pause row; the padding differs by TP
+        out[method] = {"exact": decode_logits(m, SEQS, decode_steps=2).logits[..., :rows],
+                       "greedy": generate(m, PROMPTS, 4, greedy=True, vocab_size=m.token_vocab_size).ids}
+    return out
+
+
+@pytest.mark.slow
+def test_methods_tp2_equal_tp1():
+    """Interpolated thoughts (the vocab-parallel softmax mix), pause tokens (the pause row looked
+    up in a vocabulary-split embedding) and extra loops (a cache per run) decode at TP=2 as at TP=1."""
+    single = run_on_ranks(_decode_methods, 1, 1)[0]
+    for rank, got in enumerate(run_on_ranks(_decode_methods, 2, 2)):
+        for method, ref in single.items():
+            where = f"{method} rank {rank}"
+            torch.testing.assert_close(got[method]["exact"], ref["exact"], rtol=1e-5, atol=1e-5, msg=where)
+            assert got[method]["greedy"] == ref["greedy"], where

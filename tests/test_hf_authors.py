@@ -199,7 +199,12 @@ def test_remote_code_refuses_what_it_cannot_run():
 
     small = dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=32)
     ml.LatentLlamaForCausalLM(ml.LatentLlamaConfig(**small))  # the defaults run
-    with pytest.raises(ValueError, match="interpolation true"):
-        ml.LatentLlamaForCausalLM(ml.LatentLlamaConfig(interpolation=True, **small))
+    # Interpolated thoughts run (tests/test_hf_methods.py); methods are exclusive; the pause row is the last.
+    ml.LatentLlamaForCausalLM(ml.LatentLlamaConfig(interpolation=True, **small))
+    with pytest.raises(ValueError, match="num_latent_thoughts and num_extra_loops: .* exclusive"):
+        ml.LatentLlamaForCausalLM(ml.LatentLlamaConfig(num_extra_loops=1, **small))
+    with pytest.raises(ValueError, match="pause_token_id 3: expected the last row, 31"):
+        ml.LatentLlamaForCausalLM(ml.LatentLlamaConfig(num_latent_thoughts=0, num_pause_tokens=1, pause_token_id=3,
+                                                       **small))
     with pytest.raises(ValueError, match="recurrent_model false"):
         ml.LatentLlamaForCausalLM(ml.LatentLlamaConfig(recurrent_model=False, **small))

@@ -107,7 +107,8 @@ def test_latent_export_needs_remote_code(tmp_path, single_rank):
     tree = ast.parse((tmp_path / "hf" / "modeling_latent.py").read_text())
     imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "dataclasses", "inspect", "math", "typing", "torch", "transformers"}, imported
+    assert imported <= {"__future__", "contextlib", "dataclasses", "inspect", "math", "typing", "torch",
+                        "transformers"}, imported
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:

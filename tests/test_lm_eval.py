@@ -1,9 +1,11 @@
-"""lm-evaluation-harness `--model hf` on an exported latent model: a local multiple-choice task
-(YAML + JSONL written here, no downloads) runs, and its log-likelihoods are the model's own."""
+"""lm-evaluation-harness `--model hf` on an exported model of every method (latent and interpolated
+thoughts, pause tokens, extra loops): a local multiple-choice task (YAML + JSONL written here, no
+downloads) runs, and its log-likelihoods are the model's own."""
 
 import json
 import os
 
+import pytest
 import torch
 
 from export_utils import latent_model, save, small_config
@@ -41,7 +43,16 @@ def _loglikelihood(model, tok, context, continuation):
     return sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
 
 
-def test_lm_eval_hf_model_on_exported_latent(tmp_path, single_rank, monkeypatch):
+METHODS = {"latent": (1, {}), "interpolated": (1, dict(thought_input="interpolated")),
+           "pause": (0, dict(num_pause_tokens=2, scale_embeddings=True)),
+           "loop": (0, dict(num_extra_loops=1, scale_embeddings=True))}
+
+
+# Interpolated exports run the latent path with another thought input (tests/test_hf_methods.py
+# checks it): slow here, ~15 s a case.
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "interpolated" else m
+                                    for m in METHODS])
+def test_lm_eval_hf_model_on_exported_latent(tmp_path, single_rank, monkeypatch, method):
     import transformers
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -53,7 +64,9 @@ def test_lm_eval_hf_model_on_exported_latent(tmp_path, single_rank, monkeypatch)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok_path = train_hf_bpe(str(tmp_path))
-    cfg = small_config("llama", 1, vocab_size=HuggingFaceTokenizer(tok_path).vocab_size, seq_length=64)
+    n, kw = METHODS[method]
+    cfg = small_config("llama", n, vocab_size=HuggingFaceTokenizer(tok_path).vocab_size, seq_length=64, **kw)
+    assert cfg.latent.method == method
     save(latent_model(cfg), cfg, str(tmp_path / "ckpt"))
     hf_dir = str(tmp_path / "hf")
     export_to_hf(str(tmp_path / "ckpt"), hf_dir, tokenizer_model=tok_path)

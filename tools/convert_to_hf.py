@@ -3,8 +3,9 @@
     python tools/convert_to_hf.py --load ckpt/ --save hf/ [--iteration 1000] \
         [--dtype float32|bfloat16|float16] [--tokenizer-model tokenizer.json] [--force]
 
-N=0 models export as the stock GPT2LMHeadModel / GPTNeoXForCausalLM / LlamaForCausalLM; latent
-models add modeling_latent.py (load with trust_remote_code=True). See docs/export.md.
+Vanilla models export as the stock GPT2LMHeadModel / GPTNeoXForCausalLM / LlamaForCausalLM; every
+other method (latent or interpolated thoughts, pause tokens, extra loops) adds modeling_latent.py
+(load with trust_remote_code=True). See docs/export.md.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointShapeError, ValueError, FileNotFoundError) as e:
         print(f"error: {flag_message(e, p)}", file=sys.stderr)
         return 2
-    kind = "latent (trust_remote_code=True)" if info["remote_code"] else "stock class"
+    kind = f"{info['method']} (trust_remote_code=True)" if info["remote_code"] else "stock class"
     print(f"wrote {info['save']}: {info['arch']} N={info['num_latent_thoughts']} iteration {info['iteration']}, "
           f"{info['parameters']:,} parameters, {args.dtype}, {kind}"
           + ("" if info["tokenizer"] else "; no tokenizer (pass --tokenizer-model)"))

@@ -16,7 +16,12 @@ Their config does not record `--patch_method`: a Loop or Pause Token baseline tr
 scripts carries the same keys as PonderLM-2 and cannot be told apart here.
 
 Our exports write their keys with their meaning, plus `jacobi_iters_range` [lo, hi] when our
-training range is neither their family range nor the fixed J. Exports before this wrote
+training range is neither their family range nor the fixed J. The baselines are ours to name:
+`interpolation` true with `interpolation_use_topk` / `interpolation_topk` (their keys: thoughts
+are the output softmax's mix of the embeddings, in the slot layout), and our `num_pause_tokens`
+with `pause_token_id` (the config's vocab_size then counts the pause row: tokenizer + 1),
+`num_extra_loops`, and `embedding_scale_factor` (embeddings times sqrt(factor * H) with
+`scale_embeds`). Exports before this wrote
 `random_jacobi_iterations` as [lo, hi] (or null), which is still read. Our exports carry
 `latent_prefill` (a remote-code field), which tells them apart: an absent key there means ours.
 """
@@ -48,9 +53,44 @@ def _range(value, key: str) -> Optional[Tuple[int, int]]:
     raise AuthorsConfigError(f"config.json {key} {value!r}: expected [min, max] (inclusive J range)")
 
 
+def _our_method(c) -> Dict:
+    """The baseline fields of our own export's config (and the tokenizer's vocabulary size when
+    the config counts the pause row)."""
+    out = {}
+    for key in ("num_pause_tokens", "num_extra_loops", "interpolation_topk"):
+        v = getattr(c, key, 0) or 0
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise AuthorsConfigError(f"config.json {key} {v!r}: expected an integer >= 0")
+    if getattr(c, "num_pause_tokens", 0):
+        out.update(num_pause_tokens=c.num_pause_tokens, vocab_size=c.vocab_size - 1)
+        if getattr(c, "pause_token_id", None) != c.vocab_size - 1:
+            raise AuthorsConfigError(f"config.json pause_token_id {getattr(c, 'pause_token_id', None)!r}: expected "
+                                     f"{c.vocab_size - 1} (the last row of vocab_size {c.vocab_size})")
+    if getattr(c, "num_extra_loops", 0):
+        out["num_extra_loops"] = c.num_extra_loops
+    if getattr(c, "interpolation", False):
+        out["thought_input"] = "interpolated"
+        if getattr(c, "interpolation_use_topk", False):
+            out["interpolation_topk"] = getattr(c, "interpolation_topk", 100)
+    return out
+
+
 def latent_from_hf(c, arch: str) -> Dict:
     """LatentSettings field values (for ModelConfig.replace) of an HF config's latent keys."""
     ours = hasattr(c, "latent_prefill")
+    if ours and (getattr(c, "num_pause_tokens", 0) or getattr(c, "num_extra_loops", 0)
+                 or getattr(c, "interpolation", False)):
+        method = _our_method(c)
+        scale = getattr(c, "scale_embeds", False)
+        n = getattr(c, "num_latent_thoughts", 0) or 0
+        out = dict(method, num_latent_thoughts=n, scale_embeddings=bool(scale))
+        if n:
+            out["jacobi_iters_eval"] = getattr(c, "num_jacobi_iterations", 3)
+            rng = getattr(c, OUR_RANGE_KEY, None)
+            out["jacobi_iters"] = _range(rng, OUR_RANGE_KEY) if rng is not None else (
+                _family_range(arch) if getattr(c, "random_jacobi_iterations", False)
+                else (out["jacobi_iters_eval"],) * 2)
+        return out
     n = getattr(c, "num_latent_thoughts", 0) or 0
     scale = getattr(c, "scale_embeds", False)
     for key in ("scale_embeds", "interpolation", "recurrent_model"):
@@ -93,7 +133,14 @@ def latent_to_hf(cfg) -> Dict:
     lat = cfg.latent
     n, j_eval = lat.num_latent_thoughts, lat.jacobi_iters_eval
     d = dict(num_latent_thoughts=n, num_jacobi_iterations=j_eval, random_jacobi_iterations=False,
-             scale_embeds=bool(lat.scale_embeddings), interpolation=False, recurrent_model=True)
+             scale_embeds=bool(lat.scale_embeddings), interpolation=lat.thought_input == "interpolated",
+             recurrent_model=True, embedding_scale_factor=lat.embedding_scale_factor)
+    if lat.thought_input == "interpolated":
+        d.update(interpolation_use_topk=bool(lat.interpolation_topk), interpolation_topk=lat.interpolation_topk)
+    if lat.num_pause_tokens:
+        d.update(num_pause_tokens=lat.num_pause_tokens, pause_token_id=cfg.pause_token_id)
+    if lat.num_extra_loops:
+        d["num_extra_loops"] = lat.num_extra_loops
     if n:
         j = tuple(lat.jacobi_iters)
         if j == _family_range(cfg.arch):

@@ -6,9 +6,10 @@ reshards whatever layout it was saved at. The folder holds config.json, model.sa
 (sharded with an index above `max_shard_size`, written by huggingface_hub), generation_config.json and,
 given a tokenizer, tokenizer files that AutoTokenizer loads.
 
-N = 0 without embedding scaling exports the stock architecture (GPT2LMHeadModel,
+Vanilla without embedding scaling exports the stock architecture (GPT2LMHeadModel,
 GPTNeoXForCausalLM, LlamaForCausalLM), loadable without remote code. Otherwise the config gets a
-`latent_*` model type, the authors' latent keys with their meaning (hf/authors.py), prefill
+`latent_*` model type, the authors' latent keys with their meaning and the baselines' keys
+(hf/authors.py: interpolated thoughts, pause tokens, extra loops), prefill
 defaults, and an `auto_map` to modeling_latent.py, copied into the folder: such a folder loads only
 with `trust_remote_code=True`, so it is never silently run as a vanilla model.
 
@@ -53,7 +54,8 @@ class ExportError(ValueError):
 
 
 def is_latent(cfg: ModelConfig) -> bool:
-    return bool(cfg.latent.num_latent_thoughts or cfg.latent.scale_embeddings)
+    """Whether the export needs our remote code (any method but plain vanilla)."""
+    return cfg.latent.method != "vanilla" or bool(cfg.latent.scale_embeddings)
 
 
 def read_checkpoint(load_dir: str, iteration: Optional[int] = None):
@@ -154,7 +156,10 @@ def export_to_hf(
         write_weights(state, tmp, max_shard_size)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config_dict(cfg, eos, dtype), f, indent=2, sort_keys=True)
-        GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos).save_pretrained(tmp)
+        # The pause token is an input only: generate never picks it.
+        suppress = [cfg.pause_token_id] if cfg.pause_token_id is not None else None
+        GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                         suppress_tokens=suppress).save_pretrained(tmp)
         if is_latent(cfg):
             shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), MODELING_FILE),
                             os.path.join(tmp, MODELING_FILE))
@@ -172,6 +177,7 @@ def export_to_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"save": save_dir, "arch": cfg.arch, "num_latent_thoughts": cfg.latent.num_latent_thoughts,
+    return {"save": save_dir, "arch": cfg.arch, "method": cfg.latent.method,
+            "num_latent_thoughts": cfg.latent.num_latent_thoughts,
             "iteration": iteration, "parameters": sum(t.numel() for t in state.values()),
             "remote_code": is_latent(cfg), "tokenizer": tokenizer_model is not None}

@@ -110,7 +110,7 @@ def config_to_hf(cfg: ModelConfig):
     added by the export (hf/authors.py)."""
     import transformers as tf
 
-    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
+    common = dict(vocab_size=cfg.embedding_rows, tie_word_embeddings=cfg.tie_embeddings,
                   architectures=[SUPPORTED[_hf_type(cfg)]])
     if cfg.arch == "gpt2":
         if cfg.activation == "swiglu":
@@ -219,10 +219,11 @@ def _neox_head() -> str:
 
 def megatron_to_hf(full: StateDict, cfg: ModelConfig) -> Tuple[StateDict, object]:
     """(HF state dict, HF config) of a full megatron state dict. The vocabulary is trimmed to
-    `cfg.vocab_size` rows; tied models carry `lm_head.weight` too, as HF's own state dicts do."""
+    `cfg.embedding_rows` rows (the tokenizer's, and a pause model's pause row); tied models carry
+    `lm_head.weight` too, as HF's own state dicts do."""
     check_full_state_dict(full, cfg)
     layer, emb, pos, final, head = _names(cfg)
-    v = cfg.vocab_size
+    v = cfg.embedding_rows
     hf: StateDict = {emb: full["embedding.word_embeddings.weight"][:v].clone()}
     if pos:
         hf[pos] = full["embedding.position_embeddings.weight"].clone()

@@ -20,10 +20,30 @@ positions (GPT-2) the stock model adds the position embedding to every slot, tho
   at most ``max_jacobi_iterations`` passes; the count used is returned as ``jacobi_iterations``).
 * with a cache (decoding): every new token is exact: the token step, then N thought steps at the
   same position, each a single-slot step through the cache.
+
+The baselines share this class (keys in hf/authors.py of the exporting project):
+
+* ``interpolation`` true: a thought is not the hidden state but the output softmax's mix of the
+  embeddings, ``softmax(lm_head(h)) @ E`` times the embedding scale (``interpolation_use_topk``:
+  over the ``interpolation_topk`` likeliest tokens only), in the same slot layout and prefill modes.
+* ``num_pause_tokens`` K: every token is followed by K inputs of the pause embedding (row
+  ``pause_token_id``, the last of the vocabulary) at its position id; logits from the last pause.
+  Nothing is fed back, so prefill and decoding are one pass over the new slots (K+1 cache entries
+  per token).
+* ``num_extra_loops`` K: the layer stack runs K+1 times, each run's output before the final norm
+  being the next run's input (the final norm once, at the end; GPT-2's position embedding only
+  added to the tokens). Each run has its own keys and values: one cache holds them all, run p's
+  layers at cache layers (K-p)*L.. (the attention modules' ``layer_idx`` is offset per run; the
+  last run keeps layers 0..L-1, whose length the base model reads as the tokens seen).
+* ``embedding_scale_factor``: embeddings are scaled by sqrt(factor * hidden_size) with
+  ``scale_embeds`` (2.5 latent and loops, 1 pause and interpolated: the authors' code).
 """
+
+
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass, fields
@@ -56,6 +76,12 @@ _LATENT_DEFAULTS = dict(
     jacobi_iters_range=None,  # training only: our exact range when theirs cannot say it
     scale_embeds=True,
     interpolation=False,
+    interpolation_use_topk=False,
+    interpolation_topk=0,
+    num_pause_tokens=0,
+    pause_token_id=None,
+    num_extra_loops=0,
+    embedding_scale_factor=None,  # None: 2.5 (1.0 with interpolation, as the authors' scale_embeds)
     recurrent_model=True,
     latent_prefill="jacobi",
     jacobi_tolerance=1e-4,
@@ -94,21 +120,82 @@ def _new_cache(config):
     return DynamicCache(config=config) if _CACHE_TAKES_CONFIG else DynamicCache()
 
 
+def _reserve_layers(cache, count):
+    """Make room for `count` cache layers (extra loops: L per run) in a cache built for L layers
+    (transformers 5 builds one layer per model layer from the config; 4.x caches grow by index)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and getattr(cache, "layer_class_to_replicate", None) is None:
+        while len(layers) < count:
+            layers.append(type(layers[0])())
+
+
+class _NoPositions(torch.nn.Module):
+    """GPT-2's position embedding for the runs after the first of an extra-loop model: zeros."""
+
+    def __init__(self, wpe):
+        super().__init__()
+        self.width, self.dtype = wpe.weight.shape[1], wpe.weight.dtype
+
+    def forward(self, position_ids):
+        return torch.zeros(*position_ids.shape, self.width, dtype=self.dtype, device=position_ids.device)
+
+
 class LatentMixin:
     """The latent forward over any stock *ForCausalLM whose base model returns post-norm states."""
 
     def __init__(self, config, *args, **kwargs):
-        if config.interpolation:
-            raise ValueError("config interpolation true: PonderLM-1 interpolated embeddings are not implemented here")
         if not config.recurrent_model:
             raise ValueError("config recurrent_model false: the authors' code would run the vanilla forward; "
                              "load the folder with the stock class instead")
+        on = [k for k in ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops") if getattr(config, k)]
+        if len(on) > 1:
+            raise ValueError(f"config {' and '.join(on)}: latent thoughts, pause tokens and extra loops are exclusive")
+        if config.num_pause_tokens and config.pause_token_id != config.vocab_size - 1:
+            raise ValueError(f"config pause_token_id {config.pause_token_id!r}: expected the last row, "
+                             f"{config.vocab_size - 1}")
         super().__init__(config, *args, **kwargs)
+        # Extra loops offset the attention modules' cache index per run (see the module docstring).
+        self._latent_attention = [(m, m.layer_idx) for m in self.base_model.modules()
+                                  if isinstance(getattr(m, "layer_idx", None), int)]
 
     # ------------------------------------------------------------------------------ pieces
     @property
     def num_slots(self) -> int:
-        return int(self.config.num_latent_thoughts) + 1
+        """Cache entries per token: the token and its N thoughts (or K pauses)."""
+        return max(int(self.config.num_latent_thoughts), int(self.config.num_pause_tokens)) + 1
+
+    @property
+    def embedding_scale(self) -> float:
+        c = self.config
+        if not c.scale_embeds:
+            return 1.0
+        factor = c.embedding_scale_factor
+        if factor is None:
+            factor = 1.0 if c.interpolation else 2.5
+        return math.sqrt(factor * c.hidden_size)
+
+    def thought_vectors(self, hidden):
+        """The input of the slot after one whose post-norm hidden state is `hidden` [..., h]: the
+        state itself, or with interpolation the embeddings mixed by its output softmax."""
+        if not self.config.interpolation:
+            return hidden
+        logits = F.linear(hidden, self.get_output_embeddings().weight)
+        if self.config.interpolation_use_topk:
+            k = min(int(self.config.interpolation_topk), logits.shape[-1])
+            kth = logits.topk(k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))  # ties at the k-th value kept
+        e = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
+        mixed = e @ self.get_input_embeddings().weight.to(e.dtype)
+        return (mixed / e.sum(dim=-1, keepdim=True) * self.embedding_scale).to(hidden.dtype)
+
+    def slot_vectors(self, tokens):
+        """[b, q, slots, h] inputs of slots that need no earlier output: the tokens, and with
+        pause tokens the K pause embeddings after each."""
+        k = int(self.config.num_pause_tokens)
+        if not k:
+            return tokens[:, :, None]
+        pause = self.get_input_embeddings().weight[self.config.pause_token_id] * self.embedding_scale
+        return torch.cat([tokens[:, :, None], pause.to(tokens.dtype).expand(*tokens.shape[:2], k, -1)], dim=2)
 
     def _cache_arg(self) -> str:
         # The base model's name for the cache argument (`cache` from transformers 5.x, else the old one).
@@ -120,15 +207,50 @@ class LatentMixin:
 
     def token_vectors(self, input_ids):
         e = self.get_input_embeddings()(input_ids)
-        if self.config.scale_embeds:
-            e = e * math.sqrt(2.5 * self.config.hidden_size)
-        return e
+        return e * self.embedding_scale if self.config.scale_embeds else e
 
     def decoder_pass(self, inputs, position_ids, slot_mask, cache=None):
-        """Post-norm hidden states [b, S, h] of slot inputs [b, S, h]. The 2D mask is always passed:
-        without one transformers would read the repeated position ids as packed sequences."""
+        """Post-norm hidden states [b, S, h] of slot inputs [b, S, h] (extra loops: after all the
+        runs of the layer stack). The 2D mask is always passed: without one transformers would
+        read the repeated position ids as packed sequences."""
+        runs = int(self.config.num_extra_loops) + 1
+        if runs == 1:
+            return self._base_pass(inputs, position_ids, slot_mask, cache)
+        layers = int(self.config.num_hidden_layers)
+        if cache is not None:
+            _reserve_layers(cache, runs * layers)
+        h = inputs
+        for p in range(runs):
+            offset = (runs - 1 - p) * layers
+            with self._loop_run(offset, first=p == 0, last=p == runs - 1):
+                h = self._base_pass(h, position_ids, slot_mask, cache, offset)
+        return h
+
+    @contextlib.contextmanager
+    def _loop_run(self, offset, first, last):
+        """One run of an extra-loop model: its own cache layers; the final norm only on the last
+        run; GPT-2's position embedding only on the first (the later runs' inputs carry it)."""
+        base, swapped = self.base_model, []
+        for m, idx in self._latent_attention:
+            m.layer_idx = idx + offset
+        if not last:
+            name = next(n for n in ("norm", "final_layer_norm", "ln_f") if hasattr(base, n))
+            swapped.append((name, getattr(base, name)))
+            setattr(base, name, torch.nn.Identity())
+        if not first and hasattr(base, "wpe"):
+            swapped.append(("wpe", base.wpe))
+            base.wpe = _NoPositions(base.wpe)
+        try:
+            yield
+        finally:
+            for name, module in swapped:
+                setattr(base, name, module)
+            for m, idx in self._latent_attention:
+                m.layer_idx = idx
+
+    def _base_pass(self, inputs, position_ids, slot_mask, cache=None, layer_offset=0):
         if cache is not None and getattr(self, "_supports_cache_class", True) is False:
-            return self._tuple_cache_pass(inputs, position_ids, slot_mask, cache)
+            return self._tuple_cache_pass(inputs, position_ids, slot_mask, cache, layer_offset)
         kw = {self._cache_arg(): cache} if cache is not None else {}
         out = self.base_model(
             inputs_embeds=inputs, position_ids=position_ids, attention_mask=slot_mask,
@@ -136,15 +258,16 @@ class LatentMixin:
         )
         return out.last_hidden_state
 
-    def _tuple_cache_pass(self, inputs, position_ids, slot_mask, cache):
+    def _tuple_cache_pass(self, inputs, position_ids, slot_mask, cache, layer_offset=0):
         """decoder_pass for base models that take tuple caches (GPT-2 in transformers 4.x): the
         DynamicCache is handed over as tuples and gets the new entries appended."""
-        past = cache.to_legacy_cache() if cache.get_seq_length() else None
+        layers = int(self.config.num_hidden_layers)
+        past = cache.to_legacy_cache()[layer_offset:layer_offset + layers] if cache.get_seq_length() else None
         out = self.base_model(inputs_embeds=inputs, position_ids=position_ids, attention_mask=slot_mask,
                               past_key_values=past, use_cache=True)
         new = inputs.shape[1]
         for layer, (k, v) in enumerate(out.past_key_values):
-            cache.update(k[:, :, -new:], v[:, :, -new:], layer)
+            cache.update(k[:, :, -new:], v[:, :, -new:], layer_offset + layer)
         return out.last_hidden_state
 
     # -------------------------------------------------------------------------- prefill modes
@@ -166,13 +289,13 @@ class LatentMixin:
         stages = [tokens]
         for g in range(1, n + 1):  # growth: pass g sees g stages, then holds g thoughts
             out = run(stages)
-            stages = [tokens] + [out[:, :, j] * keep for j in range(g)]
+            stages = [tokens] + [self.thought_vectors(out[:, :, j]) * keep for j in range(g)]
         iters = 0
         if n:
             limit = num_jacobi if tolerance is None else (max_iters if max_iters is not None else n * length)
             while iters < limit:
                 out = run(stages)
-                new = [out[:, :, j] * keep for j in range(n)]
+                new = [self.thought_vectors(out[:, :, j]) * keep for j in range(n)]
                 delta = max((a - o).abs().max().item() for a, o in zip(new, stages[1:]))
                 stages, iters = [tokens] + new, iters + 1
                 if tolerance is not None and delta <= tolerance:
@@ -188,8 +311,9 @@ class LatentMixin:
             keep = slot_mask[:, past + t * self.num_slots, None, None].to(tokens.dtype)
             for a in range(self.num_slots):
                 end = past + t * self.num_slots + a + 1
-                x = self.decoder_pass(x, pos, slot_mask[:, :end], cache) * keep
-            outs.append(x)
+                h = self.decoder_pass(x, pos, slot_mask[:, :end], cache)
+                x = self.thought_vectors(h) * keep
+            outs.append(h)
         return torch.cat(outs, dim=1)
 
     # --------------------------------------------------------------------------------- forward
@@ -237,7 +361,14 @@ class LatentMixin:
         if mode not in PREFILL_MODES:
             raise ValueError(f"latent_prefill {mode!r}: one of {', '.join(PREFILL_MODES)}")
         iters = None
-        if past or mode == "exact":
+        if not self.config.num_latent_thoughts:
+            # Nothing fed back (vanilla, pause tokens, extra loops): one pass over the new slots.
+            if use_cache and cache is None:
+                cache = _new_cache(self.config)
+            x = self.slot_vectors(tokens).flatten(1, 2)
+            out = self.decoder_pass(x, position_ids.repeat_interleave(k, 1), slot_mask, cache if use_cache else None)
+            hidden = out.unflatten(1, (q, k))[:, :, k - 1]
+        elif past or mode == "exact":
             if cache is None:
                 cache = _new_cache(self.config)
             hidden = self.exact_hidden(tokens, position_ids, slot_mask, cache)

@@ -1,11 +1,12 @@
-"""Latent generation with a KV cache: prompts in, new tokens out.
+"""Generation with a KV cache (latent thoughts and every baseline method): prompts in, new tokens out.
 
     from megatron_latent.inference import generate
     out = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, greedy=True, prefill="exact")
     out.ids            # new tokens per sample
     out.prefill_iters  # Jacobi passes the prefill used (None for exact)
 
-`model` is a LatentGPTModel (any family, N >= 0) on this rank, built at TP >= 1 without sequence or
+`model` is a LatentGPTModel (any family and method: latent or interpolated thoughts, pause tokens,
+extra loops, vanilla) on this rank, built at TP >= 1 without sequence or
 pipeline parallelism; every tensor-parallel rank calls with the same prompts and gets the same
 tokens (sampled tokens are broadcast from the group's first rank). Prompts of different lengths
 are left-padded: padded entries are masked out of attention and each sample's position ids start
@@ -131,7 +132,7 @@ def decode_logits(
 
     The first L - decode_steps columns (of the left-padded batch) are the prompt, put in the cache
     by `prefill`; the last `decode_steps` tokens (default L - 1) are fed one cached step at a time.
-    Logits [b, L, vocab] come from slot N of every position, as the sequential reference's.
+    Logits [b, L, vocab] come from the output slot of every position, as the sequential reference's.
     """
     _check_model(model)
     _check_prefill(prefill, jacobi_iters, tol, max_jacobi_iters)
@@ -192,7 +193,7 @@ def _prepare(model, prompt_ids: Prompts, extra_positions: int) -> _Batch:
         prompts = [list(p) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (got an empty prompt)")
-    vocab = model.vocab_size
+    vocab = model.token_vocab_size  # the tokenizer's rows: not the padding, not the pause token
     for i, p in enumerate(prompts):
         bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:

@@ -1,8 +1,14 @@
-"""KV-cached latent decoding of a LatentGPTModel on megatron-core's static inference context.
+"""KV-cached decoding of a LatentGPTModel (every method) on megatron-core's static inference context.
 
 Per token: one token step, then N thought steps at the same position id, each feeding the last
-post-norm hidden state back as the next input (plus the learned position embedding for GPT-2),
-so every token leaves N+1 entries in the cache. The cache is megatron-core's own
+post-norm hidden state (or, interpolated, its softmax mix of the embeddings: `thought_input`) back
+as the next input (plus the learned position embedding for GPT-2), so every token leaves N+1
+entries in the cache. Pause tokens: the token step, then K steps of the pause embedding at the
+same position id (K+1 entries per token, the prediction from the last). Extra loops: each of the
+K+1 applications of the layer stack attends over its own keys and values, so each loop has its
+own cache: K+1 StaticInferenceContexts advanced together (one entry per token in each). Separate
+contexts rather than one with layer numbers offset per loop: megatron keys its cache by the
+layers' own `layer_number`, which the shared layers cannot change per call. The cache is megatron-core's own
 `StaticInferenceContext`, passed through the decoder as `inference_context`: each attention layer
 appends its keys/values and attends over all of them.
 
@@ -22,12 +28,14 @@ forward's growth and Jacobi passes), and each decoded thought is fed back by its
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_latent.models import slots
+from megatron_latent.models.latent import _without_final_norm
 
 PREFILL_METHODS = ("exact", "jacobi", "tolerance")
 
@@ -36,15 +44,18 @@ class LatentKVDecoder:
     """The KV cache of one batch and the steps that grow it.
 
     `max_positions` token positions (prompt + new tokens) of `batch_size` samples are reserved:
-    (N+1) * max_positions cache entries per layer.
+    (N+1) * max_positions cache entries per layer (K+1 with pause tokens; with extra loops
+    max_positions per layer and loop).
     """
 
     def __init__(self, model, batch_size: int, max_positions: int):
         self.model = model
-        self.n = model.latent.num_latent_thoughts
-        self.num_slots = self.n + 1
+        lat = model.latent
+        self.n = lat.num_latent_thoughts
+        self.num_slots = lat.num_slots
+        self.output_slot = lat.output_slot
         self.capacity = max_positions * self.num_slots
-        self.context = StaticInferenceContext(batch_size, self.capacity)
+        self.contexts = [StaticInferenceContext(batch_size, self.capacity) for _ in range(lat.num_extra_loops + 1)]
         device = model.embedding.word_embeddings.weight.device
         self.slot_positions = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
         self.slot_valid = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
@@ -52,7 +63,7 @@ class LatentKVDecoder:
     @property
     def length(self) -> int:
         """Cache entries filled so far."""
-        return self.context.sequence_len_offset
+        return self.contexts[0].sequence_len_offset
 
     # ------------------------------------------------------------------------------------ core
     def forward_slots(self, inputs, positions, valid):
@@ -67,24 +78,30 @@ class LatentKVDecoder:
         causal = torch.ones(s, end, dtype=torch.bool, device=inputs.device).triu(start + 1)
         mask = causal[None, None] | ~self.slot_valid[:, None, None, :end]  # True = masked out
         rotary = self.model.rotary_for(self.slot_positions[:, :end], 1)
-        h = self.model.decoder(
-            hidden_states=inputs, attention_mask=mask, rotary_pos_emb=rotary, inference_context=self.context
-        )
-        self.context.sequence_len_offset = end
+        h, last = inputs, len(self.contexts) - 1
+        for p, context in enumerate(self.contexts):  # extra loops: the final norm after the last only
+            with _without_final_norm(self.model.decoder) if p < last else contextlib.nullcontext():
+                h = self.model.decoder(hidden_states=h, attention_mask=mask, rotary_pos_emb=rotary,
+                                       inference_context=context)
+        for context in self.contexts:
+            context.sequence_len_offset = end
         return h
 
     def step(self, input_ids, position_ids, valid):
         """One token per sample ([b, 1] ids and positions, [b, 1] valid): the token step then N thought
-        steps at the same position. Returns the hidden state of the last thought [1, b, h]."""
-        x, pos = self.model.token_inputs(input_ids, position_ids)
-        for _ in range(self.num_slots):
+        steps (K pause steps) at the same position. Returns the hidden state of the last [1, b, h]."""
+        model = self.model
+        x, pos = model.token_inputs(input_ids, position_ids)
+        given = model.first_columns(x, pos, model.pause_token_id)  # the token, and the K pauses
+        for a in range(self.num_slots):
             h = self.forward_slots(x, position_ids, valid)
-            x = self.model.thought_input(h, pos)
+            if a + 1 < self.num_slots:
+                x = given[a + 1] if a + 1 < len(given) else model.thought_input(h, pos)
         return h
 
     def fill(self, columns, position_ids, valid):
-        """Append whole positions at once: `columns` [tokens, thought 1..N] ([L, b, h] each) are
-        interleaved into (N+1) L cache entries. Returns hidden [(N+1) L, b, h]."""
+        """Append whole positions at once: `columns` [tokens, thought 1..N] (or [tokens, K pauses];
+        [L, b, h] each) are interleaved into (N+1) L cache entries. Returns hidden [(N+1) L, b, h]."""
         k = len(columns)
         return self.forward_slots(
             slots.interleave(columns),
@@ -103,7 +120,7 @@ class LatentKVDecoder:
         tol: Optional[float] = None,
         max_jacobi_iters: Optional[int] = None,
     ) -> Tuple[torch.Tensor, Optional[int]]:
-        """Put a prompt [b, P] into the cache; returns (hidden at slot N of every position [P, b, h],
+        """Put a prompt [b, P] into the cache; returns (hidden at the output slot of every position [P, b, h],
         Jacobi passes used or None).
 
         exact       slot by slot, the prompt's thoughts exactly as in the sequential reference;
@@ -114,7 +131,9 @@ class LatentKVDecoder:
                     the real, unpadded positions), at most `max_jacobi_iters` (default P * N,
                     enough for the causal Jacobi map to reach its fixed point). The same rule
                     and names as the exported model's `latent_prefill="tolerance"`.
-        With N = 0 there are no thoughts: every method is one pass over the prompt.
+        With N = 0 there are no thoughts: every method is one pass over the prompt (pause tokens:
+        over the tokens and their pauses; extra loops: K+1 applications of the layers, each
+        filling its own cache).
         """
         if method not in PREFILL_METHODS:
             raise ValueError(f"prefill {method!r}: choose one of {', '.join(PREFILL_METHODS)}")
@@ -126,6 +145,9 @@ class LatentKVDecoder:
                               for t in range(input_ids.shape[1])]), None
         model = self.model
         tokens, pos = model.token_inputs(input_ids, position_ids)
+        if n == 0:
+            h = self.fill(model.first_columns(tokens, pos, model.pause_token_id), position_ids, valid)
+            return slots.take_slot(h, self.output_slot, self.num_slots), None
         converged = None
         if method == "jacobi":
             budget = model.latent.jacobi_iters_eval if jacobi_iters is None else jacobi_iters
@@ -140,7 +162,7 @@ class LatentKVDecoder:
         # The forward's growth and Jacobi passes; the pass that fills the cache is its final pass.
         columns, iters = model.solve_thoughts(tokens, pos, position_ids, _token_mask(valid), budget, converged)
         h = self.fill(columns, position_ids, valid)
-        return slots.take_slot(h, n, n + 1), (iters if n else None)
+        return slots.take_slot(h, n, n + 1), iters
 
 
 def _token_mask(valid):
