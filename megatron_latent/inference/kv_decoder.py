@@ -35,7 +35,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_latent.models import slots
-from megatron_latent.models.latent import _without_final_norm
+from megatron_latent.models.latent import without_final_norm
 
 PREFILL_METHODS = ("exact", "jacobi", "tolerance")
 
@@ -80,7 +80,7 @@ class LatentKVDecoder:
         rotary = self.model.rotary_for(self.slot_positions[:, :end], 1)
         h, last = inputs, len(self.contexts) - 1
         for p, context in enumerate(self.contexts):  # extra loops: the final norm after the last only
-            with _without_final_norm(self.model.decoder) if p < last else contextlib.nullcontext():
+            with without_final_norm(self.model.decoder) if p < last else contextlib.nullcontext():
                 h = self.model.decoder(hidden_states=h, attention_mask=mask, rotary_pos_emb=rotary,
                                        inference_context=context)
         for context in self.contexts:

@@ -167,7 +167,7 @@ class LatentGPTModel(GPTModel):
         vectors [S, b, h] on the first stage, None on later stages (megatron's set_input_tensor
         holds theirs). Returns the decoder's output (split over the sequence-parallel ranks), with
         the final norm on the last stage unless `final_norm` is False."""
-        with contextlib.nullcontext() if final_norm else _without_final_norm(self.decoder):
+        with contextlib.nullcontext() if final_norm else without_final_norm(self.decoder):
             return self.decoder(
                 hidden_states=None if inputs is None else self.pass_input(inputs),
                 attention_mask=slots.slot_attention_mask(attention_mask, num_slots),
@@ -290,7 +290,7 @@ class LatentGPTModel(GPTModel):
 
 
 @contextlib.contextmanager
-def _without_final_norm(decoder):
+def without_final_norm(decoder):
     """megatron's TransformerBlock applies its final norm whenever it has one; a loop pass before
     the last must hand on the residual stream itself."""
     norm = decoder.final_layernorm
