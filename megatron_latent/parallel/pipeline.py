@@ -4,7 +4,8 @@ At PP=1 the latent model runs its own multi-pass forward (megatron's no-pipelini
 PP>1 every pass of the forward is a virtual pipeline chunk (see `parallel.passes`): a step with
 J Jacobi iterations has P = len(latent.pass_slots(J)) passes (N + J + 1 with latent thoughts,
 K + 1 with extra loops, one otherwise), and with the model's own interleaved layer chunks (v per
-rank) V = P * v virtual chunks, run by megatron's interleaved schedule (its 1F1B schedule when V = 1). Chunk k = p * v + j is pass p over layer chunk j.
+rank) V = P * v virtual chunks, run by megatron's interleaved schedule (its 1F1B schedule when
+V = 1). Chunk k = p * v + j is pass p over layer chunk j.
 
     chunks = build_latent_pipeline(cfg)                          # this rank's stage module(s)
     losses = latent_forward_backward(forward_step_func=..., data_iterator=batches, model=chunks,
