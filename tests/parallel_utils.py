@@ -42,8 +42,9 @@ _CARRIED = ("sequence_parallel", "recompute_granularity", "recompute_method", "r
             "recompute_modules", "init_method", "output_layer_init_method")
 
 
-def tiny_model_config(config, position_embedding_type="rope"):
-    """The megatron_latent ModelConfig of `config`'s sizes in the family of `position_embedding_type`."""
+def tiny_model_config(config, position_embedding_type="rope", latent=None):
+    """The megatron_latent ModelConfig of `config`'s sizes in the family of `position_embedding_type`
+    (with `latent` LatentSettings: a pause-token model's vocabulary has the pause row)."""
     from megatron_latent.config import ModelConfig
 
     arch = FAMILY[position_embedding_type]
@@ -51,7 +52,7 @@ def tiny_model_config(config, position_embedding_type="rope"):
         name=f"tiny-{arch}", arch=arch, num_layers=config.num_layers, hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
         ffn_hidden_size=config.ffn_hidden_size, vocab_size=VOCAB, make_vocab_size_divisible_by=VOCAB,
-        seq_length=SEQ,
+        seq_length=SEQ, **({} if latent is None else {"latent": latent}),
     )
 
 
@@ -62,7 +63,7 @@ def tiny_gpt(config, position_embedding_type="rope", vp_stage=None, latent=None)
     recomputation, dtype and init methods."""
     from megatron_latent.models.gpt import build_gpt_model
 
-    cfg = tiny_model_config(config, position_embedding_type)
+    cfg = tiny_model_config(config, position_embedding_type, latent)
     tc = cfg.to_transformer_config(
         config.tensor_model_parallel_size,
         config.pipeline_model_parallel_size,
@@ -97,6 +98,8 @@ def init_weights(chunks):
             key = _global_name(name, chunk)
             if key == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
                 key = "embedding.word_embeddings.weight"  # the last stage's copy of a tied embedding
+            if key == "thought_head":
+                key = "output_layer.weight"  # the first stage's copy of the output layer (interpolated)
             sharded = tp > 1 and getattr(p, "tensor_model_parallel", False)
             full_shape = list(p.shape)
             if sharded:

@@ -28,6 +28,21 @@ def tiny_cfg(arch="llama", n=1, layers=4, **overrides):
     return ModelConfig(**kw)
 
 
+# LatentSettings keyword arguments of the baselines (K = 2 pause tokens / extra loops).
+BASELINES = {
+    "interpolated": dict(num_latent_thoughts=1, jacobi_iters=JACOBI_RANGE, thought_input="interpolated"),
+    "pause": dict(num_pause_tokens=2),
+    "loop": dict(num_extra_loops=2),
+}
+
+
+def method_cfg(method, arch="llama"):
+    """tiny_cfg of a baseline method (embeddings scaled, the authors' setting)."""
+    from megatron_latent.config import LatentSettings
+
+    return tiny_cfg(arch, latent=LatentSettings(**BASELINES[method], jacobi_iters_eval=2))
+
+
 def merged(model, grads):
     out = {}
     for chunk in model:
@@ -37,6 +52,11 @@ def merged(model, grads):
         # PP>1 with tied embeddings: the last stage's copy must track the first stage's weight.
         copy = out.pop("output_layer.weight")
         torch.testing.assert_close(copy, out["embedding.word_embeddings.weight"], rtol=1e-6, atol=1e-7)
+    if "thought_head" in out:
+        # PP>1, interpolated thoughts, untied: the first stage's copy of the output layer is the
+        # output layer, exactly (same start, same gradient, same update).
+        copy = out.pop("thought_head")
+        torch.testing.assert_close(copy, out["output_layer.weight"], rtol=0, atol=0)
     return out
 
 
@@ -154,10 +174,12 @@ def load_and_eval(cfg, tp, pp, root):
     load_checkpoint(root, model)
     eval_batches = step_batches(5, dp)
     loss = latent_eval_loss(model, iter(eval_batches), len(eval_batches), L, MBS)
-    m = model[0].module.eval()
-    d = eval_batches[0]
-    with torch.no_grad():
-        logits = m(d["tokens"], d["position_ids"], None, runtime_gather_output=True)
+    logits = None
+    if pp == 1:  # a pipeline stage is not called directly
+        m = model[0].module.eval()
+        d = eval_batches[0]
+        with torch.no_grad():
+            logits = m(d["tokens"], d["position_ids"], None, runtime_gather_output=True)
     return {"eval_loss": loss, "weights": merged(model, grads=False), "logits": logits}
 
 

@@ -1,5 +1,6 @@
-"""The latent forward under tensor parallelism, sequence parallelism and recomputation equals
-its single-rank, plain self: loss and every gradient, in fp32."""
+"""The latent forward and its baselines (interpolated thoughts, pause tokens, extra loops) under
+tensor parallelism, sequence parallelism and recomputation equal their single-rank, plain selves:
+loss and every gradient, in fp32."""
 
 import pytest
 import torch
@@ -13,9 +14,17 @@ VARIANTS = {
     "recompute-full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     "recompute-selective": dict(recompute_granularity="selective"),
 }
+# LatentSettings keyword arguments of each method (K = 2 pause tokens / extra loops).
+METHODS = {
+    "latent": dict(num_latent_thoughts=N),
+    "interpolated": dict(num_latent_thoughts=N, thought_input="interpolated"),
+    "pause": dict(num_pause_tokens=2),
+    "loop": dict(num_extra_loops=2),
+}
 
 
-def _loss_and_grads(tp, variants):
+def _loss_and_grads(tp, runs):
+    """`runs`: [(method, variant)], variant a VARIANTS name, optionally prefixed "sp+"."""
     from megatron.core import parallel_state
 
     from megatron_latent.config import LatentSettings
@@ -23,11 +32,11 @@ def _loss_and_grads(tp, variants):
 
     initialize_model_parallel(tp, 1)
     out = {}
-    for name in variants:
+    for method, name in runs:
         overrides = dict(VARIANTS.get(name.replace("sp+", ""), {}))
         if name.startswith("sp+"):
             overrides["sequence_parallel"] = True
-        m = tiny_gpt(tiny_config(tp, **overrides), latent=LatentSettings(N, scale_embeddings=True))
+        m = tiny_gpt(tiny_config(tp, **overrides), latent=LatentSettings(**METHODS[method], scale_embeddings=True))
         init_weights([m])
         m.train()
         d = batch(11, 2, L)
@@ -39,26 +48,39 @@ def _loss_and_grads(tp, variants):
             for p in m.parameters():
                 if getattr(p, "sequence_parallel", False):
                     torch.distributed.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
-        out[name] = {"loss": loss.item(), "grads": gather_full(m, grads=True)}
+        out[method, name] = {"loss": loss.item(), "grads": gather_full(m, grads=True)}
     return out
 
 
 @pytest.fixture(scope="module")
 def single():
-    return run_on_ranks(_loss_and_grads, 1, 1, list(VARIANTS))[0]
+    runs = [("latent", v) for v in VARIANTS] + [(m, v) for m in METHODS if m != "latent"
+                                                  for v in ("plain", "recompute-full")]
+    return run_on_ranks(_loss_and_grads, 1, 1, runs)[0]
 
 
-def test_recompute_equals_plain(single):
-    ref = single["plain"]
-    for name in ("recompute-full", "recompute-selective"):
-        assert single[name]["loss"] == ref["loss"]
-        assert max_rel_diff(single[name]["grads"], ref["grads"]) < 1e-6
+@pytest.mark.parametrize("method", list(METHODS))
+def test_recompute_equals_plain(single, method):
+    ref = single[method, "plain"]
+    for (m, name), got in single.items():
+        if m == method and name != "plain":
+            assert got["loss"] == ref["loss"], name
+            assert max_rel_diff(got["grads"], ref["grads"]) < 1e-6, name
+
+
+def test_methods_differ(single):
+    # Each method computes something else from the same weights (a test that cannot tell them
+    # apart would pass with the wrong wiring).
+    losses = [single[m, "plain"]["loss"] for m in METHODS]
+    assert min(abs(a - b) for i, a in enumerate(losses) for b in losses[i + 1:]) > 1e-4, losses
 
 
 def test_tensor_and_sequence_parallel_equal_single_rank(single):
-    ref = single["plain"]
-    results = run_on_ranks(_loss_and_grads, 2, 2, ["plain", "sp+plain", "sp+recompute-full"])
+    runs = [(m, v) for m in METHODS for v in ("plain", "sp+plain", "sp+recompute-full")]
+    results = run_on_ranks(_loss_and_grads, 2, 2, runs)
     for rank_out in results:
-        for name, got in rank_out.items():
-            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6), name
-            assert max_rel_diff(got["grads"], ref["grads"]) < 1e-5, name
+        assert set(rank_out) == set(runs)
+        for (method, name), got in rank_out.items():
+            ref = single[method, "plain"]
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6), (method, name)
+            assert max_rel_diff(got["grads"], ref["grads"]) < 1e-5, (method, name)

@@ -21,6 +21,10 @@ VANILLA = pc.tiny_cfg("llama", 0)
 # Backpropagation through the last k passes only: the passes before run as a forward-only schedule.
 LLAMA1_K2, LLAMA2_K1 = LLAMA1.replace(grad_passes=2), LLAMA2.replace(grad_passes=1)
 RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+# The baselines (LLaMA: untied embeddings, so interpolated thoughts need the first stage's copy of
+# the output layer; GPT-2: tied, the first stage has the weight already).
+BASELINES = {m: pc.method_cfg(m) for m in pc.BASELINES}
+INTERP, INTERP_GPT2 = BASELINES["interpolated"], pc.method_cfg("interpolated", "gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +33,18 @@ def ckpt_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pp2(ckpt_dir):
+def interp_ckpts(tmp_path_factory):
+    """Interpolated-thought checkpoints: one saved at PP=2, one at PP=1."""
+    return {pp: str(tmp_path_factory.mktemp(f"interp_pp{pp}")) for pp in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def pp2(ckpt_dir, interp_ckpts):
     return run_on_ranks(pc.run_cases, 2, [
+        *[(f"{m}-pp2", "train", (cfg, 1, 2)) for m, cfg in BASELINES.items()],
+        *[(f"{m}-vpp2", "train", (cfg, 1, 2, 2)) for m, cfg in BASELINES.items()],
+        ("interpolated-gpt2-pp2", "train", (INTERP_GPT2, 1, 2)),
+        ("interpolated-save", "save_and_eval", (INTERP, 1, 2, interp_ckpts[2])),
         ("llama-n1", "train", (LLAMA1, 1, 2)),
         ("llama-n2", "train", (LLAMA2, 1, 2)),
         ("gpt2-n1", "train", (GPT2, 1, 2)),
@@ -44,9 +58,15 @@ def pp2(ckpt_dir):
 
 
 @pytest.fixture(scope="module")
-def single(pp2, ckpt_dir):
+def single(pp2, ckpt_dir, interp_ckpts):
     # Runs after pp2 (which wrote the checkpoint this loads).
     return run_on_ranks(pc.run_cases, 1, [
+        *[(m, "train", (cfg, 1, 1)) for m, cfg in BASELINES.items()],
+        ("interpolated-gpt2", "train", (INTERP_GPT2, 1, 1)),
+        ("interpolated-load", "load_and_eval", (INTERP, 1, 1, interp_ckpts[2])),
+        ("interpolated-logits-from-pp2-weights", "logits_from_weights",
+         (INTERP, pp2[0]["interpolated-save"]["weights"])),
+        ("interpolated-save", "save_and_eval", (INTERP, 1, 1, interp_ckpts[1])),
         ("llama-n1", "train", (LLAMA1, 1, 1)),
         ("llama-n2", "train", (LLAMA2, 1, 1)),
         ("gpt2-n1", "train", (GPT2, 1, 1)),
@@ -119,8 +139,14 @@ def test_checkpoint_saved_at_pp2_loads_at_pp1(pp2, single):
 
 
 @pytest.fixture(scope="module")
-def world4():
+def world4(single, interp_ckpts):
+    # Runs after single (which wrote the PP=1 checkpoint this loads at PP=2).
     return run_on_ranks(pc.run_cases, 4, [
+        *[(f"{m}-tp2-pp2-sp-recompute", "train", (cfg, 2, 2, None, pc.STEPS, True, RECOMPUTE))
+          for m, cfg in BASELINES.items()],
+        *[(f"{m}-dp2-pp2-distributed-optimizer", "train", (cfg, 1, 2, None, pc.STEPS, False, None, True))
+          for m, cfg in BASELINES.items()],
+        ("interpolated-load-pp2", "load_and_eval", (INTERP, 1, 2, interp_ckpts[1])),
         # megatron-LM's default: outputs are pseudo-freed once sent (needs view-free outputs).
         ("pp4", "train", (LLAMA1, 1, 4, None, pc.STEPS, False, {"deallocate_pipeline_outputs": True})),
         ("tp2-pp2-sp-recompute", "train", (LLAMA1, 2, 2, None, pc.STEPS, True, RECOMPUTE)),
@@ -144,6 +170,59 @@ def test_dp2_pp2_equals_single_rank(world4, single):
 def test_dp2_pp2_distributed_optimizer_equals_single_rank(world4, single):
     # Each rank's buffer holds the reduced gradient of its own shard only: compare the rest.
     check([r["dp2-pp2-distributed-optimizer"] for r in world4], single["llama-n1"], grads=False)
+
+
+# ------------------------------------------------------------------------------------ baselines
+@pytest.mark.parametrize("method", list(BASELINES))
+def test_baseline_pp2_equals_single_rank(pp2, single, method):
+    check([r[f"{method}-pp2"] for r in pp2], single[method])
+
+
+@pytest.mark.parametrize("method", list(BASELINES))
+def test_baseline_pp2_with_interleaved_layer_chunks_equals_single_rank(pp2, single, method):
+    check([r[f"{method}-vpp2"] for r in pp2], single[method])
+
+
+def test_interpolated_pp2_with_tied_embeddings_equals_single_rank(pp2, single):
+    check([r["interpolated-gpt2-pp2"] for r in pp2], single["interpolated-gpt2"])
+
+
+def test_baselines_train_differently(single):
+    # The methods are told apart (and each from latent thoughts): the wiring cannot silently run
+    # one method's passes for another's.
+    losses = [single[m]["losses"][0] for m in BASELINES] + [single["llama-n1"]["losses"][0]]
+    assert min(abs(a - b) for i, a in enumerate(losses) for b in losses[i + 1:]) > 1e-4, losses
+
+
+@pytest.mark.parametrize("method", list(BASELINES))
+def test_baseline_tp2_pp2_sequence_parallel_recompute_equals_single_rank(world4, single, method):
+    check([r[f"{method}-tp2-pp2-sp-recompute"] for r in world4], single[method])
+
+
+@pytest.mark.parametrize("method", list(BASELINES))
+def test_baseline_dp2_pp2_distributed_optimizer_equals_single_rank(world4, single, method):
+    check([r[f"{method}-dp2-pp2-distributed-optimizer"] for r in world4], single[method], grads=False)
+
+
+def test_interpolated_checkpoint_moves_between_pp2_and_pp1(pp2, single, world4):
+    # Saved at PP=2 (the first stage's copy of the output layer is not saved), loaded at PP=1.
+    saved = [r["interpolated-save"] for r in pp2]
+    loaded = single["interpolated-load"]
+    assert max_rel_diff(loaded["weights"], saved[0]["weights"]) == 0.0
+    torch.testing.assert_close(loaded["logits"], single["interpolated-logits-from-pp2-weights"], rtol=0, atol=0)
+    pp2_eval = [s["eval_loss"] for s in saved if s["eval_loss"] is not None]
+    assert len(pp2_eval) == 1
+    assert loaded["eval_loss"] == pytest.approx(pp2_eval[0], rel=1e-6)
+    # Saved at PP=1, loaded at PP=2 (x DP=2): the copy loads from the output layer (pc.merged
+    # asserts it equals it exactly) and evaluation gives PP=1's loss.
+    saved1 = single["interpolated-save"]
+    loaded2 = [r["interpolated-load-pp2"] for r in world4]
+    for r in loaded2:
+        assert max_rel_diff(r["weights"], saved1["weights"]) == 0.0
+    evals = [r["eval_loss"] for r in loaded2 if r["eval_loss"] is not None]
+    assert len(evals) == 2  # the last stage of each data-parallel replica
+    for e in evals:
+        assert e == pytest.approx(saved1["eval_loss"], rel=1e-6)
 
 
 @pytest.mark.slow

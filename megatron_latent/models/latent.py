@@ -34,8 +34,11 @@ import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 from megatron_latent.config import ConfigError, LatentSettings
 from megatron_latent.models import slots
@@ -133,6 +136,20 @@ class LatentGPTModel(GPTModel):
         if self.output_layer is None or self.output_layer.weight is None:
             raise RuntimeError("interpolated thoughts need the output layer on the stage that embeds")
         return self.output_layer.weight
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron's, with a first pipeline stage's `thought_head` (the synchronized copy of the
+        output layer, parallel/pipeline.py) as a replica of `output_layer.weight`: saved once, by
+        the last stage, and loaded from it, as megatron treats the last stage's tied embedding."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        head = getattr(self, "thought_head", None)
+        if head is not None:
+            metadata = ensure_metadata_has_dp_cp_group(metadata)
+            sd[f"{prefix}thought_head"] = make_tp_sharded_tensor_for_checkpoint(
+                tensor=head, key=f"{prefix}output_layer.weight",
+                replica_id=(1, 0, ps.get_data_parallel_rank(with_context_parallel=True)),
+                allow_shape_mismatch=True, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        return sd
 
     def next_columns(self, tokens, pos, hidden, num_slots: int) -> List[torch.Tensor]:
         """The columns [tokens, thought 1, ...] of the pass after one over `num_slots` slots per

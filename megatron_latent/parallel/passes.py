@@ -6,12 +6,15 @@ stage. megatron's interleaved schedule sends the output of chunk c on the last p
 chunk c+1 on the first rank, so pass p is made virtual chunk p (times the model's own layer chunks,
 if any) of a pipeline whose chunks all share one set of weights:
 
-* the first stage builds pass p's input columns from its own token embeddings and the thoughts it
-  receives (the post-norm output of pass p-1, sent by the last stage), with the model's
-  `next_columns`, the same hand-over as the single-stage pass loop;
+* the first stage builds pass 0's columns with the model's `first_columns` (the tokens, and the
+  pause columns of a pause-token model) and pass p's from its own token embeddings and what it
+  receives (the output of pass p-1, sent by the last stage), with the model's `next_columns`: the
+  same hand-over as the single-stage pass loop (thoughts, interpolated thoughts, or a loop's
+  residual stream);
 * every stage runs its own layers on every pass;
-* the last stage applies the final norm on every pass (its block is built with it) and the output
-  layer and loss only on the final pass.
+* the last stage applies the final norm on the passes the model says (`final_norm_on_pass`: every
+  pass but a loop's non-final ones) and the output layer and loss only on the final pass, at the
+  output slot.
 
 A `PassChunk` holds its stage module *unregistered*: it has no parameters of its own, so megatron DDP
 sees every weight once (one gradient buffer, accumulated over all passes and micro-batches) and
@@ -92,8 +95,9 @@ class PassChunk(torch.nn.Module):
         inputs = None  # later stages: the previous stage's output, through set_input_tensor
         if m.pre_process:
             tokens, pos = m.token_inputs(input_ids, position_ids)
-            columns = [tokens]
-            if p > 0:
+            if p == 0:
+                columns = m.first_columns(tokens, pos, m.pause_token_id)
+            else:
                 prev = self.pass_slots[p - 1]
                 received = self.thoughts_from.popleft() if self.thoughts_from is not None else self._input
                 self._input = None
@@ -101,13 +105,14 @@ class PassChunk(torch.nn.Module):
             inputs = slots.interleave(columns)
         else:
             m.decoder.set_input_tensor(self._received(num_slots * L))
-        h = m.decode(inputs, num_slots, attention_mask, position_ids)
+        h = m.decode(inputs, num_slots, attention_mask, position_ids,
+                     final_norm=m.final_norm_on_pass(p, len(self.pass_slots)))
         if m.post_process and self.is_final_pass:
-            if n == 0:
-                # One slot per position: the (sequence-parallel) output is already what the
-                # output layer takes.
+            if num_slots == 1:
+                # One slot per position (vanilla, extra loops): the (sequence-parallel) output is
+                # already what the output layer takes.
                 return m.output(h, input_ids, position_ids, labels=labels, loss_mask=loss_mask, scattered=True)
-            last = slots.take_slot(m.full_sequence(h), n, n + 1)
+            last = slots.take_slot(m.full_sequence(h), m.latent.output_slot, num_slots)
             return m.output(last, input_ids, position_ids, labels=labels, loss_mask=loss_mask)
         return self._padded(h, L)
 

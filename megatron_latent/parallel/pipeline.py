@@ -1,10 +1,11 @@
 """Pipeline parallelism for the latent model: build the stages, run a step through megatron's schedules.
 
 At PP=1 the latent model runs its own multi-pass forward (megatron's no-pipelining schedule). At
-PP>1 every pass of the forward is a virtual pipeline chunk (see `parallel.passes`): for a step with
-J Jacobi iterations there are P = N + J + 1 passes (one for N = 0), and with the model's own
-interleaved layer chunks (v per rank) V = P * v virtual chunks, run by megatron's interleaved
-schedule (its 1F1B schedule when V = 1). Chunk k = p * v + j is pass p over layer chunk j.
+PP>1 every pass of the forward is a virtual pipeline chunk (see `parallel.passes`): a step with
+J Jacobi iterations has P = len(latent.pass_slots(J)) passes (N + J + 1 with latent thoughts,
+K + 1 with extra loops, one otherwise), and with the model's own interleaved layer chunks (v per
+rank) V = P * v virtual chunks, run by megatron's interleaved schedule (its 1F1B schedule when
+V = 1). Chunk k = p * v + j is pass p over layer chunk j.
 
     chunks = build_latent_pipeline(cfg)                          # this rank's stage module(s)
     losses = latent_forward_backward(forward_step_func=..., data_iterator=batches, model=chunks,
@@ -15,6 +16,18 @@ schedule (its 1F1B schedule when V = 1). Chunk k = p * v + j is pass p over laye
 of it, in lockstep. The optimizer step and evaluation around it live in training/engine.py.
 Checkpoints (training/checkpointing.py) hold the stage modules' weights once, under megatron's
 global keys, so they load at any other TP/PP.
+
+Every method runs through the same pass chunks (pause tokens: one pass; extra loops: K+1). Only
+interpolated thoughts need more: the first stage mixes embeddings by the output softmax, so it
+needs the output layer's weight, which with untied embeddings (GPT-NeoX, LLaMA) lives on the last
+stage only. It gets a mirror the way megatron keeps tied embeddings in sync across stages: a
+parameter `thought_head` on the first stage, zero-filled and all-reduced with the last stage's
+output layer over megatron's embedding group at build (so the two are equal), its gradient summed
+with the output layer's over the same group after each finalize (so both take the same update),
+marked `shared` (counted once in the gradient norm) and `shared_embedding` (its own DDP bucket,
+sharded alike on both stages under the distributed optimizer), and checkpointed as a replica of
+`output_layer.weight` (LatentGPTModel.sharded_state_dict): saved once, loaded from the output layer
+at any layout. Weight decay and Adam see identical tensors and gradients, so the copies never drift.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from typing import Callable, Deque, List, Optional
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 
@@ -88,13 +102,52 @@ def build_latent_pipeline(cfg: ModelConfig, config=None, use_te: Optional[bool] 
     v = layout.virtual_chunks
     first = ps.is_pipeline_first_stage(ignore_virtual=True)
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
-    return [
+    chunks = [
         build_gpt_model(
             cfg, first and j == 0, last and j == v - 1, vp_stage=j if v > 1 else None, config=config,
             use_te=use_te, model_cls=LatentGPTModel, latent=cfg.latent, pipeline_stage=True,
         )
         for j in range(v)
     ]
+    if cfg.latent.thought_input == "interpolated" and not cfg.tie_embeddings:
+        _mirror_output_layer(chunks)
+    return chunks
+
+
+# The first stage's copy of the output layer (interpolated thoughts, untied embeddings) and the
+# output layer itself carry this attribute: their gradients are summed after each finalize.
+_MIRRORED = "latent_thought_head_mirror"
+
+
+def _mirror_output_layer(chunks) -> None:
+    """Give the first stage the output layer's weight as `thought_head` (see the module docstring)."""
+    pre = next((c for c in chunks if c.pre_process), None)
+    post = next((c for c in chunks if c.post_process), None)
+    if pre is None and post is None:
+        return
+    if pre is not None:
+        emb = pre.embedding.word_embeddings.weight  # the output layer's shape: [V / tp, H]
+        head = torch.nn.Parameter(torch.zeros_like(emb))
+        tensor_parallel.set_tensor_model_parallel_attributes(head, True, 0, 1)
+        head.shared = True  # a duplicate: counted once in the gradient norm, on the last stage
+        head.is_embedding_or_output_parameter = True
+        pre.thought_head = head
+        weight = head
+    else:
+        weight = post.output_layer.weight
+    weight.shared_embedding = True
+    setattr(weight, _MIRRORED, True)
+    torch.distributed.all_reduce(weight.data, group=ps.get_embedding_group())
+
+
+def _sum_mirrored_grads(stages) -> None:
+    """After megatron's finalize: the output layer and its first-stage copy both take the sum of
+    their gradients (each has a full gradient only for its own use)."""
+    for stage in unwrap_model(list(stages)):
+        for param in stage.parameters():
+            if getattr(param, _MIRRORED, False):
+                grad = param.main_grad if hasattr(param, "main_grad") else param.grad
+                torch.distributed.all_reduce(grad, group=ps.get_embedding_group())
 
 
 def pass_chunks(model_chunks, num_jacobi_iters: int, passes: Optional[range] = None,
@@ -123,7 +176,9 @@ def pass_chunks(model_chunks, num_jacobi_iters: int, passes: Optional[range] = N
 def _finalize_stages(finalize, stages, _pass_chunks, num_tokens=None, **kwargs):
     # num_tokens: the step's target count for the per-token loss, summed by the schedule over the
     # loss_func calls, i.e. only the final pass's chunk on the last stage (the only one with a loss).
-    return finalize(stages, num_tokens, **kwargs)
+    result = finalize(stages, num_tokens, **kwargs)
+    _sum_mirrored_grads(stages)
+    return result
 
 
 @contextmanager
