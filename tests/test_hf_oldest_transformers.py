@@ -1,7 +1,8 @@
 """Exports load the same under the oldest transformers setup.py admits (4.46.3): folders written
 here (transformers 5) are loaded in a separate plain venv with the stock classes (N=0) and our
 remote code (N=1; extra loops per family, pause tokens, interpolated thoughts), and give the
-logits this venv's megatron model computes; generate() there gives the tokens it gives here. The venv is built once (pip, PyPI) and cached."""
+logits this venv's megatron model computes; generate() there gives the tokens it gives here.
+The venv is built once (pip, PyPI) and cached."""
 
 import json
 import os
