@@ -7,8 +7,12 @@
 #   vanilla-2S-hf-init     N=0, 2S layers (equal inference cost to N=1), HF init, weight decay 0.01
 #   vanilla-2S-paper-init  N=0, 2S layers, the latent model's init, weight decay 0.01
 #   latent-N1, latent-N2   N=1 and N=2 latent thoughts, S layers, the paper's init, weight decay 0.1
+#   pause-K3               3 pause tokens per token (docs/baselines.md), weight decay 0.1
+#   loop-K3                the layer stack run 4 times, weight decay 0.1
+#   interpolated-N1        N=1 thoughts fed the softmax mix of the embeddings (the PonderLM feedback)
+#                          instead of the hidden state: latent-N1's exact compute; weight decay 0.01
 #
-# (pause, loop and interpolated thoughts join the list when they exist: issue 13.) Then one table
+# Then one table
 # (tools/compare_runs.py: parameters, tokens, exact FLOPs, validation loss with the spread over the
 # seeds, wall time) and one PNG.
 #
@@ -59,8 +63,12 @@ declare -A FLAGS=(
     [vanilla-2S-paper-init]="--num-latent-thoughts 0 --num-layers $((2 * S)) --weight-decay 0.01"
     [latent-N1]="--num-latent-thoughts 1 --weight-decay 0.1"
     [latent-N2]="--num-latent-thoughts 2 --weight-decay 0.1"
+    [pause-K3]="--num-pause-tokens 3 --weight-decay 0.1"
+    [loop-K3]="--num-extra-loops 3 --weight-decay 0.1"
+    [interpolated-N1]="--num-latent-thoughts 1 --thought-input interpolated --weight-decay 0.01"
 )
-ORDER=(vanilla-S-hf-init vanilla-S-paper-init vanilla-2S-hf-init vanilla-2S-paper-init latent-N1 latent-N2)
+ORDER=(vanilla-S-hf-init vanilla-S-paper-init vanilla-2S-hf-init vanilla-2S-paper-init latent-N1 latent-N2
+       pause-K3 loop-K3 interpolated-N1)
 
 DIRS=() LABELS=()
 for name in "${ORDER[@]}"; do
@@ -82,5 +90,6 @@ done
 
 "$PY" tools/compare_runs.py "${DIRS[@]}" --label "${LABELS[@]}" --plot "$OUT/valid_loss.png" \
     --latent latent-N1 --baselines vanilla-S-hf-init vanilla-S-paper-init vanilla-2S-hf-init vanilla-2S-paper-init \
+    pause-K3 loop-K3 interpolated-N1 \
     | tee "$OUT/comparison.md"
 echo "everything is in $OUT"

@@ -164,27 +164,18 @@ def test_method_flops_against_vanilla():
     dict(num_pause_tokens=2), dict(num_extra_loops=2),
 ], ids=["vanilla", "latent", "interpolated", "pause", "loop"])
 def test_decode_flops_equal_torch_flop_counter(method):
-    """KV-cached decoding of each method, counted: single-slot steps through the model's decoder on
-    megatron's static KV cache (the token, then its thoughts fed back or its pause slots; with extra
-    loops one cache per pass, each pass fed the previous one's output), the output layer once."""
+    """KV-cached decoding of each method, counted: the KV decoder's steps on megatron's static KV
+    cache (the token, then its thoughts fed back or its pause slots; with extra loops one cache per
+    run of the stack, each fed the previous one's output), the output layer once."""
     from megatron_latent.inference.kv_decoder import LatentKVDecoder
     from megatron_latent.models.flops import model_decode_flops
 
     cfg = _method_config("tiny-llama", **method)
-    lat = cfg.latent
     model = _method_model(cfg).eval()
-    caches = [LatentKVDecoder(model, 1, 4 * lat.num_slots) for _ in range(lat.num_extra_loops + 1)]
+    cache = LatentKVDecoder(model, 1, 4)
     valid = torch.ones(1, 1, dtype=torch.bool)
     for p in range(4):
         ids, pos = torch.tensor([[p + 3]]), torch.tensor([[p]])
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            x, pe = model.token_inputs(ids, pos)
-            columns = model.first_columns(x, pe, model.pause_token_id)
-            for s in range(lat.num_slots):
-                h = caches[0].forward_slots(columns[s] if s < len(columns) else x, pos, valid)
-                if s < lat.num_latent_thoughts:
-                    x = model.thought_input(h, pe)
-            for cache in caches[1:]:
-                h = cache.forward_slots(h, pos, valid)
-            model.output(h, ids, pos)
+            model.output(cache.step(ids, pos, valid), ids, pos)
         assert counter.get_total_flops() == model_decode_flops(cfg, p), p
