@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU smoke and speed check (one GPU, a few minutes): the driver in bf16 at 410M, vanilla and
-# latent (N=1, J in {2,3}), printing tokens/s and MFU, then the latent-vs-vanilla step-time ratios
+# GPU smoke and speed check (one GPU, a few minutes): the driver in bf16 at 410M, vanilla,
+# latent (N=1, J in {2,3}) and the baselines (pause, loop, interpolated), printing tokens/s and MFU, then the latent-vs-vanilla step-time ratios
 # against the FLOP ratios. Numbers go to docs/benchmarks.md with this command.
 #   bash examples/gpu_smoke.sh 2>&1 | tee gpu_smoke.log
 set -uo pipefail
@@ -17,6 +17,10 @@ run() {
 echo "== vanilla (N=0)";              run
 echo "== latent N=1, J in {2,3} (LLaMA defaults)";    run --num-latent-thoughts 1
 echo "== latent N=1, selective recompute"; run --num-latent-thoughts 1 --recompute-granularity selective
+# The paper's baselines (docs/baselines.md): their tokens/s and MFU beside latent thoughts'.
+echo "== pause K=3";                  run --num-pause-tokens 3
+echo "== loop K=3";                   run --num-extra-loops 3
+echo "== interpolated N=1";           run --num-latent-thoughts 1 --thought-input interpolated
 echo "== step-time ratios vs FLOP ratios"
 timeout 180 "$PY" tools/bench_latent.py --num-layers 12 --hidden-size 1024 --num-attention-heads 16 \
     --vocab-size 50304 --seq-length 1024 --micro-batch-size 4 --iters 5 --bf16 2>&1 | grep -v -i warn | tail -6
