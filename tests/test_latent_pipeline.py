@@ -126,16 +126,18 @@ def test_n0_pipeline_equals_megatron_1f1b_and_single_rank(pp2, single):
     check(wiring, single["vanilla"])
 
 
-def test_checkpoint_saved_at_pp2_loads_at_pp1(pp2, single):
-    saved = [r["save"] for r in pp2]
-    loaded = single["load"]
+def _check_pp2_checkpoint_at_pp1(saved, loaded, logits_from_pp2_weights):
     # The checkpoint holds each weight once, under its global name: PP=1 gets the whole model.
     assert max_rel_diff(loaded["weights"], saved[0]["weights"]) == 0.0
-    torch.testing.assert_close(loaded["logits"], single["logits-from-pp2-weights"], rtol=0, atol=0)
+    torch.testing.assert_close(loaded["logits"], logits_from_pp2_weights, rtol=0, atol=0)
     # Evaluation (forward only, J = jacobi_iters_eval) through the PP=2 schedule equals PP=1's.
     pp2_eval = [s["eval_loss"] for s in saved if s["eval_loss"] is not None]
     assert len(pp2_eval) == 1
     assert loaded["eval_loss"] == pytest.approx(pp2_eval[0], rel=1e-6)
+
+
+def test_checkpoint_saved_at_pp2_loads_at_pp1(pp2, single):
+    _check_pp2_checkpoint_at_pp1([r["save"] for r in pp2], single["load"], single["logits-from-pp2-weights"])
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +208,8 @@ def test_baseline_dp2_pp2_distributed_optimizer_equals_single_rank(world4, singl
 
 def test_interpolated_checkpoint_moves_between_pp2_and_pp1(pp2, single, world4):
     # Saved at PP=2 (the first stage's copy of the output layer is not saved), loaded at PP=1.
-    saved = [r["interpolated-save"] for r in pp2]
-    loaded = single["interpolated-load"]
-    assert max_rel_diff(loaded["weights"], saved[0]["weights"]) == 0.0
-    torch.testing.assert_close(loaded["logits"], single["interpolated-logits-from-pp2-weights"], rtol=0, atol=0)
-    pp2_eval = [s["eval_loss"] for s in saved if s["eval_loss"] is not None]
-    assert len(pp2_eval) == 1
-    assert loaded["eval_loss"] == pytest.approx(pp2_eval[0], rel=1e-6)
+    _check_pp2_checkpoint_at_pp1([r["interpolated-save"] for r in pp2], single["interpolated-load"],
+                                 single["interpolated-logits-from-pp2-weights"])
     # Saved at PP=1, loaded at PP=2 (x DP=2): the copy loads from the output layer (pc.merged
     # asserts it equals it exactly) and evaluation gives PP=1's loss.
     saved1 = single["interpolated-save"]
