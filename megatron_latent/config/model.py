@@ -70,6 +70,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ latent
 METHODS = ("vanilla", "latent", "interpolated", "pause", "loop")
+# LatentSettings' size fields, one per way of spending compute: at most one is non-zero.
+METHOD_SIZE_FIELDS = ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops")
 THOUGHT_INPUTS = ("hidden", "interpolated")
 
 
@@ -109,10 +111,10 @@ class LatentSettings:
 
     def __post_init__(self):
         n = self.num_latent_thoughts
-        for name in ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops", "interpolation_topk"):
+        for name in METHOD_SIZE_FIELDS + ("interpolation_topk",):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
-        on = [name for name in ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops") if getattr(self, name)]
+        on = [name for name in METHOD_SIZE_FIELDS if getattr(self, name)]
         need(len(on) <= 1, f"{' and '.join(on)} are exclusive: latent thoughts, pause tokens and extra loops "
                            "are different methods; choose one")
         need(self.thought_input in THOUGHT_INPUTS,
@@ -348,8 +350,8 @@ class ModelConfig:
         latent = {k: changes.pop(k) for k in _LATENT_FIELDS if k in changes}
         if latent:
             base = changes.get("latent", self.latent)
-            methods = ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops", "thought_input")
-            if any(latent.get(k, getattr(base, k)) != getattr(base, k) for k in methods):
+            switched = METHOD_SIZE_FIELDS + ("thought_input",)
+            if any(latent.get(k, getattr(base, k)) != getattr(base, k) for k in switched):
                 # Another method: its own defaults, unless given.
                 latent.setdefault("scale_embeddings", None)
                 if latent.get("num_latent_thoughts", base.num_latent_thoughts) == 0:

@@ -78,19 +78,9 @@ def _our_method(c) -> Dict:
 def latent_from_hf(c, arch: str) -> Dict:
     """LatentSettings field values (for ModelConfig.replace) of an HF config's latent keys."""
     ours = hasattr(c, "latent_prefill")
-    if ours and (getattr(c, "num_pause_tokens", 0) or getattr(c, "num_extra_loops", 0)
-                 or getattr(c, "interpolation", False)):
-        method = _our_method(c)
-        scale = getattr(c, "scale_embeds", False)
-        n = getattr(c, "num_latent_thoughts", 0) or 0
-        out = dict(method, num_latent_thoughts=n, scale_embeddings=bool(scale))
-        if n:
-            out["jacobi_iters_eval"] = getattr(c, "num_jacobi_iterations", 3)
-            rng = getattr(c, OUR_RANGE_KEY, None)
-            out["jacobi_iters"] = _range(rng, OUR_RANGE_KEY) if rng is not None else (
-                _family_range(arch) if getattr(c, "random_jacobi_iterations", False)
-                else (out["jacobi_iters_eval"],) * 2)
-        return out
+    # Our baseline exports name their method (the keys the authors' PonderLM-2 files refuse below).
+    method = _our_method(c) if ours and (getattr(c, "num_pause_tokens", 0) or getattr(c, "num_extra_loops", 0)
+                                         or getattr(c, "interpolation", False)) else {}
     n = getattr(c, "num_latent_thoughts", 0) or 0
     scale = getattr(c, "scale_embeds", False)
     for key in ("scale_embeds", "interpolation", "recurrent_model"):
@@ -99,24 +89,25 @@ def latent_from_hf(c, arch: str) -> Dict:
             raise AuthorsConfigError(f"config.json {key} {v!r}: expected true or false")
     if not isinstance(n, int) or n < 0:
         raise AuthorsConfigError(f"config.json num_latent_thoughts {n!r}: expected an integer >= 0")
-    if not (n or scale):
+    if not (n or scale or method):
         return {}  # vanilla: their other keys do not change the forward
-    for key, method in _OTHER_METHOD_KEYS.items():
-        if getattr(c, key, None) is not None:
-            raise AuthorsConfigError(f"config.json {key}: a {method} model, not PonderLM-2; not supported")
-    if not getattr(c, "recurrent_model", ours):
-        raise AuthorsConfigError(
-            f"config.json recurrent_model false (or absent) with {n} latent thought(s), scale_embeds "
-            f"{str(bool(scale)).lower()}: the authors' code runs the vanilla forward; set it true only if the "
-            "model was trained with pondering, or drop the latent keys")
-    if getattr(c, "interpolation", not ours):
-        raise AuthorsConfigError(
-            "config.json interpolation true (or absent: their loader's default): PonderLM-1 interpolated "
-            "embeddings, not PonderLM-2 hidden-state thoughts; not supported")
+    if not method:
+        for key, other in _OTHER_METHOD_KEYS.items():
+            if getattr(c, key, None) is not None:
+                raise AuthorsConfigError(f"config.json {key}: a {other} model, not PonderLM-2; not supported")
+        if not getattr(c, "recurrent_model", ours):
+            raise AuthorsConfigError(
+                f"config.json recurrent_model false (or absent) with {n} latent thought(s), scale_embeds "
+                f"{str(bool(scale)).lower()}: the authors' code runs the vanilla forward; set it true only if the "
+                "model was trained with pondering, or drop the latent keys")
+        if getattr(c, "interpolation", not ours):
+            raise AuthorsConfigError(
+                "config.json interpolation true (or absent: their loader's default): PonderLM-1 interpolated "
+                "embeddings, not PonderLM-2 hidden-state thoughts; not supported")
     j_eval = getattr(c, "num_jacobi_iterations", 3)
     if not isinstance(j_eval, int) or isinstance(j_eval, bool) or j_eval < 0:
         raise AuthorsConfigError(f"config.json num_jacobi_iterations {j_eval!r}: expected an integer >= 0")
-    out = dict(num_latent_thoughts=n, jacobi_iters_eval=j_eval, scale_embeddings=bool(scale))
+    out = dict(method, num_latent_thoughts=n, jacobi_iters_eval=j_eval, scale_embeddings=bool(scale))
     if n:
         rnd = getattr(c, "random_jacobi_iterations", False)
         if getattr(c, OUR_RANGE_KEY, None) is not None:

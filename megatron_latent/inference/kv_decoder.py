@@ -162,7 +162,7 @@ class LatentKVDecoder:
         # The forward's growth and Jacobi passes; the pass that fills the cache is its final pass.
         columns, iters = model.solve_thoughts(tokens, pos, position_ids, _token_mask(valid), budget, converged)
         h = self.fill(columns, position_ids, valid)
-        return slots.take_slot(h, n, n + 1), iters
+        return slots.take_slot(h, self.output_slot, self.num_slots), iters
 
 
 def _token_mask(valid):

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from megatron_latent.cli import flag_message
 from megatron_latent.config import ConfigError, ModelConfig, get_preset
+from megatron_latent.config.model import METHOD_SIZE_FIELDS
 from megatron_latent.training.checkpointing import checkpoint_model_config, resolve_iteration
 
 
@@ -202,9 +203,9 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
     }
     # The method's size flags: one given switches the model (a preset's or a checkpoint's) to that
     # method, so the others not given are off; two given (> 0) are refused by LatentSettings.
-    methods = {f: getattr(args, f) for f in _METHOD_FIELDS if getattr(args, f) is not None}
+    methods = {f: getattr(args, f) for f in METHOD_SIZE_FIELDS if getattr(args, f) is not None}
     if any(methods.values()):
-        overrides.update({f: 0 for f in _METHOD_FIELDS})
+        overrides.update({f: 0 for f in METHOD_SIZE_FIELDS})
         if not methods.get("num_latent_thoughts"):
             overrides.setdefault("grad_passes", None)  # a latent checkpoint's, meaningless for the others
     overrides.update(methods)
@@ -225,10 +226,6 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
                           "only latent thoughts are refined by Jacobi passes")
     cfg.check_seq_length(args.seq_length if args.seq_length is not None else cfg.seq_length)
     return cfg
-
-
-# LatentSettings' fields that choose the method (parser destinations of the same name).
-_METHOD_FIELDS = ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops")
 
 # Library names whose flag is not the parser destination of the same name.
 _RENAMED = {
