@@ -92,7 +92,7 @@ class LatentKVDecoder:
         steps (K pause steps) at the same position. Returns the hidden state of the last [1, b, h]."""
         model = self.model
         x, pos = model.token_inputs(input_ids, position_ids)
-        given = model.first_columns(x, pos, model.pause_token_id)  # the token, and the K pauses
+        given = model.first_columns(x, pos)  # the token, and the K pauses
         for a in range(self.num_slots):
             h = self.forward_slots(x, position_ids, valid)
             if a + 1 < self.num_slots:
@@ -146,7 +146,7 @@ class LatentKVDecoder:
         model = self.model
         tokens, pos = model.token_inputs(input_ids, position_ids)
         if n == 0:
-            h = self.fill(model.first_columns(tokens, pos, model.pause_token_id), position_ids, valid)
+            h = self.fill(model.first_columns(tokens, pos), position_ids, valid)
             return slots.take_slot(h, self.output_slot, self.num_slots), None
         converged = None
         if method == "jacobi":

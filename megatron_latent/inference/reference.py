@@ -30,7 +30,7 @@ def sequential_hidden_states(model, input_ids, position_ids, attention_mask=None
         return x
     num_slots = lat.num_slots
     # Inputs that do not depend on earlier slots: the tokens, and with pause tokens the K pauses.
-    given = model.first_columns(tokens, pos, model.pause_token_id)
+    given = model.first_columns(tokens, pos)
     mask = slots.slot_attention_mask(attention_mask, num_slots)
     rotary = model.rotary_for(position_ids, num_slots)
     inputs, outputs = [], []

@@ -101,15 +101,13 @@ class LatentGPTModel(GPTModel):
         lat = self.latent
         return math.sqrt(lat.embedding_scale_factor * self.config.hidden_size) if lat.scale_embeddings else 1.0
 
-    def first_columns(self, tokens, pos, pause_token_id: Optional[int] = None) -> List[torch.Tensor]:
+    def first_columns(self, tokens, pos) -> List[torch.Tensor]:
         """The columns of a forward's first pass: the tokens, and with pause tokens K columns of the
         pause embedding (row `pause_token_id`, scaled as a token, plus the position term)."""
         k = self.latent.num_pause_tokens
         if not k:
             return [tokens]
-        if pause_token_id is None:
-            raise ValueError("a pause-token model needs its pause_token_id (ModelConfig.pause_token_id)")
-        ids = torch.full(tokens.shape[1::-1], pause_token_id, dtype=torch.long, device=tokens.device)
+        ids = torch.full(tokens.shape[1::-1], self.pause_token_id, dtype=torch.long, device=tokens.device)
         pause = self.embedding.word_embeddings(ids) * self.embedding_scale  # [b, L, h]
         pause = pause.transpose(0, 1)
         pause = pause + pos if pos is not None else pause
@@ -225,7 +223,7 @@ class LatentGPTModel(GPTModel):
         # Training with grad_passes k: the passes before the last k keep no graph (their thoughts
         # enter the next pass as constants; the token column still carries gradients).
         no_grad = self.latent.passes_without_grad(num_jacobi) if torch.is_grad_enabled() else 0
-        columns = self.first_columns(tokens, pos, self.pause_token_id)
+        columns = self.first_columns(tokens, pos)
         schedule = self.latent.pass_slots(num_jacobi)
         for p, num_slots in enumerate(schedule[:-1]):
             with torch.no_grad() if p < no_grad else contextlib.nullcontext():

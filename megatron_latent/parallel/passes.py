@@ -96,7 +96,7 @@ class PassChunk(torch.nn.Module):
         if m.pre_process:
             tokens, pos = m.token_inputs(input_ids, position_ids)
             if p == 0:
-                columns = m.first_columns(tokens, pos, m.pause_token_id)
+                columns = m.first_columns(tokens, pos)
             else:
                 prev = self.pass_slots[p - 1]
                 received = self.thoughts_from.popleft() if self.thoughts_from is not None else self._input
