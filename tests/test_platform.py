@@ -123,3 +123,101 @@ def _draw(seed):
     g = torch.Generator()
     g.manual_seed(seed)
     return torch.rand(3, generator=g)
+
+
+def test_freed_memory_is_kept_for_the_next_step():
+    # A step's activations freed and allocated again: glibc trims its heap and the next round
+    # page-faults every block in again, zero-filled; the backend's allocator settings keep them.
+    out = _run(
+        """
+        import resource, torch
+        from megatron_latent import platform
+
+        def faults():
+            r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(4):
+                xs = [torch.ones(2 << 20) for _ in range(10)]  # ten 8 MiB blocks, then all freed
+                del xs
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+
+        before = faults()
+        assert platform._keep_freed_memory()
+        faults()
+        print(before, faults())
+        """
+    )
+    before, after = map(int, out.split())
+    assert before > 30_000 and after < 1_000, (before, after)
+
+
+def test_multi_tensor_kernels_equal_megatrons_fallbacks():
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    assert clip_grads.l2_norm_impl is platform._multi_tensor_l2norm
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=g) for n in (3, 70, 1000)]
+    ours, _ = platform._multi_tensor_l2norm(0, None, [grads], False)
+    ref, _ = utils.local_multi_tensor_l2_norm(0, None, [grads], False)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    src = [t.clone() for t in grads]
+    dst = [torch.empty_like(t, dtype=torch.float64) for t in grads]
+    platform._multi_tensor_scale(0, None, [src, dst], 0.5)
+    for s, d in zip(src, dst):
+        assert torch.equal(d, (s * 0.5).double())
+    platform._multi_tensor_scale(0, None, [src, src], 0.25)  # in place, as gradient clipping does
+    for s, t in zip(src, grads):
+        assert torch.equal(s, t * 0.25)
+
+
+def test_fused_adam_steps_as_torchs_own(single_rank):
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_latent.config import ModelConfig
+    from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.training import engine
+
+    cfg = ModelConfig(name="t", arch="gpt-neox", num_layers=1, hidden_size=16, num_attention_heads=2,
+                      ffn_hidden_size=32, vocab_size=64, seq_length=8)
+    torch.manual_seed(0)
+    model = engine.wrap_ddp([build_gpt_model(cfg)])
+    opt = engine.build_optimizer(model, OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1))
+    inner = [o.optimizer for o in opt.chained_optimizers]
+    assert inner and all(g["fused"] for o in inner for g in o.param_groups)
+    # One AdamW step after another, fused and per tensor, from the same weights and gradients.
+    params = list(model[0].parameters())
+    fused = torch.optim.AdamW([p.detach().clone() for p in params], lr=1e-2, weight_decay=0.1, fused=True)
+    plain = torch.optim.AdamW([p.detach().clone() for p in params], lr=1e-2, weight_decay=0.1, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for o in (fused, plain):
+            for p, gr in zip(o.param_groups[0]["params"], grads):
+                p.grad = gr.clone()
+            o.step()
+    for a, b in zip(fused.param_groups[0]["params"], plain.param_groups[0]["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_transformer_blocks_run_without_the_mode(single_rank):
+    from megatron_latent.config import ModelConfig
+    from megatron_latent.models.gpt import build_gpt_model
+
+    cfg = ModelConfig(name="t", arch="gpt-neox", num_layers=1, hidden_size=16, num_attention_heads=2,
+                      ffn_hidden_size=32, vocab_size=64, seq_length=8)
+    model = build_gpt_model(cfg)
+    seen = []
+    model.decoder.layers[0].register_forward_pre_hook(
+        lambda *_: seen.append(len(torch.overrides._get_current_function_mode_stack())))
+    tokens = torch.randint(0, 64, (2, 8))
+    model(tokens, torch.arange(8).expand(2, 8), None)
+    assert seen == [0]
+    # ... and megatron's own attention (the fallback of models.attention), which allocates on the
+    # device, gets the mode back.
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    inner = []
+    with torch.overrides._pop_mode_temporarily():
+        platform._with_mode(lambda: inner.append(len(torch.overrides._get_current_function_mode_stack())))()
+    assert inner == [1]
+    assert DotProductAttention.forward.__wrapped__ is not None

@@ -180,8 +180,11 @@ def main():
     times = {(s, k): [] for s in sides for k in ("vanilla", "latent")}
     try:
         for r in range(args.rounds + 1):
+            # The side that runs first in a round alternates: a step runs slower right after the
+            # other process's step than after its own (caches, the other side's idle threads).
+            order = list(sides.items())[:: 1 if r % 2 else -1]
             for k in ("latent", "vanilla"):
-                for s, side in sides.items():
+                for s, side in order:
                     t = side.step(k)
                     if r:  # round 0 warms up
                         times[s, k].append(t)

@@ -59,8 +59,10 @@ class FusedDotProductAttention(DotProductAttention):
         if groups > 1:
             key = key.repeat_interleave(groups, dim=2)
             value = value.repeat_interleave(groups, dim=2)
-        # [s, b, heads, d] -> [b, heads, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        # [s, b, heads, d] -> [b, heads, s, d], made contiguous: the kernel walks keys and values row
+        # by row, and in megatron's layout consecutive rows lie b * heads * d elements apart (8 KiB at
+        # the bench_reference size); the copies cost less than they save (docs/benchmarks.md).
+        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
         context = F.scaled_dot_product_attention(
             q, k, v,
             # megatron's masks say True = masked out; torch's boolean masks say True = attend.

@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -27,11 +26,14 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
+from megatron_latent.models.linear import LocalRowParallelLinear
 
-class PartialSumRowParallelLinear(RowParallelLinear):
+
+class PartialSumRowParallelLinear(LocalRowParallelLinear):
     """RowParallelLinear that returns this rank's partial sum unreduced, and its bias separately.
 
-    The caller owns the reduction (ParallelResidualTransformerLayer sums two of these first).
+    The caller owns the reduction (ParallelResidualTransformerLayer sums two of these first). At
+    one rank the partial sum is the whole product and the bias is added in it (LocalRowParallelLinear).
     """
 
     returns_partial_sum = True
@@ -43,6 +45,8 @@ class PartialSumRowParallelLinear(RowParallelLinear):
             raise ValueError("PartialSumRowParallelLinear is for dense layers, not experts")
 
     def forward(self, input_):
+        if self.single_rank:
+            return super().forward(input_)
         if not self.input_is_parallel:
             raise ValueError("PartialSumRowParallelLinear needs input_is_parallel=True")
         out = self._forward_impl(
@@ -120,7 +124,9 @@ class ParallelResidualTransformerLayer(TransformerLayer):
             # Checkpoint the output only: a bias Parameter returned through megatron's
             # CheckpointFunction gets that function as its grad_fn and backward recurses forever.
             mlp_out = tensor_parallel.checkpoint(lambda x: self.mlp(x)[0], False, mlp_in)
-            mlp_bias = self.mlp.linear_fc2.bias if self.config.add_bias_linear else None
+            fc2 = self.mlp.linear_fc2
+            # At one rank models.linear adds the bias inside the product already.
+            mlp_bias = fc2.bias if self.config.add_bias_linear and not getattr(fc2, "single_rank", False) else None
         else:
             mlp_out, mlp_bias = self.mlp(mlp_in)
 

@@ -4,9 +4,10 @@ One spec builder covers the three families; they differ in the layer class (sequ
 or GPT-NeoX's parallel residual) and otherwise only in TransformerConfig fields (normalization,
 activation, gated MLP, biases, query groups) that megatron's modules read themselves.
 
-* local (CPU, or GPU without TE): megatron's ColumnParallel/RowParallelLinear and
-  DotProductAttention (over torch's fused attention kernel: models.attention), norms from
-  `models.norms.TorchNorm` (sequence-parallel capable).
+* local (CPU, or GPU without TE): megatron's ColumnParallel/RowParallelLinear (one F.linear each
+  at one tensor-parallel rank: models.linear) and DotProductAttention (over torch's fused
+  attention kernel: models.attention), norms from `models.norms.TorchNorm` (sequence-parallel
+  capable).
 * Transformer Engine (chosen automatically when `transformer_engine` imports and CUDA is present):
   norms fused into the following linear (TELayerNormColumnParallelLinear), TE attention and
   row-parallel linears. With TE the parallel-residual layer reduces twice (TE's row-parallel
@@ -23,7 +24,6 @@ from typing import Optional
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_latent.config import ModelConfig
 from megatron_latent.models.attention import FusedDotProductAttention
+from megatron_latent.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from megatron_latent.models.norms import TorchNorm
 from megatron_latent.models.parallel_residual import (
     ParallelResidualTransformerLayer,
@@ -78,9 +79,9 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
         in_norm = mlp_norm = IdentityOp
         keys_map = {}
     else:
-        qkv = fc1 = ColumnParallelLinear
+        qkv = fc1 = LocalColumnParallelLinear
         # Parallel residual: both projections hand back partial sums, the layer reduces once.
-        proj = fc2 = PartialSumRowParallelLinear if cfg.parallel_residual else RowParallelLinear
+        proj = fc2 = PartialSumRowParallelLinear if cfg.parallel_residual else LocalRowParallelLinear
         attn = FusedDotProductAttention
         in_norm = mlp_norm = TorchNorm
         keys_map = dict(_SHARDED_KEYS_MAP)

@@ -190,6 +190,7 @@ def load_checkpoint(
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
         compat.restore_adam_steps(optimizer)
+        platform.fuse_optimizer(optimizer)
     if scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     return {"iteration": int(loaded["iteration"]), "extra": loaded.get("extra", {})}

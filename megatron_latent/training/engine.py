@@ -60,7 +60,9 @@ def wrap_ddp(model_chunks: List[torch.nn.Module], ddp_config=None):
 
 
 def build_optimizer(model_chunks, optimizer_config):
-    return get_megatron_optimizer(optimizer_config, model_chunks)
+    optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
+    platform.fuse_optimizer(optimizer)
+    return optimizer
 
 
 def configure_model_for_training(model_chunks, optimizer) -> None:
