@@ -1,15 +1,16 @@
-"""Build a megatron-core GPTModel (or a subclass, e.g. the latent model) for any ModelConfig."""
+"""Build a megatron-core GPTModel (models.loss.FusedLossGPTModel, or a subclass: the latent model)
+for any ModelConfig."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from megatron.core import parallel_state as ps
-from megatron.core.models.gpt import GPTModel
 
 from megatron_latent.config import ModelConfig, ParallelLayout
 from megatron_latent.models import specs
 from megatron_latent.models.latent import LatentGPTModel
+from megatron_latent.models.loss import FusedLossGPTModel
 
 
 def build_gpt_model(
@@ -20,7 +21,7 @@ def build_gpt_model(
     config=None,
     use_te: Optional[bool] = None,
     parallel_output: bool = True,
-    model_cls=GPTModel,
+    model_cls=FusedLossGPTModel,
     **model_kwargs,
 ):
     """This rank's part of the model described by `cfg`.

@@ -36,19 +36,19 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 from megatron_latent.config import ConfigError, LatentSettings
 from megatron_latent.models import slots
 from megatron_latent.models.interpolation import interpolate_embeddings
+from megatron_latent.models.loss import FusedLossGPTModel
 
 # converged(columns before a Jacobi pass, columns after it) -> stop iterating
 Converged = Callable[[List[torch.Tensor], List[torch.Tensor]], bool]
 
 
-class LatentGPTModel(GPTModel):
+class LatentGPTModel(FusedLossGPTModel):
     """megatron-core GPTModel whose forward thinks N latent thoughts per token.
 
     Takes GPTModel's arguments plus `latent: LatentSettings`. Weights and their names are

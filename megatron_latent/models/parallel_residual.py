@@ -131,7 +131,7 @@ class ParallelResidualTransformerLayer(TransformerLayer):
             mlp_out, mlp_bias = self.mlp(mlp_in)
 
         out = attn_out + mlp_out
-        if self.partial_sums:
+        if self.partial_sums and self.config.tensor_model_parallel_size > 1:
             # The single reduction of the layer: sum of both branches' partial products.
             if self.config.sequence_parallel:
                 out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
