@@ -30,7 +30,8 @@ It also makes megatron's GPU-less paths cost on the CPU what they cost on a GPU
   a KV cache, where the mode stays, and in megatron's own attention, which gets it back;
 * megatron's fallbacks for the multi-tensor kernels of Transformer Engine / Apex (gradient norm
   and scaling: a torch.norm and a host sync per parameter) become torch's foreach kernels, and
-  :func:`fuse_optimizer` gives its fallback torch Adam torch's fused CPU kernel;
+  :func:`fuse_optimizer` gives its fallback torch Adam torch's fused CPU kernel; the optimizer's
+  per-parameter loops (Adam's step, zeroing gradients) run without the mode;
 * glibc's allocator keeps freed memory (:func:`_keep_freed_memory`). On a GPU torch's caching
   allocator keeps a step's activation blocks for the next step; on the CPU torch frees them to
   glibc, which unmaps blocks above its mmap threshold and trims the heap top, so the next step
@@ -233,6 +234,40 @@ def _multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(dst, src if scale == 1.0 else torch._foreach_mul(src, scale))
 
 
+def _to_local_if_dtensor(tensor):
+    """megatron.core.utils.to_local_if_dtensor without its no_grad block around plain tensors.
+    Gradient clipping calls it twice per parameter per step, and under the mode entering no_grad
+    costs 4 us."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        with torch.no_grad():
+            return tensor.to_local()
+    return tensor
+
+
+def _only_our_mode() -> bool:
+    stack = torch.overrides._get_current_function_mode_stack()
+    return len(stack) == 1 and isinstance(stack[0], _CudaToCpuMode)
+
+
+def _without_mode(fn):
+    """`fn` run with the mode suspended, for loops over parameters that only read and set `.grad`
+    and update CPU tensors: under the mode each attribute access costs a microsecond. Another
+    mode on the stack (a user's) keeps the stack as it is."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        if not _only_our_mode():
+            return fn(*args, **kwargs)
+        with torch.overrides._pop_mode_temporarily():
+            return fn(*args, **kwargs)
+
+    wrapped.without_mode = True
+    return wrapped
+
+
 def _with_mode(fn):
     """`fn` run under the mode when none is active (the suspended block, a custom backward)."""
     import functools
@@ -261,10 +296,8 @@ def _patch_block_forward() -> None:
 
     @functools.wraps(forward)
     def block_forward(self, *args, **kwargs):
-        stack = torch.overrides._get_current_function_mode_stack()
         if (
-            len(stack) != 1
-            or not isinstance(stack[0], _CudaToCpuMode)
+            not _only_our_mode()
             or len(args) > 2  # inference_context may come positionally
             or self.config.sequence_parallel
             or kwargs.get("inference_context") is not None
@@ -288,19 +321,27 @@ def _patch_megatron_multi_tensor() -> None:
     for module in (clip_grads, moptimizer):
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
             module.multi_tensor_scale_impl = _multi_tensor_scale
+    # The per-parameter loops of a step outside the model: what the mode costs there (about
+    # 1,000 calls a step) is a visible share of a small model's step (docs/benchmarks.md).
+    if clip_grads.to_local_if_dtensor is utils.to_local_if_dtensor:
+        clip_grads.to_local_if_dtensor = _to_local_if_dtensor
+    moptimizer._zero_grad_group_helper = _without_mode(moptimizer._zero_grad_group_helper)
 
 
 def fuse_optimizer(optimizer) -> None:
     """With the CPU backend, make megatron's fallback torch Adam/AdamW (Transformer Engine's and
     Apex's FusedAdam need CUDA) step with torch's fused CPU kernel: one pass over all parameters
-    instead of about ten kernels per parameter. The same update up to rounding. Call it again
-    after loading optimizer state: the checkpoint's param groups replace these flags."""
+    instead of about ten kernels per parameter, and without the mode (it only touches CPU
+    tensors). The same update up to rounding. Call it again after loading optimizer state: the
+    checkpoint's param groups replace these flags."""
     if _MODE is None:
         return
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
+        if not getattr(inner.step, "without_mode", False):
+            inner.step = _without_mode(inner.step)
         for group in [inner.defaults] + inner.param_groups:
             if group.get("differentiable") or group.get("capturable"):
                 continue

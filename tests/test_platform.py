@@ -197,6 +197,34 @@ def test_fused_adam_steps_as_torchs_own(single_rank):
             o.step()
     for a, b in zip(fused.param_groups[0]["params"], plain.param_groups[0]["params"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # Its step runs without the mode, wrapped once however often fuse_optimizer is called (after
+    # every checkpoint load).
+    seen = []
+    inner[0].register_step_pre_hook(lambda *_: seen.append(len(torch.overrides._get_current_function_mode_stack())))
+    platform.fuse_optimizer(opt)
+    assert not getattr(inner[0].step.__wrapped__, "without_mode", False)
+    for p in params:
+        p.main_grad.fill_(0.5)
+    before = params[0].detach().clone()
+    opt.step()
+    assert seen == [0]
+    assert not torch.equal(params[0], before)  # it stepped
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+
+
+def test_to_local_if_dtensor_equals_megatrons(single_rank):
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    assert clip_grads.to_local_if_dtensor is platform._to_local_if_dtensor
+    t = torch.randn(4, 3, requires_grad=True)
+    assert platform._to_local_if_dtensor(t) is t
+    d = distribute_tensor(t.detach(), init_device_mesh("cpu", (1,)), [Replicate()])
+    local, ref = platform._to_local_if_dtensor(d), utils.to_local_if_dtensor(d)
+    assert type(local) is torch.Tensor and torch.equal(local, ref)
 
 
 def test_transformer_blocks_run_without_the_mode(single_rank):
