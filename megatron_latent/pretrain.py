@@ -10,7 +10,6 @@ is one line naming the flag, exit status 2; messages are printed by one rank (se
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -25,10 +24,10 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_latent import platform
+from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, model_config_text
 from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.data.gpt_data import DataConfigError
 from megatron_latent.data.tokenizer import TokenizerError
-from megatron_latent.hf.convert import MODEL_CONFIG_FILE
 from megatron_latent.models.flops import model_step_flops
 from megatron_latent.models.specs import transformer_engine_available
 from megatron_latent.parallel.initialize import initialize_model_parallel
@@ -269,7 +268,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
             extra={"consumed_train_samples": st.consumed_train_samples, "model_config": cfg.to_dict(),
                    "args": {k: v for k, v in vars(args).items()
                             if isinstance(v, (int, float, str, bool, list, type(None)))}},
-            root_files={MODEL_CONFIG_FILE: json.dumps(cfg.to_dict(), indent=2)},
+            root_files={MODEL_CONFIG_FILE: model_config_text(cfg)},
         )
         logger.info(f"saved checkpoint of iteration {st.iteration} to {args.save}")
 

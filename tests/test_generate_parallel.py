@@ -1,7 +1,6 @@
 """KV-cached latent generation at TP=2 (spawned gloo ranks) equals TP=1: logits, greedy and
 sampled tokens, Jacobi-to-tolerance iteration counts, for the three families (GQA included)."""
 
-import pytest
 import torch
 
 from multirank import run_on_ranks
@@ -63,7 +62,6 @@ def _decode_methods(tp):
     return out
 
 
-@pytest.mark.slow
 def test_methods_tp2_equal_tp1():
     """Interpolated thoughts (the vocab-parallel softmax mix), pause tokens (the pause row looked
     up in a vocabulary-split embedding) and extra loops (a cache per run) decode at TP=2 as at TP=1."""

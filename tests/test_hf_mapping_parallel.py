@@ -5,7 +5,6 @@ the paper init is the same model at TP=1 and TP=2; the parallel-residual layer r
 Two spawns in all: world 2 runs TP=2 then PP=2, world 4 runs TP=2 x PP=2.
 """
 
-import pytest
 import torch
 
 from hf_tiny import VOCAB, hf_logits, hf_model, rel_err, tokens
@@ -120,7 +119,6 @@ def test_tp2_and_pp2_match_hf_and_init_is_tp_invariant():
     assert init[("reduces", "tiny-llama")] == 2 * 4 + 1
 
 
-@pytest.mark.slow  # TP2 (with SP) and PP2 apart: the test above
 def test_tp2_pp2_match_hf():
     res = run_on_ranks(_parity, 4, [(2, 2)], timeout=400)
     parity = {k: v for r in res for k, v in r.items()}

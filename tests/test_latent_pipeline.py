@@ -222,7 +222,6 @@ def test_interpolated_checkpoint_moves_between_pp2_and_pp1(pp2, single, world4):
         assert e == pytest.approx(saved1["eval_loss"], rel=1e-6)
 
 
-@pytest.mark.slow
 def test_3d_tp2_pp2_dp2_equals_single_rank(single):
     results = run_on_ranks(pc.run_cases, 8, [
         ("3d", "train", (LLAMA1, 2, 2, None, pc.STEPS, True, RECOMPUTE)),

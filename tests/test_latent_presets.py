@@ -106,7 +106,6 @@ def _loss_and_grads(tp, layouts):
     return out
 
 
-@pytest.mark.slow  # per family; the default suite: test_latent_parallel.py (every method) and HF parity at TP2+SP
 def test_tensor_and_sequence_parallel_equal_one_rank():
     ref = run_on_ranks(_loss_and_grads, 1, 1, [False])[0]
     for got in run_on_ranks(_loss_and_grads, 2, 2, [False, True]):

@@ -48,10 +48,7 @@ METHODS = {"latent": (1, {}), "interpolated": (1, dict(thought_input="interpolat
            "loop": (0, dict(num_extra_loops=1, scale_embeddings=True))}
 
 
-# Interpolated exports run the latent path with another thought input (tests/test_hf_methods.py
-# checks it): slow here, ~15 s a case.
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "interpolated" else m
-                                    for m in METHODS])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_lm_eval_hf_model_on_exported_latent(tmp_path, single_rank, monkeypatch, method):
     import transformers
     from lm_eval import simple_evaluate

@@ -52,8 +52,7 @@ def test_latent_training_at_tp2_lowers_the_loss(tmp_path):
     assert losses[8] < losses[1] - 0.3
 
 
-# Plain Adam: slow (every method resumes exactly with it in test_baselines_training.py).
-@pytest.mark.parametrize("optimizer", [pytest.param([], marks=pytest.mark.slow), ["--use-distributed-optimizer"]],
+@pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]],
                          ids=["adam", "distributed"])
 def test_resume_continues_exactly(tmp_path, optimizer):
     """Stopping at 3 and resuming gives the uninterrupted run's steps 4-6: weights, optimizer
@@ -252,7 +251,6 @@ def _max_rel_weight_diff(a_dir, b_dir):
                for k in a)
 
 
-@pytest.mark.slow  # bf16 training itself: test_bf16_tracks_fp32
 def test_bf16_finetune_trains_the_loaded_weights(tmp_path):
     """--bf16 --finetune: the optimizer's fp32 main weights are the loaded ones, not the random
     init (at lr 0 the saved step-1 weights are the converted ones, to bf16 rounding)."""
@@ -271,7 +269,6 @@ def test_bf16_finetune_trains_the_loaded_weights(tmp_path):
     assert diff < 1e-2, diff
 
 
-@pytest.mark.slow  # the library side: test_latent_pipeline.py, test_token_loss.py (pp2 through the driver's step)
 def test_pipeline_parallel_latent_run_equals_one_rank(tmp_path):
     """The driver at PP=2 (passes as virtual pipeline chunks) trains the same as on one rank, from
     the same weights (megatron draws a stage's initial weights from that rank's RNG, so the same
