@@ -1,6 +1,6 @@
 """Run a test body on several CPU processes (gloo), the way torchrun would.
 
-``run_on_ranks(fn, world_size, *args)`` spawns ``world_size`` processes, joins them into one gloo
+``run_on_ranks(fn, world_size, *args)`` starts ``world_size`` processes, joins them into one gloo
 process group (rendezvous through a file, so no port can be taken by someone else), calls
 ``fn(*args)`` on each and returns the per-rank return values. ``fn`` must be a module-level
 function (it is pickled by reference). When a rank raises, the others are killed and the test
@@ -63,8 +63,9 @@ def _worker(rank, world_size, init_file, fn, args, results, environ):
 def _context():
     """Ranks fork from one server process that imported torch and megatron-core once for the
     session: a spawned rank spends about 4 s of CPU importing them, and the suite starts a few
-    hundred ranks. Fresh interpreters otherwise, as with spawn (the server holds no threads,
-    no process group and no CUDA state)."""
+    hundred ranks. Otherwise a rank starts as a spawned one would: the server holds no threads,
+    no process group, no CPU backend and no CUDA state, and the rank takes the test's sys.path
+    and environment."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "megatron.core", "megatron_latent.platform"])
     return ctx
