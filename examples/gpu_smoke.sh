@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke and speed check (one GPU, a few minutes): the driver in bf16 at 410M, vanilla,
 # latent (N=1, J in {2,3}) and the baselines (pause, loop, interpolated), printing tokens/s and MFU, then the latent-vs-vanilla step-time ratios
-# against the FLOP ratios. Numbers go to docs/benchmarks.md with this command.
+# against the FLOP ratios, and (when its files travel, see the end) the step beside the authors' code.
+# Numbers go to docs/benchmarks.md with this command.
 #   bash examples/gpu_smoke.sh 2>&1 | tee gpu_smoke.log
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,3 +25,20 @@ echo "== interpolated N=1";           run --num-latent-thoughts 1 --thought-inpu
 echo "== step-time ratios vs FLOP ratios"
 timeout 180 "$PY" tools/bench_latent.py --num-layers 12 --hidden-size 1024 --num-attention-heads 16 \
     --vocab-size 50304 --seq-length 1024 --micro-batch-size 4 --iters 5 --bf16 2>&1 | grep -v -i warn | tail -6
+
+# The authors' code beside ours in bf16 (issue 14 item 5, about 2 minutes), when their modeling file
+# and transformers 4.46 (their file needs it; the GPU image has 5.x) travel in .whl_hf446/:
+#   mkdir -p .whl_hf446 && cp PonderLM-2/src/llamafactory/model/modeling/modeling_gpt_neox.py .whl_hf446/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl_hf446 transformers==4.46.3 tokenizers==0.20.3 huggingface_hub==0.26.5
+# and carry .whl_hf446 (device `carry`).
+if [ -f .whl_hf446/modeling_gpt_neox.py ]; then
+    echo "== against the authors' code: bf16, Pythia-410M shape, N=1 J=3"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/hf446 .whl_hf446/*.whl
+    printf '#!/bin/sh\nPYTHONPATH=/tmp/hf446${PYTHONPATH:+:$PYTHONPATH} exec %s "$@"\n' "$PY" > /tmp/py446
+    chmod +x /tmp/py446
+    timeout 240 "$PY" tools/bench_reference.py --authors-modeling-file .whl_hf446/modeling_gpt_neox.py \
+        --reference-python /tmp/py446 --device cuda --bf16 --num-layers 24 --hidden-size 1024 \
+        --num-attention-heads 16 --vocab-size 50304 --seq-length 2048 --micro-batch-size 4 --rounds 5 2>&1 \
+        | grep -v -i warn | tail -7
+fi

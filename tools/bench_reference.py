@@ -25,6 +25,13 @@ torch "transformers==4.46.3"`). Then
         --reference-python hf446/bin/python [--rounds 10 --threads 2]
 
 `--reference-python` with no authors' file (or `--ours-only`) times only this project.
+
+On a GPU, `--device cuda --bf16` compares the way both train there: ours megatron's bf16 path
+(bf16 weights, fp32 main weights and gradient reduction in the optimizer), theirs bf16 weights
+with fp32 master weights, clipping and AdamW on the masters, as their DeepSpeed ZeRO-0 bf16 config
+does (sdpa attention on both sides: their scripts ask for flash-attn 2, which is not installed
+here). Steps end with a device synchronisation. examples/gpu_smoke.sh runs it at the Pythia-410M
+shape when the authors' file and a transformers 4.46 wheel travel with the checkout.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ def worker(args) -> None:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
+    dev, dtype = torch.device(args.device), torch.bfloat16 if args.bf16 else torch.float32
+
     def model(n):
         cfg = GPTNeoXConfig(
             vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
@@ -66,19 +75,35 @@ def worker(args) -> None:
             num_latent_thoughts=n, scale_embeds=bool(n), num_jacobi_iterations=args.jacobi,
             random_jacobi_iterations=False, interpolation=False, recurrent_model=True,
         )
-        m = mod.GPTNeoXForCausalLM(cfg).train()
-        return m, torch.optim.AdamW(m.parameters(), lr=1e-4), cfg._attn_implementation
+        m = mod.GPTNeoXForCausalLM(cfg).to(dev, dtype).train()
+        params = list(m.parameters())
+        # bf16: fp32 master weights that the optimizer steps, copied back to the bf16 weights.
+        masters = [p.detach().float().requires_grad_() for p in params] if args.bf16 else params
+        return m, params, masters, torch.optim.AdamW(masters, lr=1e-4), cfg._attn_implementation
+
+    def step(m, params, masters, opt):
+        opt.zero_grad(set_to_none=True)
+        if args.bf16:
+            for p in params:
+                p.grad = None
+        m(input_ids=tokens, labels=tokens).loss.backward()
+        if args.bf16:
+            for p, w in zip(params, masters):
+                w.grad = p.grad.float()
+        torch.nn.utils.clip_grad_norm_(masters, 1.0)
+        opt.step()
+        if args.bf16:
+            with torch.no_grad():
+                torch._foreach_copy_(params, masters)
 
     models = {"vanilla": model(0), "latent": model(1)}
-    tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length))
-    print(f"ready attention={models['latent'][2]} torch={torch.__version__}", flush=True)
+    tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length), device=dev)
+    print(f"ready attention={models['latent'][4]} torch={torch.__version__}", flush=True)
     for line in sys.stdin:
-        m, opt, _ = models[line.strip()]
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        m(input_ids=tokens, labels=tokens).loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
+        step(*models[line.strip()][:4])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         print(time.perf_counter() - t0, flush=True)
 
 
@@ -114,8 +139,16 @@ class Ours:
         from megatron_latent.training import engine
 
         torch.set_num_threads(args.threads)
+        self.cuda = args.device == "cuda"
+        if self.cuda:  # a world of one on NCCL, before initialize_single_process's gloo default
+            import tempfile
+
+            torch.cuda.set_device(0)
+            rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
+            torch.distributed.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=0, world_size=1)
         initialize_single_process("bench_reference")
         self.args, self.engine = args, engine
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
         base = ModelConfig(
             name="bench", arch="gpt-neox", num_layers=args.num_layers, hidden_size=args.hidden_size,
             num_attention_heads=args.num_attention_heads, ffn_hidden_size=4 * args.hidden_size,
@@ -124,21 +157,30 @@ class Ours:
         self.models = {}
         for kind, n in (("vanilla", 0), ("latent", 1)):
             cfg = base.replace(num_latent_thoughts=n, scale_embeddings=bool(n))
-            chunks = engine.wrap_ddp(build_latent_pipeline(cfg), DistributedDataParallelConfig())
-            opt = engine.build_optimizer(chunks, OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0))
+            # As pretrain --bf16 builds it: bf16 weights, fp32 main weights and gradient reduction.
+            config = cfg.to_transformer_config(1, 1, None, params_dtype=dtype)
+            chunks = engine.wrap_ddp(build_latent_pipeline(cfg, config),
+                                     DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16))
+            opt = engine.build_optimizer(chunks, OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0,
+                                                                 bf16=args.bf16, params_dtype=dtype))
             engine.configure_model_for_training(chunks, opt)
             self.models[kind] = (chunks, opt, args.jacobi if n else 0)
         self.base = base
         b, L = args.micro_batch_size, args.seq_length
-        tokens = torch.randint(0, args.vocab_size, (b, L))
-        self.batch = {"tokens": tokens, "labels": tokens, "position_ids": torch.arange(L).expand(b, L),
-                      "loss_mask": torch.ones(b, L)}
+        dev = torch.device(args.device)
+        tokens = torch.randint(0, args.vocab_size, (b, L), device=dev)
+        self.batch = {"tokens": tokens, "labels": tokens, "position_ids": torch.arange(L, device=dev).expand(b, L),
+                      "loss_mask": torch.ones(b, L, device=dev)}
 
     def step(self, kind: str) -> float:
         chunks, opt, j = self.models[kind]
         a = self.args
         t0 = time.perf_counter()
         self.engine.latent_train_step(chunks, opt, iter([self.batch]), 1, a.seq_length, a.micro_batch_size, j)
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     def flop_ratio(self) -> float:
@@ -169,6 +211,8 @@ def main():
     p.add_argument("--jacobi", type=int, default=3, help="J of the latent model (N=1), fixed")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds (after one warm-up round)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights, fp32 master weights (both sides)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -197,7 +241,8 @@ def main():
             theirs.close()
     med = {key: statistics.median(v) for key, v in times.items()}
     print(f"GPT-NeoX {args.num_layers} layers x {args.hidden_size}, vocab {args.vocab_size}, micro-batch "
-          f"{args.micro_batch_size} x {args.seq_length}, fp32, {args.threads} threads, N=1 J={args.jacobi}; "
+          f"{args.micro_batch_size} x {args.seq_length}, {'bf16' if args.bf16 else 'fp32'} on {args.device}"
+          f"{f', {args.threads} threads' if args.device == 'cpu' else ''}, N=1 J={args.jacobi}; "
           f"medians of {args.rounds} interleaved rounds")
     if theirs is not None:
         print(f"authors' side: {theirs.banner}")
