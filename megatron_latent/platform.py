@@ -50,6 +50,7 @@ in the project that knows about this.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -255,8 +256,6 @@ def _without_mode(fn):
     """`fn` run with the mode suspended, for loops over parameters that only read and set `.grad`
     and update CPU tensors: under the mode each attribute access costs a microsecond. Another
     mode on the stack (a user's) keeps the stack as it is."""
-    import functools
-
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         if not _only_our_mode():
@@ -270,8 +269,6 @@ def _without_mode(fn):
 
 def _with_mode(fn):
     """`fn` run under the mode when none is active (the suspended block, a custom backward)."""
-    import functools
-
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         if torch.overrides._get_current_function_mode_stack():
@@ -283,8 +280,6 @@ def _with_mode(fn):
 
 
 def _patch_block_forward() -> None:
-    import functools
-
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.transformer_block import TransformerBlock
 
@@ -310,7 +305,7 @@ def _patch_block_forward() -> None:
     TransformerBlock.forward = block_forward
 
 
-def _patch_megatron_multi_tensor() -> None:
+def _patch_megatron_optimizer() -> None:
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as moptimizer
@@ -354,8 +349,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 def _keep_freed_memory() -> bool:
     """Make glibc serve blocks up to 32 MiB (its largest mmap threshold) from the heap and never
-    trim the heap's top (below 2 GiB free), so a training step reuses the previous step's pages; like the CUDA
-    caching allocator, the process keeps its peak. Both are needed: a fixed trim threshold alone
+    trim the heap's top (below 2 GiB free), so a training step reuses the previous step's pages;
+    like the CUDA caching allocator, the process keeps its peak. Both are needed: a fixed trim threshold alone
     also freezes the mmap threshold at its 128 KiB default. The MALLOC_* environment variables,
     when set, win. False where the C library is not glibc."""
     import ctypes
@@ -383,7 +378,7 @@ def install_cpu_backend() -> bool:
     _patch_torch_cuda()
     _patch_megatron_rng()
     _patch_custom_backward()
-    _patch_megatron_multi_tensor()
+    _patch_megatron_optimizer()
     _patch_block_forward()
     _keep_freed_memory()
     _MODE = _CudaToCpuMode()

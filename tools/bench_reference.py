@@ -83,13 +83,10 @@ def worker(args) -> None:
 
     def step(m, params, masters, opt):
         opt.zero_grad(set_to_none=True)
-        if args.bf16:
-            for p in params:
-                p.grad = None
         m(input_ids=tokens, labels=tokens).loss.backward()
         if args.bf16:
             for p, w in zip(params, masters):
-                w.grad = p.grad.float()
+                w.grad, p.grad = p.grad.float(), None
         torch.nn.utils.clip_grad_norm_(masters, 1.0)
         opt.step()
         if args.bf16:
@@ -139,8 +136,8 @@ class Ours:
         from megatron_latent.training import engine
 
         torch.set_num_threads(args.threads)
-        self.cuda = args.device == "cuda"
-        if self.cuda:  # a world of one on NCCL, before initialize_single_process's gloo default
+        self.sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+        if args.device == "cuda":  # a world of one on NCCL, before initialize_single_process's gloo default
             import tempfile
 
             torch.cuda.set_device(0)
@@ -177,10 +174,7 @@ class Ours:
         a = self.args
         t0 = time.perf_counter()
         self.engine.latent_train_step(chunks, opt, iter([self.batch]), 1, a.seq_length, a.micro_batch_size, j)
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
+        self.sync()
         return time.perf_counter() - t0
 
     def flop_ratio(self) -> float:
