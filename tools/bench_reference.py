@@ -37,6 +37,7 @@ shape when the authors' file and a transformers 4.46 wheel travel with the check
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -190,6 +191,21 @@ class Ours:
 
 
 # ------------------------------------------------------------------------------------ driver
+def median_interval(values, confidence: float = 0.95):
+    """A distribution-free confidence interval for the median of `values`: the order statistics
+    (k, n + 1 - k) with the largest k for which Binomial(n, 1/2) puts at most (1 - confidence) / 2
+    below k. Assumes nothing about the spread of the per-round ratios (the machine's slow drifts
+    make it skewed). None when n is too small for that confidence (n < 6 at 95%)."""
+    v, n = sorted(values), len(values)
+    tail, k = 0.0, 0
+    while True:
+        tail += math.comb(n, k) / 2**n  # P(fewer than k + 1 of n below the median)
+        if tail > (1 - confidence) / 2:
+            break
+        k += 1
+    return None if k == 0 else (v[k - 1], v[n - k])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--authors-modeling-file", help="their modeling_gpt_neox.py (see above)")
@@ -252,7 +268,9 @@ def main():
         for k in ("vanilla", "latent"):
             r = sorted(a / b for a, b in zip(times["ours", k], times["theirs", k]))
             q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
-            print(f"  {k}: per-round ours/theirs median {q[1]:.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, "
+            ci = median_interval(r)
+            ci = f", 95% interval of the median {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+            print(f"  {k}: per-round ours/theirs median {q[1]:.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}{ci}, "
                   f"ours faster in {sum(x < 1 for x in r)} of {len(r)} rounds")
 
 
