@@ -67,3 +67,22 @@ def test_ours_only_run_prints_steps_and_the_exact_flop_ratio():
 
     assert flop == pytest.approx(f(1, 2) / f(0, 0), abs=0.005)
     assert "ours/theirs" not in proc.stdout
+
+
+def test_a_reference_side_that_dies_is_one_clear_error(tmp_path):
+    fake = tmp_path / "python"
+    # Starts like their worker, then fails on the first step request.
+    fake.write_text('#!/bin/sh\necho "ready attention=sdpa torch=fake"\nread line\n'
+                    'echo "their traceback" >&2\nexit 3\n')
+    fake.chmod(0o755)
+    modeling = tmp_path / "modeling_gpt_neox.py"
+    modeling.write_text("")
+    argv = ["--authors-modeling-file", str(modeling), "--reference-python", str(fake), "--num-layers", "1",
+            "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8", "--micro-batch-size", "1",
+            "--rounds", "1", "--threads", "1"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_reference.py"), *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.rstrip().endswith("the authors' side stopped during a latent step (exit code 3)")
+    assert "their traceback" in proc.stderr
+    assert "Traceback (most recent call last)" not in proc.stderr

@@ -115,12 +115,19 @@ class Reference:
             raise SystemExit(f"--reference-python {args.reference_python}: the authors' side did not start")
 
     def step(self, kind: str) -> float:
-        self.proc.stdin.write(kind + "\n")
-        self.proc.stdin.flush()
-        return float(self.proc.stdout.readline())
+        try:
+            self.proc.stdin.write(kind + "\n")
+            self.proc.stdin.flush()
+            return float(self.proc.stdout.readline())
+        except (BrokenPipeError, ValueError):
+            # Its traceback went to our stderr, above this message.
+            raise SystemExit(f"the authors' side stopped during a {kind} step (exit code {self.proc.wait()})")
 
     def close(self):
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
         self.proc.wait()
 
 
