@@ -1,13 +1,15 @@
 """Cheaper latent training, measured: step time and peak activation memory of one forward+backward
 for --jacobi-grad-passes K = 1, 2 and all, at N = 1 and 2, J = 2 and 3, beside the exact FLOP
-ratio to a vanilla step; and the same with every pass recomputed from its input in backward
-(megatron's full recompute over the whole layer stack: --recompute-granularity full
---recompute-method uniform --recompute-num-layers <layers>).
+ratio to a vanilla step; and the same with megatron's full recompute (--recompute-granularity full
+--recompute-method uniform), once per pass (--recompute-num-layers <layers>: every pass rerun from
+its input in backward) and once per layer (--recompute-num-layers 1, megatron's default: every
+layer of every pass rerun from its own input).
 
     python tools/bench_grad_passes.py [--arch gpt-neox --num-layers 4 --hidden-size 128 --seq-length 128]
 
-Activation memory is what autograd saves for backward (tools/activation_memory.py), so it reads
-the same on any device.
+Activation memory is the peak of what autograd saves for backward over the forward and the
+backward (tools/activation_memory.py; recompute saves a unit's activations again in backward), so
+it reads the same on any device.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def main():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (b, L + 1), generator=g).to(device())
     pos = torch.arange(L, device=device()).expand(b, L)
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=args.num_layers)
+    def recompute(layers):
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=layers)
 
     def measure(n, j, k, overrides):
         cfg = base.replace(num_latent_thoughts=n, grad_passes=k)
@@ -62,9 +65,10 @@ def main():
         times, peak = [], 0
         for i in range(args.iters + 1):
             t0 = time.perf_counter()
+            # The meter stays on through backward: recompute saves a pass's activations again there.
             with SavedActivationMeter(m.parameters()) as meter:
                 loss = m(tokens[:, :-1], pos, None, labels=tokens[:, 1:], num_jacobi_iters=j if n else None).mean()
-            loss.backward()
+                loss.backward()
             if device().type == "cuda":
                 torch.cuda.synchronize()
             peak = max(peak, meter.peak_bytes)
@@ -85,7 +89,7 @@ def main():
         for j in (2, 3):
             passes = n + j + 1
             for k in (1, 2, None):
-                for name, overrides in (("-", {}), ("full", recompute)):
+                for name, overrides in (("-", {}), ("pass", recompute(args.num_layers)), ("layer", recompute(1))):
                     t, mem, f = measure(n, j, k, overrides)
                     print(f"{n:>2} {j:>2} {passes:>6} {k or 'all':>4} {name:>9} | {t:>8.3f} {t / t0:>10.2f} "
                           f"{f / f0:>10.2f} | {mem / 2**20:>8.1f} {mem / m0:>10.2f}", flush=True)
