@@ -1,4 +1,5 @@
-"""The latent forward and its baselines (interpolated thoughts, pause tokens, extra loops) under
+"""The latent forward and its baselines (interpolated thoughts, pause tokens, extra loops), and the
+latent forward backpropagated through its last two passes only (--jacobi-grad-passes 2), under
 tensor parallelism, sequence parallelism and recomputation equal their single-rank, plain selves:
 loss and every gradient, in fp32."""
 
@@ -20,6 +21,8 @@ METHODS = {
     "interpolated": dict(num_latent_thoughts=N, thought_input="interpolated"),
     "pause": dict(num_pause_tokens=2),
     "loop": dict(num_extra_loops=2),
+    # Not a method: the latent forward with a graph for its last 2 of N + J + 1 = 4 passes only.
+    "latent-k2": dict(num_latent_thoughts=N, grad_passes=2),
 }
 
 
@@ -71,8 +74,12 @@ def test_recompute_equals_plain(single, method):
 def test_methods_differ(single):
     # Each method computes something else from the same weights (a test that cannot tell them
     # apart would pass with the wrong wiring).
-    losses = [single[m, "plain"]["loss"] for m in METHODS]
+    losses = [single[m, "plain"]["loss"] for m in METHODS if m != "latent-k2"]
     assert min(abs(a - b) for i, a in enumerate(losses) for b in losses[i + 1:]) > 1e-4, losses
+    # Fewer passes backpropagated: the same forward, other gradients.
+    full, k2 = single["latent", "plain"], single["latent-k2", "plain"]
+    assert k2["loss"] == full["loss"]
+    assert max_rel_diff(k2["grads"], full["grads"]) > 1e-3
 
 
 def test_tensor_and_sequence_parallel_equal_single_rank(single):

@@ -154,6 +154,8 @@ def world4(single, interp_ckpts):
         ("tp2-pp2-sp-recompute", "train", (LLAMA1, 2, 2, None, pc.STEPS, True, RECOMPUTE)),
         ("dp2-pp2", "train", (LLAMA1, 1, 2)),
         ("dp2-pp2-distributed-optimizer", "train", (LLAMA1, 1, 2, None, pc.STEPS, False, None, True)),
+        ("k2-tp2-pp2-sp-recompute", "train", (LLAMA1_K2, 2, 2, None, pc.STEPS, True, RECOMPUTE)),
+        ("k2-dp2-pp2", "train", (LLAMA1_K2, 1, 2)),
     ])
 
 
@@ -167,6 +169,11 @@ def test_tp2_pp2_sequence_parallel_recompute_equals_single_rank(world4, single):
 
 def test_dp2_pp2_equals_single_rank(world4, single):
     check([r["dp2-pp2"] for r in world4], single["llama-n1"])
+
+
+@pytest.mark.parametrize("case", ["k2-tp2-pp2-sp-recompute", "k2-dp2-pp2"])
+def test_fewer_grad_passes_with_tp_sp_recompute_and_dp_equal_single_rank(world4, single, case):
+    check([r[case] for r in world4], single["llama-n1-k2"])
 
 
 def test_dp2_pp2_distributed_optimizer_equals_single_rank(world4, single):
