@@ -154,6 +154,7 @@ def configure(args) -> Plan:
     cfg = model_config_from_args(args, tokenizer.vocab_size if tokenizer is not None else None)
     seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
     layout.check_model(cfg, seq_length)
+    _check_recompute(args, cfg, layout)
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         _join_world_of_one(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
     dp = initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
@@ -174,6 +175,20 @@ def configure(args) -> Plan:
         jacobi_for_step=(lambda step: latent.jacobi_iters_for_step(step, args.seed)) if n else (lambda step: None),
         jacobi_eval=latent.eval_jacobi_iters if n else None,
     )
+
+
+def _check_recompute(args, cfg: ModelConfig, layout: ParallelLayout) -> None:
+    # megatron's uniform recompute checkpoints units of --recompute-num-layers layers of one model
+    # chunk and indexes past the chunk's layers when a unit is larger (an IndexError mid-step).
+    if args.recompute_granularity != "full" or args.recompute_method != "uniform":
+        return
+    chunks = layout.pipeline_model_parallel_size * layout.virtual_chunks
+    per_chunk = cfg.num_layers // chunks
+    if not 1 <= args.recompute_num_layers <= per_chunk:
+        where = f"a model chunk ({cfg.num_layers} layers over {chunks} pipeline chunks)" if chunks > 1 else "the model"
+        raise ConfigError(
+            f"--recompute-num-layers {args.recompute_num_layers}: uniform recompute needs 1 to {per_chunk}, "
+            f"the layers of {where}; {per_chunk} reruns every pass of a chunk from its input")
 
 
 # ------------------------------------------------------------------------------ building

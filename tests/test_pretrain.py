@@ -145,6 +145,9 @@ def test_continued_pretraining_from_a_converted_hf_checkpoint(tmp_path):
     (["--num-virtual-stages-per-pipeline-rank", "2"], "needs --pipeline-model-parallel-size > 1"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"],
      "--global-batch-size 6 is not divisible by --micro-batch-size 4 x data-parallel size 1"),
+    # megatron would index past the model's layers mid-step.
+    (["--recompute-granularity", "full", "--recompute-num-layers", "99"],
+     "--recompute-num-layers 99: uniform recompute needs 1 to"),
 ])
 def test_bad_model_flags_are_one_clear_error(argv, needle, capsys):
     from megatron_latent import pretrain
