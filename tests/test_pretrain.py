@@ -52,6 +52,19 @@ def test_latent_training_at_tp2_lowers_the_loss(tmp_path):
     assert losses[8] < losses[1] - 0.3
 
 
+def test_jacobi_grad_passes_trains_through_the_driver(tmp_path):
+    # The same first forward as full backprop (same init, data and J), then other gradients.
+    common = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--train-iters", "3", "--micro-batch-size", "2",
+                              "--global-batch-size", "2", "--lr", "1e-2", "--jacobi-iters", "2", "2"]
+    (full, k1), = run_on_ranks(_runs, 1, [common + _tb(tmp_path, "full"),
+                                         common + _tb(tmp_path, "k1") + ["--jacobi-grad-passes", "1"]])
+    assert full[0] == 0 and k1[0] == 0, k1[2]
+    a, b = _losses(tmp_path, "full"), _losses(tmp_path, "k1")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert a[1] == b[1]
+    assert abs(a[3] - b[3]) > 1e-4
+
+
 @pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]],
                          ids=["adam", "distributed"])
 def test_resume_continues_exactly(tmp_path, optimizer):
