@@ -178,17 +178,19 @@ def configure(args) -> Plan:
 
 
 def _check_recompute(args, cfg: ModelConfig, layout: ParallelLayout) -> None:
-    # megatron's uniform recompute checkpoints units of --recompute-num-layers layers of one model
-    # chunk and indexes past the chunk's layers when a unit is larger (an IndexError mid-step).
+    # megatron's uniform recompute checkpoints units of --recompute-num-layers consecutive layers
+    # of a model chunk; a unit that runs past the chunk's last layer fails with an IndexError
+    # mid-step, so the unit must divide the chunk.
     if args.recompute_granularity != "full" or args.recompute_method != "uniform":
         return
     chunks = layout.pipeline_model_parallel_size * layout.virtual_chunks
     per_chunk = cfg.num_layers // chunks
-    if not 1 <= args.recompute_num_layers <= per_chunk:
-        where = f"a model chunk ({cfg.num_layers} layers over {chunks} pipeline chunks)" if chunks > 1 else "the model"
+    r = args.recompute_num_layers
+    if r < 1 or per_chunk % r:
+        where = f"a pipeline chunk ({cfg.num_layers} layers over {chunks} chunks)" if chunks > 1 else "the model"
         raise ConfigError(
-            f"--recompute-num-layers {args.recompute_num_layers}: uniform recompute needs 1 to {per_chunk}, "
-            f"the layers of {where}; {per_chunk} reruns every pass of a chunk from its input")
+            f"--recompute-num-layers {r}: uniform recompute needs a divisor of {per_chunk}, the layers of "
+            f"{where} ({per_chunk} reruns each pass of a chunk from its input, 1 each layer)")
 
 
 # ------------------------------------------------------------------------------ building

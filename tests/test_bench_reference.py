@@ -1,7 +1,7 @@
-"""tools/bench_reference.py: the interval it reports for the median per-round ratio, and its own
-side end to end (the authors' side needs their modeling file, which is not part of the repository)."""
+"""tools/bench_reference.py: the interval it reports for the median per-round ratio
+(analysis.stats.median_interval), its own side end to end (the authors' side needs their modeling
+file, which is not part of the repository), and a reference side that fails."""
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -9,14 +9,9 @@ import sys
 
 import pytest
 
+from megatron_latent.analysis.stats import median_interval
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_reference", os.path.join(ROOT, "tools", "bench_reference.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _below(n, k):
@@ -25,7 +20,7 @@ def _below(n, k):
 
 
 def test_median_interval_is_the_classical_order_statistics():
-    m = _bench().median_interval
+    m = median_interval
     values = [float(i) for i in range(1, 61)]
     # Textbook 95% intervals for the median: the 6th and 15th of 20, the 22nd and 39th of 60.
     assert m(values[:20]) == (6.0, 15.0)
@@ -38,7 +33,7 @@ def test_median_interval_is_the_classical_order_statistics():
 
 @pytest.mark.parametrize("n", range(6, 81))
 def test_median_interval_covers_95_percent_and_no_more_than_needed(n):
-    lo, hi = _bench().median_interval([float(i) for i in range(1, n + 1)])
+    lo, hi = median_interval([float(i) for i in range(1, n + 1)])
     k = int(lo)
     assert hi == n + 1 - k
     assert 1 - 2 * _below(n, k) >= 0.95
@@ -69,11 +64,17 @@ def test_ours_only_run_prints_steps_and_the_exact_flop_ratio():
     assert "ours/theirs" not in proc.stdout
 
 
-def test_a_reference_side_that_dies_is_one_clear_error(tmp_path):
-    fake = tmp_path / "python"
+@pytest.mark.parametrize("script, message", [
     # Starts like their worker, then fails on the first step request.
-    fake.write_text('#!/bin/sh\necho "ready attention=sdpa torch=fake"\nread line\n'
-                    'echo "their traceback" >&2\nexit 3\n')
+    ('read line\necho "their traceback" >&2\nexit 3\n',
+     "the authors' side stopped during a latent step (exit code 3)"),
+    # Answers something else and waits for more: it is stopped, not waited for.
+    ("read line\necho oops\nread line\n",
+     "the authors' side answered a latent step with 'oops', not its seconds"),
+], ids=["dies", "answers-garbage"])
+def test_a_failing_reference_side_is_one_clear_error(tmp_path, script, message):
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "ready attention=sdpa torch=fake"\n' + script)
     fake.chmod(0o755)
     modeling = tmp_path / "modeling_gpt_neox.py"
     modeling.write_text("")
@@ -83,6 +84,5 @@ def test_a_reference_side_that_dies_is_one_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_reference.py"), *argv],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    assert proc.stderr.rstrip().endswith("the authors' side stopped during a latent step (exit code 3)")
-    assert "their traceback" in proc.stderr
+    assert proc.stderr.rstrip().endswith(message)
     assert "Traceback (most recent call last)" not in proc.stderr

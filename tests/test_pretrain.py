@@ -63,6 +63,7 @@ def test_jacobi_grad_passes_trains_through_the_driver(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert a[1] == b[1]
     assert abs(a[3] - b[3]) > 1e-4
+    assert b[3] < b[1] - 0.1  # and it trains
 
 
 @pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]],
@@ -158,9 +159,13 @@ def test_continued_pretraining_from_a_converted_hf_checkpoint(tmp_path):
     (["--num-virtual-stages-per-pipeline-rank", "2"], "needs --pipeline-model-parallel-size > 1"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"],
      "--global-batch-size 6 is not divisible by --micro-batch-size 4 x data-parallel size 1"),
-    # megatron would index past the model's layers mid-step.
-    (["--recompute-granularity", "full", "--recompute-num-layers", "99"],
-     "--recompute-num-layers 99: uniform recompute needs 1 to"),
+    # megatron would index past a chunk's layers mid-step.
+    (["--num-layers", "4", "--recompute-granularity", "full", "--recompute-num-layers", "3"],
+     "--recompute-num-layers 3: uniform recompute needs a divisor of 4, the layers of the model"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--recompute-granularity", "full",
+      "--recompute-num-layers", "4"],
+     "--recompute-num-layers 4: uniform recompute needs a divisor of 2, the layers of a pipeline chunk "
+     "(4 layers over 2 chunks)"),
 ])
 def test_bad_model_flags_are_one_clear_error(argv, needle, capsys):
     from megatron_latent import pretrain

@@ -37,7 +37,6 @@ shape when the authors' file and a transformers 4.46 wheel travel with the check
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import statistics
@@ -118,10 +117,16 @@ class Reference:
         try:
             self.proc.stdin.write(kind + "\n")
             self.proc.stdin.flush()
-            return float(self.proc.stdout.readline())
-        except (BrokenPipeError, ValueError):
-            # Its traceback went to our stderr, above this message.
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:  # it died; its traceback went to our stderr, above this message
             raise SystemExit(f"the authors' side stopped during a {kind} step (exit code {self.proc.wait()})")
+        try:
+            return float(line)
+        except ValueError:
+            self.proc.kill()
+            raise SystemExit(f"the authors' side answered a {kind} step with {line.strip()!r}, not its seconds")
 
     def close(self):
         try:
@@ -198,21 +203,6 @@ class Ours:
 
 
 # ------------------------------------------------------------------------------------ driver
-def median_interval(values, confidence: float = 0.95):
-    """A distribution-free confidence interval for the median of `values`: the order statistics
-    (k, n + 1 - k) with the largest k for which Binomial(n, 1/2) puts at most (1 - confidence) / 2
-    below k. Assumes nothing about the spread of the per-round ratios (the machine's slow drifts
-    make it skewed). None when n is too small for that confidence (n < 6 at 95%)."""
-    v, n = sorted(values), len(values)
-    tail, k = 0.0, 0
-    while True:
-        tail += math.comb(n, k) / 2**n  # P(fewer than k + 1 of n below the median)
-        if tail > (1 - confidence) / 2:
-            break
-        k += 1
-    return None if k == 0 else (v[k - 1], v[n - k])
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--authors-modeling-file", help="their modeling_gpt_neox.py (see above)")
@@ -232,8 +222,10 @@ def main():
     p.add_argument("--bf16", action="store_true", help="bf16 weights, fp32 master weights (both sides)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
+    if args.worker:  # the reference interpreter has no megatron_latent
         return worker(args)
+    from megatron_latent.analysis.stats import median_interval
+
     theirs = None
     if not args.ours_only:
         if not args.authors_modeling_file or not os.path.isfile(args.authors_modeling_file):
