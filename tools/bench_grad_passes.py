@@ -62,18 +62,23 @@ def main():
         torch.manual_seed(0)
         m = build_gpt_model(cfg, config=cfg.to_transformer_config(**overrides), model_cls=LatentGPTModel,
                             latent=cfg.latent).to(device()).train()
-        times, peak = [], 0
-        for i in range(args.iters + 1):
+
+        def step():
+            loss = m(tokens[:, :-1], pos, None, labels=tokens[:, 1:], num_jacobi_iters=j if n else None).mean()
+            loss.backward()
+
+        # The first step warms up and is metered, over backward too: recompute saves a unit's
+        # activations again there. The timed steps run without the meter's hooks.
+        with SavedActivationMeter(m.parameters()) as meter:
+            step()
+        times = []
+        for _ in range(args.iters):
             t0 = time.perf_counter()
-            # The meter stays on through backward: recompute saves a pass's activations again there.
-            with SavedActivationMeter(m.parameters()) as meter:
-                loss = m(tokens[:, :-1], pos, None, labels=tokens[:, 1:], num_jacobi_iters=j if n else None).mean()
-                loss.backward()
+            step()
             if device().type == "cuda":
                 torch.cuda.synchronize()
-            peak = max(peak, meter.peak_bytes)
-            if i:  # the first iteration warms up
-                times.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
+        peak = meter.peak_bytes
         flops = latent_step_flops(L, n, j, cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers,
                                   cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.query_groups, cfg.gated,
                                   grad_passes=k)

@@ -186,7 +186,7 @@ def tables(runs, split, sweep, step_ms, data) -> str:
     first = runs[0]["name"]
     lines = [f"validation: {v['documents']} documents, {v['tokens']:,} tokens, {v['bytes']:,} bytes "
              f"({data['tokens_per_byte']:.4f} tokens/byte); losses on {split[first]['tokens']:,} tokens "
-             f"(the whole split), at evaluation J={HEADLINE_J}", "",
+             f"(every window of the split), at evaluation J={HEADLINE_J}", "",
              "| run | N | K | budget | steps | tokens | train TFLOP | ms/step | valid loss | bits/byte |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
