@@ -64,6 +64,19 @@ def test_jacobi_grad_passes_trains_through_the_driver(tmp_path):
     assert a[1] == b[1]
     assert abs(a[3] - b[3]) > 1e-4
     assert b[3] < b[1] - 0.1  # and it trains
+    # The logged model FLOP/s count the passes backpropagated: per step, what models/flops.py says.
+    from megatron_latent.models.flops import model_step_flops
+    from megatron_latent.training.arguments import model_config_from_args, parse_args
+
+    per_step = {}
+    for name, extra in (("full", []), ("k1", ["--jacobi-grad-passes", "1"])):
+        cfg = model_config_from_args(parse_args(common + extra), None)
+        per_step[name] = model_step_flops(cfg, 16, 2) * 2  # seq 16, J=2, global batch 2
+        tflops = _losses(tmp_path, name, "train/tflops_per_device")
+        seconds = _losses(tmp_path, name, "train/step_time_s")
+        for step in (1, 2, 3):
+            assert tflops[step] * 1e12 * seconds[step] == pytest.approx(per_step[name], rel=1e-9), (name, step)
+    assert per_step["k1"] < 0.7 * per_step["full"]
 
 
 @pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]],

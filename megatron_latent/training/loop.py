@@ -280,11 +280,13 @@ def _report_step(t: Trainer, step: int, jacobi: Optional[int], result, clock: _C
         values["train/grad_norm"] = result.grad_norm
         line += f"grad norm {result.grad_norm:.3f} | "
     line += f"{1000 * step_time:.1f} ms/step | {values['train/tokens_per_s']:,.0f} tokens/s"
-    if clock.window_flops and torch.cuda.is_available():
+    if clock.window_flops:
+        # Model FLOPs (exact counts, models/flops.py) per second and device, on any device; MFU
+        # where the device's peak is known.
         world = dist.get_world_size() if dist.is_initialized() else 1
         tflops = clock.window_flops / clock.window_time / world / 1e12
         values["train/tflops_per_device"] = tflops
-        line += f" | {tflops:.1f} TFLOP/s/device"
+        line += f" | {tflops:.3g} TFLOP/s/device"
         peak = peak_flops()
         if peak:
             values["train/mfu"] = tflops * 1e12 / peak
