@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from multirank import run_on_ranks
 
@@ -426,6 +427,35 @@ def test_eta_is_the_mean_wall_time_per_step_after_the_first(monkeypatch):
     now[0] += 1.0  # step 5
     clock.step_done(5, 1.0, 0.0)
     assert clock.eta(5) == 1.25 * 5 and clock.elapsed() == 7.5
+
+
+def test_logged_flops_and_mfu(monkeypatch, caplog):
+    """TFLOP/s per device = the window's model FLOPs / its time / the world; MFU = that over the
+    device's peak, logged only where the peak is known."""
+    import logging
+    from types import SimpleNamespace as NS
+
+    from megatron_latent.training import loop
+
+    written = {}
+    trainer = NS(settings=NS(global_batch_size=4, seq_length=8, train_iters=10),
+                 optimizer=NS(param_groups=[{"lr": 1e-3}]), state=NS(consumed_train_samples=8),
+                 metrics=NS(write=lambda step, values: written.update(values)))
+    clock = loop._Clock(train_iters=10)
+    for step in (1, 2, 3):
+        clock.step_done(step, 0.5, 2e12)  # 3 steps of 2 TFLOP in 1.5 s
+    result = NS(loss=2.0, grad_norm=1.0)
+    for peak in (None, 8e12):
+        monkeypatch.setattr(loop, "peak_flops", lambda: peak)
+        written.clear()
+        with caplog.at_level(logging.INFO, logger=loop.logger.name):
+            loop._report_step(trainer, 3, None, result, clock)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        assert written["train/tflops_per_device"] == pytest.approx(4.0 / world)
+        assert ("train/mfu" in written) == (peak is not None)
+        if peak:
+            assert written["train/mfu"] == pytest.approx(0.5 / world)
+            assert f"MFU {50.0 / world:.1f}%" in caplog.records[-1].getMessage()
 
 
 def test_use_checkpoint_args_keeps_the_checkpoint_latent_settings(tmp_path):
