@@ -4,6 +4,13 @@
 # against the FLOP ratios, and (when its files travel, see the end) the step beside the authors' code.
 # Numbers go to docs/benchmarks.md with this command.
 #   bash examples/gpu_smoke.sh 2>&1 | tee gpu_smoke.log
+# On a GPU machine without network whose python3 has torch but not megatron-core (the lent H200:
+# Python 3.12), bring megatron-core as a wheel and put it and this checkout on the path, so that
+# tools/setup_env.sh reuses that interpreter and installs nothing:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1          # here, with network
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl  # there
+#   PYTHONPATH=/tmp/site:$PWD bash examples/gpu_smoke.sh 2>&1 | tee gpu_smoke.log
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup_env.sh
