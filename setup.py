@@ -17,6 +17,21 @@ setup(
         "tqdm",
         "zstandard",
     ],
+    entry_points={
+        "console_scripts": [
+            "megatron-latent-pretrain = megatron_latent.pretrain:main",
+            "megatron-latent-generate = megatron_latent.generate:main",
+            "megatron-latent-build-corpus = megatron_latent.tools.build_corpus:main",
+            "megatron-latent-check-hf-continuation = megatron_latent.tools.check_hf_continuation:main",
+            "megatron-latent-compare-runs = megatron_latent.tools.compare_runs:main",
+            "megatron-latent-convert-from-hf = megatron_latent.tools.convert_from_hf:main",
+            "megatron-latent-convert-to-hf = megatron_latent.tools.convert_to_hf:main",
+            "megatron-latent-inspect-dataset = megatron_latent.tools.inspect_dataset:main",
+            "megatron-latent-perplexity = megatron_latent.tools.perplexity:main",
+            "megatron-latent-plot-metrics = megatron_latent.tools.plot_metrics:main",
+            "megatron-latent-preprocess = megatron_latent.tools.preprocess_data:main",
+        ],
+    },
     extras_require={
         "test": [
             "pytest>=7", "pytest-timeout", "ruff", "transformers>=4.46", "safetensors", "matplotlib",

@@ -21,7 +21,7 @@ megatron-core on disk:
   tracker forks the generator that CPU dropout really uses (2).
 
 It also makes megatron's GPU-less paths cost on the CPU what they cost on a GPU
-(tools/bench_reference.py against the authors' code; docs/benchmarks.md):
+(benchmarks/bench_reference.py against the authors' code; docs/benchmarks.md):
 
 * the transformer blocks' forward runs with the mode suspended (:func:`_patch_block_forward`):
   under a Python mode every torch call pays torch's dispatch into Python, and every

@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-# A measuring tool of tools/bench_pipeline.py, not part of the package.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+# A measuring tool of benchmarks/bench_pipeline.py, not part of the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from activation_memory import SavedActivationMeter  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""tools/bench_reference.py: the interval it reports for the median per-round ratio
+"""benchmarks/bench_reference.py: the interval it reports for the median per-round ratio
 (analysis.stats.median_interval), its own side end to end (the authors' side needs their modeling
 file, which is not part of the repository), and a reference side that fails."""
 
@@ -46,7 +46,7 @@ def test_ours_only_run_prints_steps_and_the_exact_flop_ratio():
 
     argv = ["--ours-only", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
             "--seq-length", "16", "--micro-batch-size", "2", "--rounds", "2", "--threads", "1", "--jacobi", "2"]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_reference.py"), *argv],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_reference.py"), *argv],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("ours "))
@@ -81,7 +81,7 @@ def test_a_failing_reference_side_is_one_clear_error(tmp_path, script, message):
     argv = ["--authors-modeling-file", str(modeling), "--reference-python", str(fake), "--num-layers", "1",
             "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8", "--micro-batch-size", "1",
             "--rounds", "1", "--threads", "1"]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_reference.py"), *argv],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_reference.py"), *argv],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.rstrip().endswith(message)

@@ -1,5 +1,5 @@
-"""Activation memory of --jacobi-grad-passes and of recompute, measured as tools/bench_grad_passes.py
-does: the peak of what autograd saves, over the forward and the backward (tools/activation_memory.py).
+"""Activation memory of --jacobi-grad-passes and of recompute, measured as benchmarks/bench_grad_passes.py
+does: the peak of what autograd saves, over the forward and the backward (benchmarks/activation_memory.py).
 Passes without a graph keep nothing; megatron's full recompute keeps each unit's input (a pass, or a
 layer of a pass) and rebuilds one unit's activations at a time in backward."""
 
@@ -11,8 +11,8 @@ import pytest
 from megatron_latent.config import LatentSettings
 from parallel_utils import LAYERS, batch, init_weights, tiny_config, tiny_gpt
 
-# A measuring tool of tools/bench_*.py, not part of the package.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+# A measuring tool of benchmarks/bench_*.py, not part of the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from activation_memory import SavedActivationMeter  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_rank")

@@ -1,4 +1,4 @@
-"""Loss against the evaluation J (inference/jacobi_eval.py, tools/eval_jacobi.py): enough Jacobi
+"""Loss against the evaluation J (inference/jacobi_eval.py, benchmarks/eval_jacobi.py): enough Jacobi
 passes give the exact sequential rollout's loss, J=0 does not, the loss is the training loss, and
 the tool reads a checkpoint and a dataset to the library's numbers."""
 
@@ -73,7 +73,7 @@ def test_tool_reads_a_checkpoint_to_the_library_numbers(tmp_path):
     expected = jacobi_losses(model, spread_windows(stream, L, 7), [0, 2, L])
 
     out = tmp_path / "eval.json"
-    cmd = [sys.executable, "tools/eval_jacobi.py", "--load", root, "--data-path", prefix, "--jacobi", "0", "2",
+    cmd = [sys.executable, "benchmarks/eval_jacobi.py", "--load", root, "--data-path", prefix, "--jacobi", "0", "2",
            str(L), "--num-windows", "7", "--tokens-per-byte", "0.5", "--json", str(out)]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

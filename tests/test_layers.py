@@ -19,7 +19,7 @@ LAYERS = [
     {"inference"},  # decoding, and loading a checkpoint into one process
     {"hf"},  # Hugging Face conversion and export
     {"analysis"},  # comparing finished runs, checking exports (for command lines only)
-    {"pretrain", "generate"},  # command lines
+    {"pretrain", "generate", "tools"},  # command lines
 ]
 _LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -1,4 +1,4 @@
-"""tools/study_grad_passes.py's plan: equal-token runs take the full run's steps, equal-FLOP runs the
+"""benchmarks/study_grad_passes.py's plan: equal-token runs take the full run's steps, equal-FLOP runs the
 steps that spend the full run's training FLOPs (models/flops.py, averaged over the J range)."""
 
 import importlib.util
@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _study():
-    path = os.path.join(ROOT, "tools", "study_grad_passes.py")
+    path = os.path.join(ROOT, "benchmarks", "study_grad_passes.py")
     spec = importlib.util.spec_from_file_location("study_grad_passes", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

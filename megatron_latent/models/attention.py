@@ -5,7 +5,7 @@ separate kernels and keeps the probabilities for the backward; torch's fused ker
 attention on CPU, and on GPUs without Transformer Engine) does the same arithmetic tiled, skips
 the masked-out upper triangle of a causal mask and keeps only a log-sum-exp per row. The latent
 model runs attention over (N+1)-times longer sequences, so this was its largest single cost (about
-a third of a latent training step at the size of tools/bench_reference.py; docs/benchmarks.md).
+a third of a latent training step at the size of benchmarks/bench_reference.py; docs/benchmarks.md).
 
 The result is megatron's up to rounding (checked in tests/test_attention.py). Configurations the
 fused call does not express the same way fall back to megatron's forward: attention dropout while

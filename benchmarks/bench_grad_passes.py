@@ -5,10 +5,10 @@ ratio to a vanilla step; and the same with megatron's full recompute (--recomput
 its input in backward) and once per layer (--recompute-num-layers 1, megatron's default: every
 layer of every pass rerun from its own input).
 
-    python tools/bench_grad_passes.py [--arch gpt-neox --num-layers 4 --hidden-size 128 --seq-length 128]
+    python benchmarks/bench_grad_passes.py [--arch gpt-neox --num-layers 4 --hidden-size 128 --seq-length 128]
 
 Activation memory is the peak of what autograd saves for backward over the forward and the
-backward (tools/activation_memory.py; recompute saves a unit's activations again in backward), so
+backward (benchmarks/activation_memory.py; recompute saves a unit's activations again in backward), so
 it reads the same on any device.
 """
 
@@ -34,7 +34,7 @@ def main():
 
     # Imported after the flags: --help answers at once.
     import torch
-    from activation_memory import SavedActivationMeter  # tools/, beside this script
+    from activation_memory import SavedActivationMeter  # benchmarks/, beside this script
 
     from megatron_latent.config import ModelConfig
     from megatron_latent.models.flops import latent_step_flops

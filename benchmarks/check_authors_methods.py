@@ -12,7 +12,7 @@ the logits from the same weights' vanilla forward (so a match is not a match of 
 
     git clone https://github.com/LUMIA-Group/PonderLM-2
     python -m venv hf446 && hf446/bin/pip install torch "transformers==4.46.3"
-    python tools/check_authors_methods.py --authors-repo PonderLM-2 --reference-python hf446/bin/python
+    python benchmarks/check_authors_methods.py --authors-repo PonderLM-2 --reference-python hf446/bin/python
 
 Exit status 1 when a case differs by more than --tolerance.
 """

@@ -1,7 +1,7 @@
 """Validation loss of a latent checkpoint against the evaluation J, and with the exact sequential
 rollout: how many Jacobi passes inference needs (megatron_latent/inference/jacobi_eval.py).
 
-    python tools/eval_jacobi.py --load ckpt/ --data-path data/valid_text_document \
+    python benchmarks/eval_jacobi.py --load ckpt/ --data-path data/valid_text_document \
         [--jacobi 0 1 2 3 4 5 6] [--num-windows 128] [--tokens-per-byte 0.31] [--json out.json]
 
 Windows of the model's sequence length are taken at evenly spaced offsets of the dataset's
@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Benchmark: preprocess_data throughput vs the tokenizer's raw batch-encode throughput (the limit).
 
-    python tools/bench_preprocess.py --input ../shared/data/sample-corpus.jsonl.zst \
+    python benchmarks/bench_preprocess.py --input ../shared/data/sample-corpus.jsonl.zst \
         --tokenizer-model ../shared/data/gpt-neox-20b-tokenizer.json --workers 1 2
 
 Each measurement runs in a fresh process (best of --repeat, the two kinds alternating) with
@@ -20,8 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _limit(args):

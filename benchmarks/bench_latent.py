@@ -1,7 +1,7 @@
 """Time forward+backward of a vanilla GPT (N=0) and latent models (N=1, J=2 and J=3) of the same
 size, and print measured step-time ratios beside the exact FLOP ratios.
 
-    python tools/bench_latent.py [--num-layers 4 --hidden-size 256 --vocab-size 2048 --seq-length 256]
+    python benchmarks/bench_latent.py [--num-layers 4 --hidden-size 256 --vocab-size 2048 --seq-length 256]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pipeline bubble of the latent forward: step time at PP (default 2) versus the ideal, and the
 activation memory each stage holds, for several micro-batch counts.
 
-    python tools/bench_pipeline.py [--pipeline-model-parallel-size 2] [--micro-batches 4 8 16]
+    python benchmarks/bench_pipeline.py [--pipeline-model-parallel-size 2] [--micro-batches 4 8 16]
 
 For each micro-batch count M it times forward+backward of one step (all N + J + 1 passes, as
 virtual pipeline chunks) on one rank (PP=1) and on PP ranks, and prints
@@ -11,7 +11,7 @@ virtual pipeline chunks) on one rank (PP=1) and on PP ranks, and prints
   V = N + J + 1 chunks (the passes);
 * per stage: the share of the step's wall time the rank's process spent computing (CPU time / wall
   time; on CPU, gloo waits sleep), and the peak bytes of activations saved for backward (all
-  passes of the micro-batches in flight; tools/activation_memory.py), and at PP=1 for comparison.
+  passes of the micro-batches in flight; benchmarks/activation_memory.py), and at PP=1 for comparison.
 
 Ranks are processes on this machine (gloo on CPU, one thread each); on a shared machine the
 measured overhead includes whatever else runs.
@@ -30,7 +30,7 @@ def _rank_main(rank, world, init_file, args, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch
     import torch.distributed as dist
-    from activation_memory import SavedActivationMeter  # tools/, beside this script
+    from activation_memory import SavedActivationMeter  # benchmarks/, beside this script
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallelConfig
 

@@ -1,6 +1,6 @@
 """Decode throughput of the KV-cached latent generator (megatron side), and prefill cost per method.
 
-    python tools/bench_decode_megatron.py [--preset tiny-llama] [--hidden-size 256 --num-layers 4]
+    python benchmarks/bench_decode_megatron.py [--preset tiny-llama] [--hidden-size 256 --num-layers 4]
         [--prompt-len 64 --new-tokens 64 --batch-size 1] [--thoughts 0,1,2] [--threads 1]
 
 For each N: new tokens per second of greedy decoding after the prompt (prefill excluded), the

@@ -2,7 +2,7 @@
 N=0 model with twice the non-embedding parameters (2x layers): the paper's equal-inference-cost
 comparison. Random weights (speed does not depend on them), HF transformers forward with a KV cache.
 
-    python tools/bench_decode.py --model-preset pythia-70m --batch-sizes 1 8 --prefill 512 --decode 32
+    python benchmarks/bench_decode.py --model-preset pythia-70m --batch-sizes 1 8 --prefill 512 --decode 32
 
 Per model and batch size: prefill time, decode tokens/s (batch x new tokens / time), median
 per-token latency, and KV-cache bytes per token (measured from the cache; (N+1) x layers x 2 x

@@ -21,7 +21,7 @@ Their modeling file is not part of this repository; get it with
 and a Python with torch and transformers 4.46.x (e.g. `python -m venv hf446 && hf446/bin/pip install
 torch "transformers==4.46.3"`). Then
 
-    python tools/bench_reference.py --authors-modeling-file PATH/modeling_gpt_neox.py \\
+    python benchmarks/bench_reference.py --authors-modeling-file PATH/modeling_gpt_neox.py \\
         --reference-python hf446/bin/python [--rounds 10 --threads 2]
 
 `--reference-python` with no authors' file (or `--ours-only`) times only this project.
@@ -230,7 +230,7 @@ def main():
     if not args.ours_only:
         if not args.authors_modeling_file or not os.path.isfile(args.authors_modeling_file):
             raise SystemExit(f"--authors-modeling-file {args.authors_modeling_file!r}: not a file "
-                             "(see the docstring: python tools/bench_reference.py -h), or pass --ours-only")
+                             "(see the docstring: python benchmarks/bench_reference.py -h), or pass --ours-only")
         theirs = Reference(args)
     ours = Ours(args)
     sides = {"ours": ours} if theirs is None else {"ours": ours, "theirs": theirs}

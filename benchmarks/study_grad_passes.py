@@ -1,6 +1,6 @@
 """The study of cheaper latent training (--jacobi-grad-passes K), reproducible by one command:
 
-    python tools/study_grad_passes.py --work /tmp/study_grad_passes [--steps 600 --seeds 1 2]
+    python benchmarks/study_grad_passes.py --work /tmp/study_grad_passes [--steps 600 --seeds 1 2]
 
 1. data: the sample corpus split by document (every 50th document held out for validation, every
    5th of the rest for training: more than the runs read), a byte-level BPE of 512 tokens trained
@@ -12,7 +12,7 @@
    J range 2-4): full backprop; K = 1 and 2 at equal tokens (same steps) and at equal training
    FLOPs (more steps, from models/flops.latent_step_flops averaged over the J range); a vanilla
    N=0 run at equal tokens for scale. Every run writes its checkpoint and metrics.jsonl.
-3. evaluation (tools/eval_jacobi.py; bits per byte from the loss): each checkpoint's loss on
+3. evaluation (benchmarks/eval_jacobi.py; bits per byte from the loss): each checkpoint's loss on
    the whole validation split at the driver's evaluation J (3), the table's headline; and on 64
    windows of it at evaluation J = 0..6 and with the exact sequential rollout, which is slow.
 
@@ -35,7 +35,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 PY = sys.executable
 MODEL = dict(preset="tiny-pythia", layers=2, hidden=64, heads=4, ffn=256, seq=64, n=1)
 EVAL_J = list(range(7))
@@ -163,7 +162,8 @@ def evaluate(work: str, run: dict, data: dict, windows: int, js, rollout: bool, 
     d = os.path.join(work, "runs", run["name"])
     out = os.path.join(d, name)
     if not os.path.exists(out):
-        cmd = [PY, os.path.join(ROOT, "tools", "eval_jacobi.py"), "--load", d, "--data-path", data["valid"]["prefix"],
+        cmd = [PY, os.path.join(ROOT, "benchmarks", "eval_jacobi.py"), "--load", d,
+               "--data-path", data["valid"]["prefix"],
                "--num-windows", str(windows), "--jacobi", *map(str, js if run["n"] else [0]),
                "--tokens-per-byte", str(data["tokens_per_byte"]), "--json", out]
         if not (rollout and run["n"]):
