@@ -31,7 +31,7 @@ On a GPU, `--device cuda --bf16` compares the way both train there: ours megatro
 with fp32 master weights, clipping and AdamW on the masters, as their DeepSpeed ZeRO-0 bf16 config
 does (sdpa attention on both sides: their scripts ask for flash-attn 2, which is not installed
 here). Steps end with a device synchronisation. examples/gpu_smoke.sh runs it at the Pythia-410M
-shape when the authors' file and a transformers 4.46 wheel travel with the checkout.
+shape when AUTHORS_MODELING_FILE and REFERENCE_PYTHON are set.
 """
 
 from __future__ import annotations
