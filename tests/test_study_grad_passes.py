@@ -31,7 +31,7 @@ def test_equal_tokens_and_equal_flops_runs():
         per_step = flops["flops"] / flops["steps"]
         assert abs(flops["flops"] - full["flops"]) <= per_step / 2
         assert flops["steps"] > full["steps"]
-    # The documented study: 1,206 steps for K=1 and 932 for K=2 against 600 (docs/benchmarks.md).
+    # The documented study: 1,206 steps for K=1 and 932 for K=2 against 600 (docs/benchmarks/grad-passes-202611.md).
     assert (runs["k1-flops-s1"]["steps"], runs["k2-flops-s1"]["steps"]) == (1206, 932)
     assert runs["vanilla-s1"]["n"] == 0 and runs["vanilla-s1"]["flops"] < runs["k1-tokens-s1"]["flops"]
     assert runs["full-s2"]["seed"] == 2

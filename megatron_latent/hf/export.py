@@ -16,7 +16,7 @@ with `trust_remote_code=True`, so it is never silently run as a vanilla model.
 Every transformers version setup.py admits (>= 4.46) reads the folder the same: config.json
 carries the 4.x names next to the 5.x ones (GPT-NeoX `rotary_pct`/`rotary_emb_base`, LLaMA
 `rope_theta`, `torch_dtype`) and the GPT-NeoX head is stored as `embed_out.weight`, the name 4.x
-loads and 5.x renames to `lm_head` on loading (tests/test_hf_oldest.py loads exports under 4.46.3).
+loads and 5.x renames to `lm_head` on loading (tests/test_hf_oldest_transformers.py loads exports under 4.46.3).
 
 The folder is written under a temporary name next to the target and renamed at the end; an
 existing target is replaced only with `force`.

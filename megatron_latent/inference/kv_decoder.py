@@ -18,12 +18,12 @@ Two things megatron's static path does not know about, handled here:
   its cache index. The context stores keys before rotary and re-applies `rotary[:end]` to all
   cached keys each step (queries take `rotary[start:end]`), so we hand the decoder a rotary table
   indexed by cache entry (LatentGPTModel.rotary_for over the cache's slot positions).
-
-The prompt's thoughts are solved by the model's own pass loop (`solve_thoughts`, the training
-forward's growth and Jacobi passes), and each decoded thought is fed back by its `thought_input`.
 * Left padding: an explicit mask [b, 1, new, cached] hides padded entries and keeps the new entries
   causal among themselves (megatron's local attention ignores the no-mask hint it switches to
   after the first step, and asserts square masks when none is given).
+
+The prompt's thoughts are solved by the model's own pass loop (`solve_thoughts`, the training
+forward's growth and Jacobi passes), and each decoded thought is fed back by its `thought_input`.
 """
 
 from __future__ import annotations

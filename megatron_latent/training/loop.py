@@ -1,8 +1,8 @@
 """The training loop: resume from a checkpoint, then steps with logging, validation and saving.
 
 Free of flag parsing: `pretrain.py` builds the model, optimizer, scheduler and data and hands them
-to `train` as one `Trainer`. Steps and validation run through `parallel.pipeline`
-(latent_train_step / latent_eval_loss), which covers every layout: at PP=1 the model's own
+to `train` as one `Trainer`. Steps and validation run through `training.engine` (latent_train_step /
+latent_eval_loss over `parallel.pipeline`), which covers every layout: at PP=1 the model's own
 multi-pass forward, at PP>1 the passes as weight-shared virtual pipeline chunks. Messages go to
 the `megatron_latent.training.loop` logger; the driver decides which rank prints them.
 """
