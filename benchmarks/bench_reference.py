@@ -243,7 +243,7 @@ def main():
             for k in ("latent", "vanilla"):
                 for s, side in order:
                     t = side.step(k)
-                    if r:  # round 0 warms up
+                    if r:  # the first round warms up
                         times[s, k].append(t)
     finally:
         if theirs is not None:
