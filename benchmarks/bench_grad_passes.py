@@ -37,7 +37,7 @@ def main():
     from activation_memory import SavedActivationMeter  # benchmarks/, beside this script
 
     from megatron_latent.config import ModelConfig
-    from megatron_latent.models.flops import latent_step_flops
+    from megatron_latent.models.flops import model_step_flops
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
     from megatron_latent.parallel.initialize import initialize_single_process
@@ -79,9 +79,7 @@ def main():
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         peak = meter.peak_bytes
-        flops = latent_step_flops(L, n, j, cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers,
-                                  cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.query_groups, cfg.gated,
-                                  grad_passes=k)
+        flops = model_step_flops(cfg, L, j)
         return sorted(times)[len(times) // 2], peak, flops
 
     t0, m0, f0 = measure(0, 0, None, {})

@@ -28,7 +28,7 @@ def main():
     import torch
 
     from megatron_latent.config import ModelConfig
-    from megatron_latent.models.flops import latent_step_flops
+    from megatron_latent.models.flops import model_step_flops
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
     from megatron_latent.parallel.initialize import initialize_single_process
@@ -62,8 +62,7 @@ def main():
         return sorted(times)[len(times) // 2]
 
     def flops(n, j):
-        return latent_step_flops(L, n, j, base.padded_vocab_size, args.hidden_size, args.num_layers,
-                                 base.ffn_hidden_size, args.num_attention_heads, base.query_groups, base.gated)
+        return model_step_flops(base.replace(num_latent_thoughts=n), L, j)
 
     base_t, base_f = step_time(0, 0), flops(0, 0)
     print(f"model: {args.arch}, {args.num_layers} layers, H={args.hidden_size}, V={args.vocab_size}, L={L}, "

@@ -191,13 +191,12 @@ class Ours:
         return time.perf_counter() - t0
 
     def flop_ratio(self) -> float:
-        from megatron_latent.models.flops import latent_step_flops
+        from megatron_latent.models.flops import model_step_flops
 
         c, a = self.base, self.args
 
         def f(n, j):
-            return latent_step_flops(a.seq_length, n, j, c.padded_vocab_size, c.hidden_size, c.num_layers,
-                                     c.ffn_hidden_size, c.num_attention_heads, c.query_groups, c.gated)
+            return model_step_flops(c.replace(num_latent_thoughts=n), a.seq_length, j)
 
         return f(1, a.jacobi) / f(0, 0)
 

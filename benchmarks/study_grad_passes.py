@@ -10,7 +10,7 @@
    split.
 2. training, one run after another (GPT-NeoX family, 2 layers x 64, seq 64, N=1, the family's
    J range 2-4): full backprop; K = 1 and 2 at equal tokens (same steps) and at equal training
-   FLOPs (more steps, from models/flops.latent_step_flops averaged over the J range); a vanilla
+   FLOPs (more steps, from models/flops.model_step_flops averaged over the J range); a vanilla
    N=0 run at equal tokens for scale. Every run writes its checkpoint and metrics.jsonl.
 3. evaluation (benchmarks/eval_jacobi.py; bits per byte from the loss): each checkpoint's loss on
    the whole validation split at the driver's evaluation J (3), the table's headline; and on 64
@@ -93,15 +93,13 @@ def prepare_data(work: str, corpus: str, vocab: int) -> dict:
 def step_flops(n: int, k, vocab: int) -> float:
     """Training FLOPs of one sequence, averaged over the family's J range (drawn uniformly)."""
     from megatron_latent.config import get_preset
-    from megatron_latent.models.flops import latent_step_flops
+    from megatron_latent.models.flops import model_step_flops
 
     cfg = get_preset(MODEL["preset"]).replace(
         num_layers=MODEL["layers"], hidden_size=MODEL["hidden"], num_attention_heads=MODEL["heads"],
-        ffn_hidden_size=MODEL["ffn"], vocab_size=vocab, num_latent_thoughts=n)
+        ffn_hidden_size=MODEL["ffn"], vocab_size=vocab, num_latent_thoughts=n, grad_passes=k)
     js = range(cfg.latent.training_range[0], cfg.latent.training_range[1] + 1) if n else [0]
-    counts = [latent_step_flops(MODEL["seq"], n, j, cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers,
-                                cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.query_groups, cfg.gated,
-                                grad_passes=k) for j in js]
+    counts = [model_step_flops(cfg, MODEL["seq"], j) for j in js]
     return sum(counts) / len(counts)
 
 

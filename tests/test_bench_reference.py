@@ -42,7 +42,7 @@ def test_median_interval_covers_95_percent_and_no_more_than_needed(n):
 
 def test_ours_only_run_prints_steps_and_the_exact_flop_ratio():
     from megatron_latent.config import ModelConfig
-    from megatron_latent.models.flops import latent_step_flops
+    from megatron_latent.models.flops import model_step_flops
 
     argv = ["--ours-only", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
             "--seq-length", "16", "--micro-batch-size", "2", "--rounds", "2", "--threads", "1", "--jacobi", "2"]
@@ -58,7 +58,7 @@ def test_ours_only_run_prints_steps_and_the_exact_flop_ratio():
                       ffn_hidden_size=128, vocab_size=256, seq_length=16, rotary_percent=0.25)
 
     def f(n, j):
-        return latent_step_flops(16, n, j, cfg.padded_vocab_size, 32, 2, 128, 2, cfg.query_groups, cfg.gated)
+        return model_step_flops(cfg.replace(num_latent_thoughts=n), 16, j)
 
     assert flop == pytest.approx(f(1, 2) / f(0, 0), abs=0.005)
     assert "ours/theirs" not in proc.stdout

@@ -16,7 +16,8 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_latent.models.flops import latent_step_flops, model_step_flops
+from megatron_latent.config import LatentSettings
+from megatron_latent.models.flops import model_step_flops, step_flops
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 B, S = 2, 8
@@ -73,10 +74,7 @@ def _counted(model, n, j, training, jacobi=None):
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
 def test_flops_equal_torch_flop_counter(preset, n, j, training):
     cfg = _config(preset, n)
-    expected = B * latent_step_flops(
-        S, n, j, cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size,
-        cfg.num_attention_heads, cfg.query_groups, cfg.gated, training=training,
-    )
+    expected = B * model_step_flops(cfg, S, j, training=training)
     assert _counted(_model(cfg), n, j, training) == expected
 
 
@@ -84,22 +82,18 @@ def test_flops_equal_torch_flop_counter(preset, n, j, training):
 def test_flops_with_grad_passes_equal_torch_flop_counter(k):
     # N=1, J=2: 4 passes; the first 4 - k are forward only.
     cfg = _config("tiny-llama", 1).replace(grad_passes=k)
-    expected = B * latent_step_flops(
-        S, 1, 2, cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size,
-        cfg.num_attention_heads, cfg.query_groups, cfg.gated, grad_passes=k,
-    )
+    expected = B * model_step_flops(cfg, S, 2)
     assert _counted(_model(cfg), 1, 2, True) == expected
-    full = latent_step_flops(S, 1, 2, cfg.padded_vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size,
-                             cfg.num_attention_heads, cfg.query_groups, cfg.gated)
+    full = model_step_flops(cfg.replace(grad_passes=None), S, 2)
     assert (expected < B * full) == (k < 4)
 
 
 def test_latent_flop_ratio_of_the_design_brief():
     # 4 layers, H=256, V=2048, L=256 (ffn 4H): exact ratios 7.0 (J=2) and 9.0 (J=3) to vanilla.
     kw = dict(vocab=2048, hidden=256, num_layers=4, ffn_hidden=1024, num_heads=4)
-    base = latent_step_flops(256, 0, 0, **kw)
-    assert latent_step_flops(256, 1, 2, **kw) / base == pytest.approx(7.0, abs=0.01)
-    assert latent_step_flops(256, 1, 3, **kw) / base == pytest.approx(9.0, abs=0.01)
+    base = step_flops(LatentSettings(0), 256, 0, **kw)
+    assert step_flops(LatentSettings(1), 256, 2, **kw) / base == pytest.approx(7.0, abs=0.01)
+    assert step_flops(LatentSettings(1), 256, 3, **kw) / base == pytest.approx(9.0, abs=0.01)
 
 
 # ------------------------------------------------------------------ the baselines

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_latent.analysis.compare import format_table, plot_valid_loss, summarize_run, verdict
-from megatron_latent.config import ModelConfig
+from megatron_latent.config import LatentSettings, ModelConfig
 from megatron_latent.data.pycorpus import (
     EOD_TOKEN,
     stdlib_documents,
@@ -23,7 +23,7 @@ from megatron_latent.data.pycorpus import (
     train_bpe_tokenizer,
     write_stdlib_corpus,
 )
-from megatron_latent.models.flops import decoder_pass_flops, latent_decode_flops, latent_step_flops
+from megatron_latent.models.flops import decoder_pass_flops, latent_decode_flops, step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +118,7 @@ CFG = ModelConfig(name="t", arch="llama", num_layers=2, hidden_size=32, num_atte
 def _expected_train_flops(cfg, seed, iters, gbs, seq):
     n = cfg.latent.num_latent_thoughts
     js = [random.Random(seed * 1_000_003 + s).randint(2, 3) if n else 0 for s in range(1, iters + 1)]
-    flops = sum(latent_step_flops(seq, n, j, 256, 32, 2, 64, 4, 2, True) for j in js) * gbs
+    flops = sum(step_flops(LatentSettings(n), seq, j, 256, 32, 2, 64, 4, 2, True) for j in js) * gbs
     return flops, js
 
 

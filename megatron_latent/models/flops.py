@@ -31,7 +31,8 @@ def step_flops(latent: LatentSettings, seq: int, num_jacobi: int, vocab: int, hi
                training: bool = True) -> int:
     """FLOPs of one forward (+ backward when `training`) of a model with these settings (any
     method) over one sequence of `seq` tokens, with `num_jacobi` Jacobi passes (latent thoughts
-    only). With `grad_passes` k only the last k passes are backpropagated."""
+    only). With `latent.grad_passes` k only the last k passes are backpropagated. Callers with a
+    ModelConfig use `model_step_flops`."""
     j = num_jacobi if latent.num_latent_thoughts else 0
     lengths = latent.pass_slots(j)
     no_grad = latent.passes_without_grad(j) if training else 0
@@ -56,14 +57,6 @@ def step_flops(latent: LatentSettings, seq: int, num_jacobi: int, vocab: int, hi
             else:
                 total += 3 * 2 * fed
     return total
-
-
-def latent_step_flops(seq: int, num_latent_thoughts: int, num_jacobi: int, vocab: int, hidden: int,
-                      num_layers: int, ffn_hidden: int, num_heads: int, num_query_groups: int = None,
-                      gated_mlp: bool = False, training: bool = True, grad_passes: int = None) -> int:
-    """`step_flops` of latent thoughts fed their hidden state (N = 0: vanilla)."""
-    return step_flops(LatentSettings(num_latent_thoughts, grad_passes=grad_passes), seq, num_jacobi, vocab, hidden,
-                      num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp, training)
 
 
 def _sizes(cfg) -> dict:
