@@ -100,7 +100,7 @@ step "greedy continuation: python -m megatron_latent.generate vs the export"
 GEN="$OUT/generate.json"
 if [ ! -f "$GEN" ]; then
     "$PY" -m megatron_latent.generate --load "$OUT/runs/latent-N1/ckpt" --prompt "def __init__(self, " \
-        --max-new-tokens 24 --greedy --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER" \
+        --max-new-tokens 24 --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER" \
         2> "$OUT/generate.err" | tail -n 1 > "$GEN.tmp"
     mv "$GEN.tmp" "$GEN"
 fi

@@ -2,12 +2,12 @@
 thoughts, pause tokens, extra loops, vanilla; --prefill matters only with thoughts).
 
     python -m megatron_latent.generate --load CKPT (--prompt TEXT | --prompt-ids 1,2,3) \
-        --max-new-tokens 32 [--greedy | --temperature 0.8 --top-p 0.95 --top-k 50 --seed 1] \
+        --max-new-tokens 32 [--temperature 0.8 --top-p 0.95 --top-k 50 --seed 1] \
         [--prefill exact|jacobi|tolerance] [--jacobi-iters-eval J] [--jacobi-tol 1e-4] \
         [--tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.json] [--iteration K]
 
-Reads `CKPT/model_config.json` and the weights (a checkpoint saved at any TP/PP), runs as one
-process, and ends its output with one JSON line:
+Decoding is greedy (argmax) unless a sampling flag is given. Reads `CKPT/model_config.json` and
+the weights (a checkpoint saved at any TP/PP), runs as one process, and ends its output with one JSON line:
 `{"prompt_ids": [...], "ids": [new tokens], "text": detokenized new tokens or null, ...}`.
 """
 
@@ -19,7 +19,7 @@ import sys
 
 # The generation library's argument names whose flag is spelled differently (see cli.flag_message).
 _RENAMED = {"prefill": "--prefill", "jacobi_iters": "--jacobi-iters-eval", "tol": "--jacobi-tol",
-            "temperature": "--temperature", "greedy": "--greedy"}
+            "temperature": "--temperature"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="prompt text (needs --tokenizer-type/--tokenizer-model)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--greedy", action="store_true",
-                   help="argmax decoding (the default unless a sampling flag is given)")
-    p.add_argument("--temperature", type=float, default=None)
+    # Without any of the four sampling flags decoding is greedy (argmax).
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (> 0)")
     p.add_argument("--top-k", type=int, default=None, help="0 = off")
     p.add_argument("--top-p", type=float, default=None, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens)")
@@ -53,8 +52,8 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     sampling = [f for f in ("temperature", "top_k", "top_p", "seed") if getattr(args, f) is not None]
-    if args.greedy and sampling:
-        p.error(f"--greedy cannot be combined with --{sampling[0].replace('_', '-')}")
+    if args.temperature is not None and not args.temperature > 0:
+        p.error(f"--temperature {args.temperature}: must be > 0 (leave out the sampling flags for greedy decoding)")
     if args.jacobi_iters_eval is not None and args.prefill != "jacobi":
         p.error("--jacobi-iters-eval needs --prefill jacobi")
     if args.prompt is not None and args.tokenizer_type is None:

@@ -80,7 +80,7 @@ def test_cli_decodes_a_tp2_checkpoint_at_tp1(checkpoint):
     root, tokenizer, expected = checkpoint
     ids = ",".join(map(str, PROMPT_IDS))
     # One process per decoding mode is what the CLI is for; three runs cover the flags.
-    greedy = _cli("--load", root, "--prompt-ids", ids, "--max-new-tokens", "6", "--greedy")
+    greedy = _cli("--load", root, "--prompt-ids", ids, "--max-new-tokens", "6")
     assert greedy["prompt_ids"] == PROMPT_IDS and greedy["text"] is None
     assert greedy["ids"] == expected[7]["greedy"] and greedy["iteration"] == 7
     sampled = _cli("--load", root, "--prompt-ids", ids, "--max-new-tokens", "6", "--iteration", "5",
@@ -131,7 +131,8 @@ def test_cli_bad_input_one_clear_line(tmp_path, capsys, args, message):
         ["--load", "x", "--max-new-tokens", "2"],  # no prompt
         ["--load", "x", "--prompt", "a", "--prompt-ids", "1", "--max-new-tokens", "2"],
         ["--load", "x", "--prompt", "a", "--max-new-tokens", "2"],  # text without tokenizer
-        ["--load", "x", "--prompt-ids", "1", "--max-new-tokens", "2", "--greedy", "--temperature", "0.5"],
+        ["--load", "x", "--prompt-ids", "1", "--max-new-tokens", "2", "--temperature", "0"],
+        ["--load", "x", "--prompt-ids", "1", "--max-new-tokens", "2", "--greedy"],  # greedy is the default
         ["--load", "x", "--prompt-ids", "1", "--max-new-tokens", "2", "--jacobi-iters-eval", "2"],
     ],
 )

@@ -1,6 +1,6 @@
 """Check a Hugging Face export against megatron's generation: greedy continuation of the same prompt.
 
-    python -m megatron_latent.generate --load CKPT --prompt-ids 1,2,3 --max-new-tokens K --greedy | tail -1 > gen.json
+    python -m megatron_latent.generate --load CKPT --prompt-ids 1,2,3 --max-new-tokens K | tail -1 > gen.json
     python tools/check_hf_continuation.py --hf-dir HF --megatron-json gen.json [--tokenizer-model tokenizer.json]
 
 Prints both continuations (ids, and text with the tokenizer); exit status 1 when they differ.
