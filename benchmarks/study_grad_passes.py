@@ -172,8 +172,8 @@ def evaluate(work: str, run: dict, data: dict, windows: int, js, rollout: bool, 
 
 def _run(cmd, log):
     with open(log, "w") as f:
-        # One thread: on a shared, oversubscribed CPU a second thread mostly waits for a core.
-        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # One thread: on a small, busy CPU a second thread mostly waits for a core.
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if r.returncode:
         sys.exit(f"error: exit {r.returncode} of {' '.join(cmd)}; see {log}")
