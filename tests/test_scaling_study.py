@@ -83,7 +83,8 @@ def test_dry_run_prints_the_plan_and_commands_and_a_working_slurm_array(tmp_path
                 "--dry-run", "--slurm", str(sbatch), "--work", str(tmp_path / "w"))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert "32 runs (16 settings x seeds)" in out.stdout and "at 3200 TFLOP/s (given)" in out.stdout
+    assert "32 runs (16 settings x seeds)" in out.stdout and "at 3200 TFLOP/s per run (given)" in out.stdout
+    assert "GPU-hours at 8 GPUs per run" in out.stdout
     cmds = [ln for ln in lines if ln.startswith("torchrun --standalone --nproc_per_node 8 -m megatron_latent.pretrain")]
     assert len(cmds) == 32 and all("--bf16" in c for c in cmds)
     assert not (tmp_path / "w").exists()  # a dry run writes nothing there

@@ -69,8 +69,8 @@ def parse_args(argv):
     g.add_argument("--vocab-size", type=int, default=512, help="the BPE's vocabulary (also the plan's without one)")
     g = p.add_argument_group("cost, launch and analysis")
     g.add_argument("--tflops", type=float, default=None,
-                   help="throughput per run for the plan's hours (default: measured on finished runs, else "
-                        f"{ASSUMED_TFLOPS}, assumed for 2 CPU cores)")
+                   help="TFLOP/s of one run (all its GPUs) for the plan's hours (default: measured on the finished "
+                        f"runs, else {ASSUMED_TFLOPS} / --jobs, assumed for 2 CPU cores)")
     g.add_argument("--overhead-s", type=float, default=20.0, help="seconds per run beyond its FLOPs (start-up, saves)")
     g.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     g.add_argument("--gpus-per-run", type=int, default=1, help="torchrun --nproc_per_node of --dry-run's lines")
@@ -250,8 +250,9 @@ def main(argv=None) -> int:
     if rate is None and done and None not in walls:
         rate, source = sum(s.train_flops for s in done.values()) / sum(walls) / 1e12, f"measured on {len(done)} runs"
     if rate is None:
-        rate, source = ASSUMED_TFLOPS, "assumed"
-    print(grid.format_plan(runs, rate, source, args.overhead_s), flush=True)
+        # The machine's rate, shared by the runs at once.
+        rate, source = ASSUMED_TFLOPS / args.jobs, f"assumed: {ASSUMED_TFLOPS} for 2 CPU cores / {args.jobs}"
+    print(grid.format_plan(runs, rate, source, args.overhead_s, args.jobs, args.gpus_per_run), flush=True)
     if args.dry_run or args.slurm:
         launcher = ["torchrun", "--standalone", "--nproc_per_node", str(args.gpus_per_run), "-m",
                     "megatron_latent.pretrain"]

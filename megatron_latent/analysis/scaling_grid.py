@@ -191,8 +191,11 @@ def command(r: Run, run_dir: str, data_flags: Sequence[str], launcher: Sequence[
     return [*launcher, *r.flags, *data_flags, "--save", run_dir, "--load", run_dir, "--tensorboard-dir", run_dir]
 
 
-def format_plan(runs: Sequence[Run], tflops: float, rate_source: str, overhead_s: float) -> str:
-    """A Markdown table of the runs (seeds on one line) and the total cost."""
+def format_plan(runs: Sequence[Run], tflops: float, rate_source: str, overhead_s: float, jobs: int = 1,
+                gpus_per_run: int = 1) -> str:
+    """A Markdown table of the runs (seeds on one line) and the total cost: FLOPs, hours per run at
+    `tflops` TFLOP/s per run (plus `overhead_s`), the wall time with `jobs` runs at once, and
+    GPU-hours at `gpus_per_run`."""
     head = ("| size | method | budget | layers | hidden | non-embedding params | steps | tokens | tokens/param "
             "| FLOPs per run | hours per run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -211,8 +214,10 @@ def format_plan(runs: Sequence[Run], tflops: float, rate_source: str, overhead_s
     params = [r.params for r in runs if r.method == "vanilla"]
     lines += ["", f"{len(runs)} runs ({len(seen)} settings x seeds); vanilla non-embedding parameters "
               f"{min(params):,} to {max(params):,} ({max(params) / min(params):.1f}x); {total:.3e} FLOPs "
-              f"(training at the mean J, and the final evaluation): {hours:.3g} hours at {tflops:g} TFLOP/s "
-              f"({rate_source}) plus {overhead_s:g} s per run for start-up and checkpoints"]
+              f"(training at the mean J, and the final evaluation) at {tflops:g} TFLOP/s per run ({rate_source}) "
+              f"plus {overhead_s:g} s per run (start-up, checkpoints): {hours:.3g} run-hours, "
+              + (f"{hours * gpus_per_run:.4g} GPU-hours at {gpus_per_run} GPUs per run"
+                 if gpus_per_run > 1 else f"{hours / jobs:.3g} hours of wall time at {jobs} run(s) at once")]
     return "\n".join(lines)
 
 
