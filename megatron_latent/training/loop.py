@@ -51,8 +51,8 @@ def _finite(x: Optional[float]) -> bool:
 # Scheduler settings a resumed run compares with its checkpoint, and the flags that set them.
 _SCHEDULE_FLAGS = {
     "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters/--lr-warmup-fraction",
-    "lr_decay_steps": "--train-iters", "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay",
-    "end_wd": "--weight-decay",
+    "lr_decay_steps": "--lr-decay-iters/--train-iters", "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay", "end_wd": "--weight-decay",
 }
 # Latent settings that change what the weights compute: a run does not silently switch them.
 # The method included: a pause or loop checkpoint does not silently go on as another method.
