@@ -230,7 +230,8 @@ def build_optimizer_and_scheduler(model, args):
     # Megatron-LM's: the fraction is of the decay length (not rounded).
     warmup = args.lr_warmup_iters if args.lr_warmup_fraction is None else args.lr_warmup_fraction * decay
     if warmup >= decay:
-        raise ConfigError(f"lr_warmup_iters {warmup:g} must be shorter than the decay, lr_decay_iters {decay}")
+        raise ConfigError(f"the lr warmup ({warmup:g} iterations) must be shorter than the decay ({decay} iterations: "
+                          "--lr-decay-iters, default --train-iters)")
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=decay, lr_decay_style=args.lr_decay_style,
