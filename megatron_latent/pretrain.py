@@ -151,6 +151,8 @@ def configure(args) -> Plan:
             "reset_attention_mask is not supported with Transformer Engine attention (its fused kernels apply "
             "a plain causal mask, so documents would attend across resets); train without it, as Megatron-LM's "
             "GPT recipes do, or uninstall transformer_engine to use the local attention")
+    for note in getattr(args, "megatron_notes", ()):
+        logger.info(f"note: {note}")
     tokenizer = batching.build_tokenizer_from_args(args)
     cfg = model_config_from_args(args, tokenizer.vocab_size if tokenizer is not None else None)
     seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
@@ -256,7 +258,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
         tensor_parallel.model_parallel_cuda_manual_seed(dp_seed)
     model = engine.wrap_ddp(
         chunks,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16 and not args.grad_reduce_in_bf16,
                                       use_distributed_optimizer=args.use_distributed_optimizer),
     )
     opt, sched = build_optimizer_and_scheduler(model, args)
@@ -316,6 +318,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
             seq_length=plan.seq_length, log_interval=args.log_interval, eval_interval=args.eval_interval,
             eval_iters=args.eval_iters, save=args.save, load=args.load, save_interval=args.save_interval,
             exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
+            exit_duration_in_mins=args.exit_duration_in_mins,
             flops_per_sample=flops_per_sample,
         ),
         model=model, optimizer=opt, scheduler=sched,

@@ -9,6 +9,7 @@ from typing import List, Optional
 from megatron_latent.cli import flag_message
 from megatron_latent.config import ConfigError, ModelConfig, get_preset
 from megatron_latent.config.model import METHOD_SIZE_FIELDS
+from megatron_latent.training import megatron_flags
 from megatron_latent.training.checkpointing import checkpoint_model_config, resolve_iteration
 
 
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, default=None,
                    help="training sequence length in tokens (default: --max-position-embeddings)")
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size for --mock-data without a tokenizer (default: the preset's)")
+                   help="vocabulary size for --mock-data without a tokenizer (default: the preset's; needed without "
+                        "one)")
 
     g = p.add_argument_group("latent thoughts")
     g.add_argument("--num-latent-thoughts", type=int, default=None,
@@ -101,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "data-parallel rank 0's, as in Megatron-LM")
     g.add_argument("--bf16", action="store_true",
                    help="bf16 weights and activations (fp32 main params in the optimizer)")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="with --bf16: accumulate and reduce gradients in bf16 (default fp32)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -149,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (saving a checkpoint when --save is given) at the first iteration that is a "
                         "multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (saving a checkpoint when --save is given) after the first step that ends this many "
+                        "minutes into training (all ranks agree)")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model (architecture and sizes) from the latest checkpoint in --load")
     g.add_argument("--exit-signal-handler", action="store_true",
@@ -164,13 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
     g.add_argument("--tokenizer-type", default=None,
-                   help="HuggingFaceTokenizer, SentencePieceTokenizer or GPT2BPETokenizer")
+                   help="HuggingFaceTokenizer, SentencePieceTokenizer or GPT2BPETokenizer (NullTokenizer: "
+                        "--mock-data's ids)")
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                   help="read the .bin data files instead of memory-mapping them")
     g.add_argument("--reset-position-ids", action="store_true", help="positions restart after each EOD")
     g.add_argument("--reset-attention-mask", action="store_true", help="no attention across EOD")
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on predicting the token after EOD")
+    megatron_flags.add_to_parser(p)
     return p
 
 
@@ -178,6 +189,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse and check the flags that need no model or world to check (one error naming the flag)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    errors, args.megatron_notes = megatron_flags.verdicts(args, parser)
+    if errors:
+        parser.error(errors[0])
+    if args.tokenizer_type == "NullTokenizer":
+        # Megatron-LM's tokenizer of pre-tokenized ids; here the mock data's ids 0 .. --vocab-size - 1.
+        if not args.mock_data:
+            parser.error("--tokenizer-type NullTokenizer: supported with --mock-data only (real data needs the "
+                         "tokenizer it was preprocessed with)")
+        args.tokenizer_type = None
+        args.megatron_notes.append("--tokenizer-type NullTokenizer: the mock data's token ids 0 .. --vocab-size - 1")
+    if args.grad_reduce_in_bf16 and not args.bf16:
+        parser.error("--grad-reduce-in-bf16 applies to --bf16")
     sources = sum(x is not None for x in (args.data_path, args.train_data_path)) + int(args.mock_data)
     if sources != 1:
         parser.error("give exactly one data source: --mock-data, --data-path, or --train-data-path")
@@ -201,6 +224,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("give one of --override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler")
     if args.eval_iters < 0:
         parser.error(f"--eval-iters must be >= 0, got {args.eval_iters}")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins < 0:
+        parser.error(f"--exit-duration-in-mins must be >= 0, got {args.exit_duration_in_mins}")
     if args.exit_interval is not None and args.exit_interval < 1:
         parser.error(f"--exit-interval must be >= 1, got {args.exit_interval}")
     if args.recompute_activations:
