@@ -19,7 +19,7 @@ METHOD="${METHOD:-latent}"
 : "${CKPT:?set CKPT to the checkpoint directory}"
 case "$METHOD" in
     latent) RUN=(--num-latent-thoughts 1 --weight-decay 0.1) ;;
-    vanilla) RUN=(--init-method-std 0.02 --weight-decay 0.01) ;;
+    vanilla) RUN=(--init-style hf --init-method-std 0.02 --weight-decay 0.01) ;;
     vanilla-paper-init) RUN=(--weight-decay 0.1) ;;
     *) echo "error: METHOD=$METHOD: one of latent, vanilla, vanilla-paper-init" >&2; exit 2 ;;
 esac

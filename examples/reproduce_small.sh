@@ -57,9 +57,9 @@ COMMON=("${SIZE[@]}" --data-path "$DATA" --split 95,5,0 --tokenizer-type Hugging
         --log-interval 10)
 
 declare -A FLAGS=(
-    [vanilla-S-hf-init]="--num-latent-thoughts 0 --init-method-std 0.02 --weight-decay 0.01"
+    [vanilla-S-hf-init]="--num-latent-thoughts 0 --init-style hf --init-method-std 0.02 --weight-decay 0.01"
     [vanilla-S-paper-init]="--num-latent-thoughts 0 --weight-decay 0.01"
-    [vanilla-2S-hf-init]="--num-latent-thoughts 0 --num-layers $((2 * S)) --init-method-std 0.02 --weight-decay 0.01"
+    [vanilla-2S-hf-init]="--num-latent-thoughts 0 --num-layers $((2 * S)) --init-style hf --init-method-std 0.02 --weight-decay 0.01"
     [vanilla-2S-paper-init]="--num-latent-thoughts 0 --num-layers $((2 * S)) --weight-decay 0.01"
     [latent-N1]="--num-latent-thoughts 1 --weight-decay 0.1"
     [latent-N2]="--num-latent-thoughts 2 --weight-decay 0.1"

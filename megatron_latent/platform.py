@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import warnings
 
 import torch
@@ -208,6 +209,10 @@ def _patch_megatron_rng() -> None:
     # These go through torch.cuda._lazy_call, which never runs its callback without CUDA.
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # Its fork warns when the CPU generator moved inside it; here the forked generator is the CPU
+    # one, so every dropout in a fork (sequence parallelism, attention) would warn.
+    logging.getLogger(mrandom.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
 
 
 def _patch_custom_backward() -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -150,6 +151,8 @@ def configure(args) -> Plan:
             "reset_attention_mask is not supported with Transformer Engine attention (its fused kernels apply "
             "a plain causal mask, so documents would attend across resets); train without it, as Megatron-LM's "
             "GPT recipes do, or uninstall transformer_engine to use the local attention")
+    for note in getattr(args, "megatron_notes", ()):
+        logger.info(f"note: {note}")
     tokenizer = batching.build_tokenizer_from_args(args)
     cfg = model_config_from_args(args, tokenizer.vocab_size if tokenizer is not None else None)
     seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
@@ -199,6 +202,8 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, args):
     overrides = {"sequence_parallel": layout.sequence_parallel}
     if args.recompute_granularity:
         overrides["recompute_granularity"] = args.recompute_granularity
+        if args.recompute_modules:
+            overrides["recompute_modules"] = list(args.recompute_modules)
         if args.recompute_granularity == "full":
             overrides.update(recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
     config = cfg.to_transformer_config(
@@ -216,18 +221,22 @@ def build_optimizer_and_scheduler(model, args):
     opt = engine.build_optimizer(
         model,
         OptimizerConfig(
-            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            optimizer=args.optimizer, sgd_momentum=args.sgd_momentum, lr=args.lr, min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
             clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
             use_distributed_optimizer=args.use_distributed_optimizer,
         ),
     )
-    warmup = args.lr_warmup_iters
-    if args.lr_warmup_fraction is not None:
-        warmup = int(args.lr_warmup_fraction * args.train_iters)
+    decay = args.lr_decay_iters or args.train_iters
+    # Megatron-LM's: the fraction is of the decay length (not rounded).
+    warmup = args.lr_warmup_iters if args.lr_warmup_fraction is None else args.lr_warmup_fraction * decay
+    if warmup >= decay:
+        raise ConfigError(f"the lr warmup ({warmup:g} iterations) must be shorter than the decay ({decay} iterations: "
+                          "--lr-decay-iters, default --train-iters)")
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
-        lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style,
+        lr_decay_steps=decay, lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
         # Neither flag: a resumed run must have the checkpoint's schedule (loop.resume checks it).
@@ -240,9 +249,16 @@ def build_optimizer_and_scheduler(model, args):
 def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
     """Model, DDP, optimizer and scheduler, the resumed state, the data and the checkpoint writer."""
     cfg, dp = plan.cfg, plan.data_parallel_size
+    chunks = build_model(cfg, plan.layout, args)
+    if args.data_parallel_random_init:
+        # Megatron-LM's seed per data-parallel rank; the weights, drawn whole from the common seed
+        # before, are already data-parallel rank 0's (Megatron-LM broadcasts them).
+        dp_seed = args.seed + 10 * ps.get_data_parallel_rank()
+        torch.manual_seed(dp_seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(dp_seed)
     model = engine.wrap_ddp(
-        build_model(cfg, plan.layout, args),
-        DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16,
+        chunks,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16 and not args.grad_reduce_in_bf16,
                                       use_distributed_optimizer=args.use_distributed_optimizer),
     )
     opt, sched = build_optimizer_and_scheduler(model, args)
@@ -251,6 +267,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
                 f"method {cfg.latent.label} | TP={args.tensor_model_parallel_size} "
                 f"PP={args.pipeline_model_parallel_size} DP={dp} | {plan.num_microbatches} micro-batches of "
                 f"{args.micro_batch_size} per step")
+    logger.info(f"architecture: {cfg.describe_architecture()}")
     logger.info(f"model settings: {cfg.describe()}")
     state = loop.TrainState()
     if args.load:
@@ -301,6 +318,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
             seq_length=plan.seq_length, log_interval=args.log_interval, eval_interval=args.eval_interval,
             eval_iters=args.eval_iters, save=args.save, load=args.load, save_interval=args.save_interval,
             exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
+            exit_duration_in_mins=args.exit_duration_in_mins,
             flops_per_sample=flops_per_sample,
         ),
         model=model, optimizer=opt, scheduler=sched,

@@ -110,7 +110,7 @@ def test_resuming_as_another_method_names_the_flags(trained):
 def test_bad_method_flags_are_one_clear_error(argv, needles, capsys):
     from megatron_latent import pretrain
 
-    assert pretrain.main(["--mock-data"] + argv) == 2
+    assert pretrain.main(["--mock-data", "--model-preset", "tiny-llama"] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert all(n in err[0] for n in needles), err

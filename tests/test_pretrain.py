@@ -184,7 +184,7 @@ def test_continued_pretraining_from_a_converted_hf_checkpoint(tmp_path):
 def test_bad_model_flags_are_one_clear_error(argv, needle, capsys):
     from megatron_latent import pretrain
 
-    assert pretrain.main(["--mock-data"] + argv) == 2
+    assert pretrain.main(["--mock-data", "--model-preset", "tiny-llama"] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
 

@@ -32,7 +32,10 @@ from megatron_latent.config.errors import ConfigError, need
 from megatron_latent.config.layout import ParallelLayout
 
 ARCHS = ("gpt2", "gpt-neox", "llama")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "squared_relu")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
+# How the weights are drawn (see ModelConfig.init_methods).
+INIT_STYLES = ("paper", "megatron", "hf")
 
 # What the authors' code (LUMIA-Group/PonderLM-2) does per family, our defaults: the inclusive range
 # the training J is drawn from per step (GPT-NeoX: torch.randint(2, 5); LLaMA: torch.randint(2, 4))
@@ -247,10 +250,16 @@ class ModelConfig:
     add_qkv_bias: Optional[bool] = None
     tie_embeddings: Optional[bool] = None
     parallel_residual: Optional[bool] = None
+    kv_channels: Optional[int] = None  # per-head width; None: hidden_size / num_attention_heads
+    qk_layernorm: bool = False  # a norm (the model's kind) on each head's queries and keys
+    apply_layernorm_1p: bool = False  # norms scale by 1 + weight, the weight starting at 0
     # Latent thoughts (PonderLM-2): only the forward depends on them, not the weights.
     latent: LatentSettings = field(default_factory=LatentSettings)
-    # None: the paper's init (see init_methods). A float: the stock Hugging Face init of the family
-    # with this std, which the authors' vanilla baselines had (their `initializer_range`, 0.02).
+    # How the weights are drawn (see init_methods): "paper" (the default), "megatron" (Megatron-LM's
+    # normal(0, init_method_std), output projections / sqrt(2 L)) or "hf" (the stock Hugging Face
+    # init of the family, which the authors' vanilla baselines had). None: "paper" without
+    # init_method_std, "hf" with it (configs saved before init_style existed meant that).
+    init_style: Optional[str] = None
     init_method_std: Optional[float] = None
     name: str = "custom"
 
@@ -259,6 +268,12 @@ class ModelConfig:
         for k, v in _ARCH_DEFAULTS[self.arch].items():
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
+        if self.kv_channels is not None and self.kv_channels * self.num_attention_heads == self.hidden_size:
+            object.__setattr__(self, "kv_channels", None)  # the default width, said explicitly
+        if self.init_style is None:
+            object.__setattr__(self, "init_style", "paper" if self.init_method_std is None else "hf")
+        if self.init_style != "paper" and self.init_method_std is None:
+            object.__setattr__(self, "init_method_std", 0.02)  # Megatron-LM's and Hugging Face's default
         if self.latent.num_latent_thoughts and self.latent.jacobi_iters is None:
             default = default_jacobi_iters(self.arch)
             object.__setattr__(self, "latent", dataclasses.replace(self.latent, jacobi_iters=default))
@@ -270,17 +285,21 @@ class ModelConfig:
                      "seq_length", "make_vocab_size_divisible_by"):
             v = getattr(self, name)
             need(v >= 1, f"{name} must be >= 1, got {v}{where}")
-        need(self.hidden_size % self.num_attention_heads == 0,
+        need(self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
               f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
               f"{self.num_attention_heads}{where}")
+        need(self.kv_channels is None or self.kv_channels >= 1, f"kv_channels must be >= 1, got {self.kv_channels}")
         g = self.query_groups
         need(1 <= g <= self.num_attention_heads and self.num_attention_heads % g == 0,
               f"num_query_groups {g} must divide num_attention_heads {self.num_attention_heads}{where}")
         need(self.normalization in ("LayerNorm", "RMSNorm"),
               f"normalization {self.normalization!r}: LayerNorm or RMSNorm")
         need(self.activation in ACTIVATIONS, f"activation {self.activation!r}: one of {', '.join(ACTIVATIONS)}")
-        need(self.position_embedding_type in ("rope", "learned_absolute"),
-              f"position_embedding_type {self.position_embedding_type!r}: rope or learned_absolute")
+        need(self.position_embedding_type in POSITION_EMBEDDINGS,
+              f"position_embedding_type {self.position_embedding_type!r}: one of {', '.join(POSITION_EMBEDDINGS)}")
+        need(self.init_style in INIT_STYLES, f"init_style {self.init_style!r}: one of {', '.join(INIT_STYLES)}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         need(0.0 < self.rotary_percent <= 1.0, f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
         if self.position_embedding_type == "rope":
             rot = self.head_dim * self.rotary_percent
@@ -288,6 +307,8 @@ class ModelConfig:
                   f"rotary_percent {self.rotary_percent} of head dim {self.head_dim} must be an even whole "
                   f"number of dims, got {rot}{where}")
         need(self.norm_epsilon > 0, f"norm_epsilon must be > 0, got {self.norm_epsilon}")
+        need(self.init_style != "paper" or self.init_method_std is None,
+             "init_method_std applies to init_style megatron or hf (the paper's init sets its own std)")
         need(self.init_method_std is None or self.init_method_std > 0,
              f"init_method_std must be > 0, got {self.init_method_std}")
 
@@ -298,7 +319,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def gated(self) -> bool:
@@ -334,6 +355,8 @@ class ModelConfig:
             + h * fc1_out + (fc1_out if b else 0)
             + f * h + (h if b else 0)
         )
+        if self.qk_layernorm:
+            layer += 2 * (2 * d if self.normalization == "LayerNorm" else d)
         total = self.num_layers * layer + norm
         if include_embeddings:
             v = self.padded_vocab_size
@@ -347,6 +370,10 @@ class ModelConfig:
         """A copy with fields replaced; LatentSettings' fields (num_latent_thoughts, ...) may be
         given directly and replace those of `latent`. A new N re-derives the default embedding
         scaling (and, from N = 0, the default J range) unless those are given too."""
+        if "init_style" not in changes and changes.get("init_method_std") is not None and self.init_style == "paper":
+            changes["init_style"] = "hf"  # a std alone means the HF init, as in the constructor
+        if changes.get("init_style") == "paper":
+            changes.setdefault("init_method_std", None)
         latent = {k: changes.pop(k) for k in _LATENT_FIELDS if k in changes}
         if latent:
             base = changes.get("latent", self.latent)
@@ -389,7 +416,7 @@ class ModelConfig:
     WEIGHT_FIELDS = (
         "arch", "num_layers", "hidden_size", "num_attention_heads", "query_groups", "ffn_hidden_size",
         "padded_vocab_size", "normalization", "activation", "position_embedding_type", "add_bias_linear",
-        "add_qkv_bias", "tie_embeddings", "parallel_residual",
+        "add_qkv_bias", "tie_embeddings", "parallel_residual", "head_dim", "qk_layernorm", "apply_layernorm_1p",
     )
 
     def weight_mismatches(self, other: "ModelConfig") -> list:
@@ -400,6 +427,27 @@ class ModelConfig:
             for f in fields
             if getattr(self, f) != getattr(other, f)
         ]
+
+    def family_departures(self) -> List[str]:
+        """'field value' for every setting the family's Hugging Face class cannot express (a
+        preset changed by architecture flags: such a model trains, but has no HF counterpart)."""
+        fixed = dict(_ARCH_DEFAULTS[self.arch], kv_channels=None, qk_layernorm=False, apply_layernorm_1p=False)
+        if self.arch == "gpt-neox":
+            del fixed["parallel_residual"]  # GPTNeoXConfig.use_parallel_residual
+        elif self.arch == "llama":
+            del fixed["add_bias_linear"], fixed["add_qkv_bias"]  # attention_bias, mlp_bias
+        else:
+            del fixed["tie_embeddings"]
+        fixed.pop("activation")
+        out = [f"{k} {getattr(self, k)}" for k, v in fixed.items() if getattr(self, k) != v]
+        acts = ("swiglu",) if self.arch == "llama" else ("gelu", "gelu_tanh")
+        if self.activation not in acts:
+            out.append(f"activation {self.activation}")
+        if self.arch == "llama" and self.add_qkv_bias != self.add_bias_linear:
+            out.append(f"add_qkv_bias {self.add_qkv_bias} with add_bias_linear {self.add_bias_linear}")
+        if self.arch != "llama" and self.query_groups != self.num_attention_heads:
+            out.append(f"num_query_groups {self.query_groups}")
+        return out
 
     def init_methods(self) -> Dict:
         """The init as TransformerConfig fields.
@@ -412,14 +460,18 @@ class ModelConfig:
         code of each family and method does (their GPT-NeoX pause model kept HF's init; we give
         every method the family's paper init, so that only the method differs). Norms 1, biases 0 (megatron's defaults).
 
-        With `init_method_std` s: the stock Hugging Face init of the family, which the authors'
-        vanilla baselines had: normal(0, s) everywhere; GPT-2 divides its output projections by
-        sqrt(2 L) (HF's GPT2 does; its GPT-NeoX and LLaMA classes do not).
+        Megatron-LM's (`init_style` "megatron", std s = `init_method_std`): normal(0, s) everywhere,
+        the output projections normal(0, s / sqrt(2 L)).
+
+        Hugging Face's ("hf", std s): the stock init of the family, which the authors' vanilla
+        baselines had: normal(0, s) everywhere; GPT-2 divides its output projections by sqrt(2 L)
+        (HF's GPT2 does; its GPT-NeoX and LLaMA classes do not).
         """
         depth = 2.0 * self.num_layers
-        if self.init_method_std is not None:
+        if self.init_style != "paper":
             std = self.init_method_std
-            out_std = std / math.sqrt(depth) if self.arch == "gpt2" else std
+            scaled = self.init_style == "megatron" or self.arch == "gpt2"
+            out_std = std / math.sqrt(depth) if scaled else std
             return {"init_method": _normal(std), "output_layer_init_method": _normal(out_std),
                     "embedding_init_method": _normal(std), "init_method_std": std, "embedding_init_method_std": std}
         if _PAPER_DEFAULTS[self.arch]["init_counts_thought_passes"]:
@@ -456,11 +508,35 @@ class ModelConfig:
             else "embeddings unscaled"
         init = self.init_methods()
         out = init["output_layer_init_method"].std
-        if self.init_method_std is None:
+        if self.init_style == "paper":
             kind = f"paper init (truncated normal, std {init['init_method_std']:.4g}, output projections {out:.4g})"
         else:
-            kind = f"HF init (normal, std {self.init_method_std:.4g}, output projections {out:.4g})"
+            who = "Megatron-LM" if self.init_style == "megatron" else "HF"
+            kind = f"{who} init (normal, std {self.init_method_std:.4g}, output projections {out:.4g})"
         return f"{thoughts}; {scale}; {kind}"
+
+    def describe_architecture(self) -> str:
+        """The resolved network in one line (printed at start): what the flags and preset built."""
+        act = {"gelu": "GeLU", "gelu_tanh": "GeLU (tanh)", "swiglu": "SwiGLU", "squared_relu": "squared ReLU"}
+        pos = {"rope": f"RoPE (base {self.rotary_base:g}" + (f", {self.rotary_percent:g} of each head)"
+                                                              if self.rotary_percent != 1 else ")"),
+               "learned_absolute": "learned absolute positions", "none": "no positions"}
+        parts = [
+            f"{self.num_layers} layers", f"hidden {self.hidden_size}", f"FFN {self.ffn_hidden_size}",
+            f"{self.num_attention_heads} heads of {self.head_dim}"
+            + (f" in {self.query_groups} query groups" if self.query_groups != self.num_attention_heads else ""),
+            f"{self.normalization}" + (" (1p)" if self.apply_layernorm_1p else "") + f" eps {self.norm_epsilon:g}",
+            act[self.activation], pos[self.position_embedding_type],
+            "biases" if self.add_bias_linear else ("qkv bias only" if self.add_qkv_bias else "no biases"),
+            "tied embeddings" if self.tie_embeddings else "untied embeddings",
+            f"vocab {self.vocab_size} (padded {self.padded_vocab_size})", f"{self.seq_length} positions",
+            f"dropout hidden {self.hidden_dropout:g} attention {self.attention_dropout:g}",
+        ]
+        if self.qk_layernorm:
+            parts.insert(6, "q/k norm")
+        if self.parallel_residual:
+            parts.insert(6, "parallel residual")
+        return ", ".join(parts)
 
     def to_transformer_config(
         self,
@@ -480,7 +556,10 @@ class ModelConfig:
             tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size,
             sequence_parallel=bool(overrides.get("sequence_parallel", False)),
         ).check_model(self)
-        act = {"gelu": torch.nn.functional.gelu, "gelu_tanh": gelu_tanh, "swiglu": torch.nn.functional.silu}
+        from megatron.core.activations import squared_relu
+
+        act = {"gelu": torch.nn.functional.gelu, "gelu_tanh": gelu_tanh, "swiglu": torch.nn.functional.silu,
+               "squared_relu": squared_relu}
         cuda = torch.cuda.is_available()
         kw = dict(
             num_layers=self.num_layers,
@@ -495,6 +574,8 @@ class ModelConfig:
             gated_linear_unit=self.gated,
             add_bias_linear=self.add_bias_linear,
             add_qkv_bias=self.add_qkv_bias,
+            qk_layernorm=self.qk_layernorm,
+            layernorm_zero_centered_gamma=self.apply_layernorm_1p,
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
             tensor_model_parallel_size=tensor_model_parallel_size,

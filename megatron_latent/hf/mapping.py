@@ -110,6 +110,8 @@ def config_to_hf(cfg: ModelConfig):
     added by the export (hf/authors.py)."""
     import transformers as tf
 
+    if cfg.family_departures():
+        raise _unsupported(f"{cfg.arch} with {', '.join(cfg.family_departures())} (not in its Hugging Face class)")
     common = dict(vocab_size=cfg.embedding_rows, tie_word_embeddings=cfg.tie_embeddings,
                   architectures=[SUPPORTED[_hf_type(cfg)]])
     if cfg.arch == "gpt2":

@@ -74,10 +74,6 @@ class LatentGPTModel(FusedLossGPTModel):
                 "a LatentGPTModel split over pipeline stages (pipeline_model_parallel_size > 1) is built by "
                 "megatron_latent.parallel.pipeline.build_latent_pipeline, not directly"
             )
-        if self.pre_process:
-            # The interleaved sequence is scattered over the sequence-parallel ranks here, after the
-            # thoughts are placed, so the embedding must return the full sequence.
-            self.embedding.word_embeddings.reduce_scatter_embeddings = False
 
     # ----------------------------------------------------------------------- inputs of a pass
     def token_inputs(self, input_ids, position_ids):
@@ -89,11 +85,25 @@ class LatentGPTModel(FusedLossGPTModel):
                 f"{self.max_sequence_length} positions (seq_length)"
             )
         emb = self.embedding
-        word = emb.word_embeddings(input_ids) * self.embedding_scale  # [b, L, h], full sequence on every TP rank
+        word = self.embed_words(input_ids) * self.embedding_scale  # [b, L, h], full sequence on every TP rank
         pos = emb.position_embeddings(position_ids) if emb.add_position_embedding else None
         tokens = word + pos if pos is not None else word
         tokens = tokens.transpose(0, 1).contiguous()
         return tokens, (pos.transpose(0, 1).contiguous() if pos is not None else None)
+
+    def embed_words(self, ids):
+        """Word embeddings [b, L, h] of the whole sequence on every tensor-parallel rank.
+
+        The interleaved sequence is scattered over the sequence-parallel ranks after the thoughts
+        are placed, so this lookup must not reduce-scatter as megatron's rotary models do; the stock
+        forward (vanilla, unscaled) keeps megatron's reduce-scatter, which it expects."""
+        words = self.embedding.word_embeddings
+        reduce_scatter = words.reduce_scatter_embeddings
+        words.reduce_scatter_embeddings = False
+        try:
+            return words(ids)
+        finally:
+            words.reduce_scatter_embeddings = reduce_scatter
 
     @property
     def embedding_scale(self) -> float:
@@ -108,7 +118,7 @@ class LatentGPTModel(FusedLossGPTModel):
         if not k:
             return [tokens]
         ids = torch.full(tokens.shape[1::-1], self.pause_token_id, dtype=torch.long, device=tokens.device)
-        pause = self.embedding.word_embeddings(ids) * self.embedding_scale  # [b, L, h]
+        pause = self.embed_words(ids) * self.embedding_scale  # [b, L, h]
         pause = pause.transpose(0, 1)
         pause = pause + pos if pos is not None else pause
         return [tokens] + [pause] * k

@@ -1,8 +1,9 @@
 """megatron-core layer specs per architecture family (ModuleSpec), local or Transformer Engine.
 
 One spec builder covers the three families; they differ in the layer class (sequential residual
-or GPT-NeoX's parallel residual) and otherwise only in TransformerConfig fields (normalization,
-activation, gated MLP, biases, query groups) that megatron's modules read themselves.
+or GPT-NeoX's parallel residual), in the per-head query/key norms (`qk_layernorm`), and otherwise
+only in TransformerConfig fields (normalization, activation, gated MLP, biases, query groups) that
+megatron's modules read themselves.
 
 * local (CPU, or GPU without TE): megatron's ColumnParallel/RowParallelLinear (one F.linear each
   at one tensor-parallel rank: models.linear) and DotProductAttention (over torch's fused
@@ -69,6 +70,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
         from megatron.core.extensions.transformer_engine import (
             TEDotProductAttention,
             TELayerNormColumnParallelLinear,
+            TENorm,
             TERowParallelLinear,
         )
 
@@ -77,6 +79,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
             TERowParallelLinear, TERowParallelLinear, TEDotProductAttention,
         )
         in_norm = mlp_norm = IdentityOp
+        qk_norm = TENorm if cfg.qk_layernorm else IdentityOp
         keys_map = {}
     else:
         qkv = fc1 = LocalColumnParallelLinear
@@ -84,6 +87,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
         proj = fc2 = PartialSumRowParallelLinear if cfg.parallel_residual else LocalRowParallelLinear
         attn = FusedDotProductAttention
         in_norm = mlp_norm = TorchNorm
+        qk_norm = TorchNorm if cfg.qk_layernorm else IdentityOp
         keys_map = dict(_SHARDED_KEYS_MAP)
     return ModuleSpec(
         module=layer,
@@ -94,7 +98,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv, core_attention=attn, linear_proj=proj,
-                    q_layernorm=IdentityOp, k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm, k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

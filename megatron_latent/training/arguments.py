@@ -9,6 +9,7 @@ from typing import List, Optional
 from megatron_latent.cli import flag_message
 from megatron_latent.config import ConfigError, ModelConfig, get_preset
 from megatron_latent.config.model import METHOD_SIZE_FIELDS
+from megatron_latent.training import megatron_flags
 from megatron_latent.training.checkpointing import checkpoint_model_config, resolve_iteration
 
 
@@ -18,21 +19,44 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a GPT (optionally with latent thoughts) on megatron-core.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("model (a preset, optionally with sizes replaced)")
-    g.add_argument("--model-preset", default="tiny-llama",
+    g = p.add_argument_group(
+        "model (Megatron-LM's architecture flags; without --model-preset they describe the whole model, with "
+        "Megatron-LM's defaults for the rest; with one, they replace the preset's fields)")
+    g.add_argument("--model-preset", default=None,
                    help="architecture and sizes; `python -m megatron_latent.config` lists the presets")
     for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
-                 "--num-query-groups", "--max-position-embeddings", "--make-vocab-size-divisible-by"):
-        g.add_argument(flag, type=int, default=None, help="replaces the preset's value")
-    g.add_argument("--rotary-percent", type=float, default=None, help="replaces the preset's value")
-    g.add_argument("--rotary-base", type=float, default=None, help="replaces the preset's value")
+                 "--max-position-embeddings", "--make-vocab-size-divisible-by", "--kv-channels"):
+        g.add_argument(flag, type=int, default=None)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=None, help="with --group-query-attention (default 1)")
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default=None, help="default LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=None, help="default 1e-5")
+    g.add_argument("--apply-layernorm-1p", action="store_true", help="norms scale by 1 + weight (weight from 0)")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (default GeLU)")
+    g.add_argument("--squared-relu", action="store_true", help="squared-ReLU MLP (default GeLU)")
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope", "none"), default=None,
+                   help="default learned_absolute")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="= --position-embedding-type rope")
+    g.add_argument("--rotary-percent", type=float, default=None, help="default 1.0")
+    g.add_argument("--rotary-base", type=float, default=None, help="default 10000")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true", help="no biases in the linear layers")
+    g.add_argument("--add-qkv-bias", action="store_true", help="a bias in the qkv projection (even without others)")
+    g.add_argument("--qk-layernorm", action="store_true", help="norm each head's queries and keys")
+    g.add_argument("--hidden-dropout", type=float, default=None, help="default 0.1")
+    g.add_argument("--attention-dropout", type=float, default=None, help="default 0.1")
+    g.add_argument("--init-method-std", type=float, default=None,
+                   help="Megatron-LM's init: normal(0, std), the output projections std / sqrt(2 x layers); "
+                        "default 0.02 without a preset, the paper's init (docs/architectures.md) with one")
+    g.add_argument("--init-style", choices=("paper", "megatron", "hf"), default=None,
+                   help="the paper's init, Megatron-LM's, or the stock Hugging Face init of the family (as the "
+                        "paper's vanilla baselines had: --init-style hf --init-method-std 0.02)")
     g.add_argument("--seq-length", type=int, default=None,
                    help="training sequence length in tokens (default: --max-position-embeddings)")
-    g.add_argument("--init-method-std", type=float, default=None,
-                   help="the stock Hugging Face init of the family with this std, as the paper's vanilla baselines "
-                        "had (0.02); default: the paper's init (docs/architectures.md)")
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size for --mock-data without a tokenizer (default: the preset's)")
+                   help="vocabulary size for --mock-data without a tokenizer (default: the preset's; needed without "
+                        "one)")
 
     g = p.add_argument_group("latent thoughts")
     g.add_argument("--num-latent-thoughts", type=int, default=None,
@@ -72,8 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-modules", nargs="+", choices=("core_attn", "mlp", "layernorm"), default=None,
+                   help="what selective recomputation reruns (default core_attn)")
+    g.add_argument("--data-parallel-random-init", action="store_true",
+                   help="each data-parallel rank its own dropout stream (seed + 10 x its rank); the weights are "
+                        "data-parallel rank 0's, as in Megatron-LM")
     g.add_argument("--bf16", action="store_true",
                    help="bf16 weights and activations (fp32 main params in the optimizer)")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="with --bf16: accumulate and reduce gradients in bf16 (default fp32)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -82,9 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
     g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="iterations of warmup and decay, the lr at --min-lr after them (default: --train-iters)")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
-                   help="warmup as a fraction of --train-iters (instead of --lr-warmup-iters)")
+                   help="warmup as a fraction of the decay length, --lr-decay-iters (instead of --lr-warmup-iters)")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -118,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (saving a checkpoint when --save is given) at the first iteration that is a "
                         "multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (saving a checkpoint when --save is given) after the first step that ends this many "
+                        "minutes into training (all ranks agree)")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model (architecture and sizes) from the latest checkpoint in --load")
     g.add_argument("--exit-signal-handler", action="store_true",
@@ -133,13 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
     g.add_argument("--tokenizer-type", default=None,
-                   help="HuggingFaceTokenizer, SentencePieceTokenizer or GPT2BPETokenizer")
+                   help="HuggingFaceTokenizer, SentencePieceTokenizer or GPT2BPETokenizer (NullTokenizer: "
+                        "--mock-data's ids)")
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                   help="read the .bin data files instead of memory-mapping them")
     g.add_argument("--reset-position-ids", action="store_true", help="positions restart after each EOD")
     g.add_argument("--reset-attention-mask", action="store_true", help="no attention across EOD")
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on predicting the token after EOD")
+    megatron_flags.add_to_parser(p)
     return p
 
 
@@ -147,6 +189,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse and check the flags that need no model or world to check (one error naming the flag)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    errors, args.megatron_notes = megatron_flags.verdicts(args, parser)
+    if errors:
+        parser.error(errors[0])
+    if args.tokenizer_type == "NullTokenizer":
+        # Megatron-LM's tokenizer of pre-tokenized ids; here the mock data's ids 0 .. --vocab-size - 1.
+        if not args.mock_data:
+            parser.error("--tokenizer-type NullTokenizer: supported with --mock-data only (real data needs the "
+                         "tokenizer it was preprocessed with)")
+        args.tokenizer_type = None
+        args.megatron_notes.append("--tokenizer-type NullTokenizer: the mock data's token ids 0 .. --vocab-size - 1")
+    if args.grad_reduce_in_bf16 and not args.bf16:
+        parser.error("--grad-reduce-in-bf16 applies to --bf16")
     sources = sum(x is not None for x in (args.data_path, args.train_data_path)) + int(args.mock_data)
     if sources != 1:
         parser.error("give exactly one data source: --mock-data, --data-path, or --train-data-path")
@@ -170,6 +224,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("give one of --override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler")
     if args.eval_iters < 0:
         parser.error(f"--eval-iters must be >= 0, got {args.eval_iters}")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins < 0:
+        parser.error(f"--exit-duration-in-mins must be >= 0, got {args.exit_duration_in_mins}")
     if args.exit_interval is not None and args.exit_interval < 1:
         parser.error(f"--exit-interval must be >= 1, got {args.exit_interval}")
     if args.recompute_activations:
@@ -177,12 +233,87 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error("--recompute-activations is --recompute-granularity selective; do not combine it with "
                          f"--recompute-granularity {args.recompute_granularity}")
         args.recompute_granularity = "selective"
+    if args.recompute_modules and args.recompute_granularity != "selective":
+        parser.error("--recompute-modules applies to --recompute-granularity selective (or --recompute-activations)")
+    if args.lr_decay_iters is not None and args.lr_decay_iters < 1:
+        parser.error(f"--lr-decay-iters must be >= 1, got {args.lr_decay_iters}")
     return args
+
+
+# Megatron-LM's defaults for what its GPT flags leave out (a GPT-2 shaped model: LayerNorm, GeLU,
+# learned absolute positions, biases, tied embeddings; its init and dropout).
+MEGATRON_DEFAULTS = dict(arch="gpt2", activation="gelu", hidden_dropout=0.1, attention_dropout=0.1,
+                         init_style="megatron", init_method_std=0.02, name="custom")
+
+
+def architecture_overrides(args: argparse.Namespace) -> dict:
+    """ModelConfig fields of the Megatron-LM architecture flags given (raises ConfigError)."""
+    out = {}
+    for field, flag in (("normalization", "normalization"), ("norm_epsilon", "norm_epsilon"),
+                        ("rotary_percent", "rotary_percent"), ("rotary_base", "rotary_base"),
+                        ("kv_channels", "kv_channels"), ("hidden_dropout", "hidden_dropout"),
+                        ("attention_dropout", "attention_dropout"), ("position_embedding_type",
+                                                                     "position_embedding_type")):
+        if getattr(args, flag) is not None:
+            out[field] = getattr(args, flag)
+    if args.swiglu and args.squared_relu:
+        raise ConfigError("give one of --swiglu and --squared-relu")
+    if args.swiglu or args.squared_relu:
+        out["activation"] = "swiglu" if args.swiglu else "squared_relu"
+    if args.use_rotary_position_embeddings:
+        if out.get("position_embedding_type", "rope") != "rope":
+            raise ConfigError("--use-rotary-position-embeddings is --position-embedding-type rope; do not combine "
+                              f"it with --position-embedding-type {out['position_embedding_type']}")
+        out["position_embedding_type"] = "rope"
+    if args.untie_embeddings_and_output_weights:
+        out["tie_embeddings"] = False
+    if args.disable_bias_linear:
+        # Megatron-LM: the qkv projection has a bias with either flag.
+        out.update(add_bias_linear=False, add_qkv_bias=args.add_qkv_bias)
+    elif args.add_qkv_bias:
+        out["add_qkv_bias"] = True
+    if args.qk_layernorm:
+        out["qk_layernorm"] = True
+    if args.apply_layernorm_1p:
+        out["apply_layernorm_1p"] = True
+    if args.group_query_attention:
+        out["num_query_groups"] = 1 if args.num_query_groups is None else args.num_query_groups
+    elif args.num_query_groups is not None:
+        raise ConfigError("--num-query-groups takes effect with --group-query-attention (Megatron-LM ignores it "
+                          "without); give both")
+    if args.init_method_std is not None or args.init_style is not None:
+        style = args.init_style or "megatron"
+        out.update(init_style=style, init_method_std=args.init_method_std if style != "paper" else None)
+        if style == "paper" and args.init_method_std is not None:
+            raise ConfigError("--init-method-std applies to --init-style megatron or hf (the paper's init sets its "
+                              "own std)")
+    return out
+
+
+def _megatron_model(args: argparse.Namespace, overrides: dict) -> ModelConfig:
+    """The model Megatron-LM builds from these flags alone (no preset)."""
+    missing = [f for f in ("--num-layers", "--hidden-size", "--num-attention-heads")
+               if getattr(args, f[2:].replace("-", "_")) is None]
+    if missing:
+        raise ConfigError(f"give {', '.join(missing)} (or a --model-preset): without a preset the flags describe "
+                          "the whole model, as in Megatron-LM")
+    if "seq_length" not in overrides:
+        if args.seq_length is None:
+            raise ConfigError("give --seq-length or --max-position-embeddings (or a --model-preset)")
+        overrides["seq_length"] = args.seq_length
+    if "vocab_size" not in overrides:
+        raise ConfigError("--mock-data without --tokenizer-type needs --vocab-size (or a --model-preset)")
+    h = overrides["hidden_size"]
+    if "ffn_hidden_size" not in overrides:
+        # Megatron-LM's: 4 H, or for SwiGLU 2/3 of it rounded down to a multiple of 64.
+        swiglu = overrides.get("activation") == "swiglu"
+        overrides["ffn_hidden_size"] = int(4 * h * 2 / 3 / 64) * 64 if swiglu else 4 * h
+    return ModelConfig(**{**MEGATRON_DEFAULTS, **overrides})
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] = None) -> ModelConfig:
     """The ModelConfig the flags describe: the preset (or, with --use-checkpoint-args, the
-    checkpoint's model) with the sizes and latent settings the flags give replaced.
+    checkpoint's model; with neither, Megatron-LM's defaults) with the fields the flags give replaced.
 
     `vocab_size` is the tokenizer's (real data); without one, --vocab-size or the preset's.
     Latent flags left out keep the preset's or the checkpoint's values. Raises ConfigError.
@@ -191,16 +322,16 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
         field: getattr(args, flag)
         for field, flag in (
             ("num_layers", "num_layers"), ("hidden_size", "hidden_size"), ("ffn_hidden_size", "ffn_hidden_size"),
-            ("num_attention_heads", "num_attention_heads"), ("num_query_groups", "num_query_groups"),
-            ("seq_length", "max_position_embeddings"), ("rotary_percent", "rotary_percent"),
-            ("rotary_base", "rotary_base"), ("make_vocab_size_divisible_by", "make_vocab_size_divisible_by"),
+            ("num_attention_heads", "num_attention_heads"),
+            ("seq_length", "max_position_embeddings"), ("make_vocab_size_divisible_by", "make_vocab_size_divisible_by"),
             ("num_latent_thoughts", "num_latent_thoughts"), ("jacobi_iters_eval", "jacobi_iters_eval"),
-            ("scale_embeddings", "scale_embeddings"), ("init_method_std", "init_method_std"),
+            ("scale_embeddings", "scale_embeddings"),
             ("grad_passes", "jacobi_grad_passes"), ("thought_input", "thought_input"),
             ("interpolation_topk", "interpolation_topk"),
         )
         if getattr(args, flag) is not None
     }
+    overrides.update(architecture_overrides(args))
     # The method's size flags: one given switches the model (a preset's or a checkpoint's) to that
     # method, so the others not given are off; two given (> 0) are refused by LatentSettings.
     methods = {f: getattr(args, f) for f in METHOD_SIZE_FIELDS if getattr(args, f) is not None}
@@ -219,8 +350,10 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
         overrides["vocab_size"] = args.vocab_size
     if args.use_checkpoint_args:
         cfg = checkpoint_model_config(args.load, resolve_iteration(args.load)).replace(**overrides)
-    else:
+    elif args.model_preset is not None:
         cfg = get_preset(args.model_preset, **overrides)
+    else:
+        cfg = _megatron_model(args, overrides)
     if args.jacobi_iters is not None and not cfg.latent.num_latent_thoughts:
         raise ConfigError(f"jacobi_iters was given for a model with num_latent_thoughts 0 ({cfg.latent.method}): "
                           "only latent thoughts are refined by Jacobi passes")

@@ -56,6 +56,7 @@ def build_datasets(args, tokenizer, seq_length: int, train_samples: int, eval_sa
         # The model expands a token-level mask to its slots; it is only needed for document resets.
         create_attention_mask=args.reset_attention_mask,
         mock_data=args.mock_data,
+        mmap_bin_files=args.mmap_bin_files,
     )
     if args.mock_data:
         # megatron logs that mock datasets have no index cache to save, once per split

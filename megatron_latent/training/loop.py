@@ -51,8 +51,8 @@ def _finite(x: Optional[float]) -> bool:
 # Scheduler settings a resumed run compares with its checkpoint, and the flags that set them.
 _SCHEDULE_FLAGS = {
     "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters/--lr-warmup-fraction",
-    "lr_decay_steps": "--train-iters", "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay",
-    "end_wd": "--weight-decay",
+    "lr_decay_steps": "--lr-decay-iters/--train-iters", "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay", "end_wd": "--weight-decay",
 }
 # Latent settings that change what the weights compute: a run does not silently switch them.
 # The method included: a pause or loop checkpoint does not silently go on as another method.
@@ -176,6 +176,7 @@ class LoopConfig:
     save_interval: Optional[int] = None
     exit_signal_handler: bool = False
     exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None  # stop (saving) once training ran this long
     flops_per_sample: Optional[Callable[[Optional[int]], float]] = None  # J -> model FLOPs of one sample
 
 
@@ -318,6 +319,7 @@ def train(t: Trainer) -> TrainState:
     s, state = t.settings, t.state
     signals = _SignalFlag(s.exit_signal_handler)
     clock = _Clock(s.train_iters)
+    started = time.perf_counter()
     first_step = state.iteration + 1
     last_saved = state.iteration
     last_checkpoint = (s.load, state.iteration) if s.load and state.iteration else None
@@ -337,8 +339,9 @@ def train(t: Trainer) -> TrainState:
 
         # The loss is known on the last stage only: every rank learns of a bad one and stops. One
         # all-reduce carries it and the SIGTERM flag.
+        timed_out = s.exit_duration_in_mins is not None and time.perf_counter() - started > 60 * s.exit_duration_in_mins
         diverged, signalled = _any_rank(not (_finite(result.grad_norm) and _finite(result.loss)),
-                                        s.exit_signal_handler and signals.received)
+                                        (s.exit_signal_handler and signals.received) or timed_out)
         if diverged:
             where = (f" (the newest checkpoint is iteration {last_checkpoint[1]} in {last_checkpoint[0]})"
                      if last_checkpoint else "")
@@ -360,7 +363,8 @@ def train(t: Trainer) -> TrainState:
             last_saved = step
             last_checkpoint = (s.save, step)
         if stop:
-            logger.info(f"{'SIGTERM received' if signalled else '--exit-interval reached'}: "
+            why = "--exit-duration-in-mins reached" if timed_out else "SIGTERM received"
+            logger.info(f"{why if signalled else '--exit-interval reached'}: "
                         f"exiting after iteration {step}")
             return state
 
