@@ -266,3 +266,30 @@ def test_bad_datasets_are_one_line_before_the_first_step(tmp_path, tokenizer_fil
     assert f"--data-path: {prefixes['bad-body']}.idx:" in lines["bad-body"]
     assert (f"{prefixes['token-past-vocab']}.bin: token id 5000 >= the model's vocabulary size"
             in lines["token-past-vocab"]), lines["token-past-vocab"]
+
+
+# ------------------------------------------------------------------------------ the Pythia recipe
+def _recipe_flags(**env):
+    """The flags examples/pretrain_pythia_latent.sh hands the trainer (its launcher replaced by echo)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, LAUNCHER="srun", PYTHON="echo", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="1",
+               MASTER_ADDR="localhost", DATA="d", TOKENIZER="t.json", CKPT="c", **env)
+    out = subprocess.run(["bash", os.path.join(root, "examples", "pretrain_pythia_latent.sh")], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["-m", "megatron_latent.pretrain"]
+    from megatron_latent.training.arguments import parse_args
+
+    return parse_args(out[2:])
+
+
+def test_the_pythia_recipe_saves_at_pythia_checkpoint_steps():
+    """Pythia's 154 public checkpoints: step 0, 1, 2, 4, ..., 512, and every 1,000 to 143,000."""
+    args = _recipe_flags()
+    saved = {0} | set(args.extra_save_iters) | set(range(args.save_interval, args.train_iters + 1, args.save_interval))
+    pythia = {0} | {2 ** k for k in range(10)} | set(range(1000, 143001, 1000))
+    assert saved == pythia and len(pythia) == 154
+    assert args.keep_last_n_checkpoints is None and args.save_retain_interval is None  # all kept
+    args = _recipe_flags(KEEP="2", RETAIN="10000")
+    assert (args.keep_last_n_checkpoints, args.save_retain_interval) == (2, 10000)
