@@ -12,6 +12,11 @@
 # decay 0.01 for both, as Pythia and the authors' Pythia runs). The latent settings are the
 # authors' GPT-NeoX defaults (J drawn from {2,3,4}, evaluation J=3, embeddings x sqrt(2.5 H), their
 # init); the run prints them in its first lines.
+# Checkpoints follow Pythia's public schedule (step 0, the log-spaced steps 1, 2, 4, ..., 512, then
+# every 1,000 steps to 143,000), so every Pythia checkpoint has a latent one at the same step to
+# compare with. All are kept by default (at 1.4B parameters with Adam state, about 20 GB each, 3 TB
+# in all). KEEP=K keeps the newest K, the log-spaced ones and, with RETAIN=R, every multiple of R
+# (KEEP=2 RETAIN=10000: about 20 checkpoints, one per 10,000 steps).
 # LAUNCHER=srun (examples/slurm_pretrain.sbatch): this script runs as one srun task per GPU and
 # starts the trainer itself, without torchrun, whose agent kills its workers 30 s after it
 # forwards a SIGTERM, which can be before a large model's last checkpoint is written.
@@ -25,6 +30,14 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 : "${TOKENIZER:?set TOKENIZER to the GPT-NeoX-20B tokenizer.json}"
 : "${CKPT:?set CKPT to the checkpoint directory}"
 LATENT=(--num-latent-thoughts "$N")
+# Pythia's checkpoint steps: 0 and 1, 2, 4, ..., 512 here, every 1,000 by --save-interval.
+SCHEDULE=(--save-interval 1000 --extra-save-iters 0 1 2 4 8 16 32 64 128 256 512)
+if [ -n "${KEEP:-}" ]; then
+    SCHEDULE+=(--keep-last-n-checkpoints "$KEEP")
+fi
+if [ -n "${RETAIN:-}" ]; then
+    SCHEDULE+=(--save-retain-interval "$RETAIN")
+fi
 
 if [ "${LAUNCHER:-torchrun}" = srun ]; then
     export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS"
@@ -45,4 +58,4 @@ exec "${LAUNCH[@]}" \
     --data-path "$DATA" --split 969,30,1 --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER" \
     --data-cache-path "$CKPT/data-cache" --num-workers 2 \
     --eval-interval 1000 --eval-iters 10 --log-interval 10 --tensorboard-dir "$CKPT/logs" \
-    --save "$CKPT" --load "$CKPT" --save-interval 1000 --exit-signal-handler "$@"
+    --save "$CKPT" --load "$CKPT" "${SCHEDULE[@]}" --exit-signal-handler "$@"

@@ -41,7 +41,10 @@ from megatron_latent.training.metrics import MetricsWriter
 logger = logging.getLogger("megatron_latent.pretrain")  # not __name__: that is "__main__" under -m
 
 # Bad flags, data or checkpoints found before the first step: one line naming the flag, exit status 2.
-CONFIG_ERRORS = (ConfigError, TokenizerError, FileNotFoundError, DataConfigError, loop.ResumeError)
+CONFIG_ERRORS = (ConfigError, TokenizerError, FileNotFoundError, DataConfigError, loop.ResumeError,
+                 checkpointing.CheckpointError)
+# MEGATRON_LATENT_DEBUG=1: these errors (and those that stop a run) raise with their traceback.
+DEBUG = os.environ.get("MEGATRON_LATENT_DEBUG", "") not in ("", "0")
 
 
 # ------------------------------------------------------------------------------ console
@@ -276,6 +279,8 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
             optimizer_layout={k: getattr(args, k) for k in (
                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer",
                 "bf16", "num_virtual_stages_per_pipeline_rank")})
+    if args.save:
+        checkpointing.check_save_dir(args.save, state.iteration)
 
     train_ds, valid_ds, test_ds = batching.build_datasets(
         args, plan.tokenizer if plan.tokenizer is not None else batching.MockTokenizer(cfg.vocab_size),
@@ -288,7 +293,8 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
         # host between evaluations.
         if not args.eval_iters or ds is None:
             return None
-        return batching.take(batching.micro_batches(ds, 0, args.micro_batch_size, dp_rank, dp, on_device=False),
+        return batching.take(batching.micro_batches(ds, 0, args.micro_batch_size, dp_rank, dp, on_device=False,
+                                                    vocab_size=cfg.vocab_size),
                              args.eval_iters * plan.num_microbatches, what)
 
     valid_batches = eval_batches(valid_ds, "validation")
@@ -303,6 +309,8 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
                    "args": {k: v for k, v in vars(args).items()
                             if isinstance(v, (int, float, str, bool, list, type(None)))}},
             root_files={MODEL_CONFIG_FILE: model_config_text(cfg)},
+            retention=checkpointing.Retention(args.keep_last_n_checkpoints, args.save_retain_interval,
+                                              frozenset(args.extra_save_iters or ())),
         )
         logger.info(f"saved checkpoint of iteration {st.iteration} to {args.save}")
 
@@ -319,11 +327,11 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
             eval_iters=args.eval_iters, save=args.save, load=args.load, save_interval=args.save_interval,
             exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
             exit_duration_in_mins=args.exit_duration_in_mins,
-            flops_per_sample=flops_per_sample,
+            flops_per_sample=flops_per_sample, extra_save_iters=frozenset(args.extra_save_iters or ()),
         ),
         model=model, optimizer=opt, scheduler=sched,
         train_batches=batching.micro_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
-                                             dp_rank, dp, args.num_workers),
+                                             dp_rank, dp, args.num_workers, vocab_size=cfg.vocab_size),
         valid_batches=valid_batches, test_batches=eval_batches(test_ds, "test"),
         jacobi_for_step=plan.jacobi_for_step, jacobi_eval=plan.jacobi_eval, save=save,
         metrics=MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration),
@@ -350,10 +358,14 @@ def _run(args, console: _RankFilter) -> int:
         console.prints = reporter
         trainer = build_trainer(args, plan, reporter)
     except CONFIG_ERRORS as e:
+        if DEBUG:
+            raise
         return _error(flag_error(e))
     try:
         loop.train(trainer)
-    except (loop.TrainingDiverged, checkpointing.CheckpointWriteError) as e:
+    except (loop.TrainingDiverged, checkpointing.CheckpointWriteError, DataConfigError) as e:
+        if DEBUG:
+            raise
         return _error(str(e), code=1)  # raised on every rank
     finally:
         trainer.metrics.close()

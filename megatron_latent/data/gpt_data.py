@@ -17,6 +17,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
+from megatron_latent.data.indexed import verify
+
 
 class DataConfigError(ValueError):
     """Inconsistent data flags or missing dataset files; the message names the flag or file."""
@@ -50,6 +52,11 @@ def _check_prefixes(flag: str, blend) -> None:
                 f"{flag}: no dataset {prefix}.bin/.idx (give the prefix without .bin/.idx; "
                 "preprocess_data.py names it <output-prefix>_text_document)"
             )
+        # The index against itself and the .bin's size: a truncated copy or a damaged index is
+        # found here, not as an EOFError mid-run. Token ids are checked as samples are read.
+        problems = verify(prefix)
+        if problems:
+            raise DataConfigError(f"{flag}: {problems[0]}")
 
 
 def make_gpt_dataset_config(args: DataArgs, tokenizer) -> GPTDatasetConfig:
@@ -188,11 +195,55 @@ class MegatronPretrainingSampler:
                 yield tail
 
 
+class TokenRangeChecked(torch.utils.data.Dataset):
+    """`dataset` whose samples are checked to hold token ids below `vocab_size` as they are read
+    (one max per sample, nothing at start-up): an id past the model's vocabulary stops the run
+    with DataConfigError naming the dataset file, instead of an IndexError in the embedding."""
+
+    def __init__(self, dataset, vocab_size: int):
+        self.dataset, self.vocab_size = dataset, vocab_size
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        sample = self.dataset[idx]
+        top = max(int(sample[k].max()) for k in ("tokens", "labels") if k in sample and sample[k].numel())
+        if top >= self.vocab_size:
+            raise DataConfigError(f"{_source(self.dataset, idx)}: token id {top} >= the model's vocabulary size "
+                                  f"{self.vocab_size} (sample {idx}); was it tokenized with another tokenizer?")
+        return sample
+
+
+def _source(dataset, idx) -> str:
+    """The .bin file sample `idx` of a (blended) GPT dataset comes from."""
+    if hasattr(dataset, "dataset_index"):  # BlendedDataset
+        inner = dataset.datasets[int(dataset.dataset_index[idx])]
+        return _source(inner, int(dataset.dataset_sample_index[idx]))
+    prefix = getattr(getattr(dataset, "dataset", None), "path_prefix", None)
+    return f"{prefix}.bin" if prefix else type(dataset).__name__
+
+
+def checked_batches(loader):
+    """Iterate `loader`; a DataConfigError raised in a worker process (which the DataLoader re-raises
+    with the worker's traceback in its message) comes out as its one original line."""
+    try:
+        yield from loader
+    except DataConfigError as e:
+        text = str(e).strip()
+        marker = "DataConfigError: "
+        raise DataConfigError(text[text.rindex(marker) + len(marker):] if "Original Traceback" in text
+                              and marker in text else text) from None
+
+
 def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, data_parallel_rank,
-                                  data_parallel_size, num_workers=0):
-    """DataLoader over `dataset` driven by `MegatronPretrainingSampler`."""
+                                  data_parallel_size, num_workers=0, vocab_size: Optional[int] = None):
+    """DataLoader over `dataset` driven by `MegatronPretrainingSampler` (its samples' token ids
+    checked against `vocab_size` when given: TokenRangeChecked)."""
     if dataset is None:
         return None
+    if vocab_size is not None:
+        dataset = TokenRangeChecked(dataset, vocab_size)
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                          data_parallel_rank, data_parallel_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,

@@ -161,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, save a checkpoint at the end of the current step and exit")
 
+    g = p.add_argument_group("checkpoint retention and schedule (docs/checkpoints.md)")
+    g.add_argument("--keep-last-n-checkpoints", type=int, default=None, metavar="K",
+                   help="after each save, delete all but the newest K iterations in --save (besides those kept by "
+                        "--save-retain-interval and --extra-save-iters); default: keep all")
+    g.add_argument("--save-retain-interval", type=int, default=None, metavar="R",
+                   help="keep every checkpoint at a multiple of R; the others but the newest (or the newest "
+                        "--keep-last-n-checkpoints) are deleted after each save")
+    g.add_argument("--extra-save-iters", type=int, nargs="+", default=None, metavar="I",
+                   help="also save at these iterations (0: the initial weights, before the first step); never "
+                        "deleted by retention")
+
     g = p.add_argument_group("data")
     g.add_argument("--mock-data", action="store_true", help="megatron's synthetic, learnable token stream")
     g.add_argument("--data-path", nargs="+", default=None, help="PREFIX or WEIGHT PREFIX WEIGHT PREFIX ...")
@@ -211,6 +222,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} needs --load")
     if args.save_interval is not None and not args.save:
         parser.error("--save-interval needs --save")
+    for flag in ("keep_last_n_checkpoints", "save_retain_interval", "extra_save_iters"):
+        value = getattr(args, flag)
+        if value is not None and not args.save:
+            parser.error(f"--{flag.replace('_', '-')} needs --save")
+        if value is not None and min(value if isinstance(value, list) else [value - 1]) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= {0 if isinstance(value, list) else 1}, got {value}")
     if args.exit_signal_handler and not args.save:
         parser.error("--exit-signal-handler needs --save")
     for flag in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval"):

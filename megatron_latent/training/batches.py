@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from megatron_latent import platform
-from megatron_latent.data.gpt_data import DataArgs, build_pretraining_data_loader, build_train_valid_test_datasets
+from megatron_latent.data.gpt_data import (
+    DataArgs,
+    build_pretraining_data_loader,
+    build_train_valid_test_datasets,
+    checked_batches,
+)
 from megatron_latent.data.tokenizer import build_tokenizer
 
 
@@ -75,13 +80,13 @@ def to_device(batch: dict) -> dict:
 
 
 def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  num_workers: int = 0, on_device: bool = True) -> Iterator[dict]:
+                  num_workers: int = 0, on_device: bool = True, vocab_size: Optional[int] = None) -> Iterator[dict]:
     """Endless-as-the-dataset iterator of this rank's micro-batches from `consumed_samples` on,
     on the training device unless `on_device` is False. A resumed run passes its checkpoint's
-    consumed_samples."""
+    consumed_samples. With `vocab_size`, a token id at or past it stops with DataConfigError."""
     loader = build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
-                                           num_workers=num_workers)
-    for batch in loader:
+                                           num_workers=num_workers, vocab_size=vocab_size)
+    for batch in checked_batches(loader):
         yield to_device(batch) if on_device else batch
 
 

@@ -13,11 +13,13 @@ filesystem writer starts helper processes with the spawn method, which re-import
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import threading
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +30,11 @@ from megatron_latent import compat, platform
 # read_latest_iteration, read_common, checkpoint_model_config: re-exported for the training loop.
 from megatron_latent.checkpoint_layout import (  # noqa: F401
     TRACKER,
+    CheckpointError,
+    check_iteration,
     checkpoint_model_config,
+    complete_iterations,
+    find_resume_iteration,
     iteration_dir,
     load_model_state,
     model_sharded_state_dict,
@@ -36,6 +42,8 @@ from megatron_latent.checkpoint_layout import (  # noqa: F401
     read_latest_iteration,
     resolve_iteration,
 )
+
+logger = logging.getLogger(__name__)
 
 # The distributed optimizer's state is saved as Megatron-LM saves it by default: per gradient
 # bucket, written by every rank in parallel, reshardable over DP only (the run resumes at the same
@@ -59,6 +67,45 @@ def _flat_model_sharded(sd: Dict[str, Any]) -> Dict[str, Any]:
     return flat
 
 
+@dataclass(frozen=True)
+class Retention:
+    """Which complete iterations survive a save. Default: all. `keep_last` K keeps the newest K,
+    `retain_interval` R every multiple of R (Megatron-LM's --save-retain-interval; given alone it
+    keeps the newest one besides), and `keep_iterations` are never deleted. The iteration the
+    tracker names is always kept; iterations still being written (`.tmp`) are never counted."""
+
+    keep_last: Optional[int] = None
+    retain_interval: Optional[int] = None
+    keep_iterations: FrozenSet[int] = frozenset()
+
+    def to_delete(self, iterations: List[int], tracker: Optional[int]) -> List[int]:
+        if self.keep_last is None and self.retain_interval is None:
+            return []
+        newest = set(sorted(iterations)[-(self.keep_last or 1):])
+        keep = newest | set(self.keep_iterations) | {tracker}
+        return [i for i in sorted(iterations)
+                if i not in keep and not (self.retain_interval and i % self.retain_interval == 0)]
+
+
+_DELETING = ".deleting"
+
+
+def prune_checkpoints(root: str, retention: Retention) -> List[int]:
+    """Delete the iterations `retention` does not keep; returns them. Each is first renamed out of
+    the `iter_*` namespace (atomic), then removed, so a kill during the removal leaves a leftover
+    `iter_*.deleting` (removed by the next prune), never a half-deleted iteration that looks
+    complete. Run it only after the newest iteration is published (the tracker names it)."""
+    for name in os.listdir(root):
+        if name.endswith(_DELETING):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    deleted = retention.to_delete(complete_iterations(root), read_latest_iteration(root))
+    for i in deleted:
+        trash = iteration_dir(root, i) + _DELETING
+        os.rename(iteration_dir(root, i), trash)
+        shutil.rmtree(trash)
+    return deleted
+
+
 def save_checkpoint(
     root: str,
     iteration: int,
@@ -67,17 +114,28 @@ def save_checkpoint(
     scheduler=None,
     extra: Optional[Dict[str, Any]] = None,
     root_files: Optional[Dict[str, str]] = None,
+    retention: Optional[Retention] = None,
 ) -> str:
     """Save model (and optimizer, scheduler, `extra` plain state) as iteration `iteration`.
 
     `root_files` (name -> text) are written beside the iterations once this one is complete and
-    before `latest` points at it (model_config.json: the newest iteration's model)."""
+    before `latest` points at it (model_config.json: the newest iteration's model). Then, with
+    `retention`, older iterations it does not keep are deleted (and logged). Before writing, the
+    free space is compared with the previous save's size; a failed write (a full disk) raises
+    CheckpointWriteError with the OS's words and leaves the older checkpoints as they were."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
+    needed = _estimated_size(root, model_chunks, optimizer)
 
     def prepare():
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        if free < needed:
+            raise CheckpointWriteError(
+                f"not enough free space for iteration {iteration}: {free / 1e9:.3g} GB free, a checkpoint takes "
+                f"about {needed / 1e9:.3g} GB (the newest one's size, or the model and optimizer's); nothing was "
+                "written: free space (or keep fewer: --keep-last-n-checkpoints)")
         os.makedirs(tmp)
 
     _on_rank0(prepare, f"--save {root}")
@@ -90,9 +148,14 @@ def save_checkpoint(
     sd["iteration"] = iteration
     sd["extra"] = extra or {}
     start_checkpoint_writer()
-    with _sigterm_deferred():
-        dist_checkpointing.save(sd, tmp)
+    try:
+        with _sigterm_deferred():
+            dist_checkpointing.save(sd, tmp)
+    except Exception as e:  # noqa: BLE001  (megatron raises on every rank; rank 0 holds the cause)
+        _raise_write_error(root, iteration, tmp, e)
     _barrier()
+
+    deleted: List[int] = []
 
     def publish():
         shutil.rmtree(final, ignore_errors=True)
@@ -100,9 +163,92 @@ def save_checkpoint(
         for name, text in (root_files or {}).items():
             _write_atomically(os.path.join(root, name), text)
         _write_atomically(os.path.join(root, TRACKER), f"{iteration}\n")
+        if retention is not None:
+            deleted.extend(prune_checkpoints(root, retention))
 
     _on_rank0(publish, f"--save {root}")
+    if retention is not None:
+        deleted = _from_rank0(deleted)
+        if deleted:
+            logger.info(f"deleted the checkpoints of iterations {', '.join(map(str, deleted))} from {root} "
+                        "(retention: --keep-last-n-checkpoints / --save-retain-interval)")
     return final
+
+
+def check_save_dir(root: str, start_iteration: int) -> None:
+    """CheckpointError when `root` holds iterations past the one this run starts from: its saves
+    would overwrite them (e.g. a fresh start beside a run whose tracker was lost, or --save given
+    without --load)."""
+    newer = [i for i in complete_iterations(root) if i > start_iteration]
+    if newer:
+        raise CheckpointError(
+            f"--save {root}: holds iterations {', '.join(map(str, newer[-5:]))} past this run's start "
+            f"({start_iteration}), which its saves would overwrite; resume them with --load {root}, or save elsewhere")
+
+
+def _estimated_size(root: str, model_chunks, optimizer) -> int:
+    """Bytes the next save needs: the newest complete iteration's size, or, for the first save,
+    every parameter once (DP replicas counted once) at its width plus the fp32 main weight and
+    Adam's two moments when there is an optimizer. Known on every rank (one all-reduce)."""
+    done = complete_iterations(root)
+    if done:
+        path = iteration_dir(root, done[-1])
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    from megatron.core import parallel_state as ps
+
+    size = 0
+    if not dist.is_initialized() or ps.get_data_parallel_rank() == 0:
+        for chunk in model_chunks:
+            for p in chunk.parameters():
+                size += p.numel() * (p.element_size() + (12 if optimizer is not None else 0))
+    if dist.is_initialized():
+        t = torch.tensor([size], dtype=torch.float64, device=platform.device())
+        dist.all_reduce(t)
+        size = int(t.item())
+    return size
+
+
+def _raise_write_error(root: str, iteration: int, tmp: str, error: BaseException):
+    """One line for a failed dist_checkpointing.save on every rank: rank 0's cause (the OS's
+    words where there are some), the partial directory removed, older checkpoints named."""
+    cause = _os_error(error)
+    if cause is None:
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    else:
+        message = f"{cause.strerror or cause}" + (f" ({cause.filename})" if cause.filename else "")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    message = _from_rank0(message)
+    kept = read_latest_iteration(root) if os.path.isdir(root) else None
+    raise CheckpointWriteError(
+        f"--save {root}: writing iteration {iteration} failed: {message}; "
+        + (f"the newest complete checkpoint, iteration {kept}, is intact" if kept is not None
+           else "no earlier checkpoint was there")) from error
+
+
+def _os_error(error: Optional[BaseException], depth: int = 0) -> Optional[OSError]:
+    """The OSError behind `error`, through causes and torch's CheckpointException (which holds
+    each rank's failure), or None."""
+    if error is None or depth > 8:
+        return None
+    if isinstance(error, OSError):
+        return error
+    failures = getattr(error, "failures", None)
+    inner = [error.__cause__, error.__context__] + [
+        f[0] if isinstance(f, tuple) else f for f in (failures.values() if isinstance(failures, dict) else [])]
+    for e in inner:
+        found = _os_error(e, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _from_rank0(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # Schedulers (SLURM, torchrun's agent) send SIGTERM to every process of a job, and megatron's

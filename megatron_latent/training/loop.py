@@ -72,12 +72,17 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     override it or to take the checkpoint's (Megatron's two flags). `optimizer_layout` (the
     run's tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer) is
     checked against the checkpoint's: distributed-optimizer state reshards over DP only."""
-    iteration = checkpointing.read_latest_iteration(load_dir)
+    # The tracker's iteration (or, without a tracker, the newest complete one), checked for
+    # missing or truncated files first: CheckpointError names the file, on every rank alike.
+    iteration, warning = checkpointing.find_resume_iteration(load_dir)
     if iteration is None:
         if finetune:
             raise ResumeError(f"--finetune: no checkpoint in --load {load_dir}")
         logger.info(f"no checkpoint in --load {load_dir}: starting from scratch")
         return TrainState()
+    if warning:
+        logger.warning(warning)
+    checkpointing.check_iteration(load_dir, iteration)
     common = checkpointing.read_common(load_dir, iteration)
     saved = checkpointing.checkpoint_model_config(load_dir, iteration, common)
     mismatches = cfg.weight_mismatches(saved)
@@ -178,6 +183,7 @@ class LoopConfig:
     exit_interval: Optional[int] = None
     exit_duration_in_mins: Optional[float] = None  # stop (saving) once training ran this long
     flops_per_sample: Optional[Callable[[Optional[int]], float]] = None  # J -> model FLOPs of one sample
+    extra_save_iters: frozenset = frozenset()  # saved besides the interval's (0: before the first step)
 
 
 @dataclass
@@ -323,6 +329,8 @@ def train(t: Trainer) -> TrainState:
     first_step = state.iteration + 1
     last_saved = state.iteration
     last_checkpoint = (s.load, state.iteration) if s.load and state.iteration else None
+    if s.save and state.iteration == 0 and 0 in s.extra_save_iters:
+        t.save(state)  # the initial weights
 
     while state.iteration < s.train_iters:
         step = state.iteration + 1
@@ -358,7 +366,8 @@ def train(t: Trainer) -> TrainState:
         if s.eval_iters and step % s.eval_interval == 0:
             _evaluate(t, step, t.valid_batches)
         stop = signalled or (s.exit_interval is not None and step % s.exit_interval == 0)
-        if s.save and (stop or (s.save_interval and step % s.save_interval == 0)):
+        if s.save and (stop or (s.save_interval and step % s.save_interval == 0)
+                       or step in s.extra_save_iters):
             t.save(state)
             last_saved = step
             last_checkpoint = (s.save, step)
