@@ -53,9 +53,10 @@ class PassStats:
                 self._earlier[pass_index].append(current)
             if final:
                 self._add("token_sq", columns[0].float().pow(2).sum())
-                self._add("token_count", torch.tensor(columns[0][..., 0].numel()))
+                count = columns[0][..., 0].numel()  # input vectors per column
+                self._add("token_count", columns[0].new_tensor(count, dtype=torch.float64))
                 self._add("thought_sq", sum(c.float().pow(2).sum() for c in current))
-                self._add("thought_count", torch.tensor(sum(c[..., 0].numel() for c in current)))
+                self._add("thought_count", columns[0].new_tensor(count * len(current), dtype=torch.float64))
         elif latent.num_extra_loops:
             current = [columns[0].detach()]
             if pass_index > 0:
@@ -72,13 +73,16 @@ class PassStats:
     def mixing_entropy(self, entropy: torch.Tensor) -> None:
         """Per-vector entropies of the interpolation softmax (models/interpolation.py)."""
         self._add("entropy_sum", entropy.float().sum())
-        self._add("entropy_count", torch.tensor(entropy.numel()))
+        self._add("entropy_count", entropy.new_tensor(entropy.numel(), dtype=torch.float64))
 
     def totals(self):
         """(sums, maxes) as Python floats."""
-        sums = {k: float(v) for k, v in self._tensors.items()}
-        maxes = {k: float(v) for k, v in self._max_tensors.items()}
-        return sums, maxes
+        keys = list(self._tensors) + list(self._max_tensors)
+        if not keys:
+            return {}, {}
+        values = torch.stack(list(self._tensors.values()) + list(self._max_tensors.values())).tolist()  # one sync
+        sums = dict(zip(keys[:len(self._tensors)], values))
+        return sums, dict(zip(keys[len(self._tensors):], values[len(self._tensors):]))
 
     # ------------------------------------------------------------------------------ reading
     @staticmethod

@@ -141,6 +141,23 @@ def _truncate_after(path: str, iteration: int) -> None:
         os.replace(path + ".tmp", path)
 
 
+def metric_keys(path: str, pattern: str = "*"):
+    """The keys of a metrics.jsonl matching a glob `pattern` (fnmatch), in the order first seen."""
+    import fnmatch
+
+    keys = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            keys.update((k, None) for k in record if k != "iteration" and fnmatch.fnmatchcase(k, pattern))
+    return list(keys)
+
+
 def read_metrics(path: str, key: str):
     """(iterations, values) of `key` in a metrics.jsonl; a clear error naming the file and line."""
     steps, values = [], []
