@@ -35,9 +35,11 @@ setup(
     extras_require={
         "test": [
             "pytest>=7", "pytest-timeout", "ruff", "transformers>=4.46", "safetensors", "matplotlib",
-            "lm-eval[hf]>=0.4",
+            "lm-eval[hf]>=0.4", "wandb",
         ],
         "plot": ["matplotlib", "tensorboard"],
+        # Weights & Biases logging (--wandb-project).
+        "wandb": ["wandb"],
         "hf": ["transformers>=4.46", "safetensors"],
         "eval": ["lm-eval[hf]>=0.4", "transformers>=4.46", "safetensors"],
         # NVIDIA apex is not on PyPI (PyPI's `apex` is an unrelated package): build it from source or

@@ -36,7 +36,8 @@ from megatron_latent.parallel.pipeline import build_latent_pipeline
 from megatron_latent.training import batches as batching
 from megatron_latent.training import checkpointing, engine, loop
 from megatron_latent.training.arguments import flag_error, model_config_from_args, parse_args
-from megatron_latent.training.metrics import MetricsWriter
+from megatron_latent.training.metrics import MetricsWriter, WandbRun
+from megatron_latent.training.monitoring import Monitor, StepProfiler
 
 logger = logging.getLogger("megatron_latent.pretrain")  # not __name__: that is "__main__" under -m
 
@@ -334,9 +335,59 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
                                              dp_rank, dp, args.num_workers, vocab_size=cfg.vocab_size),
         valid_batches=valid_batches, test_batches=eval_batches(test_ds, "test"),
         jacobi_for_step=plan.jacobi_for_step, jacobi_eval=plan.jacobi_eval, save=save,
-        metrics=MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration),
-        reporter=reporter, state=state,
+        metrics=MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration,
+                              wandb=_open_wandb(args, plan) if reporter and args.wandb_project else None),
+        reporter=reporter, state=state, monitor=_monitor(args, cfg), eval_jacobi_sweep=_jacobi_sweep(args, plan),
     )
+
+
+def _monitor(args, cfg: ModelConfig) -> Monitor:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    profiler = (StepProfiler(args.tensorboard_dir, args.profile_step_start, args.profile_step_end)
+                if args.profile and rank in args.profile_ranks else None)
+    stats = args.log_thought_stats and cfg.latent.method in ("latent", "interpolated", "loop")
+    return Monitor(args.log_params_norm, args.log_memory_to_tensorboard, profiler, stats)
+
+
+def _jacobi_sweep(args, plan: Plan) -> tuple:
+    """The J of --jacobi-iters-eval-sweep (default 0, 1 and twice the evaluation J), the evaluation
+    J itself left out (valid/loss is that one); each must suit the pipeline schedule."""
+    if plan.jacobi_eval is None or not args.eval_iters:
+        return ()
+    given = args.jacobi_iters_eval_sweep
+    wanted = given if given is not None else [0, 1, 2 * plan.jacobi_eval]
+    sweep = []
+    for j in sorted(set(wanted) - {plan.jacobi_eval}):
+        passes = len(plan.cfg.latent.pass_slots(j)) * plan.layout.virtual_chunks
+        try:
+            if j < 0:
+                raise ConfigError(f"J must be >= 0, got {j}")
+            plan.layout.check_schedule(plan.num_microbatches, passes)
+        except ConfigError as e:
+            if given is not None:
+                raise ConfigError(f"--jacobi-iters-eval-sweep {j}: {e}") from None
+            continue  # a default J this pipeline cannot run
+        sweep.append(j)
+    return tuple(sweep)
+
+
+def _open_wandb(args, plan: Plan) -> Optional[WandbRun]:
+    """The W&B run (resumed when --save holds its id), its config the run's resolved settings; a
+    W&B that cannot start (no login, no network) is one warning and the run goes on without it."""
+    layout = plan.layout
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    config.update(model=f"{plan.cfg.name}: {plan.cfg.arch}", model_settings=plan.cfg.describe(),
+                  method=plan.cfg.latent.label,
+                  parameters=plan.cfg.num_parameters(), data_parallel_size=plan.data_parallel_size,
+                  layout=f"TP={layout.tensor_model_parallel_size} PP={layout.pipeline_model_parallel_size} "
+                         f"DP={plan.data_parallel_size} VPP={layout.num_virtual_stages_per_pipeline_rank or 1}")
+    save_dir = args.wandb_save_dir or os.path.join(args.save, "wandb")
+    try:
+        return WandbRun(args.wandb_project, save_dir, args.save or save_dir, args.wandb_exp_name,
+                        args.wandb_entity, config)
+    except Exception as e:  # noqa: BLE001  (whatever W&B raises, training need not stop)
+        logger.warning(f"--wandb-project: W&B did not start ({type(e).__name__}: {e}); training goes on without it")
+        return None
 
 
 # ------------------------------------------------------------------------------ main

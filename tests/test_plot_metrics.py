@@ -57,3 +57,41 @@ def test_a_resumed_run_rewrites_the_steps_it_redoes(tmp_path):
     steps, values = read_metrics(str(tmp_path / "metrics.jsonl"), "train/loss")
     assert list(steps) == [1, 2, 3, 4, 5, 6]
     assert list(values) == [9.0, 8.0, 7.0, 16.0, 15.0, 14.0]
+
+
+def test_wildcard_panels_draw_residuals_and_accuracies(tmp_path):
+    """A wildcard key is a panel of every matching key (the Jacobi residuals, the downstream
+    accuracies); one no run has is left out; a plain key no run has is one clear error."""
+    import matplotlib.pyplot as plt
+
+    a = tmp_path / "a.jsonl"
+    with open(a, "w") as f:
+        for i in range(1, 5):
+            f.write(json.dumps({"iteration": i, "train/loss": 5.0 - i, "thoughts/jacobi_residual_1": 0.1 / i,
+                                "thoughts/jacobi_residual_2": 0.01 / i}) + "\n")
+        f.write(json.dumps({"iteration": 4, "valid/loss": 1.5, "downstream/piqa/acc": 0.6,
+                            "downstream/piqa/acc_stderr": 0.01, "downstream/sciq/acc": 0.7}) + "\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_metrics", os.path.join(ROOT, "tools", "plot_metrics.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    panels = tool._panels({"x": str(a)}, tool.DEFAULT_PANELS)
+    assert [(title, [c[0] for c in curves]) for title, curves in panels] == [
+        ("train/loss", ["x"]), ("valid/loss", ["x"]), ("thoughts/jacobi_residual_*", ["1", "2"]),
+        ("downstream/*/acc", ["piqa/acc", "sciq/acc"])]
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, path, **kw):
+        drawn.extend((ax.get_title(), ax.get_yscale(), len(ax.lines)) for ax in fig.axes if ax.get_visible())
+        return real_savefig(fig, path, **kw)
+
+    plt.Figure.savefig = savefig
+    try:
+        tool.plot_metrics({"x": str(a)}, str(tmp_path / "o.png"))
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert ("thoughts/jacobi_residual_*", "log", 2) in drawn and ("downstream/*/acc", "linear", 2) in drawn
+    proc = _tool("--run", f"x={a}", "--output", str(tmp_path / "p.png"), "--keys", "train/loss", "test/loss")
+    assert proc.returncode == 2 and "no 'test/loss' values" in proc.stderr

@@ -14,6 +14,8 @@ with megatron's reduce region (forward all-reduce, identity backward) and one di
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import mappings
@@ -21,10 +23,12 @@ from megatron.core.tensor_parallel.utils import VocabUtility
 
 
 def interpolate_embeddings(hidden: torch.Tensor, head_weight: torch.Tensor, embedding_weight: torch.Tensor,
-                           vocab_size: int, scale: float = 1.0, topk: int = 0) -> torch.Tensor:
+                           vocab_size: int, scale: float = 1.0, topk: int = 0,
+                           record_entropy: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """`hidden` [..., H] (the same on every tensor-parallel rank) -> [..., H]: the softmax over
     `hidden @ head^T` (this rank's vocabulary rows of `head_weight`, the first `vocab_size` rows of
-    the whole vocabulary only) mixing this rank's rows of `embedding_weight`, times `scale`."""
+    the whole vocabulary only) mixing this rank's rows of `embedding_weight`, times `scale`.
+    `record_entropy` (monitoring) is handed the softmax's entropy of every vector [...], detached."""
     tp = ps.get_tensor_model_parallel_world_size()
     group = ps.get_tensor_model_parallel_group() if tp > 1 else None
     x = mappings.copy_to_tensor_model_parallel_region(hidden) if tp > 1 else hidden
@@ -44,10 +48,21 @@ def interpolate_embeddings(hidden: torch.Tensor, head_weight: torch.Tensor, embe
     e = torch.exp(logits - top)
     mixed = e @ embedding_weight.to(e.dtype)
     total = e.sum(dim=-1, keepdim=True)
+    if record_entropy is not None:
+        record_entropy(_entropy(e.detach(), (logits - top).detach(), total.detach(), group))
     if group is not None:
         mixed = mappings.reduce_from_tensor_model_parallel_region(mixed)
         total = mappings.reduce_from_tensor_model_parallel_region(total)
     return (mixed / total * scale).to(hidden.dtype)
+
+
+def _entropy(e, shifted, total, group) -> torch.Tensor:
+    """-sum p log p with p = e / sum(e), log p = shifted - log sum(e), over the whole vocabulary."""
+    weighted = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(dim=-1, keepdim=True)
+    both = torch.cat([weighted, total], dim=-1).float()
+    if group is not None:
+        torch.distributed.all_reduce(both, group=group)
+    return torch.log(both[..., 1]) - both[..., 0] / both[..., 1]
 
 
 def _keep_topk(logits: torch.Tensor, k: int, group) -> torch.Tensor:

@@ -55,6 +55,9 @@ class LatentGPTModel(FusedLossGPTModel):
     GPTModel's: an N=0 checkpoint is a vanilla one, and N only changes the forward.
     """
 
+    # Set to a models.pass_stats.PassStats to record the pass loop's signals (training logs them).
+    pass_stats = None
+
     def __init__(self, *args, latent: LatentSettings = LatentSettings(), pipeline_stage: bool = False,
                  token_vocab_size: Optional[int] = None, **kwargs):
         """`pipeline_stage=True`: this is one pipeline stage driven pass by pass by the pipeline
@@ -131,7 +134,8 @@ class LatentGPTModel(FusedLossGPTModel):
         if lat.thought_input == "interpolated":
             hidden = interpolate_embeddings(
                 hidden, self.interpolation_head(), self.embedding.word_embeddings.weight, self.token_vocab_size,
-                self.embedding_scale, lat.interpolation_topk)
+                self.embedding_scale, lat.interpolation_topk,
+                record_entropy=self.pass_stats.mixing_entropy if self.pass_stats is not None else None)
         return hidden if pos is None else hidden + pos
 
     def interpolation_head(self) -> torch.Tensor:
@@ -235,11 +239,15 @@ class LatentGPTModel(FusedLossGPTModel):
         no_grad = self.latent.passes_without_grad(num_jacobi) if torch.is_grad_enabled() else 0
         columns = self.first_columns(tokens, pos)
         schedule = self.latent.pass_slots(num_jacobi)
+        if self.pass_stats is not None:
+            self.pass_stats.columns(self.latent, 0, columns, final=len(schedule) == 1)
         for p, num_slots in enumerate(schedule[:-1]):
             with torch.no_grad() if p < no_grad else contextlib.nullcontext():
                 hidden = self.run_pass(columns, attention_mask, position_ids,
                                        self.final_norm_on_pass(p, len(schedule)))
             new = self.next_columns(tokens, pos, hidden, num_slots)
+            if self.pass_stats is not None:
+                self.pass_stats.columns(self.latent, p + 1, new, final=p + 2 == len(schedule))
             stop = p >= n and converged is not None and converged(columns, new)
             columns = new
             if stop:

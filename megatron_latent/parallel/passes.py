@@ -102,6 +102,8 @@ class PassChunk(torch.nn.Module):
                 received = self.thoughts_from.popleft() if self.thoughts_from is not None else self._input
                 self._input = None
                 columns = m.next_columns(tokens, pos, m.full_sequence(self._rows(received, prev * L)), prev)
+            if m.pass_stats is not None:
+                m.pass_stats.columns(m.latent, p, columns, self.is_final_pass)
             inputs = slots.interleave(columns)
         else:
             m.decoder.set_input_tensor(self._received(num_slots * L))

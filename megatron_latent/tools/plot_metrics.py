@@ -1,7 +1,11 @@
-"""Plot training curves of one or more runs into a PNG (e.g. latent vs vanilla).
+"""Plot training curves of one or more runs into a PNG (e.g. latent vs vanilla): the loss next to
+the validation loss at other J, the Jacobi residuals and the downstream accuracies.
 
     python tools/plot_metrics.py --run vanilla=ckpt/n0/logs/metrics.jsonl --run latent=ckpt/n1/logs/metrics.jsonl \
-        --keys train/loss valid/loss --output curves.png
+        --output curves.png [--keys train/loss valid/loss 'thoughts/jacobi_residual_*' ...]
+
+A key with a wildcard (`*`, `?`, `[...]`) is a panel of every matching key (a curve per run and
+key), left out when no run has one; a plain key must be in every run.
 """
 
 from __future__ import annotations
@@ -16,23 +20,50 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from megatron_latent.training.metrics import read_metrics  # noqa: E402
+from megatron_latent.training.metrics import metric_keys, read_metrics  # noqa: E402
+
+DEFAULT_PANELS = ("train/loss", "valid/loss", "valid/loss_J*", "thoughts/jacobi_residual_*", "loops/change_*",
+                  "downstream/*/acc")
+# Residuals and changes span decades as the passes converge.
+LOG_SCALE = ("thoughts/jacobi_residual_", "loops/change_")
 
 
-def plot_metrics(runs: Dict[str, str], out_png: str, keys=("train/loss", "valid/loss"),
+def _panels(runs: Dict[str, str], keys):
+    """[(title, [(curve label, run, key)])]: wildcard panels that match nothing are left out."""
+    panels = []
+    for pattern in keys:
+        if not any(c in pattern for c in "*?["):
+            panels.append((pattern, [(label, label, pattern) for label in runs]))
+            continue
+        stem = pattern[:min(pattern.index(c) for c in "*?[" if c in pattern)]
+        curves = [(f"{label} {key[len(stem):]}" if len(runs) > 1 else key[len(stem):], label, key)
+                  for label, path in runs.items() for key in metric_keys(path, pattern)]
+        if curves:
+            panels.append((pattern, curves))
+    return panels
+
+
+def plot_metrics(runs: Dict[str, str], out_png: str, keys=DEFAULT_PANELS,
                  tokens_per_step: Optional[Dict[str, int]] = None) -> None:
-    """One PNG with a panel per key, a curve per run ({label: metrics.jsonl}). With
+    """One PNG with a panel per key, a curve per run ({label: metrics.jsonl}) and matching key. With
     `tokens_per_step` the x axis is tokens seen instead of iterations. Written atomically."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for label, path in runs.items():
-            steps, values = read_metrics(path, key)
-            x = [s * tokens_per_step[label] for s in steps] if tokens_per_step else steps
+    panels = _panels(runs, keys)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, curves) in zip(axes.flat, panels):
+        for label, run, key in curves:
+            steps, values = read_metrics(runs[run], key)
+            x = [s * tokens_per_step[run] for s in steps] if tokens_per_step else steps
             ax.plot(x, values, label=label, marker="o" if len(x) < 30 else None)
-        ax.set_title(key)
+        ax.set_title(title)
         ax.set_xlabel("tokens" if tokens_per_step else "iteration")
+        if title.startswith(LOG_SCALE):
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     tmp = out_png + ".tmp.png"
     fig.savefig(tmp, dpi=120)
@@ -43,7 +74,8 @@ def plot_metrics(runs: Dict[str, str], out_png: str, keys=("train/loss", "valid/
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True, metavar="LABEL=METRICS_JSONL")
-    p.add_argument("--keys", nargs="+", default=["train/loss", "valid/loss"])
+    p.add_argument("--keys", nargs="+", default=list(DEFAULT_PANELS),
+                   help="one panel each; wildcards allowed (default: %(default)s)")
     p.add_argument("--output", required=True, help="PNG path")
     args = p.parse_args(argv)
     runs = {}

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None,
                    help="metrics.jsonl (always) and TensorBoard events (when tensorboard is installed) here")
+    _add_monitoring_flags(p)
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint directory")
@@ -196,6 +197,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_monitoring_flags(p: argparse.ArgumentParser) -> None:
+    """Weights & Biases, Megatron's diagnostics and the thoughts' signals (docs/monitoring.md)."""
+    g = p.add_argument_group("monitoring (docs/monitoring.md)")
+    g.add_argument("--wandb-project", default=None, help="log every metric to this Weights & Biases project "
+                   "(needs the wandb package: pip install 'megatron-latent[wandb]')")
+    g.add_argument("--wandb-exp-name", default=None, help="the W&B run's name")
+    g.add_argument("--wandb-save-dir", default=None, help="W&B's local files (default: --save/wandb)")
+    g.add_argument("--wandb-entity", default=None, help="the W&B team or user (default: yours)")
+    g.add_argument("--log-params-norm", action="store_true", help="log the norm of the weights")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="log memory: peak resident memory on CPU, allocated and max allocated on GPU")
+    g.add_argument("--log-throughput", action="store_true", help="accepted: throughput is always logged")
+    g.add_argument("--profile", action="store_true",
+                   help="torch profiler trace of steps [--profile-step-start, --profile-step-end) into "
+                        "--tensorboard-dir (opens in Perfetto and TensorBoard)")
+    g.add_argument("--use-pytorch-profiler", action="store_true", help="accepted: --profile uses it")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks that profile")
+    g.add_argument("--log-thought-stats", action=argparse.BooleanOptionalAction, default=True,
+                   help="at --log-interval: the Jacobi residual of each pass and the thought/token input norms "
+                        "(loops: the change between loops; interpolated thoughts: the mixing entropy)")
+    g.add_argument("--jacobi-iters-eval-sweep", type=int, nargs="*", default=None, metavar="J",
+                   help="at each validation, also the loss at these J (default: 0, 1 and 2x the evaluation J; "
+                        "none given: off)")
+
+
+def _check_monitoring_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.wandb_project:
+        from megatron_latent.training.metrics import wandb_missing
+
+        if wandb_missing():
+            parser.error("--wandb-project needs the wandb package: pip install 'megatron-latent[wandb]'")
+        if not (args.save or args.wandb_save_dir):
+            parser.error("--wandb-project needs --save or --wandb-save-dir (W&B's files and the run id live there)")
+    if args.profile:
+        if not args.tensorboard_dir:
+            parser.error("--profile needs --tensorboard-dir (the trace is written there)")
+        if not 1 <= args.profile_step_start < args.profile_step_end:
+            parser.error(f"--profile-step-start {args.profile_step_start} and --profile-step-end "
+                         f"{args.profile_step_end}: need 1 <= start < end")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse and check the flags that need no model or world to check (one error naming the flag)."""
     parser = build_parser()
@@ -254,6 +298,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--recompute-modules applies to --recompute-granularity selective (or --recompute-activations)")
     if args.lr_decay_iters is not None and args.lr_decay_iters < 1:
         parser.error(f"--lr-decay-iters must be >= 1, got {args.lr_decay_iters}")
+    _check_monitoring_flags(parser, args)
     return args
 
 

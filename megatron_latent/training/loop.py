@@ -204,6 +204,8 @@ class Trainer:
     save: Optional[Callable[[TrainState], None]] = None  # writes a checkpoint to settings.save
     metrics: Optional[MetricsWriter] = None
     reporter: bool = True  # this rank holds the reported loss (last stage, TP and DP rank 0)
+    monitor: Optional[Any] = None  # training.monitoring.Monitor: diagnostics and the passes' signals
+    eval_jacobi_sweep: tuple = ()  # each validation also reports the loss at these J (valid/loss_J<j>)
     state: TrainState = field(default_factory=TrainState)
 
 
@@ -269,8 +271,9 @@ def _hms(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
 
-def _report_step(t: Trainer, step: int, jacobi: Optional[int], result, clock: _Clock) -> None:
-    """The iteration line, and its record in metrics.jsonl."""
+def _report_step(t: Trainer, step: int, jacobi: Optional[int], result, clock: _Clock,
+                 extra: Optional[dict] = None) -> None:
+    """The iteration line, and its record in metrics.jsonl (with `extra`, the monitor's values)."""
     s = t.settings
     step_time = clock.window_time / clock.window_steps
     values = {
@@ -299,6 +302,9 @@ def _report_step(t: Trainer, step: int, jacobi: Optional[int], result, clock: _C
             values["train/mfu"] = tflops * 1e12 / peak
             line += f" | MFU {100 * values['train/mfu']:.1f}%"
     values["train/elapsed_s"], values["train/eta_s"] = clock.elapsed(), clock.eta(step)
+    values.update(extra or {})
+    if "train/params_norm" in values:
+        line += f" | params norm {values['train/params_norm']:.3f}"
     line += f" | elapsed {_hms(values['train/elapsed_s'])} | ETA {_hms(values['train/eta_s'])}"
     logger.info(line)
     if t.metrics is not None:
@@ -312,10 +318,14 @@ def _evaluate(t: Trainer, step: int, batches: Optional[List[dict]], name: str = 
     # Evaluation batches wait on the host; each is moved to the device when it is used.
     loss = latent_eval_loss(t.model, (batching.to_device(b) for b in batches), len(batches),
                             t.settings.seq_length, t.settings.micro_batch_size, t.jacobi_eval)
+    swept = {j: latent_eval_loss(t.model, (batching.to_device(b) for b in batches), len(batches),
+                                 t.settings.seq_length, t.settings.micro_batch_size, j)
+             for j in (t.eval_jacobi_sweep if key == "valid/loss" else ())}
     if t.reporter and loss is not None:
-        logger.info(f"{name} at iteration {step} | loss {loss:.4f} | ppl {math.exp(min(loss, 50.0)):.3f}")
+        logger.info(f"{name} at iteration {step} | loss {loss:.4f} | ppl {math.exp(min(loss, 50.0)):.3f}"
+                    + "".join(f" | loss J={j} {v:.4f}" for j, v in swept.items()))
         if t.metrics is not None:
-            t.metrics.write(step, {key: loss})
+            t.metrics.write(step, {key: loss, **{f"{key}_J{j}": v for j, v in swept.items()}})
 
 
 def train(t: Trainer) -> TrainState:
@@ -337,9 +347,13 @@ def train(t: Trainer) -> TrainState:
         t0 = time.perf_counter()
         jacobi = t.jacobi_for_step(step)
         micro = batching.take(t.train_batches, s.num_microbatches)
+        if t.monitor is not None:
+            t.monitor.step_begins(t.model, step, log=step % s.log_interval == 0)
         result = latent_train_step(t.model, t.optimizer, iter(micro), s.num_microbatches,
                                    s.seq_length, s.micro_batch_size, jacobi or 0)
         t.scheduler.step(increment=1)
+        if t.monitor is not None:
+            t.monitor.step_ends(t.model, step)
         state.iteration = step
         state.consumed_train_samples += s.global_batch_size
         flops = s.flops_per_sample(jacobi) * s.global_batch_size if s.flops_per_sample else 0.0
@@ -360,8 +374,9 @@ def train(t: Trainer) -> TrainState:
             )
 
         if step % s.log_interval == 0:
+            extra = t.monitor.values(t.model) if t.monitor is not None else None  # on every rank
             if t.reporter:
-                _report_step(t, step, jacobi, result, clock)
+                _report_step(t, step, jacobi, result, clock, extra)
             clock.reset_window()
         if s.eval_iters and step % s.eval_interval == 0:
             _evaluate(t, step, t.valid_batches)

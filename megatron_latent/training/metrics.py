@@ -1,12 +1,13 @@
-"""Training metrics: one JSON object per line in `metrics.jsonl`, and TensorBoard scalars when the
-`tensorboard` package is installed. Written by the one rank that holds the reported loss."""
+"""Training metrics: one JSON object per line in `metrics.jsonl`, TensorBoard scalars when the
+`tensorboard` package is installed, and a Weights & Biases run when one is opened (`WandbRun`).
+Written by the one rank that holds the reported loss."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -26,11 +27,14 @@ def peak_flops() -> Optional[float]:
 class MetricsWriter:
     """Appends to `<log_dir>/metrics.jsonl`. A run starting at iteration K (0 when fresh) first
     drops the records after K (steps an interrupted run made past its last checkpoint, which this
-    run redoes), so the file holds one history; TensorBoard events after K are purged likewise."""
+    run redoes), so the file holds one history; TensorBoard events after K are purged likewise.
+    `wandb` (a WandbRun) gets every scalar too, at the same step."""
 
-    def __init__(self, log_dir: Optional[str], enabled: bool, start_iteration: int = 0):
+    def __init__(self, log_dir: Optional[str], enabled: bool, start_iteration: int = 0,
+                 wandb: Optional["WandbRun"] = None):
         self.jsonl = None
         self.tb = None
+        self.wandb = wandb if enabled else None
         if not (enabled and log_dir):
             return
         os.makedirs(log_dir, exist_ok=True)
@@ -52,12 +56,72 @@ class MetricsWriter:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(step, values)
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
+
+
+# ------------------------------------------------------------------------------ Weights & Biases
+WANDB_STATE_FILE = "wandb_run.json"
+
+
+def wandb_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is None
+
+
+class WandbRun:
+    """One W&B run across restarts. Its id and the last step it was given are kept in
+    `<state_dir>/wandb_run.json` (the checkpoint directory), so a restarted job resumes the same run
+    (`resume="allow"`). W&B cannot rewind a run's history: steps a restarted job redoes (those an
+    interrupted job logged after its last checkpoint) are not logged again; a resumed run reproduces
+    them exactly, so the curves lose nothing and do not zig-zag."""
+
+    def __init__(self, project: str, save_dir: str, state_dir: str, name: Optional[str] = None,
+                 entity: Optional[str] = None, config: Optional[Dict[str, Any]] = None):
+        import wandb
+
+        os.makedirs(save_dir, exist_ok=True)
+        os.makedirs(state_dir, exist_ok=True)
+        self.state_path = os.path.join(state_dir, WANDB_STATE_FILE)
+        state = {}
+        if os.path.isfile(self.state_path):
+            with open(self.state_path) as f:
+                state = json.load(f)
+        # Steps up to here were logged by an earlier job of this run.
+        self.logged_before = int(state.get("last_step", 0))
+        self.last_step = self.logged_before
+        self.run = wandb.init(project=project, name=name or None, entity=entity or None, dir=save_dir,
+                              id=state.get("id"), resume="allow", config=config or {})
+        self.id = self.run.id
+        self._save_state()
+
+    def log(self, step: int, values: Dict[str, Any]) -> None:
+        if step <= self.logged_before:
+            return
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if scalars:
+            self.run.log(scalars, step=step)
+        if step > self.last_step:
+            self.last_step = step
+            self._save_state()
+
+    def _save_state(self) -> None:
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"id": self.id, "last_step": self.last_step}, f)
+        os.replace(tmp, self.state_path)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def _truncate_after(path: str, iteration: int) -> None:
@@ -75,6 +139,23 @@ def _truncate_after(path: str, iteration: int) -> None:
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
+
+
+def metric_keys(path: str, pattern: str = "*"):
+    """The keys of a metrics.jsonl matching a glob `pattern` (fnmatch), in the order first seen."""
+    import fnmatch
+
+    keys = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            keys.update((k, None) for k in record if k != "iteration" and fnmatch.fnmatchcase(k, pattern))
+    return list(keys)
 
 
 def read_metrics(path: str, key: str):
