@@ -142,23 +142,13 @@ TABLE: Dict[str, Flag] = {
                                           "--tokenizer-type NullTokenizer", 1),
     "--legacy-tokenizer": Flag(NO_EFFECT, "the tokenizers here have one implementation"),
     # ------------------------------------------------------------------ logging and profiling
-    "--log-throughput": Flag(NO_EFFECT, "tokens/s and TFLOP/s per device are logged at every --log-interval "
-                                        "already"),
     "--log-progress": Flag(NO_EFFECT, _NOT_LOGGED),
-    "--log-params-norm": Flag(NO_EFFECT, _NOT_LOGGED),
     "--log-num-zeros-in-grad": Flag(NO_EFFECT, _NOT_LOGGED),
     "--log-timers-to-tensorboard": Flag(NO_EFFECT, _NOT_LOGGED),
     "--log-validation-ppl-to-tensorboard": Flag(NO_EFFECT, "the validation loss is logged; its perplexity is printed"),
-    "--log-memory-to-tensorboard": Flag(NO_EFFECT, _NOT_LOGGED),
     "--log-loss-scale-to-tensorboard": Flag(NO_EFFECT, "no loss scaling (fp16 is not supported)"),
     "--no-log-loss-scale-to-tensorboard": Flag(NO_EFFECT, "no loss scaling (fp16 is not supported)"),
     "--timing-log-level": Flag(NO_EFFECT, _NOT_LOGGED, 1),
-    "--profile": Flag(NO_EFFECT, "no profiler is started (see tools/ for benchmark scripts)"),
-    "--profile-step-start": Flag(NO_EFFECT, "no profiler is started", 1),
-    "--profile-step-end": Flag(NO_EFFECT, "no profiler is started", 1),
-    "--wandb-project": Flag(NO_EFFECT, "Weights & Biases is not wired here; metrics go to --tensorboard-dir", 1),
-    "--wandb-exp-name": Flag(NO_EFFECT, "Weights & Biases is not wired here; metrics go to --tensorboard-dir", 1),
-    "--wandb-save-dir": Flag(NO_EFFECT, "Weights & Biases is not wired here; metrics go to --tensorboard-dir", 1),
 }
 
 
