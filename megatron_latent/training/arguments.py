@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K pause tokens after every token, one pass, predicting at the last (default 0)")
     g.add_argument("--num-extra-loops", type=int, default=None, metavar="K",
                    help="run the layer stack K+1 times with shared weights, the final norm once (default 0)")
+    g.add_argument("--num-ponder-steps", type=int, default=None, metavar="K",
+                   help="PonderLM: K+1 forwards, each feeding the next (default 0)")
+    g.add_argument("--ponder-feedback", choices=("interpolated", "hidden"), default=None,
+                   help="what a pondering step adds: the embeddings mixed by the output softmax, or the hidden "
+                        "state (default: the authors' for the family: hidden for gpt-neox, else interpolated)")
+    g.add_argument("--ponder-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the interpolated mix to the current input instead of the token embedding "
+                        "(their residual_interpolated_embeds; default off)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -85,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warmup as a fraction of --train-iters (instead of --lr-warmup-iters)")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="default: the authors' script for the method, 0.01 for --num-ponder-steps, else 0.1")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -197,7 +206,8 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
             ("num_latent_thoughts", "num_latent_thoughts"), ("jacobi_iters_eval", "jacobi_iters_eval"),
             ("scale_embeddings", "scale_embeddings"), ("init_method_std", "init_method_std"),
             ("grad_passes", "jacobi_grad_passes"), ("thought_input", "thought_input"),
-            ("interpolation_topk", "interpolation_topk"),
+            ("interpolation_topk", "interpolation_topk"), ("ponder_feedback", "ponder_feedback"),
+            ("ponder_residual", "ponder_residual"),
         )
         if getattr(args, flag) is not None
     }
