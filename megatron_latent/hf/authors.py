@@ -57,7 +57,7 @@ def _our_method(c) -> Dict:
     """The baseline fields of our own export's config (and the tokenizer's vocabulary size when
     the config counts the pause row)."""
     out = {}
-    for key in ("num_pause_tokens", "num_extra_loops", "interpolation_topk"):
+    for key in ("num_pause_tokens", "num_extra_loops", "interpolation_topk", "num_ponder_steps"):
         v = getattr(c, key, 0) or 0
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise AuthorsConfigError(f"config.json {key} {v!r}: expected an integer >= 0")
@@ -68,6 +68,8 @@ def _our_method(c) -> Dict:
                                      f"{c.vocab_size - 1} (the last row of vocab_size {c.vocab_size})")
     if getattr(c, "num_extra_loops", 0):
         out["num_extra_loops"] = c.num_extra_loops
+    if getattr(c, "num_ponder_steps", 0):
+        return dict(out, **_ponder(c, c.num_ponder_steps, getattr(c, "ponder_feedback", "interpolated")))
     if getattr(c, "interpolation", False):
         out["thought_input"] = "interpolated"
         if getattr(c, "interpolation_use_topk", False):
@@ -75,12 +77,24 @@ def _our_method(c) -> Dict:
     return out
 
 
+def _ponder(c, k, feedback) -> Dict:
+    """Pondering fields of K steps with this feedback (their `residual_interpolated_embeds`)."""
+    if feedback not in ("interpolated", "hidden"):
+        raise AuthorsConfigError(f"config.json ponder_feedback {feedback!r}: expected interpolated or hidden")
+    residual = getattr(c, "residual_interpolated_embeds", False)
+    if not isinstance(residual, bool) or (residual and feedback == "hidden"):
+        raise AuthorsConfigError(f"config.json residual_interpolated_embeds {residual!r}: expected true or false, "
+                                 "and false with the hidden feedback")
+    return dict(num_ponder_steps=k, ponder_feedback=feedback, ponder_residual=residual)
+
+
 def latent_from_hf(c, arch: str) -> Dict:
     """LatentSettings field values (for ModelConfig.replace) of an HF config's latent keys."""
     ours = hasattr(c, "latent_prefill")
     # Our baseline exports name their method (the keys the authors' PonderLM-2 files refuse below).
     method = _our_method(c) if ours and (getattr(c, "num_pause_tokens", 0) or getattr(c, "num_extra_loops", 0)
-                                         or getattr(c, "interpolation", False)) else {}
+                                         or getattr(c, "interpolation", False)
+                                         or getattr(c, "num_ponder_steps", 0)) else {}
     n = getattr(c, "num_latent_thoughts", 0) or 0
     scale = getattr(c, "scale_embeds", False)
     for key in ("scale_embeds", "interpolation", "recurrent_model"):
@@ -132,6 +146,9 @@ def latent_to_hf(cfg) -> Dict:
         d.update(num_pause_tokens=lat.num_pause_tokens, pause_token_id=cfg.pause_token_id)
     if lat.num_extra_loops:
         d["num_extra_loops"] = lat.num_extra_loops
+    if lat.num_ponder_steps:
+        d.update(num_ponder_steps=lat.num_ponder_steps, ponder_feedback=lat.ponder_feedback,
+                 residual_interpolated_embeds=lat.ponder_residual)
     if n:
         j = tuple(lat.jacobi_iters)
         if j == _family_range(cfg.arch):
