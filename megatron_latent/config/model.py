@@ -85,9 +85,9 @@ class LatentSettings:
 
     * latent thoughts (PonderLM-2, `num_latent_thoughts` N > 0): N thought slots after every
       token, each fed the post-norm hidden state of the slot before it (`thought_input` "hidden"),
-      or the embeddings mixed by the output softmax of that state ("interpolated", the PonderLM
-      feedback; `interpolation_topk` k > 0 mixes only the k likeliest tokens), solved by Jacobi
-      passes;
+      or the embeddings mixed by the output softmax of that state ("interpolated": PonderLM-2
+      with interpolated thoughts, PonderLM's feedback in slots; `interpolation_topk` k > 0 mixes
+      only the k likeliest tokens), solved by Jacobi passes;
     * pause tokens (`num_pause_tokens` K > 0): K slots of one learned pause embedding after every
       token, one pass, the prediction read at the last of them;
     * looped depth (`num_extra_loops` K > 0): the layer stack applied K+1 times with shared

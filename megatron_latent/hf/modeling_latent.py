@@ -5,8 +5,8 @@ imports only torch and transformers. Each token is followed by N latent thoughts
 position i is the post-final-norm hidden state of slot k-1 of the same position, fed back as the
 next input vector (``inputs_embeds``) at the same position id. Logits come from slot N.
 With ``scale_embeds`` token embeddings are multiplied by sqrt(2.5 * hidden_size). The config keys
-are the authors' (LUMIA-Group/PonderLM-2) with their meaning; ``interpolation`` true (their
-PonderLM-1 mode) and ``recurrent_model`` false (their vanilla forward) are refused. Works with
+are the authors' (LUMIA-Group/PonderLM-2) with their meaning; ``recurrent_model`` false (their
+vanilla forward) is refused. Works with
 transformers 4.46 and later (4.x GPT-2 keeps tuple caches: converted at the call). With learned
 positions (GPT-2) the stock model adds the position embedding to every slot, thoughts included.
 

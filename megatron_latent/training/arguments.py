@@ -47,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "passes before run without a graph (default: all passes, the paper's)")
     g.add_argument("--scale-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="scale token embeddings by sqrt(c H), c = 2.5 for latent thoughts and loops, 1 for pause "
-                        "tokens and interpolated thoughts (default: on with any method, as the authors' code)")
+                        "tokens, interpolated thoughts and PonderLM (default: on with any method but GPT-NeoX's "
+                        "PonderLM, as the authors' code)")
     g.add_argument("--thought-input", choices=("hidden", "interpolated"), default=None,
                    help="what a thought is fed: the hidden state (PonderLM-2) or the embeddings mixed by its output "
-                        "softmax (interpolated, PonderLM); default hidden")
+                        "softmax (interpolated: PonderLM-2 with interpolated thoughts); default hidden")
     g.add_argument("--interpolation-topk", type=int, default=None, metavar="K",
                    help="interpolated thoughts mix the K likeliest tokens only (0 = the full softmax; default 0)")
 
