@@ -1,12 +1,14 @@
 """Every method's forward against the authors' own modeling files, on the same weights.
 
 For LLaMA and GPT-NeoX, tiny models of each method (pause tokens K=2, extra loops K=2, interpolated
-thoughts N=1 with the full softmax and top-7, latent thoughts N=1) get the same random weights; ours
+thoughts N=1 with the full softmax and top-7, latent thoughts N=1, PonderLM K=1 and K=3, on LLaMA also
+with the residual mix) get the same random weights; ours
 computes its logits and exports a Hugging Face folder; then a worker under another interpreter
 (their files need transformers 4.46.x) loads the folder's weights into the authors' class for that
 method (`src/llamafactory/model/modeling/` of LUMIA-Group/PonderLM-2: modeling_llama_pause.py,
-modeling_llama_loop.py, modeling_llama.py, modeling_gpt_neox_addpausetoken.py,
-modeling_gpt_neox_addhidden_weightshare.py, modeling_gpt_neox.py) with their config keys, and
+modeling_llama_loop.py, modeling_llama.py, modeling_llama_orin.py, modeling_gpt_neox_addpausetoken.py,
+modeling_gpt_neox_addhidden_weightshare.py, modeling_gpt_neox.py, modeling_gpt_neox_addhidden.py) with
+their config keys (their PonderLM script's for pondering: --interpolation true --num_latent_thoughts K), and
 computes theirs. Printed: |theirs - ours| / max |ours| per case, beside how far the method moves
 the logits from the same weights' vanilla forward (so a match is not a match of two vanilla runs).
 
@@ -42,6 +44,16 @@ CASES = {
     "latent": (dict(num_latent_thoughts=1), dict(num_latent_thoughts=1, interpolation=False),
                {"llama": "modeling_llama", "gpt-neox": "modeling_gpt_neox"}),
 }
+# PonderLM (their --patch_method ponderlm): each family's own feedback and embedding scale; the
+# residual mix (their residual_interpolated_embeds) exists in the LLaMA file only.
+_PONDER_FILES = {"llama": "modeling_llama_orin", "gpt-neox": "modeling_gpt_neox_addhidden"}
+for _k in (1, 3):
+    CASES[f"ponder-k{_k}"] = (dict(num_ponder_steps=_k, scale_embeddings=None),
+                              dict(num_latent_thoughts=_k, interpolation=True), _PONDER_FILES)
+    CASES[f"ponder-k{_k}-residual"] = (dict(num_ponder_steps=_k, ponder_residual=True),
+                                       dict(num_latent_thoughts=_k, interpolation=True,
+                                            residual_interpolated_embeds=True),
+                                       {"llama": _PONDER_FILES["llama"]})
 PRESETS = {"llama": "tiny-llama", "gpt-neox": "tiny-pythia"}
 JACOBI = 3  # the evaluation J on both sides (their num_jacobi_iterations)
 
@@ -65,11 +77,13 @@ def ours(out: str, length: int) -> dict:
     pos = torch.arange(length).expand_as(tokens)
     logits = {"ids": tokens}
     for arch, preset in PRESETS.items():
-        for name, (fields, _, _) in CASES.items():
+        for name, (fields, _, files) in CASES.items():
+            if arch not in files:
+                continue
             # Large weights (HF init, std 0.2): every slot visibly moves the logits.
             cfg = get_preset(preset).replace(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
                                              vocab_size=250, seq_length=64, init_method_std=0.2,
-                                             scale_embeddings=True, **fields)
+                                             **{"scale_embeddings": True, **fields})
             torch.manual_seed(1)
             tensor_parallel.model_parallel_cuda_manual_seed(1)
             model = build_gpt_model(cfg, parallel_output=False, model_cls=LatentGPTModel).eval()
@@ -78,7 +92,7 @@ def ours(out: str, length: int) -> dict:
             write_model_config(cfg, os.path.join(root, "ckpt"))
             export_to_hf(os.path.join(root, "ckpt"), os.path.join(root, "hf"))
             # The same weights' vanilla forward (the padded vocabulary is the same size here).
-            vanilla = cfg.replace(num_latent_thoughts=0, num_pause_tokens=0, num_extra_loops=0)
+            vanilla = cfg.replace(num_latent_thoughts=0, num_pause_tokens=0, num_extra_loops=0, num_ponder_steps=0)
             plain = build_gpt_model(vanilla, parallel_output=False, model_cls=LatentGPTModel).eval()
             plain.load_state_dict(model.state_dict())
             rows = vanilla.embedding_rows
@@ -104,6 +118,8 @@ def worker(repo: str, out: str) -> None:
     tokens = want["ids"]
     for arch in PRESETS:
         for name, (_, keys, files) in CASES.items():
+            if arch not in files:
+                continue
             folder = os.path.join(out, f"{arch}-{name}", "hf")
             with open(os.path.join(folder, "config.json")) as f:
                 conf = json.load(f)

@@ -8,7 +8,12 @@
 #   METHOD=vanilla  N=0 with the stock Hugging Face init (normal, std 0.02) and weight decay 0.01,
 #                   as their vanilla baseline (the stock LlamaForCausalLM);
 #   METHOD=vanilla-paper-init   N=0 with the latent model's init and weight decay 0.1: the twin
-#                   that differs from METHOD=latent in the thoughts only.
+#                   that differs from METHOD=latent in the thoughts only;
+#   METHOD=ponderlm PonderLM, K=3 pondering steps (4 forwards, each next input the token embedding
+#                   plus the output softmax's mix of the embeddings x sqrt(H)), weight decay 0.01,
+#                   as their train_ponderlm_llama_1_4b.sh;
+#   METHOD=pause / METHOD=loop   3 pause tokens / 3 extra loops, weight decay 0.1, as their
+#                   train_pause_llama_1_4b.sh / train_loop_llama_1_4b.sh.
 #
 #   METHOD=latent DATA=data/pile_text_document TOKENIZER=tokenizer.json CKPT=ckpt/llama-1.4b-latent \
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 bash examples/pretrain_llama_paper.sh [extra flags]
@@ -21,7 +26,10 @@ case "$METHOD" in
     latent) RUN=(--num-latent-thoughts 1 --weight-decay 0.1) ;;
     vanilla) RUN=(--init-style hf --init-method-std 0.02 --weight-decay 0.01) ;;
     vanilla-paper-init) RUN=(--weight-decay 0.1) ;;
-    *) echo "error: METHOD=$METHOD: one of latent, vanilla, vanilla-paper-init" >&2; exit 2 ;;
+    ponderlm) RUN=(--num-ponder-steps 3 --weight-decay 0.01) ;;
+    pause) RUN=(--num-pause-tokens 3 --weight-decay 0.1) ;;
+    loop) RUN=(--num-extra-loops 3 --weight-decay 0.1) ;;
+    *) echo "error: METHOD=$METHOD: one of latent, vanilla, vanilla-paper-init, ponderlm, pause, loop" >&2; exit 2 ;;
 esac
 exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${GPUS_PER_NODE:-8}" \
     --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-29500}" -m megatron_latent.pretrain \

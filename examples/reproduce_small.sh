@@ -9,8 +9,10 @@
 #   latent-N1, latent-N2   N=1 and N=2 latent thoughts, S layers, the paper's init, weight decay 0.1
 #   pause-K3               3 pause tokens per token (docs/baselines.md), weight decay 0.1
 #   loop-K3                the layer stack run 4 times, weight decay 0.1
-#   interpolated-N1        N=1 thoughts fed the softmax mix of the embeddings (the PonderLM feedback)
-#                          instead of the hidden state: latent-N1's exact compute; weight decay 0.01
+#   ponderlm-K3            PonderLM (the paper's row): 4 forwards, each next input the token embedding plus
+#                          the output softmax's mix of the embeddings, weight decay 0.01 (the authors' script)
+#   interpolated-N1        PonderLM-2 with interpolated thoughts: N=1 thoughts fed the softmax mix of the
+#                          embeddings instead of the hidden state: latent-N1's exact compute; weight decay 0.01
 #
 # Then one table
 # (tools/compare_runs.py: parameters, tokens, exact FLOPs, validation loss with the spread over the
@@ -65,10 +67,11 @@ declare -A FLAGS=(
     [latent-N2]="--num-latent-thoughts 2 --weight-decay 0.1"
     [pause-K3]="--num-pause-tokens 3 --weight-decay 0.1"
     [loop-K3]="--num-extra-loops 3 --weight-decay 0.1"
+    [ponderlm-K3]="--num-ponder-steps 3 --weight-decay 0.01"
     [interpolated-N1]="--num-latent-thoughts 1 --thought-input interpolated --weight-decay 0.01"
 )
 ORDER=(vanilla-S-hf-init vanilla-S-paper-init vanilla-2S-hf-init vanilla-2S-paper-init latent-N1 latent-N2
-       pause-K3 loop-K3 interpolated-N1)
+       pause-K3 loop-K3 ponderlm-K3 interpolated-N1)
 
 DIRS=() LABELS=()
 for name in "${ORDER[@]}"; do
@@ -90,6 +93,6 @@ done
 
 "$PY" tools/compare_runs.py "${DIRS[@]}" --label "${LABELS[@]}" --plot "$OUT/valid_loss.png" \
     --latent latent-N1 --baselines vanilla-S-hf-init vanilla-S-paper-init vanilla-2S-hf-init vanilla-2S-paper-init \
-    pause-K3 loop-K3 interpolated-N1 \
+    pause-K3 loop-K3 ponderlm-K3 interpolated-N1 \
     | tee "$OUT/comparison.md"
 echo "everything is in $OUT"

@@ -159,6 +159,8 @@ def configure(args) -> Plan:
         logger.info(f"note: {note}")
     tokenizer = batching.build_tokenizer_from_args(args)
     cfg = model_config_from_args(args, tokenizer.vocab_size if tokenizer is not None else None)
+    if args.weight_decay is None:
+        args.weight_decay = cfg.latent.paper_weight_decay
     seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
     layout.check_model(cfg, seq_length)
     _check_recompute(args, cfg, layout)

@@ -28,11 +28,15 @@ def tiny_cfg(arch="llama", n=1, layers=4, **overrides):
     return ModelConfig(**kw)
 
 
-# LatentSettings keyword arguments of the baselines (K = 2 pause tokens / extra loops).
+# LatentSettings keyword arguments of the baselines (K = 2 pause tokens / extra loops / pondering steps).
 BASELINES = {
     "interpolated": dict(num_latent_thoughts=1, jacobi_iters=JACOBI_RANGE, thought_input="interpolated"),
     "pause": dict(num_pause_tokens=2),
     "loop": dict(num_extra_loops=2),
+    # PonderLM: LLaMA's softmax mix (the first stage needs the output layer), and GPT-NeoX's
+    # hidden feedback, whose hand-offs carry each pass's input.
+    "ponder": dict(num_ponder_steps=2),
+    "ponder-hidden": dict(num_ponder_steps=2, ponder_feedback="hidden"),
 }
 
 

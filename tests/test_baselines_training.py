@@ -1,4 +1,4 @@
-"""The baselines (pause tokens, extra loops, interpolated thoughts) through the training driver:
+"""The baselines (pause tokens, extra loops, interpolated thoughts, pondering) through the training driver:
 each trains, evaluates, checkpoints and resumes exactly (the method restored by
 --use-checkpoint-args), K = 0 is the vanilla run, and bad combinations stop at start with one line
 naming the flags. All training runs share one spawned world (each launch costs seconds of imports)."""
@@ -16,6 +16,7 @@ METHODS = {
     "loop": ["--num-extra-loops", "1"],
     "interpolated": ["--num-latent-thoughts", "1", "--thought-input", "interpolated", "--interpolation-topk", "7",
                      "--jacobi-iters", "1", "2"],
+    "ponder": ["--num-ponder-steps", "1"],
 }
 assert TINY[-2:] == ["--eval-iters", "0"]
 COMMON = TINY[:-2] + [
@@ -57,13 +58,15 @@ def test_resume_continues_exactly(trained, method):
     assert valid[0] == {**valid[1], **valid[2]} and sorted(valid[0]) == [2, 4]
     # The resumed run took the method from the checkpoint (no method flag given).
     out = runs[f"{method}-rest"][1]
-    label = {"pause": "method pause K=2", "loop": "method loop K=1", "interpolated": "method interpolated N=1"}
+    label = {"pause": "method pause K=2", "loop": "method loop K=1", "interpolated": "method interpolated N=1",
+             "ponder": "method ponder K=1"}
     assert "resumed from" in out and label[method] in out
     saved = json.load(open(os.path.join(tmp, f"{method}-ckpt", "model_config.json")))["latent"]
     want = {"pause": dict(num_pause_tokens=2, num_extra_loops=0, num_latent_thoughts=0),
             "loop": dict(num_extra_loops=1, num_pause_tokens=0, num_latent_thoughts=0),
             "interpolated": dict(num_latent_thoughts=1, thought_input="interpolated", interpolation_topk=7,
-                                 jacobi_iters=[1, 2])}[method]
+                                 jacobi_iters=[1, 2]),
+            "ponder": dict(num_ponder_steps=1, ponder_feedback="interpolated", num_latent_thoughts=0)}[method]
     assert {k: saved[k] for k in want} == want
 
 
@@ -76,7 +79,7 @@ def test_methods_train_differently_and_k0_is_vanilla(trained):
     assert "method vanilla" in runs["pause0"][1] and "method vanilla" in runs["loop0"][1]
     # Each method computes something else from the same data and seed.
     finals = {m: _losses(tmp, f"{m}-full")[4] for m in METHODS}
-    assert len(set(finals.values()) | {vanilla[4]}) == 4, finals
+    assert len(set(finals.values()) | {vanilla[4]}) == len(METHODS) + 1, finals
 
 
 def test_resuming_as_another_method_names_the_flags(trained):
@@ -102,6 +105,11 @@ def test_resuming_as_another_method_names_the_flags(trained):
     (["--num-latent-thoughts", "1", "--interpolation-topk", "4"],
      ["--interpolation-topk applies to --thought-input 'interpolated' only"]),
     (["--num-extra-loops", "-1"], ["--num-extra-loops must be an integer >= 0"]),
+    (["--num-ponder-steps", "2", "--num-extra-loops", "1"],
+     ["--num-extra-loops and --num-ponder-steps are exclusive"]),
+    (["--ponder-residual"], ["--ponder-feedback and --ponder-residual apply to pondering (--num-ponder-steps > 0)"]),
+    (["--num-ponder-steps", "1", "--ponder-feedback", "hidden", "--ponder-residual"],
+     ["--ponder-residual applies to the interpolated feedback"]),
     (["--num-pause-tokens", "2", "--jacobi-iters", "2", "3"],
      ["--jacobi-iters was given for a model with --num-latent-thoughts 0 (pause)"]),
     (["--num-extra-loops", "2", "--jacobi-grad-passes", "1"],
@@ -114,6 +122,20 @@ def test_bad_method_flags_are_one_clear_error(argv, needles, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert all(n in err[0] for n in needles), err
+
+
+def test_weight_decay_defaults_to_the_authors_script_per_method(single_rank):
+    """PonderLM's script trains with weight decay 0.01, the other methods' with 0.1; a flag wins."""
+    from megatron_latent import pretrain
+    from megatron_latent.training.arguments import parse_args
+
+    def wd(*flags):
+        args = parse_args(["--mock-data", "--model-preset", "tiny-llama", *flags])
+        pretrain.configure(args)
+        return args.weight_decay
+
+    assert (wd("--num-ponder-steps", "3"), wd("--num-extra-loops", "3"), wd()) == (0.01, 0.1, 0.1)
+    assert wd("--num-ponder-steps", "3", "--weight-decay", "0.1") == 0.1
 
 
 def test_a_method_flag_switches_the_checkpoint_method(monkeypatch):

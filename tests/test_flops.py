@@ -115,7 +115,9 @@ def _method_model(cfg):
     (dict(num_extra_loops=2), 0),
     (dict(num_latent_thoughts=1, thought_input="interpolated"), 2),
     (dict(num_latent_thoughts=2, thought_input="interpolated", interpolation_topk=5), 1),
-], ids=["pause", "loop", "interpolated", "interpolated-topk-n2"])
+    (dict(num_ponder_steps=2), 0),
+    (dict(num_ponder_steps=2, ponder_feedback="hidden"), 0),
+], ids=["pause", "loop", "interpolated", "interpolated-topk-n2", "ponder", "ponder-hidden"])
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
 def test_method_flops_equal_torch_flop_counter(preset, method, j, training):
     cfg = _method_config(preset, **method)
@@ -151,12 +153,19 @@ def test_method_flops_against_vanilla():
     interp = base.replace(num_latent_thoughts=1, thought_input="interpolated")
     latent = base.replace(num_latent_thoughts=1)
     assert model_step_flops(interp, 256, 2) - model_step_flops(latent, 256, 2) == 3 * 2 * 3 * out
+    # PonderLM K=3: four forwards, the output layer once, and 3 mixes of 2 matmuls (x 3 with the
+    # backward); GPT-NeoX's hidden feedback adds nothing counted.
+    ponder = base.replace(num_ponder_steps=3)
+    assert ponder.latent.ponder_feedback == "hidden"
+    assert model_step_flops(ponder, 256, 0) == 3 * (4 * layers + out)
+    assert model_step_flops(ponder.replace(ponder_feedback="interpolated"), 256, 0) == 3 * (4 * layers + out + 6 * out)
 
 
 @pytest.mark.parametrize("method", [
     dict(), dict(num_latent_thoughts=1), dict(num_latent_thoughts=2, thought_input="interpolated"),
-    dict(num_pause_tokens=2), dict(num_extra_loops=2),
-], ids=["vanilla", "latent", "interpolated", "pause", "loop"])
+    dict(num_pause_tokens=2), dict(num_extra_loops=2), dict(num_ponder_steps=2),
+    dict(num_ponder_steps=2, ponder_feedback="hidden"),
+], ids=["vanilla", "latent", "interpolated", "pause", "loop", "ponder", "ponder-hidden"])
 def test_decode_flops_equal_torch_flop_counter(method):
     """KV-cached decoding of each method, counted: the KV decoder's steps on megatron's static KV
     cache (the token, then its thoughts fed back or its pause slots; with extra loops one cache per

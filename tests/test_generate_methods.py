@@ -1,4 +1,4 @@
-"""The baselines (interpolated thoughts, pause tokens, extra loops) at TP=1, in process: the training
+"""The baselines (interpolated thoughts, pause tokens, extra loops, pondering) at TP=1, in process: the training
 forward reaches the exact sequential reference, KV-cached decoding equals it, and greedy generation
 with the cache equals greedy generation by the reference (no cache)."""
 
@@ -18,6 +18,9 @@ METHODS = {
     "interpolated-top5": (2, dict(thought_input="interpolated", interpolation_topk=5, scale_embeddings=True)),
     "pause": (0, dict(num_pause_tokens=2, scale_embeddings=True)),
     "loop": (0, dict(num_extra_loops=2, scale_embeddings=True)),
+    # Pondering: the family's feedback (hidden for GPT-NeoX), and the residual mix.
+    "ponder": (0, dict(num_ponder_steps=2)),
+    "ponder-residual": (0, dict(num_ponder_steps=2, ponder_feedback="interpolated", ponder_residual=True)),
 }
 
 
@@ -38,7 +41,7 @@ def test_forward_and_cache_equal_the_sequential_reference(preset, method):
         forward = m(ids, positions(2, L), None, num_jacobi_iters=L * n)
     torch.testing.assert_close(forward, ref, rtol=1e-5, atol=1e-5)
     # Cached: a prompt of 2 positions by the exact prefill, then 3 cached token steps; the whole
-    # sequence as one prefill (pause, loop: one pass; interpolated: Jacobi to tolerance).
+    # sequence as one prefill (pause, loop, ponder: one pass per cache; interpolated: Jacobi to tolerance).
     torch.testing.assert_close(decode_logits(m, ids, decode_steps=3).logits, ref, rtol=1e-5, atol=1e-5)
     whole = decode_logits(m, ids, decode_steps=0, **({"prefill": "tolerance", "tol": 1e-7} if n else {}))
     torch.testing.assert_close(whole.logits, ref, rtol=1e-5, atol=1e-5)
@@ -48,7 +51,7 @@ def test_forward_and_cache_equal_the_sequential_reference(preset, method):
         assert (few - ref).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("method", ["interpolated", "pause", "loop"])
+@pytest.mark.parametrize("method", ["interpolated", "pause", "loop", "ponder"])
 def test_greedy_generation_equals_the_reference(method):
     m = _model("tiny-llama", method)
     prompt, steps = [random_ids(1, k, seed=9 + k)[0].tolist() for k in (4, 2)], 4
@@ -68,7 +71,7 @@ def test_the_methods_change_the_logits():
     ids = random_ids(2, L, seed=4)
     vanilla = sequential_logits(family_model("tiny-llama", 0, scale_embeddings=True), ids, positions(2, L))
     latent = sequential_logits(family_model("tiny-llama", 1, scale_embeddings=True), ids, positions(2, L))
-    for method in ("pause", "loop"):
+    for method in ("pause", "loop", "ponder", "ponder-residual"):
         got = sequential_logits(_model("tiny-llama", method), ids, positions(2, L))[..., :vanilla.shape[-1]]
         assert (got - vanilla).abs().max() > 1e-3, method
     interp = sequential_logits(_model("tiny-llama", "interpolated"), ids, positions(2, L))

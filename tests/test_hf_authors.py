@@ -96,6 +96,84 @@ def test_their_checkpoint_converts_and_computes_their_forward(tmp_path, arch, si
     assert rel_err(vanilla, ref) > 1e-2  # the thoughts and the scale matter: the check above can fail
 
 
+# What their loader writes for the PonderLM script (scripts/train_ponderlm_llama_1_4b.sh): the
+# PonderLM-2 keys with interpolation true, 3 steps, J neither random nor set (their defaults).
+THEIR_PONDERLM = dict(num_latent_thoughts=3, interpolation=True, random_jacobi_iterations=False)
+
+
+def _their_ponder_logits(hf, x, k, arch, residual=False):
+    """Their PonderLM forward (modeling_llama_orin.py / modeling_gpt_neox_addhidden.py, the
+    recurrent_model branch), written on the stock model: e0 (LLaMA: times sqrt(H)); K full
+    forwards, each giving the next input e0 (residual: the input) + softmax(lm_head(h)) @ (E
+    sqrt(H)) (LLaMA) or input + h (GPT-NeoX); the logits of one more forward."""
+    weight = hf.get_input_embeddings().weight
+    scale = math.sqrt(hf.config.hidden_size) if arch == "llama" else 1.0
+    e0 = hf.get_input_embeddings()(x) * scale
+    current = e0
+    with torch.no_grad():
+        for _ in range(k):
+            h = hf.base_model(inputs_embeds=current).last_hidden_state
+            if arch == "gpt-neox":
+                current = current + h
+            else:
+                mix = torch.softmax(hf.get_output_embeddings()(h), dim=-1) @ (weight * scale)
+                current = (current if residual else e0) + mix
+        return hf.get_output_embeddings()(hf.base_model(inputs_embeds=current).last_hidden_state)
+
+
+@pytest.mark.parametrize("arch,residual", [("llama", False), ("llama", True), ("gpt-neox", False)])
+def test_their_ponderlm_checkpoint_converts_with_its_patch_method(tmp_path, capsys, arch, residual, single_rank):
+    import transformers
+
+    from megatron_latent.checkpoint_layout import read_model_config
+    from megatron_latent.hf.export import read_checkpoint
+
+    hf_dir = _their_folder(tmp_path, arch, **THEIR_PONDERLM,
+                           residual_interpolated_embeds=True if residual else None)
+    # Without the method the keys are ambiguous (PonderLM-2 with 3 interpolated thoughts reads the same).
+    assert _tool(["--hf-dir", hf_dir, "--save", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "--patch-method ponderlm" in err and not (tmp_path / "refused").exists()
+    assert ("residual_interpolated_embeds: a key of their PonderLM" if residual else "write the same keys") in err
+    assert _tool(["--hf-dir", hf_dir, "--save", str(tmp_path / "ckpt"), "--patch-method", "ponderlm"]) == 0
+    cfg = read_model_config(str(tmp_path / "ckpt"))
+    lat = cfg.latent
+    assert (lat.method, lat.num_ponder_steps, lat.ponder_residual) == ("ponder", 3, residual)
+    assert (lat.ponder_feedback, lat.scale_embeddings) == (("hidden", False) if arch == "gpt-neox"
+                                                          else ("interpolated", True))
+    _, full, _ = read_checkpoint(str(tmp_path / "ckpt"))
+    model = latent_model(cfg, full)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
+    x = ids()
+    with torch.no_grad():
+        got = model(x, torch.arange(x.shape[1]).expand_as(x), None)[..., : hf.config.vocab_size]
+        vanilla = hf(x).logits
+    ref = _their_ponder_logits(hf, x, 3, arch, residual)
+    assert rel_err(got, ref) < 1e-5
+    assert rel_err(vanilla, ref) > 1e-2  # the steps matter: the check above can fail
+
+
+def test_their_loop_and_pause_checkpoints_by_patch_method():
+    import transformers
+
+    from megatron_latent.hf.authors import AuthorsConfigError
+    from megatron_latent.hf.mapping import config_from_hf
+
+    conf = hf_model("llama").config.to_dict()
+    conf.update({**THEIRS, "num_latent_thoughts": 3})
+    c = transformers.LlamaConfig.from_dict(conf)
+    assert config_from_hf(c).latent.method == "latent"  # no patch_method: their default, PonderLM-2
+    c.patch_method = "loop"
+    lat = config_from_hf(c).latent
+    assert (lat.method, lat.num_extra_loops, lat.scale_embeddings) == ("loop", 3, True)
+    c.patch_method = "pause"
+    with pytest.raises(AuthorsConfigError, match="patch_method pause: the authors' pause embedding row"):
+        config_from_hf(c)
+    c.patch_method, c.interpolation = "ours", True
+    lat = config_from_hf(c).latent
+    assert (lat.method, lat.num_latent_thoughts) == ("interpolated", 3)
+
+
 @pytest.mark.parametrize("keys, want", [
     (dict(random_jacobi_iterations=False, num_jacobi_iterations=2), ((2, 2), 2, True)),
     (dict(random_jacobi_iterations=None, num_jacobi_iterations=None), ((3, 3), 3, True)),  # their getattr defaults

@@ -1,4 +1,4 @@
-"""Export of the baselines (interpolated thoughts, pause tokens, extra loops): the folder loads with
+"""Export of the baselines (interpolated thoughts, pause tokens, extra loops, pondering): the folder loads with
 trust_remote_code, names its method in config.json, computes the megatron model's logits (and the
 exact sequential reference's), and its KV-cached greedy generation is ours."""
 
@@ -13,10 +13,14 @@ METHODS = {
     "interpolated": (1, dict(thought_input="interpolated", interpolation_topk=7)),
     "pause": (0, dict(num_pause_tokens=2)),
     "loop": (0, dict(num_extra_loops=2)),
+    # The family's feedback and embedding scale (GPT-NeoX: hidden, unscaled), and the residual mix.
+    "ponder": (0, dict(num_ponder_steps=2, scale_embeddings=None)),
+    "ponder-residual": (0, dict(num_ponder_steps=2, ponder_residual=True)),
 }
 CASES = [("llama", "interpolated"), ("gpt-neox", "interpolated"), ("gpt2", "interpolated"),
          ("llama", "pause"), ("gpt-neox", "pause"), ("gpt2", "pause"),
-         ("llama", "loop"), ("gpt-neox", "loop"), ("gpt2", "loop")]
+         ("llama", "loop"), ("gpt-neox", "loop"), ("gpt2", "loop"),
+         ("llama", "ponder"), ("gpt-neox", "ponder"), ("gpt2", "ponder"), ("llama", "ponder-residual")]
 P, NEW = 4, 4
 
 
@@ -36,7 +40,7 @@ def _export(exports, tmp_path_factory, arch, method):
 
     if (arch, method) not in exports:
         n, kw = METHODS[method]
-        cfg = small_config(arch, n, scale_embeddings=True, **kw)
+        cfg = small_config(arch, n, **{"scale_embeddings": True, **kw})
         root = tmp_path_factory.mktemp(f"{arch}-{method}")
         model = latent_model(cfg)
         save(model, cfg, str(root / "ckpt"))
@@ -60,6 +64,11 @@ def test_export_matches_megatron_and_the_reference(exports, tmp_path_factory, ar
         assert (conf["num_pause_tokens"], conf["pause_token_id"]) == (2, VOCAB)
     elif method == "loop":
         assert conf["num_extra_loops"] == 2
+    elif method.startswith("ponder"):
+        lat = cfg.latent
+        assert (conf["num_ponder_steps"], conf["ponder_feedback"], conf["residual_interpolated_embeds"]) == \
+            (2, "hidden" if arch == "gpt-neox" else "interpolated", method == "ponder-residual")
+        assert conf["scale_embeds"] == lat.scale_embeddings == (arch != "gpt-neox")
     else:
         assert conf["interpolation"] is True and conf["interpolation_use_topk"] and conf["interpolation_topk"] == 7
     x = ids()
@@ -95,6 +104,6 @@ def test_cached_greedy_generation_is_ours(exports, tmp_path_factory, arch, metho
         assert out.sequences[:, P:].tolist() == ours.ids
         logits = torch.stack(out.logits, 1)
         assert _err(logits, ours.logits[..., :logits.shape[-1]]) < 1e-4
-    # K+1 (pause) or (K+1) x layers (loop) cache entries per fed token.
+    # K+1 (pause) or (K+1) x layers (loop, ponder) cache entries per fed token.
     cache = outs[True].past_key_values if hasattr(outs[True], "past_key_values") else outs[True].cache
     assert cache.get_seq_length() == cfg.latent.num_slots * (P + NEW - 1)

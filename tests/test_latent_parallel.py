@@ -1,4 +1,4 @@
-"""The latent forward and its baselines (interpolated thoughts, pause tokens, extra loops), and the
+"""The latent forward and its baselines (interpolated thoughts, pause tokens, extra loops, pondering), and the
 latent forward backpropagated through its last two passes only (--jacobi-grad-passes 2), under
 tensor parallelism, sequence parallelism and recomputation equal their single-rank, plain selves:
 loss and every gradient, in fp32."""
@@ -15,12 +15,14 @@ VARIANTS = {
     "recompute-full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     "recompute-selective": dict(recompute_granularity="selective"),
 }
-# LatentSettings keyword arguments of each method (K = 2 pause tokens / extra loops).
+# LatentSettings keyword arguments of each method (K = 2 pause tokens / extra loops / pondering steps).
 METHODS = {
     "latent": dict(num_latent_thoughts=N),
     "interpolated": dict(num_latent_thoughts=N, thought_input="interpolated"),
     "pause": dict(num_pause_tokens=2),
     "loop": dict(num_extra_loops=2),
+    "ponder": dict(num_ponder_steps=2, ponder_feedback="interpolated"),
+    "ponder-hidden": dict(num_ponder_steps=2, ponder_feedback="hidden"),
     # Not a method: the latent forward with a graph for its last 2 of N + J + 1 = 4 passes only.
     "latent-k2": dict(num_latent_thoughts=N, grad_passes=2),
 }

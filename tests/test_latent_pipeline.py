@@ -25,6 +25,8 @@ RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recom
 # the output layer; GPT-2: tied, the first stage has the weight already).
 BASELINES = {m: pc.method_cfg(m) for m in pc.BASELINES}
 INTERP, INTERP_GPT2 = BASELINES["interpolated"], pc.method_cfg("interpolated", "gpt2")
+# Pondering with the residual mix: interpolated (the output layer mirrored) and carrying its input.
+PONDER_RESIDUAL = pc.method_cfg("ponder").replace(ponder_residual=True)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def pp2(ckpt_dir, interp_ckpts):
         *[(f"{m}-pp2", "train", (cfg, 1, 2)) for m, cfg in BASELINES.items()],
         *[(f"{m}-vpp2", "train", (cfg, 1, 2, 2)) for m, cfg in BASELINES.items()],
         ("interpolated-gpt2-pp2", "train", (INTERP_GPT2, 1, 2)),
+        ("ponder-residual-vpp2", "train", (PONDER_RESIDUAL, 1, 2, 2)),
         ("interpolated-save", "save_and_eval", (INTERP, 1, 2, interp_ckpts[2])),
         ("llama-n1", "train", (LLAMA1, 1, 2)),
         ("llama-n2", "train", (LLAMA2, 1, 2)),
@@ -63,6 +66,7 @@ def single(pp2, ckpt_dir, interp_ckpts):
     return run_on_ranks(pc.run_cases, 1, [
         *[(m, "train", (cfg, 1, 1)) for m, cfg in BASELINES.items()],
         ("interpolated-gpt2", "train", (INTERP_GPT2, 1, 1)),
+        ("ponder-residual", "train", (PONDER_RESIDUAL, 1, 1)),
         ("interpolated-load", "load_and_eval", (INTERP, 1, 1, interp_ckpts[2])),
         ("interpolated-logits-from-pp2-weights", "logits_from_weights",
          (INTERP, pp2[0]["interpolated-save"]["weights"])),
@@ -194,6 +198,10 @@ def test_baseline_pp2_with_interleaved_layer_chunks_equals_single_rank(pp2, sing
 
 def test_interpolated_pp2_with_tied_embeddings_equals_single_rank(pp2, single):
     check([r["interpolated-gpt2-pp2"] for r in pp2], single["interpolated-gpt2"])
+
+
+def test_ponder_residual_pp2_with_interleaved_layer_chunks_equals_single_rank(pp2, single):
+    check([r["ponder-residual-vpp2"] for r in pp2], single["ponder-residual"])
 
 
 def test_baselines_train_differently(single):

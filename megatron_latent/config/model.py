@@ -43,10 +43,13 @@ INIT_STYLES = ("paper", "megatron", "hf")
 # sqrt(2 L (N+1)), LLaMA by sqrt(2 L)). GPT-2 has no authors' code: it takes the range the paper
 # states, {2, 3}, and the Pythia code's init, their main line of models.
 PAPER_JACOBI_ITERS = (2, 3)  # the range the paper states; also a LatentSettings' own default outside a ModelConfig
+# The PonderLM baseline's feedback per family: LLaMA (modeling_llama_orin.py) mixes the embeddings by
+# the output softmax, GPT-NeoX (modeling_gpt_neox_addhidden.py) adds the hidden state; GPT-2 takes
+# the PonderLM paper's mix.
 _PAPER_DEFAULTS = {
-    "gpt2": dict(jacobi_iters=PAPER_JACOBI_ITERS, init_counts_thought_passes=True),
-    "gpt-neox": dict(jacobi_iters=(2, 4), init_counts_thought_passes=True),
-    "llama": dict(jacobi_iters=(2, 3), init_counts_thought_passes=False),
+    "gpt2": dict(jacobi_iters=PAPER_JACOBI_ITERS, init_counts_thought_passes=True, ponder_feedback="interpolated"),
+    "gpt-neox": dict(jacobi_iters=(2, 4), init_counts_thought_passes=True, ponder_feedback="hidden"),
+    "llama": dict(jacobi_iters=(2, 3), init_counts_thought_passes=False, ponder_feedback="interpolated"),
 }
 
 # Per-family defaults for the fields left as None.
@@ -72,10 +75,11 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ latent
-METHODS = ("vanilla", "latent", "interpolated", "pause", "loop")
+METHODS = ("vanilla", "latent", "interpolated", "pause", "loop", "ponder")
 # LatentSettings' size fields, one per way of spending compute: at most one is non-zero.
-METHOD_SIZE_FIELDS = ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops")
+METHOD_SIZE_FIELDS = ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops", "num_ponder_steps")
 THOUGHT_INPUTS = ("hidden", "interpolated")
+PONDER_FEEDBACKS = ("interpolated", "hidden")
 
 
 @dataclass(frozen=True)
@@ -84,15 +88,21 @@ class LatentSettings:
 
     * latent thoughts (PonderLM-2, `num_latent_thoughts` N > 0): N thought slots after every
       token, each fed the post-norm hidden state of the slot before it (`thought_input` "hidden"),
-      or the embeddings mixed by the output softmax of that state ("interpolated", the PonderLM
-      feedback; `interpolation_topk` k > 0 mixes only the k likeliest tokens), solved by Jacobi
-      passes;
+      or the embeddings mixed by the output softmax of that state ("interpolated": PonderLM-2
+      with interpolated thoughts, PonderLM's feedback in slots; `interpolation_topk` k > 0 mixes
+      only the k likeliest tokens), solved by Jacobi passes;
     * pause tokens (`num_pause_tokens` K > 0): K slots of one learned pause embedding after every
       token, one pass, the prediction read at the last of them;
     * looped depth (`num_extra_loops` K > 0): the layer stack applied K+1 times with shared
-      weights, the final norm once.
+      weights, the final norm once;
+    * pondering (PonderLM, `num_ponder_steps` K > 0): K+1 full forwards over the tokens; after
+      each but the last, every position's next input is its token embedding plus the embeddings
+      mixed by its output softmax (`ponder_feedback` "interpolated", the authors' LLaMA code;
+      `ponder_residual`: added to the current input instead of the token embedding), or the
+      current input plus its post-norm hidden state ("hidden", their GPT-NeoX code). None: the
+      family's, filled in by ModelConfig.
 
-    The three are exclusive; all zero is a vanilla GPT (and the weights never depend on the method,
+    The four are exclusive; all zero is a vanilla GPT (and the weights never depend on the method,
     except for the pause token's embedding row). `jacobi_iters` is the inclusive range the training
     J is drawn from per step (None: the family's default, filled in by ModelConfig); it is None
     without latent thoughts. `scale_embeddings` (token embeddings times sqrt(c H), c in
@@ -111,6 +121,9 @@ class LatentSettings:
     interpolation_topk: int = 0
     num_pause_tokens: int = 0
     num_extra_loops: int = 0
+    num_ponder_steps: int = 0
+    ponder_feedback: Optional[str] = None
+    ponder_residual: bool = False
 
     def __post_init__(self):
         n = self.num_latent_thoughts
@@ -120,6 +133,13 @@ class LatentSettings:
         on = [name for name in METHOD_SIZE_FIELDS if getattr(self, name)]
         need(len(on) <= 1, f"{' and '.join(on)} are exclusive: latent thoughts, pause tokens and extra loops "
                            "are different methods; choose one")
+        ponder = self.num_ponder_steps > 0
+        need(self.ponder_feedback in (None,) + PONDER_FEEDBACKS,
+             f"ponder_feedback {self.ponder_feedback!r}: one of {', '.join(PONDER_FEEDBACKS)}")
+        need(ponder or (self.ponder_feedback is None and not self.ponder_residual),
+             "ponder_feedback and ponder_residual apply to pondering (num_ponder_steps > 0) only")
+        need(not self.ponder_residual or self.ponder_feedback != "hidden",
+             "ponder_residual applies to the interpolated feedback (the hidden feedback always adds to the input)")
         need(self.thought_input in THOUGHT_INPUTS,
              f"thought_input {self.thought_input!r}: one of {', '.join(THOUGHT_INPUTS)}")
         need(self.thought_input == "hidden" or n > 0,
@@ -132,8 +152,10 @@ class LatentSettings:
             j = tuple(int(x) for x in j)
             need(len(j) == 2 and 0 <= j[0] <= j[1], f"jacobi_iters {list(j)}: need an inclusive range 0 <= min <= max")
         object.__setattr__(self, "jacobi_iters", j if n else None)
-        if self.scale_embeddings is None:
-            object.__setattr__(self, "scale_embeddings", self.method != "vanilla")
+        if self.scale_embeddings is None and not (ponder and self.ponder_feedback is None):
+            # The authors' GPT-NeoX pondering (hidden feedback) never scales its embeddings.
+            object.__setattr__(self, "scale_embeddings",
+                               self.method != "vanilla" and not (ponder and self.ponder_feedback == "hidden"))
         need(self.grad_passes is None or self.grad_passes >= 1,
              f"grad_passes must be >= 1 (the final pass carries the loss), got {self.grad_passes}")
         need(self.grad_passes is None or n > 0,
@@ -148,15 +170,34 @@ class LatentSettings:
             return "pause"
         if self.num_extra_loops:
             return "loop"
+        if self.num_ponder_steps:
+            return "ponder"
         return "vanilla"
 
     @property
     def label(self) -> str:
         """The method and its size, as logs and tables show it: "latent N=1", "interpolated N=1",
-        "pause K=3", "loop K=3", "vanilla"."""
+        "pause K=3", "loop K=3", "ponder K=3" (PonderLM; "ponder K=3 residual", "ponder K=3
+        hidden" for the other feedbacks), "vanilla"."""
         size = {"latent": ("N", self.num_latent_thoughts), "interpolated": ("N", self.num_latent_thoughts),
-                "pause": ("K", self.num_pause_tokens), "loop": ("K", self.num_extra_loops)}.get(self.method)
-        return self.method + (f" {size[0]}={size[1]}" if size else "")
+                "pause": ("K", self.num_pause_tokens), "loop": ("K", self.num_extra_loops),
+                "ponder": ("K", self.num_ponder_steps)}.get(self.method)
+        feedback = " hidden" if self.ponder_feedback == "hidden" else " residual" if self.ponder_residual else ""
+        return self.method + (f" {size[0]}={size[1]}" if size else "") + feedback
+
+    @property
+    def mixes_embeddings(self) -> bool:
+        """Whether the forward mixes the embeddings by the output softmax (interpolated thoughts,
+        pondering with the interpolated feedback): the embedding stage needs the output layer."""
+        if self.num_ponder_steps:
+            return self.ponder_feedback != "hidden"
+        return self.thought_input == "interpolated"
+
+    @property
+    def paper_weight_decay(self) -> float:
+        """The weight decay of the authors' script for this method: 0.01 for PonderLM
+        (train_ponderlm_llama_1_4b.sh), 0.1 for the others (their PonderLM-2, loop and pause scripts)."""
+        return 0.01 if self.num_ponder_steps else 0.1
 
     @property
     def embedding_scale_factor(self) -> float:
@@ -164,15 +205,16 @@ class LatentSettings:
         next input is a post-norm hidden state (unit RMS, so the tokens start at its size), 1 for
         pause tokens and interpolated thoughts, whose inputs are all embeddings (the authors' code
         of each method)."""
-        return 2.5 if self.method in ("vanilla", "latent", "loop") else 1.0
+        return 2.5 if self.method in ("vanilla", "latent", "loop") else 1.0  # ponder: sqrt(H), orin
 
     @property
     def residual_depth(self) -> int:
         """How many times a token's prediction traverses the layer stack in sequence: N+1 with
-        latent thoughts, K+1 with extra loops, else 1 (the init scales by it, see init_methods)."""
+        latent thoughts, K+1 with extra loops or pondering, else 1 (the init scales by it, see
+        init_methods)."""
         if self.num_latent_thoughts:
             return self.num_latent_thoughts + 1
-        return self.num_extra_loops + 1
+        return self.num_extra_loops + self.num_ponder_steps + 1
 
     @property
     def output_slot(self) -> int:
@@ -218,8 +260,8 @@ class LatentSettings:
         n = self.num_latent_thoughts
         if n:
             return list(range(1, n + 1)) + [n + 1] * (num_jacobi + 1)
-        # Pause tokens: one pass over all slots; extra loops: K+1 passes over the tokens.
-        return [self.num_slots] * (self.num_extra_loops + 1)
+        # Pause tokens: one pass over all slots; extra loops and pondering: K+1 passes over the tokens.
+        return [self.num_slots] * (self.num_extra_loops + self.num_ponder_steps + 1)
 
 
 _LATENT_FIELDS = tuple(f.name for f in dataclasses.fields(LatentSettings))
@@ -277,6 +319,9 @@ class ModelConfig:
         if self.latent.num_latent_thoughts and self.latent.jacobi_iters is None:
             default = default_jacobi_iters(self.arch)
             object.__setattr__(self, "latent", dataclasses.replace(self.latent, jacobi_iters=default))
+        if self.latent.num_ponder_steps and self.latent.ponder_feedback is None:
+            feedback = _PAPER_DEFAULTS[self.arch]["ponder_feedback"]
+            object.__setattr__(self, "latent", dataclasses.replace(self.latent, ponder_feedback=feedback))
         self._validate()
 
     def _validate(self):
@@ -377,13 +422,16 @@ class ModelConfig:
         latent = {k: changes.pop(k) for k in _LATENT_FIELDS if k in changes}
         if latent:
             base = changes.get("latent", self.latent)
-            switched = METHOD_SIZE_FIELDS + ("thought_input",)
+            switched = METHOD_SIZE_FIELDS + ("thought_input", "ponder_feedback")
             if any(latent.get(k, getattr(base, k)) != getattr(base, k) for k in switched):
                 # Another method: its own defaults, unless given.
                 latent.setdefault("scale_embeddings", None)
                 if latent.get("num_latent_thoughts", base.num_latent_thoughts) == 0:
                     latent.setdefault("thought_input", "hidden")
                     latent.setdefault("interpolation_topk", 0)
+                if latent.get("num_ponder_steps", base.num_ponder_steps) == 0:
+                    latent.setdefault("ponder_feedback", None)
+                    latent.setdefault("ponder_residual", False)
             changes["latent"] = dataclasses.replace(base, **latent)
         return dataclasses.replace(self, **changes)
 
@@ -455,9 +503,9 @@ class ModelConfig:
         The paper's (`init_method_std` None; the authors' code, after Pythia's "small init"): every
         linear and the embedding ~ normal(0, std) truncated at 3 std with std = sqrt(2 / (5H)); the
         output projections (attention out, MLP out) further divided by sqrt(2 L D) for GPT-NeoX
-        and GPT-2, D = `latent.residual_depth` (N+1 with latent thoughts, K+1 with extra loops: the
-        residual stream is traversed D times as deep), and by sqrt(2 L) for LLaMA, as the authors'
-        code of each family and method does (their GPT-NeoX pause model kept HF's init; we give
+        and GPT-2, D = `latent.residual_depth` (N+1 with latent thoughts, K+1 with extra loops or
+        pondering: the prediction goes through the stack D times), and by sqrt(2 L) for LLaMA, as the
+        authors' code of each family and method does (their GPT-NeoX pause and pondering models kept HF's init; we give
         every method the family's paper init, so that only the method differs). Norms 1, biases 0 (megatron's defaults).
 
         Megatron-LM's (`init_style` "megatron", std s = `init_method_std`): normal(0, s) everywhere,
@@ -501,6 +549,12 @@ class ModelConfig:
             thoughts = f"K={lat.num_pause_tokens} pause tokens per token (pause id {self.pause_token_id})"
         elif lat.num_extra_loops:
             thoughts = f"K={lat.num_extra_loops} extra loops (the layer stack runs {lat.num_extra_loops + 1} times)"
+        elif lat.num_ponder_steps:
+            fed = ("the current input plus the hidden state" if lat.ponder_feedback == "hidden" else
+                   ("the current input" if lat.ponder_residual else "the token embedding")
+                   + " plus the softmax-mixed embeddings")
+            thoughts = (f"PonderLM, K={lat.num_ponder_steps} pondering steps ({lat.num_ponder_steps + 1} forwards; "
+                        f"next input: {fed})")
         else:
             thoughts = "vanilla (N=0)"
         c = lat.embedding_scale_factor

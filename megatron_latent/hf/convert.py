@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import transformers
@@ -65,14 +65,19 @@ def convert_hf_to_checkpoint(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     iteration: int = 0,
+    patch_method: Optional[str] = None,
     **overrides,
 ) -> ModelConfig:
     """Convert the HF folder `hf_dir` into a megatron checkpoint under `save_dir`.
 
     `overrides` replace ModelConfig fields (num_latent_thoughts, scale_embeddings, ...): latent
-    thoughts change the forward, not the weights. Runs in this process as a world of one.
+    thoughts change the forward, not the weights. `patch_method`: the authors' --patch_method the
+    folder was trained with (their config.json does not say; see hf/authors.py). Runs in this
+    process as a world of one.
     """
     state, hf_config = read_hf_folder(hf_dir)
+    if patch_method is not None:
+        hf_config.patch_method = patch_method
     ParallelLayout(tensor_model_parallel_size, pipeline_model_parallel_size).check_model(
         config_from_hf(hf_config, **overrides))
     cfg, full = hf_to_megatron(state, hf_config, **overrides)

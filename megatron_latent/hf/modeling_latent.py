@@ -5,8 +5,8 @@ imports only torch and transformers. Each token is followed by N latent thoughts
 position i is the post-final-norm hidden state of slot k-1 of the same position, fed back as the
 next input vector (``inputs_embeds``) at the same position id. Logits come from slot N.
 With ``scale_embeds`` token embeddings are multiplied by sqrt(2.5 * hidden_size). The config keys
-are the authors' (LUMIA-Group/PonderLM-2) with their meaning; ``interpolation`` true (their
-PonderLM-1 mode) and ``recurrent_model`` false (their vanilla forward) are refused. Works with
+are the authors' (LUMIA-Group/PonderLM-2) with their meaning; ``recurrent_model`` false (their
+vanilla forward) is refused. Works with
 transformers 4.46 and later (4.x GPT-2 keeps tuple caches: converted at the call). With learned
 positions (GPT-2) the stock model adds the position embedding to every slot, thoughts included.
 
@@ -35,6 +35,12 @@ The baselines share this class (keys in hf/authors.py of the exporting project):
   added to the tokens). Each run has its own keys and values: one cache holds them all, run p's
   layers at cache layers (K-p)*L.. (the attention modules' ``layer_idx`` is offset per run; the
   last run keeps layers 0..L-1, whose length the base model reads as the tokens seen).
+* ``num_ponder_steps`` K (PonderLM): K+1 whole forwards over the tokens, each with the final
+  norm; the next forward's input is the token embedding (``residual_interpolated_embeds``: the
+  current input) plus ``softmax(lm_head(h)) @ E`` times the embedding scale
+  (``ponder_feedback`` "interpolated", the authors' modeling_llama_orin.py), or the current input
+  plus h ("hidden", their modeling_gpt_neox_addhidden.py). Each forward has its own cache layers,
+  as a loop's runs do.
 * ``embedding_scale_factor``: embeddings are scaled by sqrt(factor * hidden_size) with
   ``scale_embeds`` (2.5 latent and loops, 1 pause and interpolated: the authors' code).
 """
@@ -81,6 +87,9 @@ _LATENT_DEFAULTS = dict(
     num_pause_tokens=0,
     pause_token_id=None,
     num_extra_loops=0,
+    num_ponder_steps=0,
+    ponder_feedback="interpolated",
+    residual_interpolated_embeds=False,
     embedding_scale_factor=None,  # None: 2.5 (1.0 with interpolation, as the authors' scale_embeds)
     recurrent_model=True,
     latent_prefill="jacobi",
@@ -147,9 +156,13 @@ class LatentMixin:
         if not config.recurrent_model:
             raise ValueError("config recurrent_model false: the authors' code would run the vanilla forward; "
                              "load the folder with the stock class instead")
-        on = [k for k in ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops") if getattr(config, k)]
+        on = [k for k in ("num_latent_thoughts", "num_pause_tokens", "num_extra_loops", "num_ponder_steps")
+              if getattr(config, k)]
         if len(on) > 1:
-            raise ValueError(f"config {' and '.join(on)}: latent thoughts, pause tokens and extra loops are exclusive")
+            raise ValueError(f"config {' and '.join(on)}: latent thoughts, pause tokens, extra loops and pondering "
+                             "are exclusive")
+        if config.ponder_feedback not in ("interpolated", "hidden"):
+            raise ValueError(f"config ponder_feedback {config.ponder_feedback!r}: interpolated or hidden")
         if config.num_pause_tokens and config.pause_token_id != config.vocab_size - 1:
             raise ValueError(f"config pause_token_id {config.pause_token_id!r}: expected the last row, "
                              f"{config.vocab_size - 1}")
@@ -171,7 +184,7 @@ class LatentMixin:
             return 1.0
         factor = c.embedding_scale_factor
         if factor is None:
-            factor = 1.0 if c.interpolation else 2.5
+            factor = 1.0 if c.interpolation or c.num_ponder_steps else 2.5
         return math.sqrt(factor * c.hidden_size)
 
     def thought_vectors(self, hidden):
@@ -179,9 +192,20 @@ class LatentMixin:
         state itself, or with interpolation the embeddings mixed by its output softmax."""
         if not self.config.interpolation:
             return hidden
+        return self._mix(hidden, int(self.config.interpolation_topk) if self.config.interpolation_use_topk else 0)
+
+    def ponder_vectors(self, tokens, current, hidden):
+        """The input of the pondering forward after one over `current` whose output is `hidden`."""
+        c = self.config
+        if c.ponder_feedback == "hidden":
+            return current + hidden
+        return (current if c.residual_interpolated_embeds else tokens) + self._mix(hidden, 0)
+
+    def _mix(self, hidden, topk):
+        """softmax(lm_head(hidden)) @ E times the embedding scale (over the `topk` likeliest tokens)."""
         logits = F.linear(hidden, self.get_output_embeddings().weight)
-        if self.config.interpolation_use_topk:
-            k = min(int(self.config.interpolation_topk), logits.shape[-1])
+        if topk:
+            k = min(topk, logits.shape[-1])
             kth = logits.topk(k, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))  # ties at the k-th value kept
         e = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
@@ -213,23 +237,26 @@ class LatentMixin:
         """Post-norm hidden states [b, S, h] of slot inputs [b, S, h] (extra loops: after all the
         runs of the layer stack). The 2D mask is always passed: without one transformers would
         read the repeated position ids as packed sequences."""
-        runs = int(self.config.num_extra_loops) + 1
+        ponder = int(self.config.num_ponder_steps)
+        runs = int(self.config.num_extra_loops) + ponder + 1
         if runs == 1:
             return self._base_pass(inputs, position_ids, slot_mask, cache)
         layers = int(self.config.num_hidden_layers)
         if cache is not None:
             _reserve_layers(cache, runs * layers)
-        h = inputs
+        x = inputs
         for p in range(runs):
             offset = (runs - 1 - p) * layers
-            with self._loop_run(offset, first=p == 0, last=p == runs - 1):
-                h = self._base_pass(h, position_ids, slot_mask, cache, offset)
+            with self._loop_run(offset, first=p == 0 or ponder, last=p == runs - 1 or ponder):
+                h = self._base_pass(x, position_ids, slot_mask, cache, offset)
+            x = self.ponder_vectors(inputs, x, h) if ponder else h
         return h
 
     @contextlib.contextmanager
     def _loop_run(self, offset, first, last):
-        """One run of an extra-loop model: its own cache layers; the final norm only on the last
-        run; GPT-2's position embedding only on the first (the later runs' inputs carry it)."""
+        """One run of an extra-loop model (or one pondering forward, which is `first` and `last`
+        of its own): its own cache layers; the final norm only on the last run; GPT-2's position
+        embedding only on the first (the later runs' inputs carry it)."""
         base, swapped = self.base_model, []
         for m, idx in self._latent_attention:
             m.layer_idx = idx + offset

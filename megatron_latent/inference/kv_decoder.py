@@ -6,7 +6,9 @@ as the next input (plus the learned position embedding for GPT-2), so every toke
 entries in the cache. Pause tokens: the token step, then K steps of the pause embedding at the
 same position id (K+1 entries per token, the prediction from the last). Extra loops: each of the
 K+1 applications of the layer stack attends over its own keys and values, so each loop has its
-own cache: K+1 StaticInferenceContexts advanced together (one entry per token in each). Separate
+own cache: K+1 StaticInferenceContexts advanced together (one entry per token in each); so has
+each of the K+1 forwards of pondering, whose next input is fed position by position (the model's
+`next_columns`), so a token's forwards run one after another through their caches. Separate
 contexts rather than one with layer numbers offset per loop: megatron keys its cache by the
 layers' own `layer_number`, which the shared layers cannot change per call. The cache is megatron-core's own
 `StaticInferenceContext`, passed through the decoder as `inference_context`: each attention layer
@@ -55,7 +57,8 @@ class LatentKVDecoder:
         self.num_slots = lat.num_slots
         self.output_slot = lat.output_slot
         self.capacity = max_positions * self.num_slots
-        self.contexts = [StaticInferenceContext(batch_size, self.capacity) for _ in range(lat.num_extra_loops + 1)]
+        passes = lat.num_extra_loops + lat.num_ponder_steps + 1
+        self.contexts = [StaticInferenceContext(batch_size, self.capacity) for _ in range(passes)]
         device = model.embedding.word_embeddings.weight.device
         self.slot_positions = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
         self.slot_valid = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
@@ -78,11 +81,14 @@ class LatentKVDecoder:
         causal = torch.ones(s, end, dtype=torch.bool, device=inputs.device).triu(start + 1)
         mask = causal[None, None] | ~self.slot_valid[:, None, None, :end]  # True = masked out
         rotary = self.model.rotary_for(self.slot_positions[:, :end], 1)
-        h, last = inputs, len(self.contexts) - 1
+        model, x, passes = self.model, inputs, len(self.contexts)
         for p, context in enumerate(self.contexts):  # extra loops: the final norm after the last only
-            with without_final_norm(self.model.decoder) if p < last else contextlib.nullcontext():
-                h = self.model.decoder(hidden_states=h, attention_mask=mask, rotary_pos_emb=rotary,
-                                       inference_context=context)
+            final_norm = model.final_norm_on_pass(p, passes)
+            with contextlib.nullcontext() if final_norm else without_final_norm(model.decoder):
+                h = model.decoder(hidden_states=x, attention_mask=mask, rotary_pos_emb=rotary,
+                                  inference_context=context)
+            if p + 1 < passes:  # a loop's residual stream, or pondering's feedback
+                x = model.next_columns(inputs, None, h, 1, [x])[0]
         for context in self.contexts:
             context.sequence_len_offset = end
         return h

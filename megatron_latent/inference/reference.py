@@ -6,8 +6,9 @@ position t; the logits come from slot N. Pause tokens: the token, then the pause
 times at position t (nothing is fed back); the logits come from slot K. Here every step reruns
 the decoder over the whole prefix (no cache): slow, and correct by construction, which is what a
 reference is for. Extra loops: the whole decoder over the tokens, then K more times over its own
-output before the final norm, which only the last application applies (causal, so one pass over
-the prefix is the token-by-token rollout).
+output before the final norm, which only the last application applies; pondering: K+1 whole
+forwards, each feeding the next (causal, so one pass over the prefix is the token-by-token
+rollout).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def sequential_hidden_states(model, input_ids, position_ids, attention_mask=None
         for p in range(loops):
             x = model.decode(x, 1, attention_mask, position_ids, final_norm=p == loops - 1)
         return x
+    if lat.num_ponder_steps:
+        x = tokens
+        for _ in range(lat.num_ponder_steps):
+            x = model.ponder_input(tokens, x, model.decode(x, 1, attention_mask, position_ids))
+        return model.decode(x, 1, attention_mask, position_ids)
     num_slots = lat.num_slots
     # Inputs that do not depend on earlier slots: the tokens, and with pause tokens the K pauses.
     given = model.first_columns(tokens, pos)

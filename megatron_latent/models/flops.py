@@ -4,7 +4,9 @@ Counted per pass at that pass's sequence length (latent growth passes are shorte
 (K+1) times longer), attention included (QK^T and AV over the full S x S score matrix, as the
 kernels compute it), the output layer once per token (only at the output slot; a loop's last
 pass). Interpolated thoughts add, for every thought fed, the output layer's matmul over its slot
-and the softmax mix [slots, V] @ [V, H]. A matmul of [m, k] x [k, n] is 2mkn FLOPs; a training
+and the softmax mix [slots, V] @ [V, H]; pondering with the softmax mix adds both over every
+position after each of its first K forwards (its hidden feedback is an addition, not counted).
+A matmul of [m, k] x [k, n] is 2mkn FLOPs; a training
 step is 3x the forward (backward = 2x), except for passes run without a graph. Elementwise work
 (norms, activations, softmax, exp) and embedding lookups are not counted.
 """
@@ -43,6 +45,9 @@ def step_flops(latent: LatentSettings, seq: int, num_jacobi: int, vocab: int, hi
         total = sum(per_pass) + output_layer
     else:
         total = sum(per_pass[:no_grad]) + 3 * (sum(per_pass[no_grad:]) + output_layer)
+    if latent.num_ponder_steps and latent.mixes_embeddings:
+        # K mixes over all positions: logits [seq, V] and the mix [seq, H], each with a backward.
+        total += (3 if training else 1) * 2 * latent.num_ponder_steps * output_layer
     if latent.thought_input == "interpolated":
         n = latent.num_latent_thoughts
         for p, k in enumerate(lengths[:-1]):
@@ -80,15 +85,17 @@ def decode_flops(latent: LatentSettings, position: int, vocab: int, hidden: int,
       position; interpolated thoughts add the output layer and the mix for each of the N thoughts
       fed. Summed over positions 0..S-1 it is the causal forward over the (N+1) S slots: the
       matmuls of every slot, attention over the lower triangle only;
-    * extra loops: K+1 single-slot steps, one per pass, each with a cache of its own pass's
-      entries (position + 1 attended): K+1 causal forwards over S when summed.
+    * extra loops and pondering: K+1 single-slot steps, one per pass, each with a cache of its
+      own pass's entries (position + 1 attended): K+1 causal forwards over S when summed;
+      pondering's softmax mix adds the output layer and the mix after each of the first K.
     """
     attend = num_layers * 2 * 2 * hidden  # attention of one query over one cached entry
     one_slot = decoder_pass_flops(1, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp) - attend
     output_layer = 2 * hidden * vocab
-    if latent.num_extra_loops:
-        passes = latent.num_extra_loops + 1
-        return passes * (one_slot + attend * (position + 1)) + output_layer
+    if latent.num_extra_loops or latent.num_ponder_steps:
+        passes = latent.num_extra_loops + latent.num_ponder_steps + 1
+        mixes = latent.num_ponder_steps * 2 * output_layer if latent.mixes_embeddings and latent.num_ponder_steps else 0
+        return passes * (one_slot + attend * (position + 1)) + output_layer + mixes
     slots = latent.num_slots
     entries = sum(slots * position + k + 1 for k in range(slots))
     mixes = latent.num_latent_thoughts * 2 * output_layer if latent.thought_input == "interpolated" else 0

@@ -1,4 +1,4 @@
-"""Interpolated thoughts (the PonderLM feedback): the embeddings mixed by the output softmax.
+"""The embeddings mixed by the output softmax: PonderLM's feedback (pondering, and interpolated thoughts).
 
 A thought fed this way is `softmax(output_layer(h)) @ E` (times the embedding scale) instead of
 the hidden state `h` itself, optionally over the k likeliest tokens only (`topk`, renormalized:

@@ -24,7 +24,10 @@ The baselines (LatentSettings.method) are the same loop with other columns and h
 * pause tokens: the first pass's columns are the tokens and K columns of the pause embedding;
   one pass, read at slot K;
 * extra loops: K+1 passes over the tokens alone; the next pass's input is the previous pass's
-  output before the final norm, which only the last pass applies.
+  output before the final norm, which only the last pass applies;
+* pondering (PonderLM): K+1 passes over the tokens alone, each a whole forward with the final
+  norm; the next pass's input is the tokens (or, residual, the pass's own input) plus the
+  embeddings mixed by the output softmax, or the pass's input plus its output (hidden feedback).
 """
 
 from __future__ import annotations
@@ -138,6 +141,17 @@ class LatentGPTModel(FusedLossGPTModel):
                 record_entropy=self.pass_stats.mixing_entropy if self.pass_stats is not None else None)
         return hidden if pos is None else hidden + pos
 
+    def ponder_input(self, tokens, current, hidden):
+        """The input of the pondering pass after one over the input `current` with post-norm
+        output `hidden` ([L, b, h] each; `current` may be None when the feedback does not read it)."""
+        lat = self.latent
+        if lat.ponder_feedback == "hidden":  # modeling_gpt_neox_addhidden.py: current += h
+            return current + hidden
+        # modeling_llama_orin.py: e0 (or the current input) + softmax(lm_head(h)) @ (E * scale)
+        mixed = interpolate_embeddings(hidden, self.interpolation_head(), self.embedding.word_embeddings.weight,
+                                       self.token_vocab_size, self.embedding_scale)
+        return (current if lat.ponder_residual else tokens) + mixed
+
     def interpolation_head(self) -> torch.Tensor:
         """The output layer's weight (this rank's vocabulary rows) as the first stage sees it."""
         if self.share_embeddings_and_output_weights:
@@ -146,7 +160,8 @@ class LatentGPTModel(FusedLossGPTModel):
         if head is not None:  # a first pipeline stage's synchronized copy (parallel/pipeline.py)
             return head
         if self.output_layer is None or self.output_layer.weight is None:
-            raise RuntimeError("interpolated thoughts need the output layer on the stage that embeds")
+            raise RuntimeError("mixing embeddings (interpolated thoughts, pondering) needs the output layer "
+                               "on the stage that embeds")
         return self.output_layer.weight
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
@@ -163,13 +178,16 @@ class LatentGPTModel(FusedLossGPTModel):
                 allow_shape_mismatch=True, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
         return sd
 
-    def next_columns(self, tokens, pos, hidden, num_slots: int) -> List[torch.Tensor]:
+    def next_columns(self, tokens, pos, hidden, num_slots: int, previous=None) -> List[torch.Tensor]:
         """The columns [tokens, thought 1, ...] of the pass after one over `num_slots` slots per
         position, whose full output is `hidden` [num_slots * L, b, h] (post-norm; with extra loops
         the output before the final norm, which is the next pass's whole input): column k+1 is fed
-        from slot k, for k < min(num_slots, N). A growth pass thus adds a column."""
+        from slot k, for k < min(num_slots, N). A growth pass thus adds a column. `previous`: the
+        columns that pass ran over (pondering feeds on its input)."""
         if self.latent.num_extra_loops:
             return [hidden]
+        if self.latent.num_ponder_steps:
+            return [self.ponder_input(tokens, previous[0] if previous is not None else None, hidden)]
         n = self.latent.num_latent_thoughts
         fed = slots.split_slots(hidden, num_slots)[: min(num_slots, n)]
         return [tokens] + [self.thought_input(h, pos) for h in fed]
@@ -245,7 +263,7 @@ class LatentGPTModel(FusedLossGPTModel):
             with torch.no_grad() if p < no_grad else contextlib.nullcontext():
                 hidden = self.run_pass(columns, attention_mask, position_ids,
                                        self.final_norm_on_pass(p, len(schedule)))
-            new = self.next_columns(tokens, pos, hidden, num_slots)
+            new = self.next_columns(tokens, pos, hidden, num_slots, columns)
             if self.pass_stats is not None:
                 self.pass_stats.columns(self.latent, p + 1, new, final=p + 2 == len(schedule))
             stop = p >= n and converged is not None and converged(columns, new)

@@ -9,8 +9,8 @@ if any) of a pipeline whose chunks all share one set of weights:
 * the first stage builds pass 0's columns with the model's `first_columns` (the tokens, and the
   pause columns of a pause-token model) and pass p's from its own token embeddings and what it
   receives (the output of pass p-1, sent by the last stage), with the model's `next_columns`: the
-  same hand-over as the single-stage pass loop (thoughts, interpolated thoughts, or a loop's
-  residual stream);
+  same hand-over as the single-stage pass loop (thoughts, interpolated thoughts, a loop's
+  residual stream, or pondering's feedback);
 * every stage runs its own layers on every pass;
 * the last stage applies the final norm on the passes the model says (`final_norm_on_pass`: every
   pass but a loop's non-final ones) and the output layer and loss only on the final pass, at the
@@ -25,6 +25,11 @@ the longest pass before it goes on the wire and the receiver slices it back, so 
 the schedule's fixed shape: no shape exchange (megatron's `variable_seq_lengths` path always batches
 its shape messages, which pair wrongly on gloo when the previous and next stage are the same rank),
 and no extra compute (only the transfer of a growth pass is longer than needed).
+
+Pondering whose next input reads the pass's own input (the hidden feedback, or the residual
+interpolated one) carries that input along: every message of such a pipeline is the pass's
+output followed by its input (this rank's rows of each), which the stages between pass on
+untouched, so the first stage gets both and gradients flow back through both.
 """
 
 from __future__ import annotations
@@ -32,9 +37,20 @@ from __future__ import annotations
 from typing import Deque, List, Optional
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.utils import unwrap_model
 
 from megatron_latent.models import slots
+
+
+def carries_input(latent) -> bool:
+    """Whether a pass's hand-off carries its input too (pondering that adds to the current input)."""
+    return bool(latent.num_ponder_steps) and (latent.ponder_feedback == "hidden" or latent.ponder_residual)
+
+
+def hand_off_length(latent, num_jacobi: int, seq_length: int) -> int:
+    """Rows (before any sequence-parallel split) of every message between pass chunks."""
+    return (max(latent.pass_slots(num_jacobi)) + int(carries_input(latent))) * seq_length
 
 
 class PassChunk(torch.nn.Module):
@@ -92,7 +108,8 @@ class PassChunk(torch.nn.Module):
             )
         p, L = self.pass_index, input_ids.shape[1]
         num_slots = self.pass_slots[p]
-        inputs = None  # later stages: the previous stage's output, through set_input_tensor
+        carry = carries_input(m.latent)
+        inputs = carried = None  # later stages: the previous stage's output, through set_input_tensor
         if m.pre_process:
             tokens, pos = m.token_inputs(input_ids, position_ids)
             if p == 0:
@@ -101,12 +118,18 @@ class PassChunk(torch.nn.Module):
                 prev = self.pass_slots[p - 1]
                 received = self.thoughts_from.popleft() if self.thoughts_from is not None else self._input
                 self._input = None
-                columns = m.next_columns(tokens, pos, m.full_sequence(self._rows(received, prev * L)), prev)
+                previous = [m.full_sequence(self._carried(received, L))] if carry else None
+                columns = m.next_columns(tokens, pos, m.full_sequence(self._rows(received, prev * L)), prev, previous)
             if m.pass_stats is not None:
                 m.pass_stats.columns(m.latent, p, columns, self.is_final_pass)
             inputs = slots.interleave(columns)
+            if carry:
+                carried = (tensor_parallel.scatter_to_sequence_parallel_region(inputs)
+                           if self.config.sequence_parallel else inputs)
         else:
-            m.decoder.set_input_tensor(self._received(num_slots * L))
+            received, self._input = self._input, None
+            m.decoder.set_input_tensor(self._rows(received, num_slots * L))
+            carried = self._carried(received, L) if carry else None
         h = m.decode(inputs, num_slots, attention_mask, position_ids,
                      final_norm=m.final_norm_on_pass(p, len(self.pass_slots)))
         if m.post_process and self.is_final_pass:
@@ -116,18 +139,22 @@ class PassChunk(torch.nn.Module):
                 return m.output(h, input_ids, position_ids, labels=labels, loss_mask=loss_mask, scattered=True)
             last = slots.take_slot(m.full_sequence(h), m.latent.output_slot, num_slots)
             return m.output(last, input_ids, position_ids, labels=labels, loss_mask=loss_mask)
-        return self._padded(h, L)
+        h = self._padded(h, L)
+        return h if carried is None else torch.cat([h, carried])
 
     # ------------------------------------------------------------------- fixed-shape hand-offs
+    def _carried(self, x: Optional[torch.Tensor], seq_length: int) -> torch.Tensor:
+        """The pass input carried after the (padded) output in a pondering hand-off."""
+        if x is None:
+            raise RuntimeError(f"pipeline chunk {self.vp_stage} got no input tensor from the previous stage")
+        start = self._local(max(self.pass_slots) * seq_length)
+        return x[start:start + self._local(seq_length)]
+
     def _local(self, length: int) -> int:
         """Rows of a `length`-long sequence held by this rank (split under sequence parallelism)."""
         if self.config.sequence_parallel:
             return length // self.config.tensor_model_parallel_size
         return length
-
-    def _received(self, length: int) -> torch.Tensor:
-        x, self._input = self._input, None  # the schedule keeps it for the backward; we need not
-        return self._rows(x, length)
 
     def _rows(self, x: Optional[torch.Tensor], length: int) -> torch.Tensor:
         """The first `length` positions of a padded hand-off."""

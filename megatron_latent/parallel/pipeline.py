@@ -49,7 +49,7 @@ from megatron_latent import platform
 from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.models.gpt import build_gpt_model
 from megatron_latent.models.latent import LatentGPTModel
-from megatron_latent.parallel.passes import PassChunk
+from megatron_latent.parallel.passes import PassChunk, hand_off_length
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -109,7 +109,7 @@ def build_latent_pipeline(cfg: ModelConfig, config=None, use_te: Optional[bool] 
         )
         for j in range(v)
     ]
-    if cfg.latent.thought_input == "interpolated" and not cfg.tie_embeddings:
+    if cfg.latent.mixes_embeddings and not cfg.tie_embeddings:
         _mirror_output_layer(chunks)
     return chunks
 
@@ -234,7 +234,7 @@ def latent_forward_backward(
     for num in {without_grad, total - without_grad} - {0}:
         layout.check_schedule(num_microbatches, num * layout.virtual_chunks,
                               stage.config.microbatch_group_size_per_vp_stage)
-    longest = max(stage.latent.pass_slots(num_jacobi_iters)) * seq_length
+    longest = hand_off_length(stage.latent, num_jacobi_iters, seq_length)
     thoughts = None
     if without_grad:
         # The passes without a graph run as a forward-only schedule of their own, so they cost no

@@ -71,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "passes before run without a graph (default: all passes, the paper's)")
     g.add_argument("--scale-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="scale token embeddings by sqrt(c H), c = 2.5 for latent thoughts and loops, 1 for pause "
-                        "tokens and interpolated thoughts (default: on with any method, as the authors' code)")
+                        "tokens, interpolated thoughts and PonderLM (default: on with any method but GPT-NeoX's "
+                        "PonderLM, as the authors' code)")
     g.add_argument("--thought-input", choices=("hidden", "interpolated"), default=None,
                    help="what a thought is fed: the hidden state (PonderLM-2) or the embeddings mixed by its output "
-                        "softmax (interpolated, PonderLM); default hidden")
+                        "softmax (interpolated: PonderLM-2 with interpolated thoughts); default hidden")
     g.add_argument("--interpolation-topk", type=int, default=None, metavar="K",
                    help="interpolated thoughts mix the K likeliest tokens only (0 = the full softmax; default 0)")
 
@@ -83,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K pause tokens after every token, one pass, predicting at the last (default 0)")
     g.add_argument("--num-extra-loops", type=int, default=None, metavar="K",
                    help="run the layer stack K+1 times with shared weights, the final norm once (default 0)")
+    g.add_argument("--num-ponder-steps", type=int, default=None, metavar="K",
+                   help="PonderLM: K+1 forwards, each feeding the next (default 0)")
+    g.add_argument("--ponder-feedback", choices=("interpolated", "hidden"), default=None,
+                   help="what a pondering step adds: the embeddings mixed by the output softmax, or the hidden "
+                        "state (default: the authors' for the family: hidden for gpt-neox, else interpolated)")
+    g.add_argument("--ponder-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the interpolated mix to the current input instead of the token embedding "
+                        "(their residual_interpolated_embeds; default off)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -120,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     g.add_argument("--sgd-momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="default: the authors' script for the method, 0.01 for --num-ponder-steps, else 0.1")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -389,7 +399,8 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
             ("num_latent_thoughts", "num_latent_thoughts"), ("jacobi_iters_eval", "jacobi_iters_eval"),
             ("scale_embeddings", "scale_embeddings"),
             ("grad_passes", "jacobi_grad_passes"), ("thought_input", "thought_input"),
-            ("interpolation_topk", "interpolation_topk"),
+            ("interpolation_topk", "interpolation_topk"), ("ponder_feedback", "ponder_feedback"),
+            ("ponder_residual", "ponder_residual"),
         )
         if getattr(args, flag) is not None
     }
@@ -425,6 +436,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
 # Library names whose flag is not the parser destination of the same name.
 _RENAMED = {
     "grad_passes": "--jacobi-grad-passes",
+    "ponder_residual": "--ponder-residual",
     "seq_length": "--max-position-embeddings",  # ModelConfig.seq_length is the model's context
     "num_microbatches": "the micro-batch count (--global-batch-size / (--micro-batch-size x data-parallel size))",
 }

@@ -58,7 +58,9 @@ _SCHEDULE_FLAGS = {
 # The method included: a pause or loop checkpoint does not silently go on as another method.
 _LATENT_FLAGS = {"num_latent_thoughts": "--num-latent-thoughts", "thought_input": "--thought-input",
                  "interpolation_topk": "--interpolation-topk", "num_pause_tokens": "--num-pause-tokens",
-                 "num_extra_loops": "--num-extra-loops", "scale_embeddings": "--scale-embeddings"}
+                 "num_extra_loops": "--num-extra-loops", "scale_embeddings": "--scale-embeddings",
+                 "num_ponder_steps": "--num-ponder-steps", "ponder_feedback": "--ponder-feedback",
+                 "ponder_residual": "--ponder-residual"}
 
 
 def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: bool = False,
