@@ -54,7 +54,8 @@ def _decode_methods(tp):
     initialize_model_parallel(tp, 1)
     out = {}
     for method, n, kw in (("interpolated", 1, dict(thought_input="interpolated", interpolation_topk=5)),
-                          ("pause", 0, dict(num_pause_tokens=2)), ("loop", 0, dict(num_extra_loops=2))):
+                          ("pause", 0, dict(num_pause_tokens=2)), ("loop", 0, dict(num_extra_loops=2)),
+                          ("ponder", 0, dict(num_ponder_steps=2))):
         m = family_model("tiny-llama", n, scale_embeddings=True, **kw)
         rows = m.token_vocab_size + 1  # the tokenizer's and (pause) the pause row; the padding differs by TP
         out[method] = {"exact": decode_logits(m, SEQS, decode_steps=2).logits[..., :rows],
@@ -64,7 +65,8 @@ def _decode_methods(tp):
 
 def test_methods_tp2_equal_tp1():
     """Interpolated thoughts (the vocab-parallel softmax mix), pause tokens (the pause row looked
-    up in a vocabulary-split embedding) and extra loops (a cache per run) decode at TP=2 as at TP=1."""
+    up in a vocabulary-split embedding), extra loops (a cache per run) and PonderLM (a cache per
+    forward, the vocab-parallel mix between) decode at TP=2 as at TP=1."""
     single = run_on_ranks(_decode_methods, 1, 1)[0]
     for rank, got in enumerate(run_on_ranks(_decode_methods, 2, 2)):
         for method, ref in single.items():

@@ -1,5 +1,5 @@
 """lm-evaluation-harness `--model hf` on an exported model of every method (latent and interpolated
-thoughts, pause tokens, extra loops): a local multiple-choice task (YAML + JSONL written here, no
+thoughts, pause tokens, extra loops, PonderLM): a local multiple-choice task (YAML + JSONL written here, no
 downloads) runs, and its log-likelihoods are the model's own."""
 
 import json
@@ -45,10 +45,12 @@ def _loglikelihood(model, tok, context, continuation):
 
 METHODS = {"latent": (1, {}), "interpolated": (1, dict(thought_input="interpolated")),
            "pause": (0, dict(num_pause_tokens=2, scale_embeddings=True)),
-           "loop": (0, dict(num_extra_loops=1, scale_embeddings=True))}
+           "loop": (0, dict(num_extra_loops=1, scale_embeddings=True)),
+           "ponder": (0, dict(num_ponder_steps=2))}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# PonderLM's export is checked against ours in test_hf_methods; its lm-eval run is the slow suite's.
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "ponder" else m for m in METHODS])
 def test_lm_eval_hf_model_on_exported_latent(tmp_path, single_rank, monkeypatch, method):
     import transformers
     from lm_eval import simple_evaluate

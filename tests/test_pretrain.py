@@ -478,7 +478,7 @@ def test_use_checkpoint_args_keeps_the_checkpoint_latent_settings(tmp_path):
 
     kept = {"num_latent_thoughts": 1, "jacobi_iters": [1, 4], "jacobi_iters_eval": 5, "scale_embeddings": False,
             "grad_passes": None, "thought_input": "hidden", "interpolation_topk": 0, "num_pause_tokens": 0,
-            "num_extra_loops": 0}
+            "num_extra_loops": 0, "num_ponder_steps": 0, "ponder_feedback": None, "ponder_residual": False}
     assert latent(first) == latent(second) == kept
     assert "N=1 latent thoughts, training J drawn from {1, 2, 3, 4} per step, evaluation J=5" in runs[1][1]
     # A new N: the given flag wins; the scaling follows the new N's default unless given, the range stays.
