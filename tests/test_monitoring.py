@@ -266,3 +266,68 @@ def test_each_validation_reports_the_loss_at_other_j(tmp_path):
     assert set(valid_b[0]) == {"iteration", "valid/loss"}
     assert valid_a[0]["valid/loss_J1"] == pytest.approx(valid_b[0]["valid/loss"], rel=1e-6)
     assert " | loss J=0 " in a[1]
+
+
+# ------------------------------------------------------------------------------ downstream accuracy
+@pytest.mark.slow  # two exports and lm-eval runs in background processes: minutes on 2 busy cores
+def test_downstream_accuracy_of_each_save_lands_in_the_metrics(tmp_path, monkeypatch):
+    """--eval-tasks with a local task: every saved checkpoint is exported and run through lm-eval in
+    the background; the accuracy lands at the checkpoint's iteration, and it is the accuracy of the
+    exported model's own log-likelihoods."""
+    import torch
+    import transformers
+
+    from data_fixtures import make_texts
+    from test_lm_eval import TASK, _loglikelihood, _write_task
+    from test_pretrain import _corpus
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok, data = _corpus(tmp_path)
+    texts = make_texts(8, seed=5, min_words=3, max_words=8)
+    docs = [{"query": texts[i], "choices": ["the model thinks", "latent rank", "pipeline gradient loss"], "gold": i % 3}
+            for i in range(6)]
+    (tmp_path / "tasks").mkdir()
+    _write_task(str(tmp_path / "tasks"), docs)
+    save, tb = str(tmp_path / "ckpt"), str(tmp_path / "tb")
+    argv = [a for a in TINY if a != "--mock-data"] + LATENT + [
+        "--data-path", data, "--split", "90,10,0", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+        tok, "--seq-length", "32", "--train-iters", "4", "--save", save, "--save-interval", "2", "--eval-iters", "0",
+        "--tensorboard-dir", tb, "--eval-tasks", str(tmp_path / "tasks"), "--eval-tasks-limit", "6",
+        "--eval-tasks-batch-size", "4"]
+    (code, out, err), = run_on_ranks(_runs, 1, [argv])[0]
+    assert code == 0, err[-3000:]
+    results = {r["iteration"]: r for r in _records(os.path.join(tb, "metrics.jsonl")) if "downstream/eval_time_s" in r}
+    assert sorted(results) == [2, 4] and "downstream at iteration 4" in out, out[-3000:]
+    hf_dir = os.path.join(save, "downstream", "hf")  # the last one exported: iteration 4
+    assert json.load(open(os.path.join(hf_dir, "megatron_export.json")))["iteration"] == 4
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+    with torch.no_grad():
+        correct = sum(max(range(3), key=lambda i: _loglikelihood(model, hf_tok, d["query"], " " + d["choices"][i]))
+                      == d["gold"] for d in docs)
+    assert results[4][f"downstream/{TASK}/acc"] == pytest.approx(correct / len(docs))
+
+
+def test_a_failing_downstream_evaluation_is_one_line(tmp_path, caplog):
+    import logging
+
+    from megatron_latent.training.downstream import DownstreamEvaluator
+
+    ev = DownstreamEvaluator(str(tmp_path / "no-checkpoint"), "piqa", str(tmp_path / "tok.json"))
+    ev.submit(7)
+    with caplog.at_level(logging.INFO, logger="megatron_latent.training.downstream"):
+        assert ev.poll(wait=True) == [(7, None)]
+    failed = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(failed) == 1 and failed[0].startswith("downstream evaluation of iteration 7 failed (exit status 1): "
+                                                     "error: ") and failed[0].endswith("; training goes on"), failed
+
+
+def test_eval_task_specs():
+    from megatron_latent.training.downstream import PAPER_TASKS, flatten_results, resolve_tasks
+
+    assert resolve_tasks("paper") == (list(PAPER_TASKS), None)
+    assert resolve_tasks("piqa, sciq") == (["piqa", "sciq"], None)
+    assert flatten_results({"piqa": {"alias": "piqa", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6},
+                            "x": {"exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": "N/A"}}) == {
+        "piqa/acc": 0.5, "piqa/acc_stderr": 0.1, "piqa/acc_norm": 0.6, "x/exact_match_strict-match": 0.2}

@@ -101,13 +101,19 @@ class WandbRun:
         self.last_step = self.logged_before
         self.run = wandb.init(project=project, name=name or None, entity=entity or None, dir=save_dir,
                               id=state.get("id"), resume="allow", config=config or {})
+        self.run.define_metric("downstream/*", step_metric="downstream/iteration")
         self.id = self.run.id
         self._save_state()
 
     def log(self, step: int, values: Dict[str, Any]) -> None:
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if any(k.startswith("downstream/") for k in scalars):
+            # Evaluated in the background, they arrive after later steps were logged: W&B takes no
+            # earlier step, so they carry their iteration as their own x axis.
+            self.run.log({**scalars, "downstream/iteration": step}, commit=False)
+            return
         if step <= self.logged_before:
             return
-        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if scalars:
             self.run.log(scalars, step=step)
         if step > self.last_step:
