@@ -331,3 +331,20 @@ def test_eval_task_specs():
     assert flatten_results({"piqa": {"alias": "piqa", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6},
                             "x": {"exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": "N/A"}}) == {
         "piqa/acc": 0.5, "piqa/acc_stderr": 0.1, "piqa/acc_norm": 0.6, "x/exact_match_strict-match": 0.2}
+
+
+def test_compare_table_shows_the_newest_accuracy_per_task(tmp_path):
+    from megatron_latent.analysis.compare import format_table, summarize_run
+    from test_quickstart import CFG, _run_dir
+
+    with_acc = _run_dir(tmp_path / "lat", CFG.replace(num_latent_thoughts=1), 1, 10, 4, 16, [4.0, 3.05], 50.0)
+    with open(os.path.join(with_acc, "logs", "metrics.jsonl"), "a") as f:
+        for step, piqa in ((5, 0.55), (10, 0.61)):
+            f.write(json.dumps({"iteration": step, "downstream/piqa/acc": piqa, "downstream/piqa/acc_stderr": 0.01,
+                                "downstream/sciq/acc": 0.3 + step / 100}) + "\n")
+    runs = [summarize_run(with_acc, "latent"),
+            summarize_run(_run_dir(tmp_path / "v", CFG, 1, 10, 4, 16, [4.0, 3.2], 10.0), "vanilla")]
+    assert runs[0].downstream_acc == {"piqa": 0.61, "sciq": pytest.approx(0.4)} and runs[1].downstream_acc == {}
+    head, _, latent, vanilla = format_table(runs).splitlines()
+    assert head.endswith("| wall time (s) | piqa acc | sciq acc |")
+    assert latent.endswith("| 50 | 0.61 | 0.4 |") and vanilla.endswith("| 10 | - | - |")
