@@ -348,3 +348,25 @@ def test_compare_table_shows_the_newest_accuracy_per_task(tmp_path):
     head, _, latent, vanilla = format_table(runs).splitlines()
     assert head.endswith("| wall time (s) | piqa acc | sciq acc |")
     assert latent.endswith("| 50 | 0.61 | 0.4 |") and vanilla.endswith("| 10 | - | - |")
+
+
+def test_wandb_takes_late_downstream_results_on_their_own_axis(tmp_path, monkeypatch):
+    """Downstream results of iteration 2 that arrive after step 4 was logged reach W&B (which takes
+    no earlier step) with downstream/iteration = 2; the training steps keep their own steps."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from megatron_latent.training.metrics import WandbRun
+
+    run = WandbRun("p", str(tmp_path / "wandb"), str(tmp_path))
+    for step in (2, 4):
+        run.log(step, {"train/loss": 1.0 / step})
+    run.log(2, {"downstream/piqa/acc": 0.6})
+    run.log(6, {"train/loss": 0.1})
+    run.close()
+    import wandb
+
+    wandb.teardown()  # the run file is written by W&B's service process: wait for it to finish
+    history, _ = wandb_history(glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "*.wandb"))[0])
+    assert {s: r.get("train/loss") for s, r in history.items()} == {2: 0.5, 4: 0.25, 6: 0.1}
+    assert history[4]["downstream/piqa/acc"] == 0.6 and history[4]["downstream/iteration"] == 2
