@@ -119,15 +119,16 @@ def test_wandb_without_the_package_is_one_line(monkeypatch, capsys):
 # ------------------------------------------------------------------------------ diagnostics
 def test_profile_writes_a_trace_and_memory_and_params_norm_are_logged(tmp_path):
     tb = str(tmp_path / "tb")
-    argv = TINY + ["--tensorboard-dir", tb, "--eval-iters", "0", "--train-iters", "3", "--profile",
-                   "--profile-step-start", "2", "--profile-step-end", "3", "--log-memory-to-tensorboard",
+    argv = TINY + ["--tensorboard-dir", tb, "--eval-iters", "0", "--train-iters", "4", "--profile",
+                   "--profile-step-start", "2", "--profile-step-end", "4", "--log-memory-to-tensorboard",
                    "--log-params-norm", "--log-throughput", "--use-pytorch-profiler"]
     (code, out, err), = run_on_ranks(_runs, 1, [argv])[0]
     assert code == 0, err[-3000:]
     traces = glob.glob(os.path.join(tb, "*.pt.trace.json"))
-    assert len(traces) == 1 and "profiled steps 2..2" in out
+    assert len(traces) == 1 and "profiled steps 2..3" in out
     events = json.load(open(traces[0]))["traceEvents"]
     assert any(e.get("name", "").startswith("aten::") for e in events)
+    assert any(e.get("name", "").startswith("ProfilerStep#") for e in events)
     records = _records(os.path.join(tb, "metrics.jsonl"))
     assert all(r["memory/peak_rss_bytes"] > 1e7 and r["train/params_norm"] > 0 for r in records)
     assert "params norm" in out

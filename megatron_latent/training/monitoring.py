@@ -70,7 +70,9 @@ class StepProfiler:
             self.prof.start()
 
     def step_ends(self, step: int) -> None:
-        if self.prof is not None and step == self.end - 1:
+        if self.prof is not None and step < self.end - 1:
+            self.prof.step()  # step boundaries (ProfilerStep#) for TensorBoard's step view
+        elif self.prof is not None and step == self.end - 1:
             self.prof.stop()
             os.makedirs(self.trace_dir, exist_ok=True)
             rank = dist.get_rank() if dist.is_initialized() else 0
