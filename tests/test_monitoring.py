@@ -316,12 +316,15 @@ def test_a_failing_downstream_evaluation_is_one_line(tmp_path, caplog):
     from megatron_latent.training.downstream import DownstreamEvaluator
 
     ev = DownstreamEvaluator(str(tmp_path / "no-checkpoint"), "piqa", str(tmp_path / "tok.json"))
-    ev.submit(7)
     with caplog.at_level(logging.INFO, logger="megatron_latent.training.downstream"):
-        assert ev.poll(wait=True) == [(7, None)]
+        for iteration in (7, 8, 9):  # 8 and 9 are saved while 7 runs: 9 waits, 8 is skipped
+            ev.submit(iteration)
+        assert ev.poll(wait=True) == [(7, None), (9, None)]
     failed = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(failed) == 1 and failed[0].startswith("downstream evaluation of iteration 7 failed (exit status 1): "
-                                                     "error: ") and failed[0].endswith("; training goes on"), failed
+    assert len(failed) == 2 and failed[0].endswith("; training goes on")
+    assert failed[0].startswith("downstream evaluation of iteration 7 failed (exit status 1): error: ExportError: ")
+    assert any("iteration 8 skipped: iteration 7 is still being evaluated and 9 is newer" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_eval_task_specs():

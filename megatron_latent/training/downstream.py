@@ -106,6 +106,9 @@ class DownstreamEvaluator:
         if self.running is None:
             self._start(iteration)
         else:
+            if self.waiting is not None:
+                logger.info(f"downstream evaluation of iteration {self.waiting} skipped: iteration "
+                            f"{self.running[0]} is still being evaluated and {iteration} is newer")
             self.waiting = iteration  # the newest save waits; older waiting ones are skipped
 
     def _paths(self, iteration: int) -> Tuple[str, str]:
