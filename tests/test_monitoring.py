@@ -322,7 +322,8 @@ def test_a_failing_downstream_evaluation_is_one_line(tmp_path, caplog):
         assert ev.poll(wait=True) == [(7, None), (9, None)]
     failed = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(failed) == 2 and failed[0].endswith("; training goes on")
-    assert failed[0].startswith("downstream evaluation of iteration 7 failed (exit status 1): error: ExportError: ")
+    assert failed[0].startswith("downstream evaluation of iteration 7 failed (exit status 1): "
+                                "error: FileNotFoundError: --tokenizer-model ")
     assert any("iteration 8 skipped: iteration 7 is still being evaluated and 9 is newer" in r.getMessage()
                for r in caplog.records)
 

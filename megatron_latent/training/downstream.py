@@ -75,9 +75,12 @@ def flatten_results(results: Dict[str, dict]) -> Dict[str, float]:
 def evaluate_checkpoint(load: str, iteration: int, tasks: str, work_dir: str, tokenizer_model: str,
                         limit: Optional[float] = None, device: str = "cpu", batch_size: str = "8") -> Dict[str, float]:
     """Export iteration `iteration` of `load` into `work_dir`/hf and evaluate it with lm-eval."""
+    names, include = resolve_tasks(tasks)
+    for flag, path in (("--load", load), ("--tokenizer-model", tokenizer_model)):
+        if not os.path.exists(path):  # before the slow imports
+            raise FileNotFoundError(f"{flag} {path}: no such file or directory")
     from megatron_latent.hf.export import export_to_hf
 
-    names, include = resolve_tasks(tasks)
     hf_dir = os.path.join(work_dir, "hf")
     export_to_hf(load, hf_dir, iteration=iteration, tokenizer_model=tokenizer_model, force=True)
     from lm_eval import simple_evaluate  # slow to import: after the export has succeeded
