@@ -375,3 +375,22 @@ def test_wandb_takes_late_downstream_results_on_their_own_axis(tmp_path, monkeyp
     history, _ = wandb_history(glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "*.wandb"))[0])
     assert {s: r.get("train/loss") for s, r in history.items()} == {2: 0.5, 4: 0.25, 6: 0.1}
     assert history[4]["downstream/piqa/acc"] == 0.6 and history[4]["downstream/iteration"] == 2
+
+
+def test_a_failing_wandb_stops_only_wandb(tmp_path, caplog):
+    import logging
+
+    from megatron_latent.training.metrics import MetricsWriter
+
+    class Broken:
+        def log(self, step, values):
+            raise ConnectionError("service gone")
+
+    writer = MetricsWriter(str(tmp_path), enabled=True, wandb=Broken())
+    with caplog.at_level(logging.WARNING, logger="megatron_latent.training.metrics"):
+        for step in (1, 2):
+            writer.write(step, {"train/loss": 1.0})
+    writer.close()
+    assert [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()] == [
+        "W&B stopped logging at iteration 1 (ConnectionError: service gone); metrics.jsonl and TensorBoard go on"]
+    assert [r["iteration"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2]

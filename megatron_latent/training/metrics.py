@@ -57,7 +57,12 @@ class MetricsWriter:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
-            self.wandb.log(step, values)
+            try:
+                self.wandb.log(step, values)
+            except Exception as e:  # noqa: BLE001  (W&B failing mid-run must not stop training)
+                logger.warning(f"W&B stopped logging at iteration {step} ({type(e).__name__}: {e}); "
+                               "metrics.jsonl and TensorBoard go on")
+                self.wandb = None
 
     def close(self) -> None:
         if self.jsonl is not None:
@@ -65,7 +70,10 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
-            self.wandb.close()
+            try:
+                self.wandb.close()
+            except Exception as e:  # noqa: BLE001
+                logger.warning(f"W&B did not finish its run ({type(e).__name__}: {e})")
 
 
 # ------------------------------------------------------------------------------ Weights & Biases
