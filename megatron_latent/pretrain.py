@@ -36,6 +36,7 @@ from megatron_latent.parallel.pipeline import build_latent_pipeline
 from megatron_latent.training import batches as batching
 from megatron_latent.training import checkpointing, engine, loop
 from megatron_latent.training.arguments import flag_error, model_config_from_args, parse_args
+from megatron_latent.training.downstream import DownstreamEvaluator
 from megatron_latent.training.metrics import MetricsWriter, WandbRun
 from megatron_latent.training.monitoring import Monitor, StepProfiler
 
@@ -340,6 +341,11 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
         metrics=MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration,
                               wandb=_open_wandb(args, plan) if reporter and args.wandb_project else None),
         reporter=reporter, state=state, monitor=_monitor(args, cfg), eval_jacobi_sweep=_jacobi_sweep(args, plan),
+        downstream=DownstreamEvaluator(
+            args.save, args.eval_tasks, args.tokenizer_model, args.eval_tasks_limit,
+            "cuda" if torch.cuda.is_available() else "cpu", args.eval_tasks_batch_size,
+        ) if args.eval_tasks and reporter else None,
+        downstream_interval=args.eval_tasks_interval,
     )
 
 

@@ -119,15 +119,16 @@ def test_wandb_without_the_package_is_one_line(monkeypatch, capsys):
 # ------------------------------------------------------------------------------ diagnostics
 def test_profile_writes_a_trace_and_memory_and_params_norm_are_logged(tmp_path):
     tb = str(tmp_path / "tb")
-    argv = TINY + ["--tensorboard-dir", tb, "--eval-iters", "0", "--train-iters", "3", "--profile",
-                   "--profile-step-start", "2", "--profile-step-end", "3", "--log-memory-to-tensorboard",
+    argv = TINY + ["--tensorboard-dir", tb, "--eval-iters", "0", "--train-iters", "4", "--profile",
+                   "--profile-step-start", "2", "--profile-step-end", "4", "--log-memory-to-tensorboard",
                    "--log-params-norm", "--log-throughput", "--use-pytorch-profiler"]
     (code, out, err), = run_on_ranks(_runs, 1, [argv])[0]
     assert code == 0, err[-3000:]
     traces = glob.glob(os.path.join(tb, "*.pt.trace.json"))
-    assert len(traces) == 1 and "profiled steps 2..2" in out
+    assert len(traces) == 1 and "profiled steps 2..3" in out
     events = json.load(open(traces[0]))["traceEvents"]
     assert any(e.get("name", "").startswith("aten::") for e in events)
+    assert any(e.get("name", "").startswith("ProfilerStep#") for e in events)
     records = _records(os.path.join(tb, "metrics.jsonl"))
     assert all(r["memory/peak_rss_bytes"] > 1e7 and r["train/params_norm"] > 0 for r in records)
     assert "params norm" in out
@@ -266,3 +267,130 @@ def test_each_validation_reports_the_loss_at_other_j(tmp_path):
     assert set(valid_b[0]) == {"iteration", "valid/loss"}
     assert valid_a[0]["valid/loss_J1"] == pytest.approx(valid_b[0]["valid/loss"], rel=1e-6)
     assert " | loss J=0 " in a[1]
+
+
+# ------------------------------------------------------------------------------ downstream accuracy
+@pytest.mark.slow  # two exports and lm-eval runs in background processes: minutes on 2 busy cores
+def test_downstream_accuracy_of_each_save_lands_in_the_metrics(tmp_path, monkeypatch):
+    """--eval-tasks with a local task: every saved checkpoint is exported and run through lm-eval in
+    the background; the accuracy lands at the checkpoint's iteration, and it is the accuracy of the
+    exported model's own log-likelihoods."""
+    import torch
+    import transformers
+
+    from data_fixtures import make_texts
+    from test_lm_eval import TASK, _loglikelihood, _write_task
+    from test_pretrain import _corpus
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok, data = _corpus(tmp_path)
+    texts = make_texts(8, seed=5, min_words=3, max_words=8)
+    docs = [{"query": texts[i], "choices": ["the model thinks", "latent rank", "pipeline gradient loss"], "gold": i % 3}
+            for i in range(6)]
+    (tmp_path / "tasks").mkdir()
+    _write_task(str(tmp_path / "tasks"), docs)
+    save, tb = str(tmp_path / "ckpt"), str(tmp_path / "tb")
+    argv = [a for a in TINY if a != "--mock-data"] + LATENT + [
+        "--data-path", data, "--split", "90,10,0", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+        tok, "--seq-length", "32", "--train-iters", "4", "--save", save, "--save-interval", "2", "--eval-iters", "0",
+        "--tensorboard-dir", tb, "--eval-tasks", str(tmp_path / "tasks"), "--eval-tasks-limit", "6",
+        "--eval-tasks-batch-size", "4"]
+    (code, out, err), = run_on_ranks(_runs, 1, [argv])[0]
+    assert code == 0, err[-3000:]
+    results = {r["iteration"]: r for r in _records(os.path.join(tb, "metrics.jsonl")) if "downstream/eval_time_s" in r}
+    assert sorted(results) == [2, 4] and "downstream at iteration 4" in out, out[-3000:]
+    hf_dir = os.path.join(save, "downstream", "hf")  # the last one exported: iteration 4
+    assert json.load(open(os.path.join(hf_dir, "megatron_export.json")))["iteration"] == 4
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+    with torch.no_grad():
+        correct = sum(max(range(3), key=lambda i: _loglikelihood(model, hf_tok, d["query"], " " + d["choices"][i]))
+                      == d["gold"] for d in docs)
+    assert results[4][f"downstream/{TASK}/acc"] == pytest.approx(correct / len(docs))
+
+
+def test_a_failing_downstream_evaluation_is_one_line(tmp_path, caplog):
+    import logging
+
+    from megatron_latent.training.downstream import DownstreamEvaluator
+
+    ev = DownstreamEvaluator(str(tmp_path / "no-checkpoint"), "piqa", str(tmp_path / "tok.json"))
+    with caplog.at_level(logging.INFO, logger="megatron_latent.training.downstream"):
+        for iteration in (7, 8, 9):  # 8 and 9 are saved while 7 runs: 9 waits, 8 is skipped
+            ev.submit(iteration)
+        assert ev.poll(wait=True) == [(7, None), (9, None)]
+    failed = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(failed) == 2 and failed[0].endswith("; training goes on")
+    assert failed[0].startswith("downstream evaluation of iteration 7 failed (exit status 1): "
+                                "error: FileNotFoundError: --tokenizer-model ")
+    assert any("iteration 8 skipped: iteration 7 is still being evaluated and 9 is newer" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_eval_task_specs():
+    from megatron_latent.training.downstream import PAPER_TASKS, flatten_results, resolve_tasks
+
+    assert resolve_tasks("paper") == (list(PAPER_TASKS), None)
+    assert resolve_tasks("piqa, sciq") == (["piqa", "sciq"], None)
+    assert flatten_results({"piqa": {"alias": "piqa", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6},
+                            "x": {"exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": "N/A"}}) == {
+        "piqa/acc": 0.5, "piqa/acc_stderr": 0.1, "piqa/acc_norm": 0.6, "x/exact_match_strict-match": 0.2}
+
+
+def test_compare_table_shows_the_newest_accuracy_per_task(tmp_path):
+    from megatron_latent.analysis.compare import format_table, summarize_run
+    from test_quickstart import CFG, _run_dir
+
+    with_acc = _run_dir(tmp_path / "lat", CFG.replace(num_latent_thoughts=1), 1, 10, 4, 16, [4.0, 3.05], 50.0)
+    with open(os.path.join(with_acc, "logs", "metrics.jsonl"), "a") as f:
+        for step, piqa in ((5, 0.55), (10, 0.61)):
+            f.write(json.dumps({"iteration": step, "downstream/piqa/acc": piqa, "downstream/piqa/acc_stderr": 0.01,
+                                "downstream/sciq/acc": 0.3 + step / 100}) + "\n")
+    runs = [summarize_run(with_acc, "latent"),
+            summarize_run(_run_dir(tmp_path / "v", CFG, 1, 10, 4, 16, [4.0, 3.2], 10.0), "vanilla")]
+    assert runs[0].downstream_acc == {"piqa": 0.61, "sciq": pytest.approx(0.4)} and runs[1].downstream_acc == {}
+    head, _, latent, vanilla = format_table(runs).splitlines()
+    assert head.endswith("| wall time (s) | piqa acc | sciq acc |")
+    assert latent.endswith("| 50 | 0.61 | 0.4 |") and vanilla.endswith("| 10 | - | - |")
+
+
+def test_wandb_takes_late_downstream_results_on_their_own_axis(tmp_path, monkeypatch):
+    """Downstream results of iteration 2 that arrive after step 4 was logged reach W&B (which takes
+    no earlier step) with downstream/iteration = 2; the training steps keep their own steps."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from megatron_latent.training.metrics import WandbRun
+
+    run = WandbRun("p", str(tmp_path / "wandb"), str(tmp_path))
+    for step in (2, 4):
+        run.log(step, {"train/loss": 1.0 / step})
+    run.log(2, {"downstream/piqa/acc": 0.6})
+    run.log(6, {"train/loss": 0.1})
+    run.close()
+    import wandb
+
+    wandb.teardown()  # the run file is written by W&B's service process: wait for it to finish
+    history, _ = wandb_history(glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "*.wandb"))[0])
+    assert {s: r.get("train/loss") for s, r in history.items()} == {2: 0.5, 4: 0.25, 6: 0.1}
+    assert history[4]["downstream/piqa/acc"] == 0.6 and history[4]["downstream/iteration"] == 2
+
+
+def test_a_failing_wandb_stops_only_wandb(tmp_path, caplog):
+    import logging
+
+    from megatron_latent.training.metrics import MetricsWriter
+
+    class Broken:
+        def log(self, step, values):
+            raise ConnectionError("service gone")
+
+    writer = MetricsWriter(str(tmp_path), enabled=True, wandb=Broken())
+    with caplog.at_level(logging.WARNING, logger="megatron_latent.training.metrics"):
+        for step in (1, 2):
+            writer.write(step, {"train/loss": 1.0})
+    writer.close()
+    assert [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()] == [
+        "W&B stopped logging at iteration 1 (ConnectionError: service gone); metrics.jsonl and TensorBoard go on"]
+    assert [r["iteration"] for r in _records(tmp_path / "metrics.jsonl")] == [1, 2]

@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, checkpoint_model_config, read_common, resolve_iteration
 from megatron_latent.config import ModelConfig
 from megatron_latent.models.flops import model_decode_flops, model_step_flops
-from megatron_latent.training.metrics import read_metrics
+from megatron_latent.training.metrics import metric_keys, read_metrics
 
 
 @dataclass
@@ -37,6 +37,8 @@ class RunSummary:
     valid_losses: List[float]
     # train/elapsed_s of the last logged step (training and evaluations, of the process that ran it)
     wall_time_s: Optional[float]
+    # the newest downstream accuracy of each task (downstream/<task>/acc, lm-eval during training)
+    downstream_acc: Dict[str, float] = field(default_factory=dict)
 
     @property
     def valid_loss(self) -> float:
@@ -95,8 +97,17 @@ def summarize_run(run_dir: str, label: Optional[str] = None) -> RunSummary:
         global_batch_size=gbs, seed=seed, parameters=cfg.num_parameters(),
         train_tokens=iteration * gbs * seq, train_flops=train_flops(cfg, seq, gbs, seed, iteration),
         inference_flops_per_token=inference_flops_per_token(cfg, seq),
-        valid_steps=steps, valid_losses=losses, wall_time_s=wall,
+        valid_steps=steps, valid_losses=losses, wall_time_s=wall, downstream_acc=newest_accuracies(metrics),
     )
+
+
+def newest_accuracies(metrics_jsonl: str) -> Dict[str, float]:
+    """{task: accuracy at the newest evaluated iteration} from the downstream/<task>/acc records."""
+    out = {}
+    for key in metric_keys(metrics_jsonl, "downstream/*/acc"):
+        steps, values = read_metrics(metrics_jsonl, key)
+        out[key.split("/")[1]] = values[max(range(len(steps)), key=steps.__getitem__)]
+    return out
 
 
 def _group_key(r: RunSummary):
@@ -120,8 +131,9 @@ def format_table(runs: Sequence[RunSummary], group_seeds: bool = True) -> str:
     groups: Dict = {}
     for r in runs:
         groups.setdefault(_group_key(r) if group_seeds else id(r), []).append(r)
+    tasks = sorted({t for r in runs for t in r.downstream_acc})
     head = ("| run | method | layers | hidden | parameters | training tokens | training FLOPs | inference FLOPs/token "
-            "| valid loss | valid ppl | wall time (s) |")
+            "| valid loss | valid ppl | wall time (s) |" + "".join(f" {t} acc |" for t in tasks))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for members in groups.values():
         r = members[0]
@@ -131,7 +143,8 @@ def format_table(runs: Sequence[RunSummary], group_seeds: bool = True) -> str:
             f"| {r.parameters:,} | {r.train_tokens:,} | {r.train_flops:.3e} | {r.inference_flops_per_token:.3e} "
             f"| {_mean_spread([m.valid_loss for m in members])} "
             f"| {_mean_spread([math.exp(m.valid_loss) for m in members])} "
-            f"| {_mean_spread([m.wall_time_s for m in members])} |")
+            f"| {_mean_spread([m.wall_time_s for m in members])} |"
+            + "".join(f" {_mean_spread([m.downstream_acc.get(t) for m in members])} |" for t in tasks))
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ A RUN_DIR holds its checkpoint (model_config.json, iter_*) and metrics.jsonl, di
 and logs/. Runs that differ only in --seed are grouped (mean ± std) unless --no-group-seeds.
 Training FLOPs are exact (each step at the J it drew); inference FLOPs per token are those of
 KV-cached decoding averaged over one training-length sequence (megatron_latent/analysis/compare.py).
+Runs that evaluated downstream tasks during training (--eval-tasks) get a column per task: its
+newest accuracy.
 """
 
 from __future__ import annotations

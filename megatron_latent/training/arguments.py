@@ -232,6 +232,14 @@ def _add_monitoring_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jacobi-iters-eval-sweep", type=int, nargs="*", default=None, metavar="J",
                    help="at each validation, also the loss at these J (default: 0, 1 and 2x the evaluation J; "
                         "none given: off)")
+    g.add_argument("--eval-tasks", default=None, metavar="TASKS",
+                   help="lm-eval accuracy of the saved checkpoints, in a background process: task names "
+                        "(comma-separated), a directory of task YAMLs, or `paper` (needs the [eval] extra)")
+    g.add_argument("--eval-tasks-interval", type=int, default=None,
+                   help="evaluate the checkpoints saved at multiples of this (default: every save, and the last)")
+    g.add_argument("--eval-tasks-limit", type=float, default=None,
+                   help="examples per task (a fraction when < 1; default: all)")
+    g.add_argument("--eval-tasks-batch-size", default="8", help="lm-eval's --batch_size")
 
 
 def _check_monitoring_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -242,12 +250,35 @@ def _check_monitoring_flags(parser: argparse.ArgumentParser, args: argparse.Name
             parser.error("--wandb-project needs the wandb package: pip install 'megatron-latent[wandb]'")
         if not (args.save or args.wandb_save_dir):
             parser.error("--wandb-project needs --save or --wandb-save-dir (W&B's files and the run id live there)")
+    if args.eval_tasks:
+        _check_eval_tasks(parser, args)
     if args.profile:
         if not args.tensorboard_dir:
             parser.error("--profile needs --tensorboard-dir (the trace is written there)")
         if not 1 <= args.profile_step_start < args.profile_step_end:
             parser.error(f"--profile-step-start {args.profile_step_start} and --profile-step-end "
                          f"{args.profile_step_end}: need 1 <= start < end")
+
+
+def _check_eval_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import importlib.util
+
+    from megatron_latent.training.downstream import resolve_tasks
+
+    if not args.save:
+        parser.error("--eval-tasks needs --save (the saved checkpoints are evaluated)")
+    if args.tokenizer_type != "HuggingFaceTokenizer" or not args.tokenizer_model:
+        parser.error("--eval-tasks needs --tokenizer-type HuggingFaceTokenizer and --tokenizer-model "
+                     "(lm-eval reads the exported model with its tokenizer)")
+    if importlib.util.find_spec("lm_eval") is None:
+        parser.error("--eval-tasks needs lm-evaluation-harness: pip install 'megatron-latent[eval]'")
+    try:
+        resolve_tasks(args.eval_tasks)
+    except ValueError as e:
+        parser.error(str(e))
+    n = args.eval_tasks_interval
+    if n is not None and (n < 1 or (args.save_interval and n % args.save_interval)):
+        parser.error(f"--eval-tasks-interval {n}: a positive multiple of --save-interval {args.save_interval}")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -208,6 +208,8 @@ class Trainer:
     reporter: bool = True  # this rank holds the reported loss (last stage, TP and DP rank 0)
     monitor: Optional[Any] = None  # training.monitoring.Monitor: diagnostics and the passes' signals
     eval_jacobi_sweep: tuple = ()  # each validation also reports the loss at these J (valid/loss_J<j>)
+    downstream: Optional[Any] = None  # training.downstream.DownstreamEvaluator (reporting rank only)
+    downstream_interval: Optional[int] = None  # evaluate the saves at multiples of this (None: every save)
     state: TrainState = field(default_factory=TrainState)
 
 
@@ -330,6 +332,18 @@ def _evaluate(t: Trainer, step: int, batches: Optional[List[dict]], name: str = 
             t.metrics.write(step, {key: loss, **{f"{key}_J{j}": v for j, v in swept.items()}})
 
 
+def _downstream(t: Trainer, saved: Optional[int] = None, final: bool = False, wait: bool = False) -> None:
+    """Start the evaluation of the checkpoint just saved (`saved`) when it is due, and write the
+    results of those that finished at their own iterations."""
+    if t.downstream is None:
+        return
+    if saved is not None and (final or t.downstream_interval is None or saved % t.downstream_interval == 0):
+        t.downstream.submit(saved)
+    for iteration, values in t.downstream.poll(wait):
+        if values and t.metrics is not None:
+            t.metrics.write(iteration, values)
+
+
 def train(t: Trainer) -> TrainState:
     """Run steps t.state.iteration+1 .. train_iters; returns the final state.
 
@@ -388,7 +402,11 @@ def train(t: Trainer) -> TrainState:
             t.save(state)
             last_saved = step
             last_checkpoint = (s.save, step)
+            _downstream(t, step, final=(stop and not signalled) or step == s.train_iters)
+        else:
+            _downstream(t)
         if stop:
+            _downstream(t, wait=not signalled)  # a job told to stop does not wait for it
             why = "--exit-duration-in-mins reached" if timed_out else "SIGTERM received"
             logger.info(f"{why if signalled else '--exit-interval reached'}: "
                         f"exiting after iteration {step}")
@@ -402,4 +420,6 @@ def train(t: Trainer) -> TrainState:
         _evaluate(t, state.iteration, t.test_batches, "test", "test/loss")
     if s.save and last_saved != state.iteration:
         t.save(state)
+        _downstream(t, state.iteration, final=True)
+    _downstream(t, wait=True)
     return state

@@ -57,7 +57,12 @@ class MetricsWriter:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
-            self.wandb.log(step, values)
+            try:
+                self.wandb.log(step, values)
+            except Exception as e:  # noqa: BLE001  (W&B failing mid-run must not stop training)
+                logger.warning(f"W&B stopped logging at iteration {step} ({type(e).__name__}: {e}); "
+                               "metrics.jsonl and TensorBoard go on")
+                self.wandb = None
 
     def close(self) -> None:
         if self.jsonl is not None:
@@ -65,7 +70,10 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
-            self.wandb.close()
+            try:
+                self.wandb.close()
+            except Exception as e:  # noqa: BLE001
+                logger.warning(f"W&B did not finish its run ({type(e).__name__}: {e})")
 
 
 # ------------------------------------------------------------------------------ Weights & Biases
@@ -101,13 +109,19 @@ class WandbRun:
         self.last_step = self.logged_before
         self.run = wandb.init(project=project, name=name or None, entity=entity or None, dir=save_dir,
                               id=state.get("id"), resume="allow", config=config or {})
+        self.run.define_metric("downstream/*", step_metric="downstream/iteration")
         self.id = self.run.id
         self._save_state()
 
     def log(self, step: int, values: Dict[str, Any]) -> None:
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if any(k.startswith("downstream/") for k in scalars):
+            # Evaluated in the background, they arrive after later steps were logged: W&B takes no
+            # earlier step, so they carry their iteration as their own x axis.
+            self.run.log({**scalars, "downstream/iteration": step}, commit=False)
+            return
         if step <= self.logged_before:
             return
-        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if scalars:
             self.run.log(scalars, step=step)
         if step > self.last_step:

@@ -66,19 +66,26 @@ class StepProfiler:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
+            # A schedule, so that each step is marked (ProfilerStep#) for TensorBoard's step view.
+            self.prof = torch.profiler.profile(
+                activities=activities, record_shapes=True, on_trace_ready=self._export,
+                schedule=torch.profiler.schedule(wait=0, warmup=0, active=self.end - self.start, repeat=1))
             self.prof.start()
 
     def step_ends(self, step: int) -> None:
-        if self.prof is not None and step == self.end - 1:
+        if self.prof is None:
+            return
+        self.prof.step()  # after the last step of the range: the trace is exported
+        if step == self.end - 1:
             self.prof.stop()
-            os.makedirs(self.trace_dir, exist_ok=True)
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            self.path = os.path.join(self.trace_dir,
-                                     f"{socket.gethostname()}_rank{rank}.{time.time_ns()}.pt.trace.json")
-            self.prof.export_chrome_trace(self.path)
             self.prof = None
             logger.info(f"profiled steps {self.start}..{self.end - 1}: trace in {self.path}")
+
+    def _export(self, prof) -> None:
+        os.makedirs(self.trace_dir, exist_ok=True)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.path = os.path.join(self.trace_dir, f"{socket.gethostname()}_rank{rank}.{time.time_ns()}.pt.trace.json")
+        prof.export_chrome_trace(self.path)
 
 
 class Monitor:
