@@ -1,11 +1,11 @@
-"""Decode throughput of the KV-cached latent generator (megatron side), and prefill cost per method.
+"""Decode throughput of the KV-cached latent generator (megatron side), and prefill cost per prefill mode.
 
     python benchmarks/bench_decode_megatron.py [--preset tiny-llama] [--hidden-size 256 --num-layers 4]
         [--prompt-len 64 --new-tokens 64 --batch-size 1] [--thoughts 0,1,2] [--threads 1]
 
 For each N: new tokens per second of greedy decoding after the prompt (prefill excluded), the
 ratio to N=0 (about N+1 expected: N+1 cached steps per token), and the time of each
-prefill method with the Jacobi passes it used. Also the uncached sequential reference on the
+prefill mode with the Jacobi passes it used. Also the uncached sequential reference on the
 same prompt, for scale. Random weights (paper init); numbers are per process, fp32.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 
 
@@ -34,7 +33,6 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    import torch.distributed as dist
 
     import megatron_latent  # noqa: F401
     from megatron_latent.config import get_preset
@@ -44,8 +42,7 @@ def main(argv=None):
     from megatron_latent.models.latent import LatentGPTModel
     from megatron_latent.parallel.initialize import initialize_model_parallel
 
-    dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/r", rank=0, world_size=1)
-    initialize_model_parallel(1, 1)
+    initialize_model_parallel(1, 1)  # a world of one (its rendezvous a temporary file)
     h = args.hidden_size
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -78,10 +75,10 @@ def main(argv=None):
         base = tok_s if n == 0 else base
         row = {"N": n, "decode_tok_s": round(tok_s, 1),
                "slowdown_vs_N0": round(base / tok_s, 2) if base else None, "prefill": {}}
-        for method, kw in (("exact", {}), ("jacobi", {"jacobi_iters": cfg.latent.jacobi_iters_eval}),
-                           ("tolerance", {"tol": 1e-4})):
-            t, res = best(lambda: decode_logits(model, prompt, decode_steps=0, prefill=method, **kw))
-            row["prefill"][method] = {"s": round(t, 4), "jacobi_passes": res.prefill_iters}
+        for mode, kw in (("exact", {}), ("jacobi", {"jacobi_iters": cfg.latent.jacobi_iters_eval}),
+                         ("tolerance", {"tol": 1e-4})):
+            t, res = best(lambda: decode_logits(model, prompt, decode_steps=0, prefill=mode, **kw))
+            row["prefill"][mode] = {"s": round(t, 4), "jacobi_passes": res.prefill_iters}
         pos = torch.arange(args.prompt_len, device=device).expand(args.batch_size, -1)
         t_ref, _ = best(lambda: sequential_logits(model, prompt, pos))
         row["uncached_reference_prompt_s"] = round(t_ref, 3)

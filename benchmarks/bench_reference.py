@@ -144,18 +144,14 @@ class Ours:
         from megatron.core.optimizer import OptimizerConfig
 
         from megatron_latent.config import ModelConfig
-        from megatron_latent.parallel.initialize import initialize_single_process
+        from megatron_latent.parallel.initialize import init_process_group, initialize_single_process
         from megatron_latent.parallel.pipeline import build_latent_pipeline
         from megatron_latent.training import engine
 
         torch.set_num_threads(args.threads)
         self.sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
         if args.device == "cuda":  # a world of one on NCCL, before initialize_single_process's gloo default
-            import tempfile
-
-            torch.cuda.set_device(0)
-            rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
-            torch.distributed.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+            init_process_group(backend="nccl")
         initialize_single_process("bench_reference")
         self.args, self.engine = args, engine
         dtype = torch.bfloat16 if args.bf16 else torch.float32

@@ -5,8 +5,9 @@ Importing this module with another megatron-core version warns once, naming both
 warning, not an error: a release that keeps these internals works unchanged (and a version bump
 is tried by running the tests, which an error would block), and each helper below fails with a
 clear error naming the installed version where the internal it needs is gone, instead of
-misbehaving. The CPU backend's own patch of megatron's RNG hooks stays in platform.py, where
-everything about running without CUDA is kept (it is checked by tests/test_platform.py).
+misbehaving. The CPU backend's own patches of megatron (its RNG hooks, its fallback kernels) stay
+in platform/, where everything about running without CUDA is kept (checked by
+tests/test_platform.py).
 
 Users: training/checkpointing.py (the writer queue, the optimizer state around a load).
 """

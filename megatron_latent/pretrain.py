@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import sys
-import tempfile
 from typing import Any, Callable, Optional
 
 import torch
@@ -24,14 +23,13 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_latent import platform
 from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, model_config_text
 from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.data.gpt_data import DataConfigError
 from megatron_latent.data.tokenizer import TokenizerError
 from megatron_latent.models.flops import model_step_flops
 from megatron_latent.models.specs import transformer_engine_available
-from megatron_latent.parallel.initialize import initialize_model_parallel
+from megatron_latent.parallel.initialize import destroy_process_group, initialize_model_parallel
 from megatron_latent.parallel.pipeline import build_latent_pipeline
 from megatron_latent.training import batches as batching
 from megatron_latent.training import checkpointing, engine, loop
@@ -98,36 +96,6 @@ def _error(msg: str, code: int = 2) -> int:
     return code
 
 
-# ------------------------------------------------------------------------------ process group
-_world_of_one: Optional[tempfile.TemporaryDirectory] = None
-
-
-def _join_world_of_one(tp: int, pp: int) -> None:
-    """Without a launcher (no WORLD_SIZE), run as a world of one process, if the layout fits it.
-    The rendezvous is a file, so no port has to be free."""
-    global _world_of_one
-    if tp * pp > 1:
-        raise ConfigError(
-            f"tensor_model_parallel_size {tp} x pipeline_model_parallel_size {pp} needs {tp * pp} processes "
-            f"(or a multiple): launch with torchrun --nproc_per_node {tp * pp} -m megatron_latent.pretrain ...")
-    backend = platform.distributed_backend()
-    if backend == "nccl":
-        torch.cuda.set_device(0)
-    _world_of_one = tempfile.TemporaryDirectory(prefix="megatron_latent_rendezvous_")
-    dist.init_process_group(backend, init_method=f"file://{_world_of_one.name}/store", rank=0, world_size=1)
-
-
-def _leave_world_of_one() -> None:
-    """Undo `_join_world_of_one` (a caller's process group is left as it is)."""
-    global _world_of_one
-    if _world_of_one is None:
-        return
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
-    _world_of_one.cleanup()
-    _world_of_one = None
-
-
 # ------------------------------------------------------------------------------ configuration
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -163,12 +131,12 @@ def configure(args) -> Plan:
     if args.weight_decay is None:
         args.weight_decay = cfg.latent.paper_weight_decay
     seq_length = args.seq_length if args.seq_length is not None else cfg.seq_length
+    # The layout's checks, once, before any rendezvous (initialize_model_parallel gets no model).
     layout.check_model(cfg, seq_length)
-    _check_recompute(args, cfg, layout)
-    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-        _join_world_of_one(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
+    layout.check_recompute(cfg.num_layers, args.recompute_granularity, args.recompute_method,
+                           args.recompute_num_layers)
     dp = initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                                   layout.num_virtual_stages_per_pipeline_rank, seed=args.seed, model=cfg)
+                                   layout.num_virtual_stages_per_pipeline_rank, seed=args.seed)
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise ConfigError(
             f"global_batch_size {args.global_batch_size} is not divisible by micro_batch_size "
@@ -185,22 +153,6 @@ def configure(args) -> Plan:
         jacobi_for_step=(lambda step: latent.jacobi_iters_for_step(step, args.seed)) if n else (lambda step: None),
         jacobi_eval=latent.eval_jacobi_iters if n else None,
     )
-
-
-def _check_recompute(args, cfg: ModelConfig, layout: ParallelLayout) -> None:
-    # megatron's uniform recompute checkpoints units of --recompute-num-layers consecutive layers
-    # of a model chunk; a unit that runs past the chunk's last layer fails with an IndexError
-    # mid-step, so the unit must divide the chunk.
-    if args.recompute_granularity != "full" or args.recompute_method != "uniform":
-        return
-    chunks = layout.pipeline_model_parallel_size * layout.virtual_chunks
-    per_chunk = cfg.num_layers // chunks
-    r = args.recompute_num_layers
-    if r < 1 or per_chunk % r:
-        where = f"a pipeline chunk ({cfg.num_layers} layers over {chunks} chunks)" if chunks > 1 else "the model"
-        raise ConfigError(
-            f"--recompute-num-layers {r}: uniform recompute needs a divisor of {per_chunk}, the layers of "
-            f"{where} ({per_chunk} reruns each pass of a chunk from its input, 1 each layer)")
 
 
 # ------------------------------------------------------------------------------ building
@@ -402,10 +354,12 @@ def _open_wandb(args, plan: Plan) -> Optional[WandbRun]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     console = _setup_console()
+    joins = not dist.is_initialized()  # else the caller's process group, left as it is
     try:
         return _run(args, console)
     finally:
-        _leave_world_of_one()
+        if joins:
+            destroy_process_group()
 
 
 def _run(args, console: _RankFilter) -> int:

@@ -1,6 +1,3 @@
-import os
-import tempfile
-
 import pytest
 import torch
 
@@ -16,22 +13,13 @@ def single_rank():
     Shared by the whole session: the process group and megatron's groups are process-global.
     Multi-rank tests spawn their own processes (tests/multirank.py) and are unaffected.
     """
-    import torch.distributed as dist
+    from megatron_latent.parallel.initialize import destroy_process_group, init_process_group, initialize_model_parallel
 
-    import megatron_latent  # noqa: F401
-    from megatron_latent.parallel.initialize import initialize_model_parallel
-
-    if not dist.is_initialized():
-        path = os.path.join(tempfile.mkdtemp(), "rendezvous")
-        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    init_process_group()
     initialize_model_parallel(1, 1)
     yield
     torch.manual_seed(0)
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()  # the default group and every other one
+    destroy_process_group()  # megatron's groups, the default group and its rendezvous directory
 
 
 def _megatron_groups():

@@ -1,4 +1,5 @@
-"""Tiny latent models of the three families for the generation tests (same weights at any TP)."""
+"""Tiny latent models of the three families at their presets' sizes, for the generation tests
+(weights and model from tests/tiny.py: the same at any TP)."""
 
 import torch
 
@@ -14,29 +15,12 @@ def family_config(preset, n, **overrides):
     return get_preset(preset, **kw)
 
 
-def full_weights(cfg):
-    """A full (unsharded) state dict for `cfg`, each tensor drawn from a generator seeded by its
-    name: larger than the paper's init so that thoughts, positions and padding visibly matter."""
-    from megatron_latent.hf.layout import expected_shapes
-    from parallel_utils import draw
-
-    return {
-        name: draw(name, shape, center=1.0 if "norm" in name and name.endswith("weight") else 0.0)
-        for name, shape in expected_shapes(cfg).items()
-    }
-
-
 def family_model(preset, n, **overrides):
-    """LatentGPTModel (eval, fp32) holding this rank's TP shard of `full_weights` (split by the HF
-    layout code, which knows the fused QKV / gated-MLP layouts: the same model at any TP)."""
-    from megatron_latent.hf.layout import load_full_into_model
-    from megatron_latent.models.gpt import build_gpt_model
-    from megatron_latent.models.latent import LatentGPTModel
+    """LatentGPTModel (eval, fp32, local layers) of `family_config` holding this rank's TP shard
+    of tiny.full_weights (the same model at any TP), its logits split over the TP ranks."""
+    from tiny import latent_model
 
-    cfg = family_config(preset, n, **overrides)
-    model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent, use_te=False)
-    load_full_into_model(model, full_weights(cfg), cfg)
-    return model.eval()
+    return latent_model(family_config(preset, n, **overrides), use_te=False, parallel_output=True)
 
 
 def random_ids(b, length, seed=0):

@@ -4,7 +4,7 @@ every family and N in {0, 1, 2}, with the exact and the Jacobi prefill, and for 
 import pytest
 import torch
 
-from export_utils import ARCHS, VOCAB, latent_model, save, small_config
+from tiny import ARCHS, VOCAB, latent_model, save, small_config
 
 NEW = 8
 

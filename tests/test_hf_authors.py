@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from export_utils import THEIR_RANGE, ids, latent_model
 from hf_tiny import hf_model, rel_err
+from tiny import THEIR_RANGE, ids, latent_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What their loader writes for the PonderLM-2 script (scripts/train_ponderlm2_llama_410m.sh).
@@ -236,9 +236,9 @@ def test_their_vanilla_run_converts_as_vanilla(tmp_path, capsys):
 def test_export_writes_their_keys_with_their_meaning(arch, j, random, extra):
     import transformers
 
-    from export_utils import small_config
     from megatron_latent.hf.export import hf_config_dict
     from megatron_latent.hf.mapping import config_from_hf
+    from tiny import small_config
 
     cfg = small_config(arch, 1, jacobi_iters=j, jacobi_iters_eval=3)
     d = hf_config_dict(cfg)
@@ -260,9 +260,9 @@ def test_our_earlier_exports_still_read():
     recurrent_model keys (they carry latent_prefill)."""
     import transformers
 
-    from export_utils import small_config
     from megatron_latent.hf.export import hf_config_dict
     from megatron_latent.hf.mapping import config_from_hf
+    from tiny import small_config
 
     cfg = small_config("gpt-neox", 2, jacobi_iters=(1, 5), jacobi_iters_eval=4)
     d = hf_config_dict(cfg)

@@ -12,8 +12,20 @@ import shutil
 import pytest
 import torch
 
-from export_utils import ARCHS, VOCAB, L, ids, latent_model, megatron_logits, positions, random_full, save, small_config
 from multirank import run_on_ranks
+from tiny import (
+    ARCHS,
+    VOCAB,
+    L,
+    forward_pipeline,
+    full_weights,
+    ids,
+    latent_model,
+    megatron_logits,
+    positions,
+    save,
+    small_config,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOCK = {"gpt2": "GPT2LMHeadModel", "gpt-neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
@@ -175,23 +187,6 @@ def test_tokenizer_files(tmp_path, single_rank):
 
 
 # ------------------------------------------------------------------------ TP=2 and PP=2 saves
-def _pipeline_logits(model, x):
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    if rank > 0:
-        hidden = torch.empty(x.shape[1], x.shape[0], model.config.hidden_size)
-        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-        model.set_input_tensor(hidden)
-    with torch.no_grad():
-        out = model(x, positions(x), None)
-    if rank < pp - 1:
-        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        return None
-    return out[..., :VOCAB]
-
-
 def _save_parallel(root):
     """TP=2: latent N=1 models (logits at TP=2, then saved). PP=2: N=0 weights, pipeline logits."""
     import torch.distributed as dist
@@ -211,10 +206,10 @@ def _save_parallel(root):
     for arch in ARCHS:
         cfg = small_config(arch, 0)
         model = build_gpt_model(cfg, parallel_output=False).eval()
-        load_full_into_model(model, random_full(cfg), cfg)
-        logits = _pipeline_logits(model, ids())
+        load_full_into_model(model, full_weights(cfg), cfg)
+        logits = forward_pipeline(model, ids())
         if logits is not None:
-            out[("pp2", arch)] = logits
+            out[("pp2", arch)] = logits[..., :VOCAB]
         save(model, cfg, os.path.join(root, f"pp2-{arch}"))
     dist.barrier()
     return out
@@ -245,7 +240,7 @@ def test_export_from_tp2_and_pp2(tmp_path, single_rank):
         assert _err(got, results[("pp2", arch)]) < 1e-5, arch
         # ... and its tensors are exactly the weights that were loaded into the pipeline stages.
         cfg0 = small_config(arch, 0)
-        want, _ = megatron_to_hf(random_full(cfg0), cfg0)
+        want, _ = megatron_to_hf(full_weights(cfg0), cfg0)
         have = load_file(os.path.join(root, f"hf-pp2-{arch}", "model.safetensors"))
         if "embed_out.weight" in have:  # GPT-NeoX's head is stored under its 4.x name
             have["lm_head.weight"] = have.pop("embed_out.weight")
@@ -268,7 +263,7 @@ def test_latent_export_converts_back(tmp_path, single_rank):
     from megatron_latent.hf.export import export_to_hf, read_checkpoint
 
     cfg = small_config("gpt-neox", 2)
-    full = random_full(cfg)
+    full = full_weights(cfg)
     save(latent_model(cfg, full), cfg, str(tmp_path / "ckpt"))
     export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     back = convert_hf_to_checkpoint(str(tmp_path / "hf"), str(tmp_path / "back"))

@@ -5,7 +5,7 @@ left-padded batches equal their rows run alone; sampling; bf16."""
 import pytest
 import torch
 
-from export_utils import VOCAB, latent_model, save, small_config
+from tiny import VOCAB, latent_model, save, small_config
 
 P, NEW = 6, 5
 

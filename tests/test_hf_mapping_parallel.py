@@ -9,27 +9,7 @@ import torch
 
 from hf_tiny import VOCAB, hf_logits, hf_model, rel_err, tokens
 from multirank import run_on_ranks
-
-ARCHS = ["gpt2", "gpt-neox", "llama"]
-
-
-def _forward_pipeline(model, ids):
-    """Logits on the last stage (None elsewhere): each stage's hidden states go to the next."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-    pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    if rank > 0:
-        hidden = torch.empty(ids.shape[1], ids.shape[0], model.config.hidden_size)
-        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-        model.set_input_tensor(hidden)
-    with torch.no_grad():
-        out = model(ids, pos, None)
-    if rank < pp - 1:
-        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        return None
-    return out
+from tiny import ARCHS, forward_pipeline
 
 
 def _parity(layouts, sequence_parallel=False):
@@ -49,7 +29,7 @@ def _parity(layouts, sequence_parallel=False):
                 config = cfg.to_transformer_config(tp, pp, sequence_parallel=sp)
                 model = build_gpt_model(cfg, config=config, parallel_output=False).eval()
                 load_full_into_model(model, full, cfg)
-                out = _forward_pipeline(model, ids)
+                out = forward_pipeline(model, ids)
                 if out is not None:
                     results[(tp, pp, arch) + (("sp",) if sp else ())] = rel_err(out[..., :VOCAB], hf_logits(hf, ids))
     return results

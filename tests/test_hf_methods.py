@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from export_utils import VOCAB, ids, latent_model, positions, save, small_config
+from tiny import VOCAB, ids, latent_model, positions, save, small_config
 
 METHODS = {
     "interpolated": (1, dict(thought_input="interpolated", interpolation_topk=7)),

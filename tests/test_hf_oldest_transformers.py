@@ -13,7 +13,7 @@ import venv
 import pytest
 import torch
 
-from export_utils import ARCHS, ids, latent_model, megatron_logits, save, small_config
+from tiny import ARCHS, ids, latent_model, megatron_logits, save, small_config
 
 OLDEST = "4.46.3"
 PACKAGES = ["torch==2.13.0", f"transformers=={OLDEST}", "safetensors"]

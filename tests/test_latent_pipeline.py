@@ -290,9 +290,9 @@ def test_unsupported_settings_name_the_field():
     config = LLAMA1.to_transformer_config(2, 2, sequence_parallel=True)
     layout = ParallelLayout.of(config)
     assert layout == ParallelLayout(2, 2, None, sequence_parallel=True)
-    layout.check_seq_length(8)
+    layout.check_sequence_split(8)
     with pytest.raises(ConfigError, match="sequence length 9 is not divisible by tensor_model_parallel_size 2"):
-        layout.check_seq_length(9)
+        layout.check_sequence_split(9)
     with pytest.raises(ConfigError, match="context_parallel_size"):
         check_stage_config(SimpleNamespace(context_parallel_size=2))
     with pytest.raises(ConfigError, match="overlap_grad_reduce"):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from export_utils import latent_model, save, small_config
+from tiny import latent_model, save, small_config
 
 TASK = "latent_local_mc"
 

@@ -150,3 +150,61 @@ def test_gradient_clipping_scales_the_update():
     # ... and SGD stepped along it.
     for k in before:
         torch.testing.assert_close(after[k], before[k] - 0.1 * grads[k], rtol=0, atol=1e-7)
+
+
+def test_one_start_up_path_and_its_teardown():
+    """init_process_group: a file-store world of one without a launcher (its rendezvous directory
+    gone after destroy_process_group), torchrun's world from its environment, a caller's own
+    process group kept; a layout needing more processes than a world of one is one error saying
+    how to launch. In a fresh interpreter (this one may hold the single_rank world)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, sys
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron_latent.config import ConfigError
+        from megatron_latent.parallel import initialize as init
+
+        try:
+            init.initialize_model_parallel(2, 1)
+            raise AssertionError("a world of one took TP=2")
+        except ConfigError as e:
+            assert "needs 2 processes (or a multiple): launch with torchrun --nproc_per_node 2" in str(e), e
+        assert not dist.is_initialized()  # refused before any rendezvous
+        for _ in range(2):  # a second world after the first is torn down
+            assert init.init_process_group() and not init.init_process_group()
+            rendezvous = init._rendezvous.name
+            assert os.path.isdir(rendezvous) and dist.get_world_size() == 1
+            assert init.initialize_model_parallel(1, 1) == 1 and ps.model_parallel_is_initialized()
+            init.destroy_process_group()
+            assert not dist.is_initialized() and not ps.model_parallel_is_initialized()
+            assert not os.path.exists(rendezvous)
+
+        port = sys.argv[1]  # torchrun's environment
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        assert init.init_process_group() and init._rendezvous is None
+        assert dist.get_world_size() == 1 and dist.get_rank() == 0
+        init.destroy_process_group()
+        assert not dist.is_initialized()
+
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + port, rank=0, world_size=1)  # the caller's
+        assert not init.init_process_group()
+        init.initialize_model_parallel(1, 1)
+        init.destroy_process_group()
+        assert dist.is_initialized() and not ps.model_parallel_is_initialized()
+        print("ok")
+        """
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code, port], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

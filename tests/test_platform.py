@@ -8,6 +8,7 @@ import textwrap
 import torch
 
 from megatron_latent import platform
+from megatron_latent.platform import cpu_speedups, cuda_to_cpu
 
 # As an entry point that runs megatron code without parallel start-up does.
 platform.install_cpu_backend()
@@ -131,7 +132,7 @@ def test_freed_memory_is_kept_for_the_next_step():
     out = _run(
         """
         import resource, torch
-        from megatron_latent import platform
+        from megatron_latent.platform import cpu_speedups
 
         def faults():
             r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -141,7 +142,7 @@ def test_freed_memory_is_kept_for_the_next_step():
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
 
         before = faults()
-        assert platform._keep_freed_memory()
+        assert cpu_speedups._keep_freed_memory()
         faults()
         print(before, faults())
         """
@@ -154,18 +155,18 @@ def test_multi_tensor_kernels_equal_megatrons_fallbacks():
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads
 
-    assert clip_grads.l2_norm_impl is platform._multi_tensor_l2norm
+    assert clip_grads.l2_norm_impl is cpu_speedups._multi_tensor_l2norm
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(n, generator=g) for n in (3, 70, 1000)]
-    ours, _ = platform._multi_tensor_l2norm(0, None, [grads], False)
+    ours, _ = cpu_speedups._multi_tensor_l2norm(0, None, [grads], False)
     ref, _ = utils.local_multi_tensor_l2_norm(0, None, [grads], False)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
     src = [t.clone() for t in grads]
     dst = [torch.empty_like(t, dtype=torch.float64) for t in grads]
-    platform._multi_tensor_scale(0, None, [src, dst], 0.5)
+    cpu_speedups._multi_tensor_scale(0, None, [src, dst], 0.5)
     for s, d in zip(src, dst):
         assert torch.equal(d, (s * 0.5).double())
-    platform._multi_tensor_scale(0, None, [src, src], 0.25)  # in place, as gradient clipping does
+    cpu_speedups._multi_tensor_scale(0, None, [src, src], 0.25)  # in place, as gradient clipping does
     for s, t in zip(src, grads):
         assert torch.equal(s, t * 0.25)
 
@@ -219,11 +220,11 @@ def test_to_local_if_dtensor_equals_megatrons(single_rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
 
-    assert clip_grads.to_local_if_dtensor is platform._to_local_if_dtensor
+    assert clip_grads.to_local_if_dtensor is cpu_speedups._to_local_if_dtensor
     t = torch.randn(4, 3, requires_grad=True)
-    assert platform._to_local_if_dtensor(t) is t
+    assert cpu_speedups._to_local_if_dtensor(t) is t
     d = distribute_tensor(t.detach(), init_device_mesh("cpu", (1,)), [Replicate()])
-    local, ref = platform._to_local_if_dtensor(d), utils.to_local_if_dtensor(d)
+    local, ref = cpu_speedups._to_local_if_dtensor(d), utils.to_local_if_dtensor(d)
     assert type(local) is torch.Tensor and torch.equal(local, ref)
 
 
@@ -246,6 +247,6 @@ def test_transformer_blocks_run_without_the_mode(single_rank):
 
     inner = []
     with torch.overrides._pop_mode_temporarily():
-        platform._with_mode(lambda: inner.append(len(torch.overrides._get_current_function_mode_stack())))()
+        cuda_to_cpu.with_mode(lambda: inner.append(len(torch.overrides._get_current_function_mode_stack())))()
     assert inner == [1]
     assert DotProductAttention.forward.__wrapped__ is not None

@@ -109,7 +109,10 @@ def single():
 
 
 def _check(got, ref, tol=1e-6, grad_tol=1e-5):
+    """`got` equals the single-rank `ref`; its losses only where its rank reports them (the last
+    pipeline stage: `_reporting` requires those)."""
     for key in ("loss", "eval_loss"):
+        assert ref[key] is not None, key
         if got[key] is not None:
             assert got[key] == pytest.approx(ref[key], rel=tol, abs=0), key
     assert got["norm"] == pytest.approx(ref["norm"], rel=grad_tol, abs=0)
@@ -133,8 +136,15 @@ def test_loss_is_token_weighted_and_the_batch_tells_it_from_a_mean_of_means(sing
     assert max(counts) > 3 * min(counts), counts
 
 
+def _reporting(rank_results, case):
+    """The ranks that report the loss and the validation loss of `case`."""
+    return [rank for rank, r in enumerate(rank_results)
+            if r[case]["loss"] is not None and r[case]["eval_loss"] is not None]
+
+
 def test_micro_batch_split_does_not_change_the_step(single):
     for case in ((2, False), (4, False)):
+        assert _reporting([single], case) == [0]
         _check(single[case], single[(1, False)])
 
 
@@ -145,6 +155,9 @@ def test_micro_batch_split_does_not_change_the_step(single):
 ], ids=["dp2", "tp2", "pp2-pass-chunks"])
 def test_layout_and_split_do_not_change_the_step(single, tp, pp, cases):
     ref = single[(1, False)]
-    for rank_results in run_on_ranks(_splits, 2, tp, pp, cases):
-        for case, got in rank_results.items():
-            _check(got, ref)
+    results = run_on_ranks(_splits, 2, tp, pp, cases)
+    for case in cases:
+        # Every rank of the last pipeline stage reports (both ranks, or the second with PP=2).
+        assert _reporting(results, case) == ([1] if pp == 2 else [0, 1]), case
+        for rank_results in results:
+            _check(rank_results[case], ref)

@@ -70,14 +70,32 @@ class ParallelLayout:
               f"num_layers {cfg.num_layers} of {model} is not divisible by pipeline_model_parallel_size {pp}"
               + (f" x num_virtual_stages_per_pipeline_rank {v}" if v > 1 else ""))
         if seq_length is not None:
-            self.check_seq_length(seq_length)
+            self.check_sequence_split(seq_length)
 
-    def check_seq_length(self, seq_length: int) -> None:
+    def check_sequence_split(self, seq_length: int) -> None:
+        """Training sequences of `seq_length` tokens split over the sequence-parallel ranks (whether
+        they fit the model's positions is ModelConfig.check_seq_length)."""
         tp = self.tensor_model_parallel_size
         # Every pass's sequence (a whole number of slots per token) is split over the TP ranks.
         need(not self.sequence_parallel or seq_length % tp == 0,
               f"the training sequence length {seq_length} is not divisible by tensor_model_parallel_size {tp} "
               "(sequence_parallel splits every pass's sequence over the TP ranks)")
+
+    def check_recompute(self, num_layers: int, recompute_granularity: Optional[str],
+                        recompute_method: Optional[str], recompute_num_layers: int) -> None:
+        """megatron's uniform full recompute checkpoints units of `recompute_num_layers` consecutive
+        layers of a model chunk; a unit that runs past the chunk's last layer fails with an
+        IndexError mid-step, so the unit must divide the chunk's `num_layers / chunks` layers."""
+        if recompute_granularity != "full" or recompute_method != "uniform":
+            return
+        chunks = self.pipeline_model_parallel_size * self.virtual_chunks
+        per_chunk = num_layers // chunks
+        r = recompute_num_layers
+        if r < 1 or per_chunk % r:
+            where = f"a pipeline chunk ({num_layers} layers over {chunks} chunks)" if chunks > 1 else "the model"
+            raise ConfigError(
+                f"recompute_num_layers {r}: uniform recompute needs a divisor of {per_chunk}, the layers of "
+                f"{where} ({per_chunk} reruns each pass of a chunk from its input, 1 each layer)")
 
     def check_schedule(self, num_microbatches: int, num_chunks: int, microbatch_group_size: Optional[int] = None):
         """The micro-batch count megatron's schedule accepts when a step runs as `num_chunks`

@@ -7,7 +7,7 @@ from typing import Optional
 
 from megatron.core import parallel_state as ps
 
-from megatron_latent.config import ModelConfig, ParallelLayout
+from megatron_latent.config import ModelConfig
 from megatron_latent.models import specs
 from megatron_latent.models.latent import LatentGPTModel
 from megatron_latent.models.loss import FusedLossGPTModel
@@ -27,8 +27,9 @@ def build_gpt_model(
     """This rank's part of the model described by `cfg`.
 
     pre_process / post_process: whether this (virtual) stage holds the embedding / the final norm
-    and output layer; None reads them from megatron's parallel state. `config` is a
-    TransformerConfig (default: `cfg.to_transformer_config(...)` at the current TP/PP sizes).
+    and output layer; None reads them from megatron's parallel state. `config` is
+    `cfg.to_transformer_config(...)`, which checks the layout against `cfg` (default: at the
+    current TP/PP sizes).
     `model_cls` and `model_kwargs` let the caller build a GPTModel subclass, e.g.
     ``build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent)``.
     """
@@ -39,8 +40,6 @@ def build_gpt_model(
             ps.get_pipeline_model_parallel_world_size(),
             vp,
         )
-    else:
-        ParallelLayout.of(config).check_model(cfg)
     stage = {} if vp_stage is None else {"ignore_virtual": False, "vp_stage": vp_stage}
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(**stage)

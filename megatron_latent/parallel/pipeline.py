@@ -93,8 +93,7 @@ def build_latent_pipeline(cfg: ModelConfig, config=None, use_te: Optional[bool] 
         config = cfg.to_transformer_config(
             ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
             ps.get_virtual_pipeline_model_parallel_world_size())
-    layout = ParallelLayout.of(config)
-    layout.check_model(cfg)
+    layout = ParallelLayout.of(config)  # checked against cfg when cfg.to_transformer_config made it
     check_stage_config(config)
     if layout.pipeline_model_parallel_size == 1:
         return [build_gpt_model(cfg, True, True, config=config, use_te=use_te, model_cls=LatentGPTModel,
@@ -212,7 +211,7 @@ def latent_forward_backward(
         model = [model]
     stage = unwrap_model(model[0])
     layout = ParallelLayout.of(stage.config)
-    layout.check_seq_length(seq_length)
+    layout.check_sequence_split(seq_length)
     check_stage_config(stage.config)
     _check_ddp(model)
     if num_jacobi_iters < 0:

@@ -1,5 +1,7 @@
-"""Tiny megatron checkpoints for the export tests: configs per family, deterministic weights
-large enough that every tensor moves the logits, and the megatron reference forwards."""
+"""Tiny megatron models for the tests: the config builder (one per family), the weight generator
+(deterministic weights large enough that every tensor moves the logits, the same full tensors
+at any layout), the model holding them, the megatron reference forwards (one process, or a
+hand-run pipeline), and the checkpoint writer."""
 
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ def small_config(arch: str, n: int, **overrides):
     return get_preset(preset).replace(**kw)
 
 
-def random_full(cfg, seed: int = 0):
-    """Full megatron state dict of `cfg`, each tensor drawn from a generator seeded by its name."""
+def full_weights(cfg, seed: int = 0):
+    """Full (unsharded) megatron state dict of `cfg`, each tensor drawn from a generator seeded by
+    its name: larger than the paper's init, so that thoughts, positions and padding visibly matter."""
     from megatron_latent.hf.layout import expected_shapes
 
     full = {}
@@ -45,14 +48,17 @@ def random_full(cfg, seed: int = 0):
     return full
 
 
-def latent_model(cfg, full=None):
-    """This rank's LatentGPTModel of `cfg` (gathered logits), loaded with `full` (default random_full)."""
+def latent_model(cfg, full=None, **build):
+    """This rank's LatentGPTModel of `cfg` (eval, gathered logits) holding its TP shard of `full`
+    (default `full_weights`), split by the HF layout code, which knows the fused QKV / gated-MLP
+    layouts: the same model at any TP. `build`: more build_gpt_model arguments (use_te=False)."""
     from megatron_latent.hf.layout import load_full_into_model
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
 
-    model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent, parallel_output=False)
-    load_full_into_model(model, random_full(cfg) if full is None else full, cfg)
+    build = {"parallel_output": False, **build}
+    model = build_gpt_model(cfg, model_cls=LatentGPTModel, latent=cfg.latent, **build)
+    load_full_into_model(model, full_weights(cfg) if full is None else full, cfg)
     return model.eval()
 
 
@@ -67,6 +73,25 @@ def positions(tokens):
 def megatron_logits(model, tokens, **kw):
     with torch.no_grad():
         return model(tokens, positions(tokens), None, **kw)[..., :VOCAB]
+
+
+def forward_pipeline(model, tokens):
+    """`model`'s logits on the last pipeline stage (None on the others), by hand: each stage
+    receives the previous stage's hidden states and sends its own on."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    pp, rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    if rank > 0:
+        hidden = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size)
+        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
+    with torch.no_grad():
+        out = model(tokens, positions(tokens), None)
+    if rank < pp - 1:
+        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
+    return out
 
 
 def save(model, cfg, root, iteration=0):
