@@ -476,3 +476,7 @@ _RENAMED = {
 def flag_error(error: BaseException) -> str:
     """A library error with its field names shown as this command line's flags."""
     return flag_message(error, build_parser(), _RENAMED)
+
+
+if __name__ == "__main__":  # the table of docs/megatron_flags.md
+    print(megatron_flags.markdown(build_parser()), end="")

@@ -1,6 +1,6 @@
 """Megatron-LM's flags that the driver does not implement: each is refused with the reason, or
 accepted with a note where it changes nothing here. One table, rendered in docs/megatron_flags.md
-(`python -m megatron_latent.training.megatron_flags` prints that page's table).
+(`python -m megatron_latent.training.arguments` prints that page's table).
 
 The driver's own parser (training/arguments.py) holds the supported ones, with Megatron-LM's
 meaning; a flag defined there is supported, whatever this table says.
@@ -231,9 +231,3 @@ def counts(parser: argparse.ArgumentParser) -> Dict[str, int]:
     for status in (REFUSED, NO_EFFECT):
         out[status] = sum(1 for f, r in TABLE.items() if r.status == status and f not in taken)
     return out
-
-
-if __name__ == "__main__":
-    from megatron_latent.training.arguments import build_parser
-
-    print(markdown(build_parser()), end="")
