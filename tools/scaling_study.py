@@ -213,7 +213,7 @@ def check_run_flags(args, runs) -> None:
             json.dump({"flags": flags}, open(record, "w"), indent=1)
 
 
-def analyze(args, runs, done) -> str:
+def report(args, runs, done) -> str:
     from megatron_latent.analysis.compare import format_table
     from megatron_latent.analysis.scaling import Point, analyze, format_fits, format_multipliers, plot_scaling
 
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
         check_run_flags(args, runs)
         train(args, runs, max(1, (os.cpu_count() or 1) // args.jobs))
         done = summaries(args, runs)
-    text = analyze(args, runs, done)
+    text = report(args, runs, done)
     with open(os.path.join(args.work, "results.md"), "w") as f:
         f.write(text + "\n")
     print(text)
