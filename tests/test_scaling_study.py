@@ -62,6 +62,12 @@ def test_plan_equal_tokens_and_equal_flops():
     assert by["L2-H32", "loop-K1", "tokens", 1].params == by["L2-H32", "vanilla", "tokens", 1].params
     assert by["L2-H32", "latent-N1", "tokens", 1].label == "latent-N1"
     assert by["L2-H32", "latent-N1", "flops", 1].label == "latent-N1 (equal FLOPs)"
+    # Full backpropagation instead: no flag, more FLOPs per step.
+    full = {(r.size.name, r.method): r for r in grid.plan(grid.Settings(grid.LADDERS["tiny"], grad_passes=None))}
+    cheap = {(r.size.name, r.method): r for r in grid.plan(grid.Settings(grid.LADDERS["tiny"]))}
+    for key, r in full.items():
+        assert "--jacobi-grad-passes" not in r.flags
+        assert (r.flops > cheap[key].flops) == (r.method == "latent-N1"), key
 
 
 def _step(run, s):
@@ -117,6 +123,7 @@ def test_bad_input_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 32 runs: about 5 minutes on 2 free cores, far more on a loaded machine
 def test_tiny_study_end_to_end_and_resumed(tmp_path):
     from data_fixtures import make_texts, write_jsonl
 

@@ -7,7 +7,7 @@
         --tflops 3200 --dry-run --gpus-per-run 8 --slurm study.sbatch
 
 The grid (megatron_latent/analysis/scaling_grid.py): a ladder of sizes (depth and width grown
-together), methods vanilla, latent N=1 (`--jacobi-grad-passes 2`), vanilla with 2x layers and one
+together), methods vanilla, latent N=1 (`--jacobi-grad-passes 2` by default), vanilla with 2x layers and one
 extra loop (the two equal-inference-FLOP baselines), optionally latent N=2; equal tokens per
 non-embedding parameter (`--tokens-per-param`, the size's vanilla count for every method of the
 size) and optionally equal training FLOPs (`--budget tokens flops`); every method with the same
@@ -59,6 +59,8 @@ def parse_args(argv):
     p.add_argument("--micro-batch-size", type=int, default=None, help="(16)")
     p.add_argument("--eval-iters", type=int, default=None, help="validation batches of the final evaluation (32)")
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--jacobi-grad-passes", type=int, default=2,
+                   help="passes backpropagated in latent runs (2; 0: every pass, the paper's full backprop)")
     p.add_argument("--pretrain-args", default="",
                    help="more pretrain flags for every run, as one string: --pretrain-args='--bf16 --num-workers 2'")
     g = p.add_argument_group("data (an indexed dataset, or a corpus to train a BPE on and tokenize)")
@@ -118,6 +120,7 @@ def settings(p, args) -> grid.Settings:
         budgets=args.budget, vocab_size=vocab, seq_length=pick("seq_length", 128),
         global_batch_size=pick("global_batch_size", 16), micro_batch_size=pick("micro_batch_size", 16),
         eval_iters=pick("eval_iters", 32), weight_decay=args.weight_decay, saves_per_run=tiny.get("saves_per_run", 4),
+        grad_passes=args.jacobi_grad_passes or None,
         extra_flags=shlex.split(args.pretrain_args))
 
 
