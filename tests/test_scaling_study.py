@@ -74,6 +74,12 @@ def _step(run, s):
     return s.global_batch_size * grid.mean_step_flops(run.cfg, s.seq_length)
 
 
+def test_equal_flops_alone_still_plans_vanilla():
+    runs = grid.plan(grid.Settings(grid.LADDERS["tiny"], seeds=(1,), budgets=("flops",)))
+    assert sorted({(r.method, r.budget) for r in runs}) == [
+        ("latent-N1", "flops"), ("loop-K1", "flops"), ("vanilla", "tokens"), ("vanilla-2x-layers", "flops")]
+
+
 def test_plan_errors():
     with pytest.raises(ValueError, match="include vanilla"):
         grid.plan(grid.Settings(grid.LADDERS["tiny"], methods=("latent-N1",)))

@@ -153,10 +153,13 @@ def plan(s: Settings) -> List[Run]:
         base_params = base.num_parameters(include_embeddings=False)
         token_steps = max(1, math.ceil(s.tokens_per_param * base_params / tokens_per_step))
         vanilla_flops = token_steps * s.global_batch_size * mean_step_flops(base, s.seq_length)
-        for budget in s.budgets:
+        planned = set()
+        for wanted in s.budgets:
             for method in s.methods:
-                if budget == "flops" and method == "vanilla":
+                budget = "tokens" if method == "vanilla" else wanted  # equal FLOPs to itself: equal tokens
+                if (method, budget) in planned:
                     continue
+                planned.add((method, budget))
                 cfg = size_config(size, s.vocab_size, s.seq_length, method, s.grad_passes)
                 per_step = s.global_batch_size * mean_step_flops(cfg, s.seq_length)
                 steps = token_steps if budget == "tokens" else max(1, round(vanilla_flops / per_step))
