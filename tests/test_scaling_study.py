@@ -124,6 +124,8 @@ def test_bad_input_is_one_line(tmp_path):
     r = _tool("--tiny", "--data-path", str(tmp_path / "none"), "--tokenizer-model", str(tmp_path / "t.json"),
               "--work", str(tmp_path / "w"))
     assert r.returncode == 2 and f"--data-path: no {tmp_path / 'none'}.idx" in r.stderr
+    r = _tool("--tiny", "--corpus", str(tmp_path / "missing.jsonl"), "--work", str(tmp_path / "w"))
+    assert r.returncode == 2 and f"--corpus: no such file or directory {tmp_path / 'missing.jsonl'}" in r.stderr
     r = _tool("--tiny", "--sizes", "L9-H999", "--corpus", "c.jsonl", "--dry-run")
     assert r.returncode == 2 and "--sizes: L9-H999 not in the ladder" in r.stderr
 

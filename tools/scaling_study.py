@@ -93,6 +93,9 @@ def parse_args(argv):
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
     args.corpus = [os.path.abspath(c) for c in args.corpus] if args.corpus else None
+    for path in args.corpus or []:
+        if not os.path.exists(path) and not args.dry_run:
+            p.error(f"--corpus: no such file or directory {path}")
     return p, args
 
 
@@ -142,7 +145,10 @@ def prepare_data(args) -> None:
     tok, prefix = os.path.join(out, "tokenizer.json"), os.path.join(out, "corpus")
     if not os.path.exists(tok):
         print(f"training a {args.vocab_size}-token BPE on {' '.join(args.corpus)}", flush=True)
-        train_bpe_tokenizer(args.corpus, tok, args.vocab_size)
+        try:
+            train_bpe_tokenizer(args.corpus, tok, args.vocab_size)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --corpus: {e}")
     if not os.path.exists(prefix + "_text_document.idx"):
         cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", *args.corpus,
                "--json-keys", "text", "--output-prefix", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
@@ -247,7 +253,10 @@ def main(argv=None) -> int:
         runs = grid.plan(settings(p, args))
     except ValueError as e:
         p.error(str(e))
-    done = {} if args.dry_run else summaries(args, runs)
+    try:
+        done = {} if args.dry_run else summaries(args, runs)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     rate, source = args.tflops, "given"
     walls = [s.wall_time_s for s in done.values()]
     if rate is None and done and None not in walls:
@@ -274,10 +283,15 @@ def main(argv=None) -> int:
             prepare_data(args)
         elif not os.path.exists(args.data_path + ".idx"):
             p.error(f"--data-path: no {args.data_path}.idx (an indexed dataset prefix)")
+        elif not os.path.isfile(args.tokenizer_model):
+            p.error(f"--tokenizer-model: no such file {args.tokenizer_model}")
         check_run_flags(args, runs)
-        train(args, runs, max(1, (os.cpu_count() or 1) // args.jobs))
+        train(args, runs, max(1, len(os.sched_getaffinity(0)) // args.jobs))  # the cores this process may use
+    try:
         done = summaries(args, runs)
-    text = report(args, runs, done)
+        text = report(args, runs, done)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     with open(os.path.join(args.work, "results.md"), "w") as f:
         f.write(text + "\n")
     print(text)
