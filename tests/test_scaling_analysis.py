@@ -53,11 +53,14 @@ def test_fallback_to_a_pure_power_law():
     n = np.array([1e4, 1e5, 1e6])  # three sizes cannot support three parameters
     fit = fit_power_law(n, 5.0 * (n / 1e5) ** -0.1)
     assert fit.form == "power" and fit.E == 0.0
-    assert fit.alpha == pytest.approx(0.1, rel=1e-9) and fit.loss(1e5) == pytest.approx(5.0)
+    assert fit.alpha == pytest.approx(0.1, rel=1e-5) and fit.loss(1e5) == pytest.approx(5.0, rel=1e-5)
     # Four sizes on a straight log-log line show no floor: the power law again, exactly.
     n4 = np.array([1e4, 1e5, 1e6, 1e7])
     fit4 = fit_power_law(n4, 5.0 * (n4 / 1e5) ** -0.1)
-    assert fit4.form == "power" and fit4.alpha == pytest.approx(0.1, rel=1e-9)
+    assert fit4.form == "power" and fit4.alpha == pytest.approx(0.1, rel=1e-5)
+    # A loss rising with x: the log-log line, alpha < 0, no multiplier.
+    rising = fit_power_law(n4, 3.0 * (n4 / 1e5) ** 0.05)
+    assert rising.form == "power" and rising.alpha == pytest.approx(-0.05) and math.isnan(rising.inverse(3.0))
     with pytest.raises(ValueError, match="at least 2 distinct"):
         fit_power_law([1e4, 1e4], [3.0, 3.1])
 
@@ -81,7 +84,7 @@ def test_multiplier_of_a_known_method_on_every_axis():
 
 def test_noisy_seeds_recover_the_multiplier_within_its_interval():
     k = 2.0
-    res = analyze(_points(k, noise=0.005, seeds=(1, 2, 3, 4)), bootstrap=300, seed=1)
+    res = analyze(_points(k, noise=0.005, seeds=(1, 2, 3, 4)), bootstrap=200, seed=1)
     est = res["params"].overall["latent"]
     assert est.value == pytest.approx(k, rel=0.15)
     assert est.low < k < est.high and est.high / est.low < 2.5
@@ -89,7 +92,7 @@ def test_noisy_seeds_recover_the_multiplier_within_its_interval():
 
 def test_a_method_identical_to_vanilla_has_multiplier_one_inside_its_interval():
     pts = _points(k=1.0, train_cost=1.0, infer_cost=1.0, noise=0.01, seeds=(1, 2, 3))
-    res = analyze(pts, bootstrap=300, seed=2)
+    res = analyze(pts, bootstrap=200, seed=2)
     for axis in ("params", "train_flops", "inference_flops"):
         est = res[axis].overall["latent"]
         assert est.low <= 1.0 <= est.high, (axis, est)

@@ -62,10 +62,22 @@ def test_plan_equal_tokens_and_equal_flops():
     assert by["L2-H32", "loop-K1", "tokens", 1].params == by["L2-H32", "vanilla", "tokens", 1].params
     assert by["L2-H32", "latent-N1", "tokens", 1].label == "latent-N1"
     assert by["L2-H32", "latent-N1", "flops", 1].label == "latent-N1 (equal FLOPs)"
+    # Full backpropagation instead: no flag, more FLOPs per step.
+    full = {(r.size.name, r.method): r for r in grid.plan(grid.Settings(grid.LADDERS["tiny"], grad_passes=None))}
+    cheap = {(r.size.name, r.method): r for r in grid.plan(grid.Settings(grid.LADDERS["tiny"]))}
+    for key, r in full.items():
+        assert "--jacobi-grad-passes" not in r.flags
+        assert (r.flops > cheap[key].flops) == (r.method == "latent-N1"), key
 
 
 def _step(run, s):
     return s.global_batch_size * grid.mean_step_flops(run.cfg, s.seq_length)
+
+
+def test_equal_flops_alone_still_plans_vanilla():
+    runs = grid.plan(grid.Settings(grid.LADDERS["tiny"], seeds=(1,), budgets=("flops",)))
+    assert sorted({(r.method, r.budget) for r in runs}) == [
+        ("latent-N1", "flops"), ("loop-K1", "flops"), ("vanilla", "tokens"), ("vanilla-2x-layers", "flops")]
 
 
 def test_plan_errors():
@@ -112,11 +124,14 @@ def test_bad_input_is_one_line(tmp_path):
     r = _tool("--tiny", "--data-path", str(tmp_path / "none"), "--tokenizer-model", str(tmp_path / "t.json"),
               "--work", str(tmp_path / "w"))
     assert r.returncode == 2 and f"--data-path: no {tmp_path / 'none'}.idx" in r.stderr
+    r = _tool("--tiny", "--corpus", str(tmp_path / "missing.jsonl"), "--work", str(tmp_path / "w"))
+    assert r.returncode == 2 and f"--corpus: no such file or directory {tmp_path / 'missing.jsonl'}" in r.stderr
     r = _tool("--tiny", "--sizes", "L9-H999", "--corpus", "c.jsonl", "--dry-run")
     assert r.returncode == 2 and "--sizes: L9-H999 not in the ladder" in r.stderr
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 32 runs: about 5 minutes on 2 free cores, far more on a loaded machine
 def test_tiny_study_end_to_end_and_resumed(tmp_path):
     from data_fixtures import make_texts, write_jsonl
 

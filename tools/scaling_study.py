@@ -7,7 +7,7 @@
         --tflops 3200 --dry-run --gpus-per-run 8 --slurm study.sbatch
 
 The grid (megatron_latent/analysis/scaling_grid.py): a ladder of sizes (depth and width grown
-together), methods vanilla, latent N=1 (`--jacobi-grad-passes 2`), vanilla with 2x layers and one
+together), methods vanilla, latent N=1 (`--jacobi-grad-passes 2` by default), vanilla with 2x layers and one
 extra loop (the two equal-inference-FLOP baselines), optionally latent N=2; equal tokens per
 non-embedding parameter (`--tokens-per-param`, the size's vanilla count for every method of the
 size) and optionally equal training FLOPs (`--budget tokens flops`); every method with the same
@@ -59,6 +59,8 @@ def parse_args(argv):
     p.add_argument("--micro-batch-size", type=int, default=None, help="(16)")
     p.add_argument("--eval-iters", type=int, default=None, help="validation batches of the final evaluation (32)")
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--jacobi-grad-passes", type=int, default=2,
+                   help="passes backpropagated in latent runs (2; 0: every pass, the paper's full backprop)")
     p.add_argument("--pretrain-args", default="",
                    help="more pretrain flags for every run, as one string: --pretrain-args='--bf16 --num-workers 2'")
     g = p.add_argument_group("data (an indexed dataset, or a corpus to train a BPE on and tokenize)")
@@ -91,6 +93,9 @@ def parse_args(argv):
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
     args.corpus = [os.path.abspath(c) for c in args.corpus] if args.corpus else None
+    for path in args.corpus or []:
+        if not os.path.exists(path) and not args.dry_run:
+            p.error(f"--corpus: no such file or directory {path}")
     return p, args
 
 
@@ -118,6 +123,7 @@ def settings(p, args) -> grid.Settings:
         budgets=args.budget, vocab_size=vocab, seq_length=pick("seq_length", 128),
         global_batch_size=pick("global_batch_size", 16), micro_batch_size=pick("micro_batch_size", 16),
         eval_iters=pick("eval_iters", 32), weight_decay=args.weight_decay, saves_per_run=tiny.get("saves_per_run", 4),
+        grad_passes=args.jacobi_grad_passes or None,
         extra_flags=shlex.split(args.pretrain_args))
 
 
@@ -139,7 +145,10 @@ def prepare_data(args) -> None:
     tok, prefix = os.path.join(out, "tokenizer.json"), os.path.join(out, "corpus")
     if not os.path.exists(tok):
         print(f"training a {args.vocab_size}-token BPE on {' '.join(args.corpus)}", flush=True)
-        train_bpe_tokenizer(args.corpus, tok, args.vocab_size)
+        try:
+            train_bpe_tokenizer(args.corpus, tok, args.vocab_size)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --corpus: {e}")
     if not os.path.exists(prefix + "_text_document.idx"):
         cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", *args.corpus,
                "--json-keys", "text", "--output-prefix", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
@@ -213,7 +222,7 @@ def check_run_flags(args, runs) -> None:
             json.dump({"flags": flags}, open(record, "w"), indent=1)
 
 
-def analyze(args, runs, done) -> str:
+def report(args, runs, done) -> str:
     from megatron_latent.analysis.compare import format_table
     from megatron_latent.analysis.scaling import Point, analyze, format_fits, format_multipliers, plot_scaling
 
@@ -244,7 +253,10 @@ def main(argv=None) -> int:
         runs = grid.plan(settings(p, args))
     except ValueError as e:
         p.error(str(e))
-    done = {} if args.dry_run else summaries(args, runs)
+    try:
+        done = {} if args.dry_run else summaries(args, runs)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     rate, source = args.tflops, "given"
     walls = [s.wall_time_s for s in done.values()]
     if rate is None and done and None not in walls:
@@ -271,10 +283,15 @@ def main(argv=None) -> int:
             prepare_data(args)
         elif not os.path.exists(args.data_path + ".idx"):
             p.error(f"--data-path: no {args.data_path}.idx (an indexed dataset prefix)")
+        elif not os.path.isfile(args.tokenizer_model):
+            p.error(f"--tokenizer-model: no such file {args.tokenizer_model}")
         check_run_flags(args, runs)
-        train(args, runs, max(1, (os.cpu_count() or 1) // args.jobs))
+        train(args, runs, max(1, len(os.sched_getaffinity(0)) // args.jobs))  # the cores this process may use
+    try:
         done = summaries(args, runs)
-    text = analyze(args, runs, done)
+        text = report(args, runs, done)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     with open(os.path.join(args.work, "results.md"), "w") as f:
         f.write(text + "\n")
     print(text)

@@ -10,9 +10,10 @@ by a grid over alpha (log-spaced, then refined around the best) with linear leas
 that and a curvature the points show, so the saturating form is used only when there are >= 4
 distinct x, the best alpha is strictly inside the grid, the best E is strictly between 0 and the
 lowest loss, and the floor E removes at least half of the squared residual the pure power law
-leaves; otherwise the fallback is that pure power law L = A (x/x0)^-alpha (a straight line in
-log-log, E = 0, fitted by linear least squares on the logs). The fit is to the mean loss over
-seeds at each x.
+leaves; otherwise the fallback is that pure power law L = A (x/x0)^-alpha (E = 0, a straight line
+in log-log), fitted the same way (least squares on the losses, the grid over alpha). A loss that
+does not fall with x gets the log-log line, with alpha <= 0 and no multiplier. The fit is to the
+mean loss over seeds at each x.
 
 The effective multiplier of a method at a cost x with loss L is vanilla_fit.inverse(L) / x: how
 many times more of that cost a vanilla model needs (per its fit) to reach the method's loss;
@@ -87,34 +88,49 @@ class PowerLaw:
         return f"L = {self.A:.4f} (x/{self.x0:.3g})^-{self.alpha:.3f} (pure power law)"
 
 
-def _fit_power(lx: np.ndarray, y: np.ndarray, x0: float) -> PowerLaw:
-    slope, intercept = np.polyfit(lx, np.log(y), 1)
-    law = PowerLaw("power", 0.0, float(math.exp(intercept)), float(-slope), x0, 0.0, len(y))
-    return _with_rss(law, np.exp(lx) * x0, y)
-
-
 def _with_rss(law: PowerLaw, x: np.ndarray, y: np.ndarray) -> PowerLaw:
     rss = float(np.sum((law.loss(x) - y) ** 2))
     return PowerLaw(law.form, law.E, law.A, law.alpha, law.x0, rss, law.points)
 
 
-def _best_saturating(lx: np.ndarray, y: np.ndarray, alphas: np.ndarray):
-    """(rss, E, A, index) of the best feasible alpha (0 <= E < min y, A > 0), vectorized over
-    alphas; None when none is feasible."""
+def _best_on_grid(lx: np.ndarray, y: np.ndarray, alphas: np.ndarray, floor: bool):
+    """(E, A, index) of the alpha with the least squared residual, vectorized over alphas: with
+    `floor`, (E, A) by least squares with 0 <= E < min y and A > 0 required; without, E = 0 and A
+    by least squares. None when no alpha is feasible."""
     u = np.exp(-alphas[:, None] * lx[None, :])  # (grid, points)
-    um, ym = u.mean(axis=1, keepdims=True), y.mean()
-    du = u - um
-    var = (du**2).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        a = (du * (y - ym)[None, :]).sum(axis=1) / var
-    e = ym - a * um[:, 0]
+        if floor:
+            um, ym = u.mean(axis=1, keepdims=True), y.mean()
+            du = u - um
+            a = (du * (y - ym)[None, :]).sum(axis=1) / (du**2).sum(axis=1)
+            e = ym - a * um[:, 0]
+        else:
+            a, e = (u * y[None, :]).sum(axis=1) / (u**2).sum(axis=1), np.zeros(len(alphas))
     rss = ((e[:, None] + a[:, None] * u - y[None, :]) ** 2).sum(axis=1)
-    feasible = (a > 0) & (e >= 0) & (e < y.min()) & (var > 0)
+    feasible = np.isfinite(rss) & (a > 0) & (e >= 0) & (e < y.min())
     if not feasible.any():
         return None
-    rss = np.where(feasible, rss, np.inf)
-    i = int(np.argmin(rss))
-    return float(rss[i]), float(e[i]), float(a[i]), i
+    i = int(np.argmin(np.where(feasible, rss, np.inf)))
+    return float(e[i]), float(a[i]), i
+
+
+def _fit_grid(lx, y, x0, floor: bool):
+    """The best law of one form (None if none is feasible) and whether its alpha is inside the
+    grid; the grid is refined three times around the best (each 50x finer)."""
+    best = _best_on_grid(lx, y, _ALPHAS, floor)
+    if best is None:
+        return None, False
+    e, a, i = best
+    grid, j, alpha = _ALPHAS, i, _ALPHAS[i]
+    for _ in range(3):
+        fine = np.geomspace(grid[max(j - 1, 0)], grid[min(j + 1, len(grid) - 1)], 101)
+        refined = _best_on_grid(lx, y, fine, floor)
+        if refined is None:
+            break
+        e, a, j = refined
+        grid, alpha = fine, fine[j]
+    law = PowerLaw("saturating" if floor else "power", e, a, float(alpha), x0, 0.0, len(y))
+    return _with_rss(law, np.exp(lx) * x0, y), 0 < i < len(_ALPHAS) - 1
 
 
 def fit_power_law(x: Sequence[float], loss: Sequence[float], form: Optional[str] = None) -> PowerLaw:
@@ -132,26 +148,20 @@ def fit_power_law(x: Sequence[float], loss: Sequence[float], form: Optional[str]
     y = np.array([y[x == v].mean() for v in xs])
     x0 = float(np.exp(np.log(xs).mean()))
     lx = np.log(xs / x0)
-    power = _fit_power(lx, y, x0)
-    if form == "power" or (form is None and len(xs) < 4):
+    slope, intercept = np.polyfit(lx, np.log(y), 1)
+    power, _ = _fit_grid(lx, y, x0, floor=False) if slope < 0 else (None, False)
+    if power is None:
+        # The loss does not fall with x (or not within the grid): the log-log line, alpha <= 0 or
+        # outside the grid, which gives no multiplier when alpha <= 0.
+        power = _with_rss(PowerLaw("power", 0.0, float(math.exp(intercept)), float(-slope), x0, 0.0, len(y)),
+                          xs, y)
+    if form == "power" or (form is None and len(xs) < 4) or power.alpha <= 0:
         return power
-    best = _best_saturating(lx, y, _ALPHAS)
-    if best is None:
+    sat, interior = _fit_grid(lx, y, x0, floor=True)
+    if sat is None:
         return power
-    _, e, a, i = best
-    interior = 0 < i < len(_ALPHAS) - 1
-    # Refine between the grid neighbours of the best alpha, three times (each 50x finer).
-    grid, j, alpha = _ALPHAS, i, _ALPHAS[i]
-    for _ in range(3):
-        fine = np.geomspace(grid[max(j - 1, 0)], grid[min(j + 1, len(grid) - 1)], 101)
-        refined = _best_saturating(lx, y, fine)
-        if refined is None:
-            break
-        _, e, a, j = refined
-        grid, alpha = fine, fine[j]
-    sat = _with_rss(PowerLaw("saturating", e, a, float(alpha), x0, 0.0, len(xs)), xs, y)
     floor_helps = sat.rss < 0.5 * power.rss - 1e-12 * float(np.sum(y**2))
-    if form is None and not (interior and 0 < e < y.min() and floor_helps):
+    if form is None and not (interior and 0 < sat.E < y.min() and floor_helps):
         return power
     return sat
 
@@ -311,6 +321,7 @@ def plot_scaling(results: Dict[str, AxisResult], points: Sequence[Point], out_pn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cells = _cells(points)
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.3), squeeze=False)
@@ -324,6 +335,7 @@ def plot_scaling(results: Dict[str, AxisResult], points: Sequence[Point], out_pn
             grid = np.geomspace(min(xs), max(xs), 100)
             ax.plot(grid, fit.loss(grid), color=color, label=f"{m} ({fit.form}, alpha {fit.alpha:.2f})")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
         ax.set_xlabel(AXES[axis])
         ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3, which="both")

@@ -8,8 +8,8 @@ The equal-token budget of a size is `tokens_per_param` x the non-embedding param
 vanilla model, for every method of that size: the 2x-layers baseline thus sees the same tokens at
 half the ratio. The equal-FLOP budget gives each method the training FLOPs of that size's vanilla
 run (more or fewer steps, so another data order). Latent thoughts train with
-`--jacobi-grad-passes 2` (backpropagation through the last two passes), which matched full
-backpropagation at equal tokens for 0.64x the FLOPs (docs/benchmarks.md).
+`--jacobi-grad-passes 2` by default (backpropagation through the last two passes), which matched
+full backpropagation at equal tokens for 0.64x the FLOPs (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -68,10 +68,8 @@ class Method:
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("vanilla", ("--num-latent-thoughts", "0"), ()),
-    Method("latent-N1", ("--num-latent-thoughts", "1", "--jacobi-grad-passes", "2"),
-           (("num_latent_thoughts", 1), ("grad_passes", 2))),
-    Method("latent-N2", ("--num-latent-thoughts", "2", "--jacobi-grad-passes", "2"),
-           (("num_latent_thoughts", 2), ("grad_passes", 2))),
+    Method("latent-N1", ("--num-latent-thoughts", "1"), (("num_latent_thoughts", 1),)),
+    Method("latent-N2", ("--num-latent-thoughts", "2"), (("num_latent_thoughts", 2),)),
     Method("vanilla-2x-layers", ("--num-latent-thoughts", "0"), (), layers_factor=2),
     Method("loop-K1", ("--num-extra-loops", "1"), (("num_extra_loops", 1),)),
 )}
@@ -95,6 +93,7 @@ class Settings:
     weight_decay: float = 0.1
     warmup_fraction: float = 0.05
     saves_per_run: int = 4  # checkpoints per run, to resume a cut one
+    grad_passes: Optional[int] = 2  # --jacobi-grad-passes of latent runs; None: every pass (the paper's)
     extra_flags: Sequence[str] = ()  # e.g. --bf16, --num-workers 0
 
 
@@ -118,13 +117,16 @@ class Run:
         return self.method if self.budget == "tokens" else f"{self.method} (equal FLOPs)"
 
 
-def size_config(size: Size, vocab_size: int, seq_length: int, method: str = "vanilla") -> ModelConfig:
+def size_config(size: Size, vocab_size: int, seq_length: int, method: str = "vanilla",
+                grad_passes: Optional[int] = None) -> ModelConfig:
     m = METHODS[method]
     cfg = get_preset(size.preset).replace(
         num_layers=size.layers * m.layers_factor, hidden_size=size.hidden, num_attention_heads=size.heads,
         num_query_groups=None, ffn_hidden_size=size.ffn, vocab_size=vocab_size, seq_length=seq_length,
         name=f"{size.name}-{method}")
-    return cfg.replace(**dict(m.changes)) if m.changes else cfg
+    if m.changes:
+        cfg = cfg.replace(**dict(m.changes))
+    return cfg.replace(grad_passes=grad_passes) if grad_passes and cfg.latent.num_latent_thoughts else cfg
 
 
 def mean_step_flops(cfg: ModelConfig, seq_length: int, training: bool = True) -> float:
@@ -151,11 +153,14 @@ def plan(s: Settings) -> List[Run]:
         base_params = base.num_parameters(include_embeddings=False)
         token_steps = max(1, math.ceil(s.tokens_per_param * base_params / tokens_per_step))
         vanilla_flops = token_steps * s.global_batch_size * mean_step_flops(base, s.seq_length)
-        for budget in s.budgets:
+        planned = set()
+        for wanted in s.budgets:
             for method in s.methods:
-                if budget == "flops" and method == "vanilla":
+                budget = "tokens" if method == "vanilla" else wanted  # equal FLOPs to itself: equal tokens
+                if (method, budget) in planned:
                     continue
-                cfg = size_config(size, s.vocab_size, s.seq_length, method)
+                planned.add((method, budget))
+                cfg = size_config(size, s.vocab_size, s.seq_length, method, s.grad_passes)
                 per_step = s.global_batch_size * mean_step_flops(cfg, s.seq_length)
                 steps = token_steps if budget == "tokens" else max(1, round(vanilla_flops / per_step))
                 for seed in s.seeds:
@@ -182,7 +187,10 @@ def run_flags(s: Settings, r: Run) -> List[str]:
              "--clip-grad", "1.0", "--seed", str(r.seed), "--eval-interval", str(r.steps),
              "--eval-iters", str(s.eval_iters), "--log-interval", str(max(1, r.steps // 20)),
              "--save-interval", str(max(1, math.ceil(r.steps / max(1, s.saves_per_run))))]
-    return flags + list(METHODS[r.method].flags) + list(s.extra_flags)
+    flags += METHODS[r.method].flags
+    if c.latent.grad_passes:
+        flags += ["--jacobi-grad-passes", str(c.latent.grad_passes)]
+    return flags + list(s.extra_flags)
 
 
 def command(r: Run, run_dir: str, data_flags: Sequence[str], launcher: Sequence[str]) -> List[str]:
