@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -24,6 +25,7 @@ from typing import Any, Dict, FrozenSet, List, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_latent import compat, platform
 
@@ -151,7 +153,7 @@ def save_checkpoint(
     try:
         with _sigterm_deferred():
             dist_checkpointing.save(sd, tmp)
-    except Exception as e:  # noqa: BLE001  (megatron raises on every rank; rank 0 holds the cause)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001  (raised on every rank; rank 0 has the cause)
         _raise_write_error(root, iteration, tmp, e)
     _barrier()
 
@@ -211,11 +213,7 @@ def _estimated_size(root: str, model_chunks, optimizer) -> int:
 def _raise_write_error(root: str, iteration: int, tmp: str, error: BaseException):
     """One line for a failed dist_checkpointing.save on every rank: rank 0's cause (the OS's
     words where there are some), the partial directory removed, older checkpoints named."""
-    cause = _os_error(error)
-    if cause is None:
-        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    else:
-        message = f"{cause.strerror or cause}" + (f" ({cause.filename})" if cause.filename else "")
+    message = _cause_text(error)
     if not dist.is_initialized() or dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     message = _from_rank0(message)
@@ -226,21 +224,26 @@ def _raise_write_error(root: str, iteration: int, tmp: str, error: BaseException
            else "no earlier checkpoint was there")) from error
 
 
-def _os_error(error: Optional[BaseException], depth: int = 0) -> Optional[OSError]:
-    """The OSError behind `error`, through causes and torch's CheckpointException (which holds
-    each rank's failure), or None."""
-    if error is None or depth > 8:
-        return None
-    if isinstance(error, OSError):
-        return error
-    failures = getattr(error, "failures", None)
-    inner = [error.__cause__, error.__context__] + [
-        f[0] if isinstance(f, tuple) else f for f in (failures.values() if isinstance(failures, dict) else [])]
-    for e in inner:
-        found = _os_error(e, depth + 1)
-        if found is not None:
-            return found
-    return None
+def _cause_text(error: BaseException) -> str:
+    """The OS's words behind a failed save ("No space left on device (path)"), found through the
+    causes and torch's CheckpointException, whose per-rank failures arrive pickled (their causes
+    lost, their messages kept); else the first line of the innermost failure."""
+    seen, todo = [], [error]
+    while todo and len(seen) < 32:
+        e = todo.pop(0)
+        if e is None or any(e is x for x in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror + (f" ({e.filename})" if e.filename else "")
+        failures = getattr(e, "failures", None)
+        todo += [e.__cause__, e.__context__] + [
+            f[0] if isinstance(f, tuple) else f for f in (failures.values() if isinstance(failures, dict) else [])]
+    for e in reversed(seen):
+        found = re.search(r"\[Errno \d+\] ([^\n]*)", str(e))
+        if found:
+            return found.group(1)
+    return (str(seen[-1]).strip().splitlines() or [type(seen[-1]).__name__])[0]
 
 
 def _from_rank0(value):
