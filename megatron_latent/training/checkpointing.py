@@ -47,18 +47,27 @@ from megatron_latent.checkpoint_layout import (  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-# The distributed optimizer's state is saved as Megatron-LM saves it by default: per gradient
-# bucket, written by every rank in parallel, reshardable over DP only (the run resumes at the same
-# TP and PP). megatron-core 0.16.1's layout-free `fully_reshardable` form fails to load into
-# torch's Adam (it expects a per-parameter `step` the checkpoint lacks).
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# The distributed optimizer's state is saved in model space (megatron-core's `fully_reshardable`,
+# Megatron-LM's --dist-ckpt-optim-fully-reshardable): the DP shards are gathered and every
+# parameter's fp32 weight and Adam moments are written as tensors shaped like that parameter, TP
+# and PP shards written by their own ranks, so the state loads at any TP, PP, VPP and DP.
+# Checkpoints of the bucket format (`dp_reshardable`, DP only) are read in the format they hold.
+# (megatron-core 0.16.1's `fully_sharded_model_space` is unusable: it needs flattened ranges.)
+MODEL_SPACE = "fully_reshardable"
 
 
-def _optimizer_sharded_state_dict(optimizer, model_sd: Dict[str, Any], is_loading: bool):
+def optimizer_sharding(common: Dict[str, Any]) -> Optional[str]:
+    """How a checkpoint's distributed-optimizer state is laid out (None: another optimizer)."""
+    optim = common.get("optimizer")
+    return optim.get("param_state_sharding_type") if isinstance(optim, dict) else None
+
+
+def _optimizer_sharded_state_dict(optimizer, model_sd: Dict[str, Any], is_loading: bool,
+                                  sharding: Optional[str] = None):
     if is_loading:
         compat.materialize_optimizer_state(optimizer)
     return optimizer.sharded_state_dict(_flat_model_sharded(model_sd), is_loading=is_loading,
-                                        metadata=_OPTIMIZER_METADATA)
+                                        metadata={"distrib_optim_sharding_type": sharding or MODEL_SPACE})
 
 
 def _flat_model_sharded(sd: Dict[str, Any]) -> Dict[str, Any]:
@@ -327,17 +336,19 @@ def load_checkpoint(
 
     Returns {"iteration": int, "extra": dict}.
     """
-    path = iteration_dir(root, resolve_iteration(root, iteration))
+    iteration = resolve_iteration(root, iteration)
+    path = iteration_dir(root, iteration)
 
     sd = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        sd["optimizer"] = _optimizer_sharded_state_dict(optimizer, sd, is_loading=True)
+        sd["optimizer"] = _optimizer_sharded_state_dict(optimizer, sd, is_loading=True,
+                                                        sharding=optimizer_sharding(read_common(root, iteration)))
     loaded = dist_checkpointing.load(sd, path)
     load_model_state(model_chunks, loaded)
     if optimizer is not None:
         # no_grad: the distributed optimizer copies into shards that view the model's parameters.
         with torch.no_grad():
-            optimizer.load_state_dict(loaded["optimizer"])
+            compat.load_optimizer_state(optimizer, loaded["optimizer"])
         compat.restore_adam_steps(optimizer)
         platform.fuse_optimizer(optimizer)
     if scheduler is not None and "opt_param_scheduler" in loaded:
