@@ -13,6 +13,7 @@ import pytest
 from multirank import run_on_ranks
 from test_pretrain import TINY, _losses, _main, _runs, _tb
 
+LATENT_ARGS = ["--num-latent-thoughts", "1", "--scale-embeddings"]
 RUN = TINY + ["--mock-data", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
               "--lr", "1e-2"]
 
@@ -337,3 +338,26 @@ def test_optimizer_state_follows_the_layout(tmp_path, optimizer):
     # Same weights, so the same loss at 4; fresh moments step elsewhere at 4, which shows at 5.
     assert losses["fresh"][4] == pytest.approx(losses["tp2"][4], rel=1e-5)
     assert abs(losses["fresh"][5] - losses["tp2"][5]) > 1e-3, losses
+
+
+# ------------------------------------------------------------------------------ asynchronous save
+def test_async_save_resumes_exactly(tmp_path):
+    """--async-save at every step (each save waits for the one before), stopped by --exit-interval
+    at 3 (which waits for the last), resumed to 5: the uninterrupted run's losses (DP=2)."""
+    save = str(tmp_path / "ckpt")
+    common = RUN + LATENT_ARGS + ["--train-iters", "5", "--use-distributed-optimizer", "--jacobi-iters", "1", "3"]
+    runs = run_on_ranks(_runs, 2, [
+        common + _tb(tmp_path, "a"),
+        common + _tb(tmp_path, "b") + ["--save", save, "--save-interval", "1", "--exit-interval", "3",
+                                       "--async-save", "--keep-last-n-checkpoints", "1"],
+        common + _tb(tmp_path, "c") + ["--load", save, "--save", save, "--async-save"],
+    ], timeout=600)[0]
+    assert [r[0] for r in runs] == [0, 0, 0], runs[1][2][-3000:] + runs[2][2][-3000:]
+    assert "saving checkpoint of iteration 3" in runs[1][1] and "iteration 3 in" in runs[1][1]
+    full, first, rest = (_losses(tmp_path, run) for run in "abc")
+    assert sorted(first) == [1, 2, 3] and sorted(rest) == [4, 5]
+    for step in range(1, 6):
+        assert first.get(step, rest.get(step)) == full[step], step
+    from megatron_latent.training.checkpointing import complete_iterations, read_latest_iteration
+
+    assert read_latest_iteration(save) == 5 and complete_iterations(save) == [3, 5]

@@ -126,6 +126,7 @@ def save_checkpoint(
     extra: Optional[Dict[str, Any]] = None,
     root_files: Optional[Dict[str, str]] = None,
     retention: Optional[Retention] = None,
+    background: Optional["BackgroundSaves"] = None,
 ) -> str:
     """Save model (and optimizer, scheduler, `extra` plain state) as iteration `iteration`.
 
@@ -133,7 +134,11 @@ def save_checkpoint(
     before `latest` points at it (model_config.json: the newest iteration's model). Then, with
     `retention`, older iterations it does not keep are deleted (and logged). Before writing, the
     free space is compared with the previous save's size; a failed write (a full disk) raises
-    CheckpointWriteError with the OS's words and leaves the older checkpoints as they were."""
+    CheckpointWriteError with the OS's words and leaves the older checkpoints as they were.
+    With `background`, the write goes on in a forked process after this returns and is published
+    later (BackgroundSaves); a save still in flight is completed first."""
+    if background is not None:
+        background.wait()
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     needed = _estimated_size(root, model_chunks, optimizer)
@@ -159,16 +164,36 @@ def save_checkpoint(
     sd["iteration"] = iteration
     sd["extra"] = extra or {}
     start_checkpoint_writer()
+
+    def publish():
+        _publish(root, iteration, tmp, root_files, retention, background is not None)
+
     try:
+        # The writer processes forked here inherit the blocked SIGTERM: a scheduler's SIGTERM to
+        # the whole job does not kill them mid-write.
         with _sigterm_deferred():
-            dist_checkpointing.save(sd, tmp)
+            if background is None:
+                dist_checkpointing.save(sd, tmp)
+            else:
+                request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
+                request.add_finalize_fn(publish)  # after megatron's own (its .metadata), on every rank
+                background.queue.schedule_async_request(request)
+                background.pending = (root, iteration, tmp)
     except (Exception, CheckpointException) as e:  # noqa: BLE001  (raised on every rank; rank 0 has the cause)
         _raise_write_error(root, iteration, tmp, e)
-    _barrier()
+    if background is None:
+        _barrier()
+        publish()
+    return final
 
+
+def _publish(root, iteration, tmp, root_files, retention, background: bool) -> None:
+    """Every rank has written iteration `iteration` to `tmp`: rank 0 renames it, writes the root
+    files and then the tracker, and prunes what `retention` does not keep (logged)."""
     deleted: List[int] = []
 
     def publish():
+        final = iteration_dir(root, iteration)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         for name, text in (root_files or {}).items():
@@ -178,12 +203,48 @@ def save_checkpoint(
             deleted.extend(prune_checkpoints(root, retention))
 
     _on_rank0(publish, f"--save {root}")
+    if background:
+        logger.info(f"the checkpoint of iteration {iteration} in {root} is complete")
     if retention is not None:
         deleted = _from_rank0(deleted)
         if deleted:
             logger.info(f"deleted the checkpoints of iterations {', '.join(map(str, deleted))} from {root} "
                         "(retention: --keep-last-n-checkpoints / --save-retain-interval)")
-    return final
+
+
+class BackgroundSaves:
+    """Checkpoints written while training goes on (--async-save), with megatron-core's async
+    dist_checkpointing: save_checkpoint gathers the state, forks a writer process (which sees the
+    state as it was at the fork) and returns; once every rank's writer has finished, the
+    iteration is published (renamed, tracker replaced) by `poll` or `wait`, which every rank
+    calls at the same points. One save is in flight at a time: the next save, the end of the run,
+    --exit-interval and SIGTERM wait for it."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue()
+        self.pending = None  # (root, iteration, tmp) of the save in flight
+
+    def poll(self) -> None:
+        """Publish the save in flight if every rank has finished writing it (one all-reduce)."""
+        self._finalize(blocking=False)
+
+    def wait(self) -> None:
+        """Block until the save in flight is written and published."""
+        self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> None:
+        if self.pending is None:
+            return
+        try:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001  (raised on every rank)
+            root, iteration, tmp = self.pending
+            self.pending = None
+            _raise_write_error(root, iteration, tmp, e)
+        if not self.queue.get_num_unfinalized_calls():
+            self.pending = None
 
 
 def check_save_dir(root: str, start_iteration: int) -> None:

@@ -206,6 +206,7 @@ class Trainer:
     jacobi_for_step: Callable[[int], Optional[int]] = lambda step: None
     jacobi_eval: Optional[int] = None
     save: Optional[Callable[[TrainState], None]] = None  # writes a checkpoint to settings.save
+    background_saves: Any = None  # checkpointing.BackgroundSaves with --async-save
     metrics: Optional[MetricsWriter] = None
     reporter: bool = True  # this rank holds the reported loss (last stage, TP and DP rank 0)
     state: TrainState = field(default_factory=TrainState)
@@ -352,6 +353,11 @@ def train(t: Trainer) -> TrainState:
         # all-reduce carries it and the SIGTERM flag.
         diverged, signalled = _any_rank(not (_finite(result.grad_norm) and _finite(result.loss)),
                                         s.exit_signal_handler and signals.received)
+        if t.background_saves is not None:  # every rank at the same point: publish a finished save
+            if diverged:
+                t.background_saves.wait()
+            else:
+                t.background_saves.poll()
         if diverged:
             where = (f" (the newest checkpoint is iteration {last_checkpoint[1]} in {last_checkpoint[0]})"
                      if last_checkpoint else "")
@@ -374,6 +380,7 @@ def train(t: Trainer) -> TrainState:
             last_saved = step
             last_checkpoint = (s.save, step)
         if stop:
+            _wait_for_saves(t)
             logger.info(f"{'SIGTERM received' if signalled else '--exit-interval reached'}: "
                         f"exiting after iteration {step}")
             return state
@@ -386,4 +393,11 @@ def train(t: Trainer) -> TrainState:
         _evaluate(t, state.iteration, t.test_batches, "test", "test/loss")
     if s.save and last_saved != state.iteration:
         t.save(state)
+    _wait_for_saves(t)
     return state
+
+
+def _wait_for_saves(t: Trainer) -> None:
+    """No exit leaves a background save unpublished."""
+    if t.background_saves is not None:
+        t.background_saves.wait()
