@@ -342,22 +342,40 @@ def test_optimizer_state_follows_the_layout(tmp_path, optimizer):
 
 # ------------------------------------------------------------------------------ asynchronous save
 def test_async_save_resumes_exactly(tmp_path):
-    """--async-save at every step (each save waits for the one before), stopped by --exit-interval
-    at 3 (which waits for the last), resumed to 5: the uninterrupted run's losses (DP=2)."""
+    """--async-save every 2 steps while training goes on, stopped by --exit-interval at 4 (which
+    waits for the save of 4); resumed from iteration 2, written while steps 3 and 4 ran, to 5: the
+    uninterrupted run's losses (DP=2, distributed optimizer)."""
     save = str(tmp_path / "ckpt")
     common = RUN + LATENT_ARGS + ["--train-iters", "5", "--use-distributed-optimizer", "--jacobi-iters", "1", "3"]
-    runs = run_on_ranks(_runs, 2, [
+    runs = run_on_ranks(_runs_resuming_from_2, 2, save, [
         common + _tb(tmp_path, "a"),
-        common + _tb(tmp_path, "b") + ["--save", save, "--save-interval", "1", "--exit-interval", "3",
-                                       "--async-save", "--keep-last-n-checkpoints", "1"],
+        common + _tb(tmp_path, "b") + ["--save", save, "--save-interval", "2", "--exit-interval", "4",
+                                       "--async-save"],
         common + _tb(tmp_path, "c") + ["--load", save, "--save", save, "--async-save"],
     ], timeout=600)[0]
     assert [r[0] for r in runs] == [0, 0, 0], runs[1][2][-3000:] + runs[2][2][-3000:]
-    assert "saving checkpoint of iteration 3" in runs[1][1] and "iteration 3 in" in runs[1][1]
+    out = runs[1][1]
+    assert "saving checkpoint of iteration 2" in out and "the checkpoint of iteration 4 in" in out, out
+    assert "at iteration 2" in runs[2][1]
     full, first, rest = (_losses(tmp_path, run) for run in "abc")
-    assert sorted(first) == [1, 2, 3] and sorted(rest) == [4, 5]
+    assert sorted(first) == [1, 2, 3, 4] and sorted(rest) == [3, 4, 5]
     for step in range(1, 6):
         assert first.get(step, rest.get(step)) == full[step], step
+        assert rest.get(step, full[step]) == full[step], step
     from megatron_latent.training.checkpointing import complete_iterations, read_latest_iteration
 
-    assert read_latest_iteration(save) == 5 and complete_iterations(save) == [3, 5]
+    assert read_latest_iteration(save) == 5 and complete_iterations(save) == [2, 5]
+
+
+def _runs_resuming_from_2(save, argvs):
+    """Run argvs[0] and [1]; then drop iteration 4 so that argvs[2] resumes from 2."""
+    import torch.distributed as dist
+
+    from megatron_latent.checkpoint_layout import TRACKER, iteration_dir
+
+    results = [_main(a) for a in argvs[:2]]
+    if dist.get_rank() == 0:
+        shutil.rmtree(iteration_dir(save, 4))
+        open(os.path.join(save, TRACKER), "w").write("2\n")
+    dist.barrier()
+    return results + [_main(argvs[2])]
