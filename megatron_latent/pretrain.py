@@ -263,7 +263,8 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer",
                 "bf16", "num_virtual_stages_per_pipeline_rank")})
     if args.save:
-        checkpointing.check_save_dir(args.save, state.iteration)
+        checkpointing.check_save_dir(args.save, state.iteration, resumed_here=bool(
+            args.load and not args.finetune and os.path.realpath(args.load) == os.path.realpath(args.save)))
 
     train_ds, valid_ds, test_ds = batching.build_datasets(
         args, plan.tokenizer if plan.tokenizer is not None else batching.MockTokenizer(cfg.vocab_size),

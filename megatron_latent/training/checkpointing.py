@@ -247,15 +247,22 @@ class BackgroundSaves:
             self.pending = None
 
 
-def check_save_dir(root: str, start_iteration: int) -> None:
-    """CheckpointError when `root` holds iterations past the one this run starts from: its saves
-    would overwrite them (e.g. a fresh start beside a run whose tracker was lost, or --save given
-    without --load)."""
+def check_save_dir(root: str, start_iteration: int, resumed_here: bool) -> None:
+    """`root` holding iterations past the one this run starts from: its saves would overwrite
+    them. CheckpointError unless the run resumed from `root` itself (`resumed_here`): e.g. a fresh
+    start beside a run whose tracker was lost, or --save given without --load. A run that resumed
+    here replaces them as it reaches them (an iteration renamed into place by a save that was
+    killed before it replaced the tracker), with a warning."""
     newer = [i for i in complete_iterations(root) if i > start_iteration]
-    if newer:
+    if not newer:
+        return
+    listing = ", ".join(map(str, newer[-5:]))
+    if not resumed_here:
         raise CheckpointError(
-            f"--save {root}: holds iterations {', '.join(map(str, newer[-5:]))} past this run's start "
-            f"({start_iteration}), which its saves would overwrite; resume them with --load {root}, or save elsewhere")
+            f"--save {root}: holds iterations {listing} past this run's start ({start_iteration}), which its "
+            f"saves would overwrite; resume them with --load {root}, or save elsewhere")
+    logger.warning(f"--save {root}: iterations {listing} are past the tracker's ({start_iteration}); this run "
+                   "replaces them as it reaches them")
 
 
 def _estimated_size(root: str, model_chunks, optimizer) -> int:
