@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 # and PP shards written by their own ranks, so the state loads at any TP, PP, VPP and DP.
 # Checkpoints of the bucket format (`dp_reshardable`, DP only) are read in the format they hold.
 # (megatron-core 0.16.1's `fully_sharded_model_space` is unusable: it needs flattened ranges.)
-MODEL_SPACE = "fully_reshardable"
+FULLY_RESHARDABLE = "fully_reshardable"
 
 
 def optimizer_sharding(common: Dict[str, Any]) -> Optional[str]:
@@ -67,7 +67,7 @@ def _optimizer_sharded_state_dict(optimizer, model_sd: Dict[str, Any], is_loadin
     if is_loading:
         compat.materialize_optimizer_state(optimizer)
     return optimizer.sharded_state_dict(_flat_model_sharded(model_sd), is_loading=is_loading,
-                                        metadata={"distrib_optim_sharding_type": sharding or MODEL_SPACE})
+                                        metadata={"distrib_optim_sharding_type": sharding or FULLY_RESHARDABLE})
 
 
 def _flat_model_sharded(sd: Dict[str, Any]) -> Dict[str, Any]:

@@ -72,7 +72,7 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     override it or to take the checkpoint's (Megatron's two flags). `optimizer_layout` (the
     run's tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer) is
     checked against the checkpoint's: distributed-optimizer state of the older bucket format
-    reshards over DP only (the model-space format, written now, at any layout)."""
+    reshards over DP only (the fully reshardable format, written now, at any layout)."""
     # The tracker's iteration (or, without a tracker, the newest complete one), checked for
     # missing or truncated files first: CheckpointError names the file, on every rank alike.
     iteration, warning = checkpointing.find_resume_iteration(load_dir)
@@ -107,7 +107,7 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
         )
     if with_optim and optimizer_layout:
         _check_optimizer_layout(load_dir, common.get("extra", {}).get("args", {}), optimizer_layout,
-                                checkpointing.optimizer_sharding(common) == checkpointing.MODEL_SPACE)
+                                checkpointing.optimizer_sharding(common) == checkpointing.FULLY_RESHARDABLE)
     if with_optim and not (scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler):
         ours, theirs = scheduler.state_dict(), common["opt_param_scheduler"]
         differ = sorted({f"{_SCHEDULE_FLAGS[k]} ({k} {theirs[k]} vs {ours[k]})"
@@ -143,8 +143,9 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
 
 
 def _check_optimizer_layout(load_dir: str, saved: dict, now: dict, model_space: bool = False) -> None:
-    """Distributed-optimizer state in model space loads at any layout; the bucket format of older
-    checkpoints at their TP, PP, VPP and precision only (DP may change)."""
+    """Distributed-optimizer state in model space (fully reshardable) loads at any layout with the
+    same precision; the bucket format of older checkpoints at their TP, PP, VPP and precision only
+    (DP may change)."""
     if not saved:
         return  # saved by an older driver: megatron's own checks apply
     def flags(d):
@@ -157,16 +158,19 @@ def _check_optimizer_layout(load_dir: str, saved: dict, now: dict, model_space: 
             * bool(d.get("num_virtual_stages_per_pipeline_rank")))
 
     distributed = bool(saved.get("use_distributed_optimizer")), bool(now["use_distributed_optimizer"])
-    # Its buckets are keyed by TP/PP rank, gradient-buffer dtype and model chunk.
+    # The older bucket format is keyed by TP/PP rank, gradient-buffer dtype and model chunk; the
+    # fully reshardable one loads at any TP, PP and VPP (with the same precision).
     def layout(d):
+        if model_space:
+            return bool(d.get("bf16"))
         return (d.get("tensor_model_parallel_size"), d.get("pipeline_model_parallel_size"),
                 bool(d.get("bf16")), d.get("num_virtual_stages_per_pipeline_rank") or 1)
 
-    if distributed[0] != distributed[1] or (distributed[0] and not model_space and layout(saved) != layout(now)):
+    if distributed[0] != distributed[1] or (distributed[0] and layout(saved) != layout(now)):
         raise ResumeError(
             f"--load {load_dir}: its optimizer state was saved with {flags(saved)} and cannot be read with "
-            f"{flags(now)} (plain and distributed optimizer states differ, and the older bucket format of the "
-            "distributed optimizer reshards over data parallelism only); resume with "
+            f"{flags(now)} (plain and distributed optimizer states differ; distributed-optimizer state loads with the "
+            "same precision only, and in the older bucket format at the same TP, PP and VPP only); resume with "
             "the checkpoint's settings, or pass --no-load-optim to start the Adam moments fresh")
 
 
