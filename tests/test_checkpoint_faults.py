@@ -241,14 +241,17 @@ def tokenizer_file(tmp_path_factory):
     return train_hf_bpe(str(tmp_path_factory.mktemp("tok")))
 
 
-def test_bad_datasets_are_one_line_before_the_first_step(tmp_path, tokenizer_file):
+def test_bad_datasets_are_one_line_each(tmp_path, tokenizer_file):
+    """Two ranks (DP=2). A short .bin and a damaged .idx stop before the first step; a token id
+    past the vocabulary in one document stops the step whose batch holds it, on both ranks
+    although only one of them read it, with one line naming the .bin."""
     import numpy
 
     rng = numpy.random.default_rng(0)
-    docs = [list(rng.integers(0, 300, size=int(rng.integers(20, 60)))) for _ in range(200)]
+    docs = [list(rng.integers(0, 300, size=int(rng.integers(20, 60)))) for _ in range(60)]
     prefixes = {}
     for how in ("short-bin", "bad-header", "bad-body", "token-past-vocab"):
-        bad_docs = [d + [5000] if how == "token-past-vocab" else d for d in docs]
+        bad_docs = [d + [5000] if how == "token-past-vocab" and i == 17 else d for i, d in enumerate(docs)]
         prefixes[how] = p = _dataset(str(tmp_path / how), bad_docs)
         if how == "short-bin":
             os.truncate(p + ".bin", os.path.getsize(p + ".bin") - 40)
@@ -260,10 +263,11 @@ def test_bad_datasets_are_one_line_before_the_first_step(tmp_path, tokenizer_fil
                 f.seek(40)
                 f.write(b"\xff" * 64)
     common = TINY + ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_file,
-                     "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--split", "1,0,0",
-                     "--train-iters", "40", "--num-workers", "1"] + _tb(tmp_path, "tb")
-    results = run_on_ranks(_runs, 1, [common + ["--data-path", p] for p in prefixes.values()], timeout=300)[0]
-    lines = dict(zip(prefixes, map(_one_error_line, results)))
+                     "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "4", "--split", "1,0,0",
+                     "--train-iters", "30", "--num-workers", "1"]
+    results = run_on_ranks(_runs, 2, [common + ["--data-path", p] for p in prefixes.values()], timeout=300)
+    lines = dict(zip(prefixes, map(_one_error_line, results[0])))
+    assert all(r[0] != 0 for r in results[1])  # every rank stopped
     assert f"--data-path: {prefixes['short-bin']}.bin:" in lines["short-bin"] and "the index describes" in lines[
         "short-bin"]
     assert f"{prefixes['bad-header']}.idx: not a megatron indexed-dataset index" in lines["bad-header"]

@@ -344,7 +344,7 @@ def train(t: Trainer) -> TrainState:
         step = state.iteration + 1
         t0 = time.perf_counter()
         jacobi = t.jacobi_for_step(step)
-        micro = batching.take(t.train_batches, s.num_microbatches)
+        micro = batching.take_on_every_rank(t.train_batches, s.num_microbatches)
         result = latent_train_step(t.model, t.optimizer, iter(micro), s.num_microbatches,
                                    s.seq_length, s.micro_batch_size, jacobi or 0)
         t.scheduler.step(increment=1)
