@@ -107,7 +107,7 @@ def prune_checkpoints(root: str, retention: Retention) -> List[int]:
     `iter_*.deleting` (removed by the next prune), never a half-deleted iteration that looks
     complete. Run it only after the newest iteration is published (the tracker names it)."""
     for name in os.listdir(root):
-        if name.endswith(_DELETING):
+        if name.startswith("iter_") and name.endswith(_DELETING):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     deleted = retention.to_delete(complete_iterations(root), read_latest_iteration(root))
     for i in deleted:
