@@ -93,3 +93,33 @@ def restore_adam_steps(optimizer) -> None:
                 state = inner.state.get(p)
                 if state and torch.is_tensor(state.get("step")):
                     state["step"] = torch.full_like(state["step"], float(group["step"]))
+
+
+def load_optimizer_state(optimizer, state) -> None:
+    """`optimizer.load_state_dict(state)`, except for distributed-optimizer state saved in model
+    space (`fully_reshardable`): megatron-core 0.16.1 copies every entry of torch Adam's
+    per-parameter state from the checkpoint, which has no `step` (it is kept in the param groups),
+    and fails with KeyError 'step'. That state is loaded in megatron's two parts, the param groups
+    (with the step) and then the tensors, with `step` out of Adam's state while the tensors are
+    copied and put back (from the groups) afterwards."""
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(opts) == 1:
+        states = [state]
+    else:
+        states = [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state)
+    for opt, st in zip(opts, states):
+        if not (isinstance(opt, DistributedOptimizer) and isinstance(st, dict)
+                and st.get("param_state_sharding_type") == "fully_reshardable"):
+            opt.load_state_dict(st)
+            continue
+        load_tensors = getattr(opt, "load_parameter_state_from_fully_reshardable", None)
+        if load_tensors is None:
+            raise _missing("DistributedOptimizer.load_parameter_state_from_fully_reshardable")
+        opt.load_state_dict({k: v for k, v in st.items() if k not in ("param_state", "param_state_sharding_type")})
+        inner = opt.optimizer
+        steps = {p: s.pop("step") for p, s in inner.state.items() if "step" in s}
+        try:
+            load_tensors(st["param_state"])
+        finally:
+            for p, step in steps.items():
+                inner.state[p]["step"] = step

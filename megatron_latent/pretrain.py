@@ -236,7 +236,8 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer",
                 "bf16", "num_virtual_stages_per_pipeline_rank")})
     if args.save:
-        checkpointing.check_save_dir(args.save, state.iteration)
+        checkpointing.check_save_dir(args.save, state.iteration, resumed_here=bool(
+            args.load and not args.finetune and os.path.realpath(args.load) == os.path.realpath(args.save)))
 
     train_ds, valid_ds, test_ds = batching.build_datasets(
         args, plan.tokenizer if plan.tokenizer is not None else batching.MockTokenizer(cfg.vocab_size),
@@ -258,6 +259,8 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
         logger.info("no validation data (the --split gives it no weight, or --valid-data-path is not given): "
                     "no validation loss is reported")
 
+    background_saves = checkpointing.BackgroundSaves() if args.async_save else None
+
     def save(st: loop.TrainState) -> None:
         checkpointing.save_checkpoint(
             args.save, st.iteration, model, opt, sched,
@@ -267,8 +270,10 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
             root_files={MODEL_CONFIG_FILE: model_config_text(cfg)},
             retention=checkpointing.Retention(args.keep_last_n_checkpoints, args.save_retain_interval,
                                               frozenset(args.extra_save_iters or ())),
+            background=background_saves,
         )
-        logger.info(f"saved checkpoint of iteration {st.iteration} to {args.save}")
+        logger.info(f"{'saving' if background_saves else 'saved'} checkpoint of iteration {st.iteration} to "
+                    f"{args.save}" + (" in the background" if background_saves else ""))
 
     def flops_per_sample(jacobi):
         return model_step_flops(cfg, plan.seq_length, jacobi or 0)
@@ -290,6 +295,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
                                              dp_rank, dp, args.num_workers, vocab_size=cfg.vocab_size),
         valid_batches=valid_batches, test_batches=eval_batches(test_ds, "test"),
         jacobi_for_step=plan.jacobi_for_step, jacobi_eval=plan.jacobi_eval, save=save,
+        background_saves=background_saves,
         metrics=MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration,
                               wandb=_open_wandb(args, plan) if reporter and args.wandb_project else None),
         reporter=reporter, state=state, monitor=_monitor(args, cfg), eval_jacobi_sweep=_jacobi_sweep(args, plan),

@@ -4,6 +4,7 @@ disk stops the driver with one line on one rank naming the file, never a traceba
 fresh start."""
 
 import errno
+import functools
 import os
 import shutil
 
@@ -12,6 +13,7 @@ import pytest
 from multirank import run_on_ranks
 from test_pretrain import TINY, _losses, _main, _runs, _tb
 
+LATENT_ARGS = ["--num-latent-thoughts", "1", "--scale-embeddings"]
 RUN = TINY + ["--mock-data", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
               "--lr", "1e-2"]
 
@@ -108,7 +110,7 @@ def _damage(root, how):
     elif how == "tracker-names-missing":
         open(os.path.join(root, TRACKER), "w").write("6\n")
     elif how == "truncated-shard":
-        shard = os.path.join(it4, "__1_0.distcp")
+        shard = os.path.join(it4, "__0_1.distcp")
         os.truncate(shard, os.path.getsize(shard) // 2)
     elif how == "missing-shard":
         os.remove(os.path.join(it4, "__0_0.distcp"))
@@ -119,7 +121,7 @@ def _damage(root, how):
 FAULTS = {  # damage -> what the one line says
     "garbage-tracker": "latest_checkpointed_iteration.txt: expected an iteration number, found",
     "tracker-names-missing": "names iteration 6, but",
-    "truncated-shard": "iteration 4: {root}/iter_0000004/__1_0.distcp is truncated",
+    "truncated-shard": "iteration 4: {root}/iter_0000004/__0_1.distcp is truncated",
     "missing-shard": "iteration 4: {root}/iter_0000004/__0_0.distcp is missing",
     ".metadata": "iteration 4: {root}/iter_0000004/.metadata is missing",
     "common.pt": "iteration 4: {root}/iter_0000004/common.pt is missing",
@@ -136,7 +138,8 @@ def test_damaged_checkpoints_are_one_line_each(tmp_path):
     roots = {}
     for how in ["no-tracker", *FAULTS]:
         roots[how] = str(tmp_path / how)
-        argvs.append(RUN + ["--train-iters", "5", "--load", roots[how], "--save", roots[how]])
+        argvs.append(RUN + ["--train-iters", "5", "--load", roots[how], "--save", roots[how],
+                            "--override-opt_param-scheduler"])
     argvs.append(RUN + ["--train-iters", "5", "--save", base])  # no --load
 
     results = run_on_ranks(_runs_with_damage, 2, argvs, roots, base, timeout=600)
@@ -174,31 +177,33 @@ def _runs_with_damage(argvs, roots, base):
 
 
 # ------------------------------------------------------------------------------ disk full
-def _main_with_full_disk(argv, fail_at_save, free_bytes=None):
-    """The driver with the checkpoint writer's file writes failing with ENOSPC from save number
-    `fail_at_save` on (in the forked writer processes too), or with `free_bytes` free."""
+def _full_disk_runs(argv, small_argv):
+    """The driver twice: with the checkpoint writer's file writes failing with ENOSPC from the
+    second save on (in the forked writer processes too), then with 1000 bytes free."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from megatron_latent.training import checkpointing
 
-    saves = {"n": 0}
+    saves = {"n": 0, "fail_at": 2}
     real_save, real_write = checkpointing.dist_checkpointing.save, filesystem_async._write_item
 
     def counting_save(*a, **k):
         saves["n"] += 1
         return real_save(*a, **k)
 
+    @functools.wraps(real_write)  # megatron inspects its signature
     def write_item(*a, **k):
-        if saves["n"] >= fail_at_save:
+        if saves["n"] >= saves["fail_at"]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "__0_0.distcp")
         return real_write(*a, **k)
 
     checkpointing.dist_checkpointing.save = counting_save
     filesystem_async._write_item = write_item
-    if free_bytes is not None:
-        real_usage = shutil.disk_usage
-        checkpointing.shutil.disk_usage = lambda p: real_usage(p)._replace(free=free_bytes)
-    return _main(argv)
+    first = _main(argv)
+    saves["fail_at"] = 10 ** 9
+    real_usage = shutil.disk_usage
+    checkpointing.shutil.disk_usage = lambda p: real_usage(p)._replace(free=1000)
+    return first, _main(small_argv)
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_older_checkpoints(tmp_path):
@@ -206,18 +211,17 @@ def test_a_full_disk_is_one_line_and_keeps_the_older_checkpoints(tmp_path):
 
     save, small = str(tmp_path / "ckpt"), str(tmp_path / "small")
     argv = RUN + ["--train-iters", "4", "--save-interval", "2"]
-    results = run_on_ranks(_main_with_full_disk, 2, argv + ["--save", save], 2, timeout=300)
-    line = _one_error_line(results[0])
-    assert results[0][0] == 1 and results[1][0] == 1
+    results = run_on_ranks(_full_disk_runs, 2, argv + ["--save", save], argv + ["--save", small], timeout=300)
+    line = _one_error_line(results[0][0])
+    assert results[0][0][0] == 1 and results[1][0][0] == 1
     assert "writing iteration 4 failed: No space left on device" in line and "iteration 2, is intact" in line, line
     assert complete_iterations(save) == [2] and read_latest_iteration(save) == 2 and not os.path.exists(
         os.path.join(save, "iter_0000004.tmp"))
     check_iteration(save, 2)
     # Too little free space for the first save is found before anything is written.
-    results = run_on_ranks(_main_with_full_disk, 1, argv + ["--save", small], 99, 1000, timeout=300)
-    line = _one_error_line(results[0])
+    line = _one_error_line(results[0][1])
     assert "not enough free space for iteration 2: 1e-06 GB free" in line and "nothing was written" in line, line
-    assert complete_iterations(small) == []
+    assert complete_iterations(small) == [] and results[1][1][0] == 1
 
 
 # ------------------------------------------------------------------------------ bad datasets
@@ -237,14 +241,17 @@ def tokenizer_file(tmp_path_factory):
     return train_hf_bpe(str(tmp_path_factory.mktemp("tok")))
 
 
-def test_bad_datasets_are_one_line_before_the_first_step(tmp_path, tokenizer_file):
+def test_bad_datasets_are_one_line_each(tmp_path, tokenizer_file):
+    """Two ranks (DP=2). A short .bin and a damaged .idx stop before the first step; a token id
+    past the vocabulary in one document stops the step whose batch holds it, on both ranks
+    although only one of them read it, with one line naming the .bin."""
     import numpy
 
     rng = numpy.random.default_rng(0)
-    docs = [list(rng.integers(0, 300, size=int(rng.integers(20, 60)))) for _ in range(200)]
+    docs = [list(rng.integers(0, 300, size=int(rng.integers(20, 60)))) for _ in range(60)]
     prefixes = {}
     for how in ("short-bin", "bad-header", "bad-body", "token-past-vocab"):
-        bad_docs = [d + [5000] if i == 150 and how == "token-past-vocab" else d for i, d in enumerate(docs)]
+        bad_docs = [d + [5000] if how == "token-past-vocab" and i == 17 else d for i, d in enumerate(docs)]
         prefixes[how] = p = _dataset(str(tmp_path / how), bad_docs)
         if how == "short-bin":
             os.truncate(p + ".bin", os.path.getsize(p + ".bin") - 40)
@@ -256,10 +263,11 @@ def test_bad_datasets_are_one_line_before_the_first_step(tmp_path, tokenizer_fil
                 f.seek(40)
                 f.write(b"\xff" * 64)
     common = TINY + ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_file,
-                     "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--split", "1,0,0",
-                     "--train-iters", "40", "--num-workers", "1"] + _tb(tmp_path, "tb")
-    results = run_on_ranks(_runs, 1, [common + ["--data-path", p] for p in prefixes.values()], timeout=300)[0]
-    lines = dict(zip(prefixes, map(_one_error_line, results)))
+                     "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "4", "--split", "1,0,0",
+                     "--train-iters", "30", "--num-workers", "1"]
+    results = run_on_ranks(_runs, 2, [common + ["--data-path", p] for p in prefixes.values()], timeout=300)
+    lines = dict(zip(prefixes, map(_one_error_line, results[0])))
+    assert all(r[0] != 0 for r in results[1])  # every rank stopped
     assert f"--data-path: {prefixes['short-bin']}.bin:" in lines["short-bin"] and "the index describes" in lines[
         "short-bin"]
     assert f"{prefixes['bad-header']}.idx: not a megatron indexed-dataset index" in lines["bad-header"]
@@ -293,3 +301,135 @@ def test_the_pythia_recipe_saves_at_pythia_checkpoint_steps():
     assert args.keep_last_n_checkpoints is None and args.save_retain_interval is None  # all kept
     args = _recipe_flags(KEEP="2", RETAIN="10000")
     assert (args.keep_last_n_checkpoints, args.save_retain_interval) == (2, 10000)
+
+
+# ------------------------------------------------------------------------------ optimizer state across layouts
+def _continue_at_layouts(save, argvs):
+    import torch.distributed as dist
+
+    first = _main(argvs[0])
+    out = [first]
+    for argv in argvs[1:]:
+        dist.barrier()
+        out.append(_main(argv))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", [["--use-distributed-optimizer"], []], ids=["distributed", "adam"])
+def test_optimizer_state_follows_the_layout(tmp_path, optimizer):
+    """Saved at TP=2 after 3 steps, continued for 2 at TP=2, PP=2 and DP=2: the Adam moments and
+    steps, scheduler and data position carry over, so the continuations' losses agree to fp32
+    tolerance; continuing with fresh moments (--no-load-optim) visibly differs."""
+    save = str(tmp_path / "ckpt")
+    common = TINY + ["--num-latent-thoughts", "1", "--scale-embeddings", "--mock-data", "--seq-length", "16",
+                     "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-2", "--jacobi-iters", "2",
+                     "2", "--lr-warmup-iters", "0"] + optimizer
+    resume = common + ["--load", save, "--train-iters", "5"]
+    layouts = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"],
+               "dp2": [], "fresh": ["--tensor-model-parallel-size", "2", "--no-load-optim"]}
+    argvs = [common + ["--tensor-model-parallel-size", "2", "--train-iters", "5", "--save", save,
+                       "--exit-interval", "3"]]
+    argvs += [resume + extra + _tb(tmp_path, name) for name, extra in layouts.items()]
+    results = run_on_ranks(_continue_at_layouts, 2, save, argvs, timeout=600)[0]
+    for r in results:
+        assert r[0] == 0, r[2][-3000:]
+    losses = {name: _losses(tmp_path, name) for name in layouts}
+    assert sorted(losses["tp2"]) == [4, 5]
+    for name in ("pp2", "dp2"):
+        for step in (4, 5):
+            assert losses[name][step] == pytest.approx(losses["tp2"][step], rel=1e-5, abs=1e-5), (name, losses)
+    # Same weights, so the same loss at 4; fresh moments step elsewhere at 4, which shows at 5.
+    assert losses["fresh"][4] == pytest.approx(losses["tp2"][4], rel=1e-5)
+    assert abs(losses["fresh"][5] - losses["tp2"][5]) > 1e-3, losses
+
+
+# ------------------------------------------------------------------------------ asynchronous save
+@pytest.mark.slow
+def test_async_save_resumes_exactly(tmp_path):
+    """--async-save every 2 steps while training goes on, stopped by --exit-interval at 4 (which
+    waits for the save of 4); resumed from iteration 2, written while steps 3 and 4 ran, to 5: the
+    uninterrupted run's losses (DP=2, distributed optimizer)."""
+    save = str(tmp_path / "ckpt")
+    common = RUN + LATENT_ARGS + ["--train-iters", "5", "--use-distributed-optimizer", "--jacobi-iters", "1", "3"]
+    runs = run_on_ranks(_runs_resuming_from_2, 2, save, [
+        common + _tb(tmp_path, "a"),
+        common + _tb(tmp_path, "b") + ["--save", save, "--save-interval", "2", "--exit-interval", "4",
+                                       "--async-save"],
+        common + _tb(tmp_path, "c") + ["--load", save, "--save", save, "--async-save"],
+    ], timeout=600)[0]
+    assert [r[0] for r in runs] == [0, 0, 0], runs[1][2][-3000:] + runs[2][2][-3000:]
+    out = runs[1][1]
+    assert "saving checkpoint of iteration 2" in out and "the checkpoint of iteration 4 in" in out, out
+    assert "at iteration 2" in runs[2][1]
+    full, first, rest = (_losses(tmp_path, run) for run in "abc")
+    assert sorted(first) == [1, 2, 3, 4] and sorted(rest) == [3, 4, 5]
+    for step in range(1, 6):
+        assert first.get(step, rest.get(step)) == full[step], step
+        assert rest.get(step, full[step]) == full[step], step
+    from megatron_latent.training.checkpointing import complete_iterations, read_latest_iteration
+
+    assert read_latest_iteration(save) == 5 and complete_iterations(save) == [2, 5]
+
+
+def _runs_resuming_from_2(save, argvs):
+    """Run argvs[0] and [1]; then drop iteration 4 so that argvs[2] resumes from 2."""
+    import torch.distributed as dist
+
+    from megatron_latent.checkpoint_layout import TRACKER, iteration_dir
+
+    results = [_main(a) for a in argvs[:2]]
+    if dist.get_rank() == 0:
+        shutil.rmtree(iteration_dir(save, 4))
+        open(os.path.join(save, TRACKER), "w").write("2\n")
+    dist.barrier()
+    return results + [_main(argvs[2])]
+
+
+# ------------------------------------------------------------------------------ kill -9 during saves
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
+def test_kill_9_during_saves_loses_nothing(tmp_path, mode):
+    """A run saving at every step is killed (SIGKILL to every process of the job) at random
+    moments of its saves, three times, and restarted with the same command each time: every
+    loss any attempt logged equals the uninterrupted run's, and the run ends complete."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    save = str(tmp_path / "ckpt")
+    argv = RUN + LATENT_ARGS + ["--train-iters", "12", "--use-distributed-optimizer", "--hidden-size", "128",
+                                "--ffn-hidden-size", "256"]
+    command = [sys.executable, "-m", "megatron_latent.pretrain", *argv]
+    done = subprocess.run(command + _tb(tmp_path, "ref"), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = _losses(tmp_path, "ref")
+    rng = random.Random(0)
+    resumable = command + ["--save", save, "--load", save, "--save-interval", "1", *mode]
+    for attempt in range(4):
+        proc = subprocess.Popen(resumable + _tb(tmp_path, f"run{attempt}"), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            if attempt < 3:
+                target = 3 * attempt + 2  # kill somewhere in a later save each time
+                for line in proc.stdout:
+                    if "checkpoint of iteration" in line and int(line.split("iteration ")[1].split()[0]) >= target:
+                        break
+                time.sleep(rng.uniform(0.0, 1.5))
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+            else:
+                out, _ = proc.communicate(timeout=600)
+                assert proc.returncode == 0, out[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert not [d for d in os.listdir(save) if d.endswith(".deleting")]
+        for step, loss in _losses(tmp_path, f"run{attempt}").items():
+            assert loss == reference[step], (attempt, step, loss, reference[step])
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read().strip() == "12"

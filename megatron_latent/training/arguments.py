@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--extra-save-iters", type=int, nargs="+", default=None, metavar="I",
                    help="also save at these iterations (0: the initial weights, before the first step); never "
                         "deleted by retention")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background while training goes on; the iteration is published "
+                        "once every rank has written it (the next save and every exit wait for it)")
 
     g = p.add_argument_group("data")
     g.add_argument("--mock-data", action="store_true", help="megatron's synthetic, learnable token stream")
@@ -307,6 +310,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} needs --load")
     if args.save_interval is not None and not args.save:
         parser.error("--save-interval needs --save")
+    if args.async_save and not args.save:
+        parser.error("--async-save needs --save")
     for flag in ("keep_last_n_checkpoints", "save_retain_interval", "extra_save_iters"):
         value = getattr(args, flag)
         if value is not None and not args.save:

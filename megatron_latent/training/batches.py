@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 from megatron_latent import platform
 from megatron_latent.data.gpt_data import (
     DataArgs,
+    DataConfigError,
     build_pretraining_data_loader,
     build_train_valid_test_datasets,
     checked_batches,
@@ -102,3 +103,29 @@ def take(iterator: Iterator[dict], n: int, what: str = "training") -> list:
             ) from None
     return out
 
+
+
+def take_on_every_rank(iterator: Iterator[dict], n: int) -> list:
+    """`take` of the training batches, with a bad sample (DataConfigError: a token id past the
+    vocabulary) agreed on by every rank: each reads its own data-parallel slice, so one rank
+    alone may find it, and the others must not go on into the step's collectives and wait for
+    it. Every rank raises the finding rank's message. One small all-reduce per step."""
+    import torch
+    import torch.distributed as dist
+
+    error = None
+    try:
+        out = take(iterator, n)
+    except DataConfigError as e:
+        error, out = e, None
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return out
+    failed = torch.tensor([int(error is not None)], device=platform.device())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, str(error) if error is not None else None)
+        raise DataConfigError(next(m for m in messages if m))
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -24,6 +25,7 @@ from typing import Any, Dict, FrozenSet, List, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_latent import compat, platform
 
@@ -45,18 +47,27 @@ from megatron_latent.checkpoint_layout import (  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-# The distributed optimizer's state is saved as Megatron-LM saves it by default: per gradient
-# bucket, written by every rank in parallel, reshardable over DP only (the run resumes at the same
-# TP and PP). megatron-core 0.16.1's layout-free `fully_reshardable` form fails to load into
-# torch's Adam (it expects a per-parameter `step` the checkpoint lacks).
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# The distributed optimizer's state is saved in model space (megatron-core's `fully_reshardable`,
+# Megatron-LM's --dist-ckpt-optim-fully-reshardable): the DP shards are gathered and every
+# parameter's fp32 weight and Adam moments are written as tensors shaped like that parameter, TP
+# and PP shards written by their own ranks, so the state loads at any TP, PP, VPP and DP.
+# Checkpoints of the bucket format (`dp_reshardable`, DP only) are read in the format they hold.
+# (megatron-core 0.16.1's `fully_sharded_model_space` is unusable: it needs flattened ranges.)
+FULLY_RESHARDABLE = "fully_reshardable"
 
 
-def _optimizer_sharded_state_dict(optimizer, model_sd: Dict[str, Any], is_loading: bool):
+def optimizer_sharding(common: Dict[str, Any]) -> Optional[str]:
+    """How a checkpoint's distributed-optimizer state is laid out (None: another optimizer)."""
+    optim = common.get("optimizer")
+    return optim.get("param_state_sharding_type") if isinstance(optim, dict) else None
+
+
+def _optimizer_sharded_state_dict(optimizer, model_sd: Dict[str, Any], is_loading: bool,
+                                  sharding: Optional[str] = None):
     if is_loading:
         compat.materialize_optimizer_state(optimizer)
     return optimizer.sharded_state_dict(_flat_model_sharded(model_sd), is_loading=is_loading,
-                                        metadata=_OPTIMIZER_METADATA)
+                                        metadata={"distrib_optim_sharding_type": sharding or FULLY_RESHARDABLE})
 
 
 def _flat_model_sharded(sd: Dict[str, Any]) -> Dict[str, Any]:
@@ -96,7 +107,7 @@ def prune_checkpoints(root: str, retention: Retention) -> List[int]:
     `iter_*.deleting` (removed by the next prune), never a half-deleted iteration that looks
     complete. Run it only after the newest iteration is published (the tracker names it)."""
     for name in os.listdir(root):
-        if name.endswith(_DELETING):
+        if name.startswith("iter_") and name.endswith(_DELETING):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     deleted = retention.to_delete(complete_iterations(root), read_latest_iteration(root))
     for i in deleted:
@@ -115,6 +126,7 @@ def save_checkpoint(
     extra: Optional[Dict[str, Any]] = None,
     root_files: Optional[Dict[str, str]] = None,
     retention: Optional[Retention] = None,
+    background: Optional["BackgroundSaves"] = None,
 ) -> str:
     """Save model (and optimizer, scheduler, `extra` plain state) as iteration `iteration`.
 
@@ -122,7 +134,11 @@ def save_checkpoint(
     before `latest` points at it (model_config.json: the newest iteration's model). Then, with
     `retention`, older iterations it does not keep are deleted (and logged). Before writing, the
     free space is compared with the previous save's size; a failed write (a full disk) raises
-    CheckpointWriteError with the OS's words and leaves the older checkpoints as they were."""
+    CheckpointWriteError with the OS's words and leaves the older checkpoints as they were.
+    With `background`, the write goes on in a forked process after this returns and is published
+    later (BackgroundSaves); a save still in flight is completed first."""
+    if background is not None:
+        background.wait()
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
     needed = _estimated_size(root, model_chunks, optimizer)
@@ -148,16 +164,36 @@ def save_checkpoint(
     sd["iteration"] = iteration
     sd["extra"] = extra or {}
     start_checkpoint_writer()
-    try:
-        with _sigterm_deferred():
-            dist_checkpointing.save(sd, tmp)
-    except Exception as e:  # noqa: BLE001  (megatron raises on every rank; rank 0 holds the cause)
-        _raise_write_error(root, iteration, tmp, e)
-    _barrier()
 
+    def publish():
+        _publish(root, iteration, tmp, root_files, retention, background is not None)
+
+    try:
+        # The writer processes forked here inherit the blocked SIGTERM: a scheduler's SIGTERM to
+        # the whole job does not kill them mid-write.
+        with _sigterm_deferred():
+            if background is None:
+                dist_checkpointing.save(sd, tmp)
+            else:
+                request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
+                request.add_finalize_fn(publish)  # after megatron's own (its .metadata), on every rank
+                background.queue.schedule_async_request(request)
+                background.pending = (root, iteration, tmp)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001  (raised on every rank; rank 0 has the cause)
+        _raise_write_error(root, iteration, tmp, e)
+    if background is None:
+        _barrier()
+        publish()
+    return final
+
+
+def _publish(root, iteration, tmp, root_files, retention, background: bool) -> None:
+    """Every rank has written iteration `iteration` to `tmp`: rank 0 renames it, writes the root
+    files and then the tracker, and prunes what `retention` does not keep (logged)."""
     deleted: List[int] = []
 
     def publish():
+        final = iteration_dir(root, iteration)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         for name, text in (root_files or {}).items():
@@ -167,23 +203,66 @@ def save_checkpoint(
             deleted.extend(prune_checkpoints(root, retention))
 
     _on_rank0(publish, f"--save {root}")
+    if background:
+        logger.info(f"the checkpoint of iteration {iteration} in {root} is complete")
     if retention is not None:
         deleted = _from_rank0(deleted)
         if deleted:
             logger.info(f"deleted the checkpoints of iterations {', '.join(map(str, deleted))} from {root} "
                         "(retention: --keep-last-n-checkpoints / --save-retain-interval)")
-    return final
 
 
-def check_save_dir(root: str, start_iteration: int) -> None:
-    """CheckpointError when `root` holds iterations past the one this run starts from: its saves
-    would overwrite them (e.g. a fresh start beside a run whose tracker was lost, or --save given
-    without --load)."""
+class BackgroundSaves:
+    """Checkpoints written while training goes on (--async-save), with megatron-core's async
+    dist_checkpointing: save_checkpoint gathers the state, forks a writer process (which sees the
+    state as it was at the fork) and returns; once every rank's writer has finished, the
+    iteration is published (renamed, tracker replaced) by `poll` or `wait`, which every rank
+    calls at the same points. One save is in flight at a time: the next save, the end of the run,
+    --exit-interval and SIGTERM wait for it."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue()
+        self.pending = None  # (root, iteration, tmp) of the save in flight
+
+    def poll(self) -> None:
+        """Publish the save in flight if every rank has finished writing it (one all-reduce)."""
+        self._finalize(blocking=False)
+
+    def wait(self) -> None:
+        """Block until the save in flight is written and published."""
+        self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> None:
+        if self.pending is None:
+            return
+        try:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001  (raised on every rank)
+            root, iteration, tmp = self.pending
+            self.pending = None
+            _raise_write_error(root, iteration, tmp, e)
+        if not self.queue.get_num_unfinalized_calls():
+            self.pending = None
+
+
+def check_save_dir(root: str, start_iteration: int, resumed_here: bool) -> None:
+    """`root` holding iterations past the one this run starts from: its saves would overwrite
+    them. CheckpointError unless the run resumed from `root` itself (`resumed_here`): e.g. a fresh
+    start beside a run whose tracker was lost, or --save given without --load. A run that resumed
+    here replaces them as it reaches them (an iteration renamed into place by a save that was
+    killed before it replaced the tracker), with a warning."""
     newer = [i for i in complete_iterations(root) if i > start_iteration]
-    if newer:
+    if not newer:
+        return
+    listing = ", ".join(map(str, newer[-5:]))
+    if not resumed_here:
         raise CheckpointError(
-            f"--save {root}: holds iterations {', '.join(map(str, newer[-5:]))} past this run's start "
-            f"({start_iteration}), which its saves would overwrite; resume them with --load {root}, or save elsewhere")
+            f"--save {root}: holds iterations {listing} past this run's start ({start_iteration}), which its "
+            f"saves would overwrite; resume them with --load {root}, or save elsewhere")
+    logger.warning(f"--save {root}: iterations {listing} are past the tracker's ({start_iteration}); this run "
+                   "replaces them as it reaches them")
 
 
 def _estimated_size(root: str, model_chunks, optimizer) -> int:
@@ -211,11 +290,7 @@ def _estimated_size(root: str, model_chunks, optimizer) -> int:
 def _raise_write_error(root: str, iteration: int, tmp: str, error: BaseException):
     """One line for a failed dist_checkpointing.save on every rank: rank 0's cause (the OS's
     words where there are some), the partial directory removed, older checkpoints named."""
-    cause = _os_error(error)
-    if cause is None:
-        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    else:
-        message = f"{cause.strerror or cause}" + (f" ({cause.filename})" if cause.filename else "")
+    message = _cause_text(error)
     if not dist.is_initialized() or dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     message = _from_rank0(message)
@@ -226,21 +301,26 @@ def _raise_write_error(root: str, iteration: int, tmp: str, error: BaseException
            else "no earlier checkpoint was there")) from error
 
 
-def _os_error(error: Optional[BaseException], depth: int = 0) -> Optional[OSError]:
-    """The OSError behind `error`, through causes and torch's CheckpointException (which holds
-    each rank's failure), or None."""
-    if error is None or depth > 8:
-        return None
-    if isinstance(error, OSError):
-        return error
-    failures = getattr(error, "failures", None)
-    inner = [error.__cause__, error.__context__] + [
-        f[0] if isinstance(f, tuple) else f for f in (failures.values() if isinstance(failures, dict) else [])]
-    for e in inner:
-        found = _os_error(e, depth + 1)
-        if found is not None:
-            return found
-    return None
+def _cause_text(error: BaseException) -> str:
+    """The OS's words behind a failed save ("No space left on device (path)"), found through the
+    causes and torch's CheckpointException, whose per-rank failures arrive pickled (their causes
+    lost, their messages kept); else the first line of the innermost failure."""
+    seen, todo = [], [error]
+    while todo and len(seen) < 32:
+        e = todo.pop(0)
+        if e is None or any(e is x for x in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror + (f" ({e.filename})" if e.filename else "")
+        failures = getattr(e, "failures", None)
+        todo += [e.__cause__, e.__context__] + [
+            f[0] if isinstance(f, tuple) else f for f in (failures.values() if isinstance(failures, dict) else [])]
+    for e in reversed(seen):
+        found = re.search(r"\[Errno \d+\] ([^\n]*)", str(e))
+        if found:
+            return found.group(1)
+    return (str(seen[-1]).strip().splitlines() or [type(seen[-1]).__name__])[0]
 
 
 def _from_rank0(value):
@@ -324,17 +404,19 @@ def load_checkpoint(
 
     Returns {"iteration": int, "extra": dict}.
     """
-    path = iteration_dir(root, resolve_iteration(root, iteration))
+    iteration = resolve_iteration(root, iteration)
+    path = iteration_dir(root, iteration)
 
     sd = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        sd["optimizer"] = _optimizer_sharded_state_dict(optimizer, sd, is_loading=True)
+        sd["optimizer"] = _optimizer_sharded_state_dict(optimizer, sd, is_loading=True,
+                                                        sharding=optimizer_sharding(read_common(root, iteration)))
     loaded = dist_checkpointing.load(sd, path)
     load_model_state(model_chunks, loaded)
     if optimizer is not None:
         # no_grad: the distributed optimizer copies into shards that view the model's parameters.
         with torch.no_grad():
-            optimizer.load_state_dict(loaded["optimizer"])
+            compat.load_optimizer_state(optimizer, loaded["optimizer"])
         compat.restore_adam_steps(optimizer)
         platform.fuse_optimizer(optimizer)
     if scheduler is not None and "opt_param_scheduler" in loaded:

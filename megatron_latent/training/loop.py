@@ -73,7 +73,8 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     with thoughts is a new run); its lr schedule may differ only when the scheduler was built to
     override it or to take the checkpoint's (Megatron's two flags). `optimizer_layout` (the
     run's tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer) is
-    checked against the checkpoint's: distributed-optimizer state reshards over DP only."""
+    checked against the checkpoint's: distributed-optimizer state of the older bucket format
+    reshards over DP only (the fully reshardable format, written now, at any layout)."""
     # The tracker's iteration (or, without a tracker, the newest complete one), checked for
     # missing or truncated files first: CheckpointError names the file, on every rank alike.
     iteration, warning = checkpointing.find_resume_iteration(load_dir)
@@ -107,7 +108,8 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
             "converted from Hugging Face); pass --finetune (or --no-load-optim)"
         )
     if with_optim and optimizer_layout:
-        _check_optimizer_layout(load_dir, common.get("extra", {}).get("args", {}), optimizer_layout)
+        _check_optimizer_layout(load_dir, common.get("extra", {}).get("args", {}), optimizer_layout,
+                                checkpointing.optimizer_sharding(common) == checkpointing.FULLY_RESHARDABLE)
     if with_optim and not (scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler):
         ours, theirs = scheduler.state_dict(), common["opt_param_scheduler"]
         differ = sorted({f"{_SCHEDULE_FLAGS[k]} ({k} {theirs[k]} vs {ours[k]})"
@@ -142,7 +144,10 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     return TrainState(iteration, int(extra.get("consumed_train_samples", 0)))
 
 
-def _check_optimizer_layout(load_dir: str, saved: dict, now: dict) -> None:
+def _check_optimizer_layout(load_dir: str, saved: dict, now: dict, model_space: bool = False) -> None:
+    """Distributed-optimizer state in model space (fully reshardable) loads at any layout with the
+    same precision; the bucket format of older checkpoints at their TP, PP, VPP and precision only
+    (DP may change)."""
     if not saved:
         return  # saved by an older driver: megatron's own checks apply
     def flags(d):
@@ -155,15 +160,19 @@ def _check_optimizer_layout(load_dir: str, saved: dict, now: dict) -> None:
             * bool(d.get("num_virtual_stages_per_pipeline_rank")))
 
     distributed = bool(saved.get("use_distributed_optimizer")), bool(now["use_distributed_optimizer"])
-    # Its buckets are keyed by TP/PP rank, gradient-buffer dtype and model chunk.
+    # The older bucket format is keyed by TP/PP rank, gradient-buffer dtype and model chunk; the
+    # fully reshardable one loads at any TP, PP and VPP (with the same precision).
     def layout(d):
+        if model_space:
+            return bool(d.get("bf16"))
         return (d.get("tensor_model_parallel_size"), d.get("pipeline_model_parallel_size"),
                 bool(d.get("bf16")), d.get("num_virtual_stages_per_pipeline_rank") or 1)
 
     if distributed[0] != distributed[1] or (distributed[0] and layout(saved) != layout(now)):
         raise ResumeError(
             f"--load {load_dir}: its optimizer state was saved with {flags(saved)} and cannot be read with "
-            f"{flags(now)} (distributed-optimizer state reshards over data parallelism only); resume with "
+            f"{flags(now)} (plain and distributed optimizer states differ; distributed-optimizer state loads with the "
+            "same precision only, and in the older bucket format at the same TP, PP and VPP only); resume with "
             "the checkpoint's settings, or pass --no-load-optim to start the Adam moments fresh")
 
 
@@ -204,12 +213,14 @@ class Trainer:
     jacobi_for_step: Callable[[int], Optional[int]] = lambda step: None
     jacobi_eval: Optional[int] = None
     save: Optional[Callable[[TrainState], None]] = None  # writes a checkpoint to settings.save
+    background_saves: Any = None  # checkpointing.BackgroundSaves with --async-save
     metrics: Optional[MetricsWriter] = None
     reporter: bool = True  # this rank holds the reported loss (last stage, TP and DP rank 0)
     monitor: Optional[Any] = None  # training.monitoring.Monitor: diagnostics and the passes' signals
     eval_jacobi_sweep: tuple = ()  # each validation also reports the loss at these J (valid/loss_J<j>)
     downstream: Optional[Any] = None  # training.downstream.DownstreamEvaluator (reporting rank only)
     downstream_interval: Optional[int] = None  # evaluate the saves at multiples of this (None: every save)
+    downstream_due: Optional[int] = None  # a save to evaluate once it is published (--async-save)
     state: TrainState = field(default_factory=TrainState)
 
 
@@ -338,7 +349,11 @@ def _downstream(t: Trainer, saved: Optional[int] = None, final: bool = False, wa
     if t.downstream is None:
         return
     if saved is not None and (final or t.downstream_interval is None or saved % t.downstream_interval == 0):
-        t.downstream.submit(saved)
+        t.downstream_due = saved
+    # A background save is evaluated once it is published (its files complete on disk).
+    if t.downstream_due is not None and (t.background_saves is None or t.background_saves.pending is None):
+        t.downstream.submit(t.downstream_due)
+        t.downstream_due = None
     for iteration, values in t.downstream.poll(wait):
         if values and t.metrics is not None:
             t.metrics.write(iteration, values)
@@ -362,7 +377,7 @@ def train(t: Trainer) -> TrainState:
         step = state.iteration + 1
         t0 = time.perf_counter()
         jacobi = t.jacobi_for_step(step)
-        micro = batching.take(t.train_batches, s.num_microbatches)
+        micro = batching.take_on_every_rank(t.train_batches, s.num_microbatches)
         if t.monitor is not None:
             t.monitor.step_begins(t.model, step, log=step % s.log_interval == 0)
         result = latent_train_step(t.model, t.optimizer, iter(micro), s.num_microbatches,
@@ -380,6 +395,11 @@ def train(t: Trainer) -> TrainState:
         timed_out = s.exit_duration_in_mins is not None and time.perf_counter() - started > 60 * s.exit_duration_in_mins
         diverged, signalled = _any_rank(not (_finite(result.grad_norm) and _finite(result.loss)),
                                         (s.exit_signal_handler and signals.received) or timed_out)
+        if t.background_saves is not None:  # every rank at the same point: publish a finished save
+            if diverged:
+                t.background_saves.wait()
+            else:
+                t.background_saves.poll()
         if diverged:
             where = (f" (the newest checkpoint is iteration {last_checkpoint[1]} in {last_checkpoint[0]})"
                      if last_checkpoint else "")
@@ -406,6 +426,7 @@ def train(t: Trainer) -> TrainState:
         else:
             _downstream(t)
         if stop:
+            _wait_for_saves(t)
             _downstream(t, wait=not signalled)  # a job told to stop does not wait for it
             why = "--exit-duration-in-mins reached" if timed_out else "SIGTERM received"
             logger.info(f"{why if signalled else '--exit-interval reached'}: "
@@ -421,5 +442,12 @@ def train(t: Trainer) -> TrainState:
     if s.save and last_saved != state.iteration:
         t.save(state)
         _downstream(t, state.iteration, final=True)
+    _wait_for_saves(t)
     _downstream(t, wait=True)
     return state
+
+
+def _wait_for_saves(t: Trainer) -> None:
+    """No exit leaves a background save unpublished."""
+    if t.background_saves is not None:
+        t.background_saves.wait()
