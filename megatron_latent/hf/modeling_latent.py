@@ -323,9 +323,11 @@ class LatentMixin:
             while iters < limit:
                 out = run(stages)
                 new = [self.thought_vectors(out[:, :, j]) * keep for j in range(n)]
-                delta = max((a - o).abs().max().item() for a, o in zip(new, stages[1:]))
+                # The change is only read (a device sync) when a tolerance asks for it.
+                done = tolerance is not None and max(
+                    (a - o).abs().max().item() for a, o in zip(new, stages[1:])) <= tolerance
                 stages, iters = [tokens] + new, iters + 1
-                if tolerance is not None and delta <= tolerance:
+                if done:
                     break
         return run(stages, cache)[:, :, n], iters
 
@@ -355,6 +357,7 @@ class LatentMixin:
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        num_logits_to_keep=None,
         latent_prefill=None,
         num_jacobi_iterations=None,
         jacobi_tolerance=None,
@@ -363,7 +366,9 @@ class LatentMixin:
         **kwargs,
     ):
         """Token-level interface of the stock model. `attention_mask` [b, past + q] (1 = token,
-        0 = padding) covers the cached tokens too; `position_ids` default to its running count."""
+        0 = padding) covers the cached tokens too; `position_ids` default to its running count.
+        `logits_to_keep` k > 0 (transformers 4.x: `num_logits_to_keep`): logits of the last k tokens
+        only, as `generate` asks for (the output layer then runs once per sample, not per token)."""
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("the latent model takes input_ids (token embeddings are scaled inside)")
         cache = cache if cache is not None else past_key_values
@@ -414,7 +419,11 @@ class LatentMixin:
                            else self.config.max_jacobi_iterations),
                 cache=cache if use_cache else None,
             )
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+        if num_logits_to_keep is not None and not logits_to_keep:
+            logits_to_keep = num_logits_to_keep
+        if isinstance(logits_to_keep, torch.Tensor):  # the positions to keep, as the stock models take
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.get_output_embeddings()(hidden)
         loss = None
@@ -432,7 +441,7 @@ class LatentMixin:
         done = 0 if cache is None else cache.get_seq_length() // self.num_slots
         inputs = {"input_ids": input_ids[:, done:], "attention_mask": attention_mask, _CACHE_FIELD: cache}
         for key in ("use_cache", "latent_prefill", "num_jacobi_iterations", "jacobi_tolerance",
-                    "max_jacobi_iterations"):
+                    "max_jacobi_iterations", "logits_to_keep", "num_logits_to_keep"):
             if kwargs.get(key) is not None:
                 inputs[key] = kwargs[key]
         return inputs
