@@ -1,0 +1,59 @@
+"""The exported model's inference does the work models.flops says and no more, counted by torch's
+FlopCounterMode (eager attention: QK^T and AV are matmuls over the full score matrix, as
+models.flops counts them): a prompt costs the evaluation forward's passes and the output layer
+once per sample (generate keeps only the last position's logits), a cached token costs its N+1
+single-slot steps and the output layer once (the thought slots get no logits)."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from megatron_latent.config import get_preset
+from megatron_latent.models.flops import model_decode_flops, model_step_flops
+
+B, P = 2, 6
+
+
+def _hf(n, prefill="jacobi"):
+    from megatron_latent.hf import modeling_latent as ml
+    from megatron_latent.hf.export import _LATENT_CLASSES, _LATENT_CONFIGS, hf_config_dict
+
+    cfg = get_preset("tiny-llama", num_layers=2, hidden_size=32, ffn_hidden_size=48, num_latent_thoughts=n,
+                     scale_embeddings=True, vocab_size=256)
+    conf = getattr(ml, _LATENT_CONFIGS[cfg.arch]).from_dict(hf_config_dict(cfg))
+    conf.latent_prefill = prefill
+    conf._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return cfg, getattr(ml, _LATENT_CLASSES[cfg.arch])(conf).eval()
+
+
+def _prompt():
+    return torch.randint(0, 256, (B, P), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_generate_prefill_costs_the_forward_passes_and_one_output_layer(n):
+    cfg, hf = _hf(n)
+    assert hf.config.vocab_size == cfg.padded_vocab_size  # one output layer on both sides
+    out_layer = 2 * cfg.hidden_size * cfg.padded_vocab_size
+    ids = _prompt()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    j = hf.config.num_jacobi_iterations
+    passes = model_step_flops(cfg, P, j, training=False) - P * out_layer  # growth, Jacobi and final passes
+    assert counter.get_total_flops() == B * (passes + out_layer)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_cached_token_costs_its_slot_steps_and_one_output_layer(n):
+    cfg, hf = _hf(n, prefill="exact")
+    ids = _prompt()
+    with torch.no_grad():
+        out = hf(input_ids=ids, use_cache=True)
+        cache = out.past_key_values if out.past_key_values is not None else out.cache
+        nxt = out.logits[:, -1:].argmax(-1)
+        with FlopCounterMode(display=False) as counter:
+            step = hf(input_ids=nxt, attention_mask=torch.ones(B, P + 1, dtype=torch.long), past_key_values=cache,
+                      use_cache=True)
+    assert step.logits.shape[1] == 1
+    assert counter.get_total_flops() == B * model_decode_flops(cfg, P)
