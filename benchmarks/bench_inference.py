@@ -247,8 +247,9 @@ def authors(args, state, hf_dict, vocab, jacobi) -> list:
 
     tmp = tempfile.mkdtemp(prefix="bench_inference_")
     torch.save(state, os.path.join(tmp, "weights.pt"))
-    spec = dict(config=hf_dict, weights=os.path.join(tmp, "weights.pt"), file=os.path.abspath(args.authors_modeling_file),
-                threads=torch.get_num_threads(), jacobi=jacobi, vocab=vocab, rounds=args.rounds,
+    spec = dict(config=hf_dict, weights=os.path.join(tmp, "weights.pt"),
+                file=os.path.abspath(args.authors_modeling_file), threads=torch.get_num_threads(), jacobi=jacobi,
+                vocab=vocab, rounds=args.rounds,
                 batch_sizes=args.batch_sizes, prompt=args.prompt, decode=args.decode,
                 prefill_lengths=args.prefill_lengths)
     with open(os.path.join(tmp, "spec.json"), "w") as f:

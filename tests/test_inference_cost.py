@@ -57,3 +57,35 @@ def test_cached_token_costs_its_slot_steps_and_one_output_layer(n):
                       use_cache=True)
     assert step.logits.shape[1] == 1
     assert counter.get_total_flops() == B * model_decode_flops(cfg, P)
+
+
+def test_growing_cache_layer_appends_in_place_and_reads_as_the_stock_one():
+    """The exported model's cache layer (an append writes the new entries only) holds what the stock
+    DynamicLayer's concatenation holds, through appends, a crop and a beam reorder."""
+    from transformers.cache_utils import DynamicLayer
+
+    from megatron_latent.hf.modeling_latent import _GrowingLayer
+
+    ours, stock = _GrowingLayer(), DynamicLayer()
+    g = torch.Generator().manual_seed(0)
+
+    def append(n):
+        k, v = torch.randn(3, 2, n, 4, generator=g), torch.randn(3, 2, n, 4, generator=g)
+        for layer in (ours, stock):
+            got = layer.update(k, v)
+        assert torch.equal(ours.keys, got[0]) and torch.equal(ours.keys, stock.keys)
+        assert torch.equal(ours.values, stock.values) and ours.get_seq_length() == stock.get_seq_length()
+
+    append(5)
+    buffer = ours._buffers[0].data_ptr()
+    for _ in range(12):  # single-slot steps fill the room left, not a new copy each
+        append(1)
+    assert ours._buffers[0].data_ptr() == buffer
+    for layer in (ours, stock):
+        layer.crop(-3)
+    append(2)
+    for layer in (ours, stock):
+        layer.reorder_cache(torch.tensor([2, 0, 1]))
+    append(1)
+    append(40)  # past the room: grows
+    assert ours._buffers[0].data_ptr() != buffer

@@ -68,6 +68,10 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+try:  # transformers 5: caches made of layers
+    from transformers.cache_utils import DynamicLayer
+except ImportError:
+    DynamicLayer = None
 try:  # transformers 5
     from transformers.conversion_mapping import register_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
@@ -126,7 +130,50 @@ LatentLlamaConfig = _latent_config(LlamaConfig)
 
 
 def _new_cache(config):
-    return DynamicCache(config=config) if _CACHE_TAKES_CONFIG else DynamicCache()
+    return _growing(DynamicCache(config=config) if _CACHE_TAKES_CONFIG else DynamicCache())
+
+
+if DynamicLayer is not None:
+    class _GrowingLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values are views of buffers with room to grow: appending
+        a slot writes that slot only, where the stock layer concatenates (copies) the whole cache.
+        A latent token appends N+1 times, so the stock layer would copy N+1 times the bytes of a
+        vanilla model's cache per token. The buffers grow by a quarter when full (amortised: a few
+        entries copied per append). Anything that replaces `keys` (crop, reorder, reset) is seen
+        and the buffers rebuilt from it."""
+
+        _buffers = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, new = self.get_seq_length(), key_states.shape[-2]
+            bk = self._buffers[0] if self._buffers is not None else None
+            fresh = bk is None or self.keys.data_ptr() != bk.data_ptr() or n + new > bk.shape[-2]
+            if fresh:
+                room = n + new + max(16, (n + new) // 4)
+                bk = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
+                bv = value_states.new_empty(*value_states.shape[:-2], room, value_states.shape[-1])
+                if n:
+                    bk[..., :n, :], bv[..., :n, :] = self.keys, self.values
+                self._buffers = (bk, bv)
+            bk, bv = self._buffers
+            bk[..., n:n + new, :], bv[..., n:n + new, :] = key_states, value_states
+            self.keys, self.values = bk[..., :n + new, :], bv[..., :n + new, :]
+            return self.keys, self.values
+
+
+def _growing(cache):
+    """Let `cache` (a transformers 5 DynamicCache, possibly the one `generate` made) append
+    without copying: its stock layers become _GrowingLayer (same state, same reads)."""
+    if DynamicLayer is None:
+        return cache
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = _GrowingLayer
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = _GrowingLayer
+    return cache
 
 
 def _reserve_layers(cache, count):
@@ -371,7 +418,7 @@ class LatentMixin:
         only, as `generate` asks for (the output layer then runs once per sample, not per token)."""
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("the latent model takes input_ids (token embeddings are scaled inside)")
-        cache = cache if cache is not None else past_key_values
+        cache = _growing(cache if cache is not None else past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         k = self.num_slots
         b, q = input_ids.shape

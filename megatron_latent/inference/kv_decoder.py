@@ -81,7 +81,9 @@ class LatentKVDecoder:
             raise ValueError(f"KV cache full: {end} entries needed, {self.capacity} reserved")
         self.slot_masked[:, 0, 0, start:end] = ~valid
         mask = self.slot_masked[..., :end]  # True = masked out
-        if s > 1:  # new entries are causal among themselves (a single one sees all it may)
+        if start == 0 and s > 1 and bool(valid.all()):
+            mask = None  # a first fill without padding is plain causal: the attention's causal kernel
+        elif s > 1:  # new entries are causal among themselves (a single one sees all it may)
             mask = mask | torch.ones(s, end, dtype=torch.bool, device=inputs.device).triu(start + 1)
         rotary = self.model.rotary_for(positions, 1)  # [s, b, 1, d] or None
         if rotary is not None:

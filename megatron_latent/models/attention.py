@@ -61,8 +61,11 @@ class FusedDotProductAttention(DotProductAttention):
             value = value.repeat_interleave(groups, dim=2)
         # [s, b, heads, d] -> [b, heads, s, d], made contiguous: the kernel walks keys and values row
         # by row, and in megatron's layout consecutive rows lie b * heads * d elements apart (8 KiB at
-        # the bench_reference size); the copies cost less than they save (docs/benchmarks.md).
-        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
+        # the bench_reference size); the copies cost less than they save (docs/benchmarks.md). Not
+        # for one query (a cached decoding step): each key is read once, a copy would read it twice.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if query.size(0) > 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         context = F.scaled_dot_product_attention(
             q, k, v,
             # megatron's masks say True = masked out; torch's boolean masks say True = attend.
