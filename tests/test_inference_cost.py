@@ -87,5 +87,13 @@ def test_growing_cache_layer_appends_in_place_and_reads_as_the_stock_one():
     for layer in (ours, stock):
         layer.reorder_cache(torch.tensor([2, 0, 1]))
     append(1)
+    for layer in (ours, stock):  # a batch subset that starts where the buffer does
+        layer.keys, layer.values = layer.keys[:1], layer.values[:1]
+    k, v = torch.randn(1, 2, 1, 4, generator=g), torch.randn(1, 2, 1, 4, generator=g)
+    for layer in (ours, stock):
+        layer.update(k, v)
+    assert torch.equal(ours.keys, stock.keys) and torch.equal(ours.values, stock.values)
+    for layer in (ours, stock):
+        layer.keys, layer.values = layer.keys.expand(3, -1, -1, -1), layer.values.expand(3, -1, -1, -1)
     append(40)  # past the room: grows
     assert ours._buffers[0].data_ptr() != buffer

@@ -149,7 +149,9 @@ if DynamicLayer is not None:
                 self.lazy_initialization(key_states, value_states)
             n, new = self.get_seq_length(), key_states.shape[-2]
             bk = self._buffers[0] if self._buffers is not None else None
-            fresh = bk is None or self.keys.data_ptr() != bk.data_ptr() or n + new > bk.shape[-2]
+            # Still the view this layer handed out (not a tensor some other method put there)?
+            fresh = (bk is None or n + new > bk.shape[-2] or self.keys.data_ptr() != bk.data_ptr()
+                     or self.keys.stride() != bk.stride() or self.keys.shape[:-2] != bk.shape[:-2])
             if fresh:
                 room = n + new + max(16, (n + new) // 4)
                 bk = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
