@@ -38,7 +38,10 @@ def test_generate_prefill_costs_the_forward_passes_and_one_output_layer(n):
     out_layer = 2 * cfg.hidden_size * cfg.padded_vocab_size
     ids = _prompt()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                          pad_token_id=0, return_dict_in_generate=True)
+    # The cache generate made appends in place (no whole-cache copy per slot step).
+    assert {type(layer).__name__ for layer in gen.past_key_values.layers} == {"_GrowingLayer"}
     j = hf.config.num_jacobi_iterations
     passes = model_step_flops(cfg, P, j, training=False) - P * out_layer  # growth, Jacobi and final passes
     assert counter.get_total_flops() == B * (passes + out_layer)
@@ -97,3 +100,30 @@ def test_growing_cache_layer_appends_in_place_and_reads_as_the_stock_one():
         layer.keys, layer.values = layer.keys.expand(3, -1, -1, -1), layer.values.expand(3, -1, -1, -1)
     append(40)  # past the room: grows
     assert ours._buffers[0].data_ptr() != buffer
+
+
+def _cpu_flash(query, key, value, *args, out_shape=None, **kwargs):
+    # torch's counter knows the GPU fused attention kernels, not the CPU one megatron's path runs here.
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_megatron_prefill_costs_the_forward_passes_and_no_logits(single_rank, n):
+    """The KV decoder's Jacobi prefill runs the evaluation forward's passes (its final pass fills
+    the cache) and no output layer; generate adds the output layer once per sample per token."""
+    from gen_utils import family_config, family_model, positions, random_ids
+    from megatron_latent.inference import LatentKVDecoder, generate
+
+    cfg, model = family_config("tiny-llama", n), family_model("tiny-llama", n)
+    out_layer = 2 * cfg.hidden_size * cfg.padded_vocab_size
+    passes = model_step_flops(cfg, P, 2, training=False) - P * out_layer
+    ids, valid = random_ids(B, P, seed=4), torch.ones(B, P, dtype=torch.bool)
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        LatentKVDecoder(model, B, P).prefill(ids, positions(B, P), valid, "jacobi", jacobi_iters=2)
+    assert counter.get_total_flops() == B * passes
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        generate(model, ids, 1, prefill="jacobi", jacobi_iters=2)
+    assert counter.get_total_flops() == B * (passes + out_layer)
