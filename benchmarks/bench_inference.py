@@ -14,7 +14,9 @@ Measured, fp32 on the CPU (random weights: speed does not depend on them), for e
 * decode: ms per generated token (the whole batch's step) at each batch size, after a prompt of
   `--prompt` tokens, median over `--decode` greedy tokens;
 * prefill: seconds to put a prompt of each length in the KV cache and give the next token's
-  logits (batch 1; the latent model's default Jacobi prefill, J = its evaluation J);
+  logits (batch 1; the latent model's default Jacobi prefill, J = its evaluation J), and for the
+  latent model also the exact prefill (`prefill-exact`: the sequential rollout, the vanilla
+  model's FLOPs in (N+1) P single-slot steps);
 * scoring: lm-evaluation-harness loglikelihood requests per second (its HFLM on the HF model, a
   local word-level tokenizer, `--requests` random requests of about `--prompt` tokens).
 
@@ -91,7 +93,8 @@ def flops(cfg, args):
     out = 2 * cfg.hidden_size * cfg.padded_vocab_size
     decode = statistics.mean(model_decode_flops(cfg, p) for p in range(args.prompt, args.prompt + args.decode))
     prefill = {p: model_step_flops(cfg, p, j, training=False) - (p - 1) * out for p in args.prefill_lengths}
-    return {"decode_per_token": decode, "prefill": prefill,
+    exact = {p: sum(model_decode_flops(cfg, q) for q in range(p)) - (p - 1) * out for p in args.prefill_lengths}
+    return {"decode_per_token": decode, "prefill": prefill, "prefill-exact": exact,
             "score_request": model_step_flops(cfg, args.prompt + 4, j, training=False)}
 
 
@@ -121,12 +124,13 @@ def hf_decode(model, ids, steps):
     return times, torch.cat(tokens, 1).tolist()
 
 
-def hf_prefill(model, ids):
+def hf_prefill(model, ids, method=None):
     import torch
 
+    kw = {"latent_prefill": method} if method else {}
     with torch.no_grad():
         t = time.perf_counter()
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, **kw)
         return time.perf_counter() - t
 
 
@@ -155,11 +159,11 @@ def meg_decode(model, ids, steps):
     return times, torch.cat(tokens, 1).tolist()
 
 
-def meg_prefill(model, ids):
+def meg_prefill(model, ids, method="jacobi"):
     from megatron_latent.inference import generate
 
     t = time.perf_counter()
-    generate(model, ids, 1, prefill="jacobi")
+    generate(model, ids, 1, prefill=method)
     return time.perf_counter() - t
 
 
@@ -332,8 +336,10 @@ def main(argv=None) -> int:
                     add((path, name, "decode", b), statistics.median(step_times))
                     tokens[(path, name, b)] = toks[0]
                 for p in args.prefill_lengths:
-                    add((path, name, "prefill", p), (hf_prefill if path == "hf" else meg_prefill)(
-                        model, _ids(1, p, vocab, seed=2)))
+                    prefill = hf_prefill if path == "hf" else meg_prefill
+                    add((path, name, "prefill", p), prefill(model, _ids(1, p, vocab, seed=2)))
+                    if name == "latent":
+                        add((path, name, "prefill-exact", p), prefill(model, _ids(1, p, vocab, seed=2), "exact"))
             if name in scorers:
                 add(("hf", name, "score", args.requests), score(scorers[name]))
     if args.authors_modeling_file:
@@ -352,23 +358,24 @@ def report(args, cfgs, times, tokens):
     rows = []
     print(f"preset {args.model_preset} ({cfgs['twin'].num_layers} layers, hidden {cfgs['twin'].hidden_size}), "
           f"prompt {args.prompt}, decode {args.decode}, {args.rounds} rounds, fp32 cpu")
-    print(f"{'path':9s} {'model':11s} {'measure':9s} {'size':>5s} {'value':>10s} {'unit':8s} "
+    print(f"{'path':9s} {'model':11s} {'measure':13s} {'size':>5s} {'value':>10s} {'unit':8s} "
           f"{'GFLOP':>9s} {'x 2x-layers':>11s} {'FLOP x':>7s}")
     for (path, name, kind, size), vals in sorted(times.items()):
         v = statistics.median(vals)
         f = {"decode": fl[name]["decode_per_token"] * size, "prefill": fl[name]["prefill"].get(size),
-             "score": fl[name]["score_request"]}[kind]
+             "prefill-exact": fl[name]["prefill-exact"].get(size), "score": fl[name]["score_request"]}[kind]
         f2 = {"decode": fl["vanilla-2x"]["decode_per_token"] * size,
-              "prefill": fl["vanilla-2x"]["prefill"].get(size), "score": fl["vanilla-2x"]["score_request"]}[kind]
-        base = times.get(("hf" if path == "authors" else path, "vanilla-2x", kind, size))
+              "prefill": fl["vanilla-2x"]["prefill"].get(size),
+              "score": fl["vanilla-2x"]["score_request"]}[kind.split("-")[0]]
+        base = times.get(("hf" if path == "authors" else path, "vanilla-2x", kind.split("-")[0], size))
         ratio = None
         if base:
             b = statistics.median(base)
             ratio = b / v if kind == "score" else v / b  # time per unit against the 2x-layers model
-        value, unit = (v * 1e3, "ms/token") if kind == "decode" else (v, "s") if kind == "prefill" else (v, "req/s")
+        value, unit = (v * 1e3, "ms/token") if kind == "decode" else (v, "req/s") if kind == "score" else (v, "s")
         rows.append(dict(path=path, model=name, measure=kind, size=size, value=value, unit=unit, flops=f,
                          time_ratio_vs_2x=ratio, flop_ratio_vs_2x=f / f2))
-        print(f"{path:9s} {name:11s} {kind:9s} {size:5d} {value:10.3f} {unit:8s} {f / 1e9:9.3f} "
+        print(f"{path:9s} {name:11s} {kind:13s} {size:5d} {value:10.3f} {unit:8s} {f / 1e9:9.3f} "
               f"{'' if ratio is None else f'{ratio:11.2f}':>11s} {f / f2:7.2f}")
     latent = {k: v for k, v in tokens.items() if k[1] == "latent"}
     by_batch = {}
