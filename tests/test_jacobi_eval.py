@@ -53,6 +53,30 @@ def test_enough_passes_reach_the_rollout_and_j0_does_not():
     assert bits_per_byte(got[0], None) is None
 
 
+def test_scores_give_accuracy_passes_and_flops_of_each_setting():
+    from megatron_latent.inference.jacobi_eval import ROLLOUT, jacobi_scores, spread_windows, tolerance_key
+    from megatron_latent.inference.reference import sequential_logits
+    from megatron_latent.models.flops import model_decode_flops, model_step_flops
+
+    model = family_model("tiny-llama", 1)
+    cfg = family_config("tiny-llama", 1)
+    windows = spread_windows(_stream(200, seed=1), L, 4)
+    got = jacobi_scores(model, windows, [0, 2], tolerances=[1e-9, 10.0], batch_size=4)
+    assert set(got) == {0, 2, tolerance_key(1e-9), tolerance_key(10.0), ROLLOUT}
+    tokens, labels = windows[:, :-1], windows[:, 1:]
+    with torch.no_grad():
+        exact = sequential_logits(model, tokens, torch.arange(L).expand(4, L))
+    assert got[ROLLOUT]["accuracy"] == (exact.argmax(-1) == labels).float().mean().item()
+    # A tolerance far below the changes runs Jacobi to the fixed point (at most L * N passes) ...
+    tight = got[tolerance_key(1e-9)]
+    assert abs(tight["loss"] - got[ROLLOUT]["loss"]) < 1e-5 and 1 <= tight["jacobi_passes"] <= L
+    # ... one far above stops after the first pass.
+    assert got[tolerance_key(10.0)]["jacobi_passes"] == 1
+    assert got[2]["jacobi_passes"] == 2 and got[ROLLOUT]["jacobi_passes"] is None
+    assert got[2]["flops_per_token"] == model_step_flops(cfg, L, 2, training=False) / L
+    assert got[ROLLOUT]["flops_per_token"] == sum(model_decode_flops(cfg, p) for p in range(L)) / L
+
+
 def test_tool_reads_a_checkpoint_to_the_library_numbers(tmp_path):
     from megatron_latent.checkpoint_layout import write_model_config
     from megatron_latent.data.indexed import CompactIndexedDatasetBuilder

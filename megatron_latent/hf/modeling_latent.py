@@ -68,6 +68,10 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+try:  # transformers 5: caches made of layers
+    from transformers.cache_utils import DynamicLayer
+except ImportError:
+    DynamicLayer = None
 try:  # transformers 5
     from transformers.conversion_mapping import register_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
@@ -126,7 +130,52 @@ LatentLlamaConfig = _latent_config(LlamaConfig)
 
 
 def _new_cache(config):
-    return DynamicCache(config=config) if _CACHE_TAKES_CONFIG else DynamicCache()
+    return _growing(DynamicCache(config=config) if _CACHE_TAKES_CONFIG else DynamicCache())
+
+
+if DynamicLayer is not None:
+    class _GrowingLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values are views of buffers with room to grow: appending
+        a slot writes that slot only, where the stock layer concatenates (copies) the whole cache.
+        A latent token appends N+1 times, so the stock layer would copy N+1 times the bytes of a
+        vanilla model's cache per token. The buffers grow by a quarter when full (amortised: a few
+        entries copied per append). Anything that replaces `keys` (crop, reorder, reset) is seen
+        and the buffers rebuilt from it."""
+
+        _buffers = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, new = self.get_seq_length(), key_states.shape[-2]
+            bk = self._buffers[0] if self._buffers is not None else None
+            # Still the view this layer handed out (not a tensor some other method put there)?
+            fresh = (bk is None or n + new > bk.shape[-2] or self.keys.data_ptr() != bk.data_ptr()
+                     or self.keys.stride() != bk.stride() or self.keys.shape[:-2] != bk.shape[:-2])
+            if fresh:
+                room = n + new + max(16, (n + new) // 4)
+                bk = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
+                bv = value_states.new_empty(*value_states.shape[:-2], room, value_states.shape[-1])
+                if n:
+                    bk[..., :n, :], bv[..., :n, :] = self.keys, self.values
+                self._buffers = (bk, bv)
+            bk, bv = self._buffers
+            bk[..., n:n + new, :], bv[..., n:n + new, :] = key_states, value_states
+            self.keys, self.values = bk[..., :n + new, :], bv[..., :n + new, :]
+            return self.keys, self.values
+
+
+def _growing(cache):
+    """Let `cache` (a transformers 5 DynamicCache, possibly the one `generate` made) append
+    without copying: its stock layers become _GrowingLayer (same state, same reads)."""
+    if DynamicLayer is None:
+        return cache
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = _GrowingLayer
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = _GrowingLayer
+    return cache
 
 
 def _reserve_layers(cache, count):
@@ -323,9 +372,11 @@ class LatentMixin:
             while iters < limit:
                 out = run(stages)
                 new = [self.thought_vectors(out[:, :, j]) * keep for j in range(n)]
-                delta = max((a - o).abs().max().item() for a, o in zip(new, stages[1:]))
+                # The change is only read (a device sync) when a tolerance asks for it.
+                done = tolerance is not None and max(
+                    (a - o).abs().max().item() for a, o in zip(new, stages[1:])) <= tolerance
                 stages, iters = [tokens] + new, iters + 1
-                if tolerance is not None and delta <= tolerance:
+                if done:
                     break
         return run(stages, cache)[:, :, n], iters
 
@@ -355,6 +406,7 @@ class LatentMixin:
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        num_logits_to_keep=None,
         latent_prefill=None,
         num_jacobi_iterations=None,
         jacobi_tolerance=None,
@@ -363,10 +415,12 @@ class LatentMixin:
         **kwargs,
     ):
         """Token-level interface of the stock model. `attention_mask` [b, past + q] (1 = token,
-        0 = padding) covers the cached tokens too; `position_ids` default to its running count."""
+        0 = padding) covers the cached tokens too; `position_ids` default to its running count.
+        `logits_to_keep` k > 0 (transformers 4.x: `num_logits_to_keep`): logits of the last k tokens
+        only, as `generate` asks for (the output layer then runs once per sample, not per token)."""
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("the latent model takes input_ids (token embeddings are scaled inside)")
-        cache = cache if cache is not None else past_key_values
+        cache = _growing(cache if cache is not None else past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         k = self.num_slots
         b, q = input_ids.shape
@@ -414,7 +468,11 @@ class LatentMixin:
                            else self.config.max_jacobi_iterations),
                 cache=cache if use_cache else None,
             )
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+        if num_logits_to_keep is not None and not logits_to_keep:
+            logits_to_keep = num_logits_to_keep
+        if isinstance(logits_to_keep, torch.Tensor):  # the positions to keep, as the stock models take
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.get_output_embeddings()(hidden)
         loss = None
@@ -432,7 +490,7 @@ class LatentMixin:
         done = 0 if cache is None else cache.get_seq_length() // self.num_slots
         inputs = {"input_ids": input_ids[:, done:], "attention_mask": attention_mask, _CACHE_FIELD: cache}
         for key in ("use_cache", "latent_prefill", "num_jacobi_iterations", "jacobi_tolerance",
-                    "max_jacobi_iterations"):
+                    "max_jacobi_iterations", "logits_to_keep", "num_logits_to_keep"):
             if kwargs.get(key) is not None:
                 inputs[key] = kwargs[key]
         return inputs

@@ -1,7 +1,8 @@
-"""How many Jacobi passes inference needs: a latent model's loss on held-out windows at each
-evaluation J, beside the loss of the exact sequential rollout (reference.py) that Jacobi converges
-to. Every loss here goes through the same logits -> fp32 cross entropy, so two settings differ
-only by the hidden states the forward reached.
+"""How many Jacobi passes inference needs: a latent model's loss and next-token accuracy on
+held-out windows at each evaluation J and Jacobi tolerance, with the passes and FLOPs each spent,
+beside the exact sequential rollout (reference.py) that Jacobi converges to. Every loss here goes
+through the same logits -> fp32 cross entropy, so two settings differ only by the hidden states
+the forward reached.
 """
 
 from __future__ import annotations
@@ -39,10 +40,34 @@ def jacobi_losses(model, windows: torch.Tensor, jacobi: Sequence[int], rollout: 
     """{J: mean loss (nats/token)} for every evaluation J in `jacobi`, plus {ROLLOUT: loss} of the
     exact sequential rollout when `rollout`, over `windows` [M, L + 1] (spread_windows). The model
     is a LatentGPTModel in one process (loading.load_model_for_inference); it is left in eval mode."""
+    scores = jacobi_scores(model, windows, jacobi, rollout=rollout, batch_size=batch_size)
+    return {k: v["loss"] for k, v in scores.items()}
+
+
+def tolerance_key(tol: float) -> str:
+    """The key of a tolerance prefill's scores in jacobi_scores' answer."""
+    return f"tol={tol:g}"
+
+
+@torch.no_grad()
+def jacobi_scores(model, windows: torch.Tensor, jacobi: Sequence[int], tolerances: Sequence[float] = (),
+                  rollout: bool = True, batch_size: int = 16) -> Dict[object, dict]:
+    """What each way of solving a window's thoughts costs and scores: {setting: {"loss" (nats/token),
+    "accuracy" (top-1 next-token), "jacobi_passes" (mean per batch; None for the rollout),
+    "flops_per_token" (models/flops.py, the forward with every position's logits)}}.
+
+    Settings: every evaluation J in `jacobi` (the training forward), every tolerance in `tolerances`
+    (key `tolerance_key(tol)`: Jacobi passes until no thought moves by more than tol, as the
+    prefill and the exported model's "tolerance" mode run them), and the exact sequential rollout
+    (ROLLOUT) when `rollout`, whose cost is that of KV-cached decoding of every token."""
+    from megatron_latent.inference.generate import decode_logits
+    from megatron_latent.models.flops import decode_flops, step_flops
+
     model.eval()
     device = next(model.parameters()).device
-    keys = list(jacobi) + ([ROLLOUT] if rollout else [])
-    total = {k: 0.0 for k in keys}
+    keys = list(jacobi) + [tolerance_key(t) for t in tolerances] + ([ROLLOUT] if rollout else [])
+    tol_of = {tolerance_key(t): t for t in tolerances}
+    total = {k: [0.0, 0, []] for k in keys}  # summed loss, correct tokens, passes per batch
     for i in range(0, len(windows), batch_size):
         w = windows[i : i + batch_size].to(device)
         tokens, labels = w[:, :-1], w[:, 1:]
@@ -50,11 +75,31 @@ def jacobi_losses(model, windows: torch.Tensor, jacobi: Sequence[int], rollout: 
         for k in keys:
             if k == ROLLOUT:
                 logits = sequential_logits(model, tokens, pos)
+            elif k in tol_of:
+                res = decode_logits(model, tokens, decode_steps=0, prefill="tolerance", tol=tol_of[k])
+                logits = res.logits
+                total[k][2].append(res.prefill_iters)
             else:
                 logits = model(tokens, pos, None, num_jacobi_iters=k)
-            total[k] += float(_mean_loss(logits, labels))
+                total[k][2].append(k)
+            total[k][0] += float(_mean_loss(logits, labels))
+            total[k][1] += int((logits.argmax(-1) == labels).sum())
     count = windows.shape[0] * (windows.shape[1] - 1)
-    return {k: v / count for k, v in total.items()}
+    seq = windows.shape[1] - 1
+    cfg = model.config
+    sizes = dict(vocab=model.vocab_size, hidden=cfg.hidden_size, num_layers=cfg.num_layers,
+                 ffn_hidden=cfg.ffn_hidden_size, num_heads=cfg.num_attention_heads,
+                 num_query_groups=cfg.num_query_groups, gated_mlp=cfg.gated_linear_unit)
+    out = {}
+    for k, (loss, correct, passes) in total.items():
+        if k == ROLLOUT:
+            flops = sum(decode_flops(model.latent, p, **sizes) for p in range(seq))
+        else:
+            flops = sum(step_flops(model.latent, seq, j, training=False, **sizes) for j in passes) / len(passes)
+        out[k] = {"loss": loss / count, "accuracy": correct / count,
+                  "jacobi_passes": None if k == ROLLOUT else sum(passes) / len(passes),
+                  "flops_per_token": flops / seq}
+    return out
 
 
 def bits_per_byte(loss: float, tokens_per_byte: Optional[float]) -> Optional[float]:

@@ -19,7 +19,8 @@ Two things megatron's static path does not know about, handled here:
 * Slots share position ids, so rotary must be indexed by each cache entry's *position id*, not by
   its cache index. The context stores keys before rotary and re-applies `rotary[:end]` to all
   cached keys each step (queries take `rotary[start:end]`), so we hand the decoder a rotary table
-  indexed by cache entry (LatentGPTModel.rotary_for over the cache's slot positions).
+  indexed by cache entry (LatentGPTModel.rotary_for of each entry's position id, written once
+  when the entry is added, like the padding mask: a step builds neither anew).
 * Left padding: an explicit mask [b, 1, new, cached] hides padded entries and keeps the new entries
   causal among themselves (megatron's local attention ignores the no-mask hint it switches to
   after the first step, and asserts square masks when none is given).
@@ -60,8 +61,10 @@ class LatentKVDecoder:
         passes = lat.num_extra_loops + lat.num_ponder_steps + 1
         self.contexts = [StaticInferenceContext(batch_size, self.capacity) for _ in range(passes)]
         device = model.embedding.word_embeddings.weight.device
-        self.slot_positions = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
-        self.slot_valid = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
+        # Per cache entry, written once when the entry is added and read as views afterwards: the
+        # padding mask [b, 1, 1, entries] (True = masked out) and the rotary table of its position id.
+        self.slot_masked = torch.ones(batch_size, 1, 1, self.capacity, dtype=torch.bool, device=device)
+        self.slot_rotary = None
 
     @property
     def length(self) -> int:
@@ -76,11 +79,18 @@ class LatentKVDecoder:
         start, end = self.length, self.length + s
         if end > self.capacity:
             raise ValueError(f"KV cache full: {end} entries needed, {self.capacity} reserved")
-        self.slot_positions[:, start:end] = positions
-        self.slot_valid[:, start:end] = valid
-        causal = torch.ones(s, end, dtype=torch.bool, device=inputs.device).triu(start + 1)
-        mask = causal[None, None] | ~self.slot_valid[:, None, None, :end]  # True = masked out
-        rotary = self.model.rotary_for(self.slot_positions[:, :end], 1)
+        self.slot_masked[:, 0, 0, start:end] = ~valid
+        mask = self.slot_masked[..., :end]  # True = masked out
+        if start == 0 and s > 1 and bool(valid.all()):
+            mask = None  # a first fill without padding is plain causal: the attention's causal kernel
+        elif s > 1:  # new entries are causal among themselves (a single one sees all it may)
+            mask = mask | torch.ones(s, end, dtype=torch.bool, device=inputs.device).triu(start + 1)
+        rotary = self.model.rotary_for(positions, 1)  # [s, b, 1, d] or None
+        if rotary is not None:
+            if self.slot_rotary is None:
+                self.slot_rotary = rotary.new_zeros(self.capacity, *rotary.shape[1:])
+            self.slot_rotary[start:end] = rotary
+            rotary = self.slot_rotary[:end]
         model, x, passes = self.model, inputs, len(self.contexts)
         for p, context in enumerate(self.contexts):  # extra loops: the final norm after the last only
             final_norm = model.final_norm_on_pass(p, passes)

@@ -56,18 +56,24 @@ class FusedDotProductAttention(DotProductAttention):
         # megatron reads the mask type from the module, not from the call.
         causal = attention_mask is None and self.attn_mask_type == AttnMaskType.causal and query.size(0) > 1
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if groups > 1:
+        # A single query (a cached decoding step) lets the kernel read each key/value head for its
+        # query heads in place, rather than copying the whole cache per head group.
+        gqa = groups > 1 and query.size(0) == 1
+        if groups > 1 and not gqa:
             key = key.repeat_interleave(groups, dim=2)
             value = value.repeat_interleave(groups, dim=2)
         # [s, b, heads, d] -> [b, heads, s, d], made contiguous: the kernel walks keys and values row
         # by row, and in megatron's layout consecutive rows lie b * heads * d elements apart (8 KiB at
-        # the bench_reference size); the copies cost less than they save (docs/benchmarks.md).
-        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
+        # the bench_reference size); the copies cost less than they save (docs/benchmarks.md). Not
+        # for one query (a cached decoding step): each key is read once, a copy would read it twice.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if query.size(0) > 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         context = F.scaled_dot_product_attention(
             q, k, v,
             # megatron's masks say True = masked out; torch's boolean masks say True = attend.
             attn_mask=None if attention_mask is None else ~attention_mask,
-            is_causal=causal, scale=self.softmax_scale,
+            is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa,
         )
         # [b, heads, s, d] -> [s, b, heads * d]
         sq, b = query.size(0), query.size(1)
