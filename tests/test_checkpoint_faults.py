@@ -316,7 +316,9 @@ def _continue_at_layouts(save, argvs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", [["--use-distributed-optimizer"], []], ids=["distributed", "adam"])
+@pytest.mark.parametrize("optimizer", [["--use-distributed-optimizer"], [],
+                                       ["--use-distributed-optimizer", "--thought-input", "interpolated"]],
+                         ids=["distributed", "adam", "interpolated"])
 def test_optimizer_state_follows_the_layout(tmp_path, optimizer):
     """Saved at TP=2 after 3 steps, continued for 2 at TP=2, PP=2 and DP=2: the Adam moments and
     steps, scheduler and data position carry over, so the continuations' losses agree to fp32
