@@ -4,9 +4,9 @@ time of the steps that overlap the background write, beside the step time withou
 model, layout and optimizer come from the training driver's own flags (after `--`); `--save` must
 name a scratch directory. Compare a run with and without --async-save:
 
-    python tools/bench_checkpoint_save.py --saves 3 -- --mock-data --model-preset pythia-160m \
+    python benchmarks/bench_checkpoint_save.py --saves 3 -- --mock-data --model-preset pythia-160m \
         --use-distributed-optimizer --save /tmp/bench_ckpt [--async-save]
-    torchrun --nproc_per_node 2 tools/bench_checkpoint_save.py -- --tensor-model-parallel-size 2 ...
+    torchrun --nproc_per_node 2 benchmarks/bench_checkpoint_save.py -- --tensor-model-parallel-size 2 ...
 
 Run it on an otherwise idle machine: on a shared one the numbers mean little.
 """
