@@ -4,6 +4,7 @@ own), and their translation into the library's configuration objects."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import List, Optional
 
 from megatron_latent.cli import flag_message
@@ -210,7 +211,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if getattr(args, flag) and not args.load:
             parser.error(f"--{flag.replace('_', '-')} needs --load")
     if args.save_interval is not None and not args.save:
-        parser.error("--save-interval needs --save")
+        # Megatron-LM accepts it (its scripts pass it with and without --save): nothing is saved.
+        args.megatron_notes.append("--save-interval without --save: no checkpoints are written")
     if args.exit_signal_handler and not args.save:
         parser.error("--exit-signal-handler needs --save")
     for flag in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval"):
@@ -308,7 +310,10 @@ def _megatron_model(args: argparse.Namespace, overrides: dict) -> ModelConfig:
         # Megatron-LM's: 4 H, or for SwiGLU 2/3 of it rounded down to a multiple of 64.
         swiglu = overrides.get("activation") == "swiglu"
         overrides["ffn_hidden_size"] = int(4 * h * 2 / 3 / 64) * 64 if swiglu else 4 * h
-    return ModelConfig(**{**MEGATRON_DEFAULTS, **overrides})
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    base = {k: v for k, v in {**MEGATRON_DEFAULTS, **overrides}.items() if k in fields}
+    latent = {k: v for k, v in overrides.items() if k not in fields}  # LatentSettings' fields
+    return ModelConfig(**base).replace(**latent)
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] = None) -> ModelConfig:

@@ -1,6 +1,7 @@
 """Megatron-LM's flags that the driver does not implement: each is refused with the reason, or
 accepted with a note where it changes nothing here. One table, rendered in docs/megatron_flags.md
-(`python -m megatron_latent.training.megatron_flags` prints that page's table).
+(`python -m megatron_latent.training.megatron_flags` prints that page's table, `--update
+docs/megatron_flags.md` rewrites it there).
 
 The driver's own parser (training/arguments.py) holds the supported ones, with Megatron-LM's
 meaning; a flag defined there is supported, whatever this table says.
@@ -243,7 +244,23 @@ def counts(parser: argparse.ArgumentParser) -> Dict[str, int]:
     return out
 
 
+START, END = "<!-- table: generated -->\n", "<!-- end of table -->"
+
+
+def update_doc(path: str, parser: argparse.ArgumentParser) -> None:
+    """Rewrite the generated table of the docs page at `path` (between its two markers)."""
+    with open(path) as f:
+        head, rest = f.read().split(START)
+    with open(path, "w") as f:
+        f.write(head + START + markdown(parser) + END + rest.split(END)[1])
+
+
 if __name__ == "__main__":
+    import sys
+
     from megatron_latent.training.arguments import build_parser
 
-    print(markdown(build_parser()), end="")
+    if sys.argv[1:2] == ["--update"]:  # python -m megatron_latent.training.megatron_flags --update docs/...
+        update_doc(sys.argv[2], build_parser())
+    else:
+        print(markdown(build_parser()), end="")
