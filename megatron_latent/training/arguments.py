@@ -110,18 +110,34 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=16)
-    g.add_argument("--train-iters", type=int, default=20)
+    g.add_argument("--train-iters", type=int, default=None, help="default 20 (or --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="train this many samples (instead of --train-iters); the schedule then counts samples")
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
-    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant", "inverse-square-root", "WSD"),
+                   default="cosine")
     g.add_argument("--lr-decay-iters", type=int, default=None,
                    help="iterations of warmup and decay, the lr at --min-lr after them (default: --train-iters)")
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="as --lr-decay-iters, with --train-samples")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warmup as a fraction of the decay length, --lr-decay-iters (instead of --lr-warmup-iters)")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="as --lr-warmup-iters, with --train-samples")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the lr warmup starts from")
+    g.add_argument("--lr-wsd-decay-style", choices=("exponential", "linear", "cosine", "minus_sqrt"),
+                   default="exponential", help="the final decay of --lr-decay-style WSD")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="length of WSD's final decay")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="as --lr-wsd-decay-iters, in samples")
+
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     g.add_argument("--sgd-momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay-incr-style", choices=("constant", "linear", "cosine"), default="constant",
+                   help="weight decay from --start-weight-decay to --end-weight-decay over training (constant: "
+                        "--weight-decay)")
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -215,13 +231,33 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.megatron_notes.append("--save-interval without --save: no checkpoints are written")
     if args.exit_signal_handler and not args.save:
         parser.error("--exit-signal-handler needs --save")
+    if args.train_samples is not None:
+        # Megatron-LM's sample-based schedule: iterations are derived, the iteration flags not given.
+        given = [f for f, v in (("--train-iters", args.train_iters), ("--lr-decay-iters", args.lr_decay_iters),
+                                ("--lr-warmup-iters", args.lr_warmup_iters or None),
+                                ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters)) if v is not None]
+        if given:
+            parser.error(f"--train-samples counts the schedule in samples: give {given[0].replace('iters', 'samples')} "
+                         f"instead of {given[0]}")
+        if args.train_samples < args.global_batch_size:
+            parser.error(f"--train-samples {args.train_samples} is less than one --global-batch-size "
+                         f"({args.global_batch_size})")
+        args.train_iters = args.train_samples // args.global_batch_size
+    else:
+        given = [f for f, v in (("--lr-decay-samples", args.lr_decay_samples),
+                                ("--lr-warmup-samples", args.lr_warmup_samples or None),
+                                ("--lr-wsd-decay-samples", args.lr_wsd_decay_samples)) if v is not None]
+        if given:
+            parser.error(f"{given[0]} needs --train-samples (the schedule counts iterations with --train-iters)")
+        if args.train_iters is None:
+            args.train_iters = 20
+    if (args.lr_warmup_fraction is not None) and (args.lr_warmup_iters or args.lr_warmup_samples):
+        parser.error("give one of --lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples")
     for flag in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.lr_warmup_fraction is not None and not 0.0 <= args.lr_warmup_fraction <= 1.0:
         parser.error(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
-    if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
-        parser.error("give one of --lr-warmup-fraction and --lr-warmup-iters")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         parser.error("give one of --override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler")
     if args.eval_iters < 0:

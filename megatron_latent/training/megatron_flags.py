@@ -36,8 +36,6 @@ _FP8 = "FP8 needs Transformer Engine on a Hopper (or newer) GPU and is not wired
 _MOE = "mixture-of-experts layers are not built here (dense GPT models only)"
 _GPU_ONLY = "a GPU kernel or overlap choice; the same numbers are computed here"
 _NOT_LOGGED = "not logged here (training is unchanged)"
-_SAMPLES = ("sample-based schedules are not implemented; give iterations (--train-iters, --lr-decay-iters, "
-            "--lr-warmup-iters: samples / --global-batch-size)")
 
 TABLE: Dict[str, Flag] = {
     # ------------------------------------------------------------------ precision
@@ -119,12 +117,9 @@ TABLE: Dict[str, Flag] = {
                                                   "tokens of the global batch"),
     "--rampup-batch-size": Flag(REFUSED, "batch-size rampup is not implemented (every step has "
                                          "--global-batch-size samples)", "*"),
-    "--train-samples": Flag(REFUSED, _SAMPLES, 1),
-    "--lr-decay-samples": Flag(REFUSED, _SAMPLES, 1),
-    "--lr-warmup-samples": Flag(REFUSED, _SAMPLES, 1),
-    "--lr-wsd-decay-samples": Flag(REFUSED, _SAMPLES, 1),
-    "--decoupled-lr": Flag(REFUSED, "a separate lr for the embedding and output layer is not implemented", 1),
-    "--decoupled-min-lr": Flag(REFUSED, "a separate lr for the embedding and output layer is not implemented", 1),
+    "--decoupled-lr": Flag(REFUSED, "a separate lr for the embedding and output layer: megatron-core's extra "
+                                    "optimizer parameter group does not reload from this project's checkpoints yet", 1),
+    "--decoupled-min-lr": Flag(REFUSED, "applies to --decoupled-lr, which is not supported", 1),
     "--manual-gc": Flag(NO_EFFECT, "Python's garbage collector runs as usual (a timing aid, training unchanged)"),
     "--manual-gc-interval": Flag(NO_EFFECT, "Python's garbage collector runs as usual", 1),
     "--no-save-optim": Flag(REFUSED, "checkpoints always hold the optimizer state, so that runs resume exactly"),
