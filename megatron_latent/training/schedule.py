@@ -30,6 +30,14 @@ class _SampleScheduler(OptimizerParamScheduler):
     def step(self, increment: int) -> None:
         super().step(increment * self.samples_per_step)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # The base class steps to the saved num_steps, which counts samples already.
+        unit, self.samples_per_step = self.samples_per_step, 1
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self.samples_per_step = unit
+
 
 def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
     """megatron-core's scheduler as Megatron-LM builds it from these flags (raises ConfigError)."""
