@@ -116,7 +116,8 @@ def test_gpt345m_runs_pipeline_parallel(runs):
 @pytest.mark.parametrize("flags, needle", [
     (["--fp16"], "--fp16: fp16 needs dynamic loss scaling"),
     (["--rampup-batch-size", "16", "16", "5859375"], "--rampup-batch-size 16 16 5859375: batch-size rampup"),
-    (["--train-samples", "1953125000"], "--train-samples 1953125000: sample-based schedules"),
+    (["--train-samples", "1953125000"], "give one of --train-iters and --train-samples"),
+    (["--decoupled-lr", "5.0e-4"], "--decoupled-lr 5.0e-4: a separate lr for the embedding and output layer"),
     (["--fp8-format", "hybrid"], "--fp8-format hybrid: FP8 needs Transformer Engine"),
     (["--context-parallel-size", "2"], "--context-parallel-size 2: context parallelism splits the sequence"),
     (["--ckpt-format", "torch"], "--ckpt-format torch: checkpoints are megatron's distributed format"),

@@ -236,9 +236,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         given = [f for f, v in (("--train-iters", args.train_iters), ("--lr-decay-iters", args.lr_decay_iters),
                                 ("--lr-warmup-iters", args.lr_warmup_iters or None),
                                 ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters)) if v is not None]
+        if given[:1] == ["--train-iters"]:
+            parser.error("give one of --train-iters and --train-samples")
         if given:
-            parser.error(f"--train-samples counts the schedule in samples: give {given[0].replace('iters', 'samples')} "
-                         f"instead of {given[0]}")
+            parser.error(f"{given[0]} with --train-samples: give {given[0].replace('iters', 'samples')} (the schedule "
+                         "counts samples)")
         if args.train_samples < args.global_batch_size:
             parser.error(f"--train-samples {args.train_samples} is less than one --global-batch-size "
                          f"({args.global_batch_size})")

@@ -42,20 +42,20 @@ class _SampleScheduler(OptimizerParamScheduler):
 def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
     """megatron-core's scheduler as Megatron-LM builds it from these flags (raises ConfigError)."""
     if args.train_samples is not None:
-        unit, what = args.global_batch_size, "samples"
+        unit, what, suffix = args.global_batch_size, "samples", "samples"
         train, decay = args.train_samples, args.lr_decay_samples or args.train_samples
         warmup, wsd = args.lr_warmup_samples, args.lr_wsd_decay_samples
     else:
-        unit, what = 1, "iterations"
+        unit, what, suffix = 1, "iterations", "iters"
         train, decay = args.train_iters, args.lr_decay_iters or args.train_iters
         warmup, wsd = args.lr_warmup_iters, args.lr_wsd_decay_iters
     if args.lr_warmup_fraction is not None:
         warmup = args.lr_warmup_fraction * decay  # Megatron-LM's: of the decay length, not rounded
     if warmup >= decay:
         raise ConfigError(f"the lr warmup ({warmup:g} {what}) must be shorter than the decay ({decay} {what}: "
-                          f"--lr-decay-{what}, default --train-{what})")
+                          f"--lr-decay-{suffix}, default --train-{suffix})")
     if args.lr_decay_style == "WSD" and wsd is None:
-        raise ConfigError(f"--lr-decay-style WSD needs --lr-wsd-decay-{what} (the length of its final decay)")
+        raise ConfigError(f"--lr-decay-style WSD needs --lr-wsd-decay-{suffix} (the length of its final decay)")
     if args.weight_decay_incr_style == "constant":
         start_wd = end_wd = args.weight_decay
     else:
