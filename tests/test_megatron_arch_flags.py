@@ -142,3 +142,25 @@ def test_bad_architecture_flags_are_one_clear_error(flags, needle, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "error: " in err[-1] and needle in err[-1], err
     assert len(err) == 1 or err[0].startswith("usage: ")
+
+
+def test_optimizer_sgd_is_megatron_cores_sgd_with_its_momentum(single_rank):
+    # One step of megatron-core's SGD: w <- w - lr (g + wd w) (momentum buffer starts as the gradient).
+    from megatron_latent import pretrain
+    from megatron_latent.config import ParallelLayout
+    from megatron_latent.training import engine
+
+    args = parse_args(["--mock-data", "--model-preset", "tiny-llama", "--optimizer", "sgd", "--sgd-momentum", "0.8",
+                       "--weight-decay", "0", "--lr", "0.5", "--lr-warmup-iters", "0", "--clip-grad", "0"])
+    cfg = model_config_from_args(args)
+    model = engine.wrap_ddp(pretrain.build_model(cfg, ParallelLayout(1, 1), args))
+    opt, sched = pretrain.build_optimizer_and_scheduler(model, args)
+    inner = [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
+    assert all(isinstance(o, torch.optim.SGD) and o.param_groups[0]["momentum"] == 0.8 for o in inner)
+    params = [p for p in model[0].parameters()]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.main_grad.fill_(0.01)
+    opt.step()
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.detach(), b - 0.5 * 0.01, rtol=0, atol=1e-7)
