@@ -160,7 +160,8 @@ def configure(args) -> Plan:
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         _join_world_of_one(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
     dp = initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                                   layout.num_virtual_stages_per_pipeline_rank, seed=args.seed, model=cfg)
+                                   layout.num_virtual_stages_per_pipeline_rank, seed=args.seed, model=cfg,
+                                   timeout_minutes=args.distributed_timeout_minutes)
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise ConfigError(
             f"global_batch_size {args.global_batch_size} is not divisible by micro_batch_size "

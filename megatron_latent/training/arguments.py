@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleave each rank's layers as this many virtual chunks (with the latent passes)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="timeout of the process groups' collectives")
     g.add_argument("--recompute-activations", action="store_true",
                    help="selective recomputation of core attention (= --recompute-granularity selective)")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)

@@ -108,8 +108,6 @@ TABLE: Dict[str, Flag] = {
     "--num-layers-per-virtual-pipeline-stage": Flag(REFUSED, "give --num-virtual-stages-per-pipeline-rank (the "
                                                              "layers per pipeline rank divided by this)", 1),
     "--distributed-backend": Flag(NO_EFFECT, "chosen by the platform: NCCL on GPUs, gloo on CPUs", 1),
-    "--distributed-timeout-minutes": Flag(NO_EFFECT, "collectives keep torch's default timeout (10 minutes on "
-                                                     "gloo, NCCL's own)", 1),
     "--empty-unused-memory-level": Flag(NO_EFFECT, "CUDA's caching allocator is not emptied between steps", 1),
     "--deterministic-mode": Flag(NO_EFFECT, "CPU kernels are deterministic; on GPUs torch's defaults apply"),
     # ------------------------------------------------------------------ training
