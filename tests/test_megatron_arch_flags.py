@@ -164,3 +164,21 @@ def test_optimizer_sgd_is_megatron_cores_sgd_with_its_momentum(single_rank):
     opt.step()
     for p, b in zip(params, before):
         torch.testing.assert_close(p.detach(), b - 0.5 * 0.01, rtol=0, atol=1e-7)
+
+
+def test_data_parallel_random_init_changes_only_the_dropout_streams(tmp_path):
+    # DP=2: the same initial weights either way (the first loss of a dropout-free model is the same),
+    # but rank 1 draws other dropout masks with the flag (the first loss of a dropout model moves).
+    from multirank import run_on_ranks
+    from test_pretrain import _losses, _runs, _tb
+
+    base = SIZES + ["--num-workers", "0", "--eval-iters", "0", "--train-iters", "1", "--micro-batch-size", "2",
+                    "--global-batch-size", "4"]
+    quiet = ["--hidden-dropout", "0", "--attention-dropout", "0"]
+    flag = ["--data-parallel-random-init"]
+    argvs = {"drop": [], "drop-flag": flag, "quiet": quiet, "quiet-flag": quiet + flag}
+    runs = run_on_ranks(_runs, 2, [base + extra + _tb(tmp_path, name) for name, extra in argvs.items()])
+    assert all(r[0] == 0 for per in runs for r in per), runs[0]
+    loss = {name: _losses(tmp_path, name)[1] for name in argvs}
+    assert loss["quiet"] == loss["quiet-flag"]
+    assert abs(loss["drop"] - loss["drop-flag"]) > 1e-6
