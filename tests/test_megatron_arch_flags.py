@@ -130,6 +130,9 @@ def test_apply_layernorm_1p_scales_by_one_plus_the_weight(single_rank, norm):
     (SIZES + ["--train-samples", "64", "--lr-decay-iters", "4"],
      "--lr-decay-iters with --train-samples: give --lr-decay-samples"),
     (SIZES + ["--lr-decay-style", "WSD"], "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
+    (SIZES + ["--recompute-activations", "--recompute-modules", "layernorm"],
+     "--recompute-modules layernorm: megatron-core 0.16.1 recomputes norms only through Transformer Engine"),
+    (SIZES + ["--recompute-modules", "mlp"], "--recompute-modules applies to --recompute-granularity selective"),
     (SIZES + ["--weight-decay-incr-style", "linear"], "--weight-decay-incr-style linear needs --start-weight-decay"),
 ])
 def test_bad_architecture_flags_are_one_clear_error(flags, needle, capsys):

@@ -275,6 +275,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error("--recompute-activations is --recompute-granularity selective; do not combine it with "
                          f"--recompute-granularity {args.recompute_granularity}")
         args.recompute_granularity = "selective"
+    if args.recompute_modules and "layernorm" in args.recompute_modules:
+        # megatron-core recomputes unfused norms through Transformer Engine's FP8 state only; with
+        # Transformer Engine the norms are fused into the next linear, with nothing to recompute.
+        parser.error("--recompute-modules layernorm: megatron-core 0.16.1 recomputes norms only through "
+                     "Transformer Engine, whose fused norms this project's TE layers use; give core_attn and/or mlp")
     if args.recompute_modules and args.recompute_granularity != "selective":
         parser.error("--recompute-modules applies to --recompute-granularity selective (or --recompute-activations)")
     if args.lr_decay_iters is not None and args.lr_decay_iters < 1:
