@@ -21,7 +21,6 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, model_config_text
 from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
@@ -32,7 +31,7 @@ from megatron_latent.models.specs import transformer_engine_available
 from megatron_latent.parallel.initialize import destroy_process_group, initialize_model_parallel
 from megatron_latent.parallel.pipeline import build_latent_pipeline
 from megatron_latent.training import batches as batching
-from megatron_latent.training import checkpointing, engine, loop
+from megatron_latent.training import checkpointing, engine, loop, schedule
 from megatron_latent.training.arguments import flag_error, model_config_from_args, parse_args
 from megatron_latent.training.downstream import DownstreamEvaluator
 from megatron_latent.training.metrics import MetricsWriter, WandbRun
@@ -136,7 +135,8 @@ def configure(args) -> Plan:
     layout.check_recompute(cfg.num_layers, args.recompute_granularity, args.recompute_method,
                            args.recompute_num_layers)
     dp = initialize_model_parallel(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
-                                   layout.num_virtual_stages_per_pipeline_rank, seed=args.seed)
+                                   layout.num_virtual_stages_per_pipeline_rank, seed=args.seed,
+                                   timeout_minutes=args.distributed_timeout_minutes)
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise ConfigError(
             f"global_batch_size {args.global_batch_size} is not divisible by micro_batch_size "
@@ -187,21 +187,7 @@ def build_optimizer_and_scheduler(model, args):
             use_distributed_optimizer=args.use_distributed_optimizer,
         ),
     )
-    decay = args.lr_decay_iters or args.train_iters
-    # Megatron-LM's: the fraction is of the decay length (not rounded).
-    warmup = args.lr_warmup_iters if args.lr_warmup_fraction is None else args.lr_warmup_fraction * decay
-    if warmup >= decay:
-        raise ConfigError(f"the lr warmup ({warmup:g} iterations) must be shorter than the decay ({decay} iterations: "
-                          "--lr-decay-iters, default --train-iters)")
-    sched = OptimizerParamScheduler(
-        opt, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
-        lr_decay_steps=decay, lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
-        # Neither flag: a resumed run must have the checkpoint's schedule (loop.resume checks it).
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
-        override_opt_param_scheduler=args.override_opt_param_scheduler,
-    )
+    sched = schedule.build_scheduler(opt, args)
     return opt, sched
 
 
@@ -234,7 +220,8 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
             args.load, cfg, model, opt, sched, finetune=args.finetune, load_optim=not args.no_load_optim,
             optimizer_layout={k: getattr(args, k) for k in (
                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer",
-                "bf16", "num_virtual_stages_per_pipeline_rank")})
+                "bf16", "num_virtual_stages_per_pipeline_rank")},
+            schedule_flags={k: getattr(args, k) for k in schedule.UNSTORED})
     if args.save:
         checkpointing.check_save_dir(args.save, state.iteration, resumed_here=bool(
             args.load and not args.finetune and os.path.realpath(args.load) == os.path.realpath(args.save)))

@@ -127,10 +127,61 @@ def test_apply_layernorm_1p_scales_by_one_plus_the_weight(single_rank, norm):
     (SIZES + ["--hidden-dropout", "1.5"], "--hidden-dropout must be in [0, 1)"),
     (SIZES + ["--lr-warmup-iters", "5", "--lr-decay-iters", "5", "--train-iters", "8"],
      "the lr warmup (5 iterations) must be shorter than the decay (5 iterations"),
+    (SIZES + ["--train-samples", "64", "--lr-decay-iters", "4"],
+     "--lr-decay-iters with --train-samples: give --lr-decay-samples"),
+    (SIZES + ["--lr-decay-style", "WSD"], "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
+    (SIZES + ["--recompute-activations", "--recompute-modules", "layernorm"],
+     "--recompute-modules layernorm: megatron-core 0.16.1 recomputes norms only through Transformer Engine"),
+    (SIZES + ["--recompute-modules", "mlp"], "--recompute-modules applies to --recompute-granularity selective"),
+    (SIZES + ["--weight-decay-incr-style", "linear"], "--weight-decay-incr-style linear needs --start-weight-decay"),
 ])
 def test_bad_architecture_flags_are_one_clear_error(flags, needle, capsys):
     from megatron_latent import pretrain
 
-    assert pretrain.main(flags + ["--num-workers", "0", "--eval-iters", "0"]) == 2
+    try:
+        code = pretrain.main(flags + ["--num-workers", "0", "--eval-iters", "0"])
+    except SystemExit as e:  # found by the parser: argparse's usage, then the one error line
+        code = e.code
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert code == 2 and "error: " in err[-1] and needle in err[-1], err
+    assert len(err) == 1 or err[0].startswith("usage: ")
+
+
+def test_optimizer_sgd_is_megatron_cores_sgd_with_its_momentum(single_rank):
+    # One step of megatron-core's SGD: w <- w - lr (g + wd w) (momentum buffer starts as the gradient).
+    from megatron_latent import pretrain
+    from megatron_latent.config import ParallelLayout
+    from megatron_latent.training import engine
+
+    args = parse_args(["--mock-data", "--model-preset", "tiny-llama", "--optimizer", "sgd", "--sgd-momentum", "0.8",
+                       "--weight-decay", "0", "--lr", "0.5", "--lr-warmup-iters", "0", "--clip-grad", "0"])
+    cfg = model_config_from_args(args)
+    model = engine.wrap_ddp(pretrain.build_model(cfg, ParallelLayout(1, 1), args))
+    opt, sched = pretrain.build_optimizer_and_scheduler(model, args)
+    inner = [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
+    assert all(isinstance(o, torch.optim.SGD) and o.param_groups[0]["momentum"] == 0.8 for o in inner)
+    params = [p for p in model[0].parameters()]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.main_grad.fill_(0.01)
+    opt.step()
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.detach(), b - 0.5 * 0.01, rtol=0, atol=1e-7)
+
+
+def test_data_parallel_random_init_changes_only_the_dropout_streams(tmp_path):
+    # DP=2: the same initial weights either way (the first loss of a dropout-free model is the same),
+    # but rank 1 draws other dropout masks with the flag (the first loss of a dropout model moves).
+    from multirank import run_on_ranks
+    from test_pretrain import _losses, _runs, _tb
+
+    base = SIZES + ["--num-workers", "0", "--eval-iters", "0", "--train-iters", "1", "--micro-batch-size", "2",
+                    "--global-batch-size", "4"]
+    quiet = ["--hidden-dropout", "0", "--attention-dropout", "0"]
+    flag = ["--data-parallel-random-init"]
+    argvs = {"drop": [], "drop-flag": flag, "quiet": quiet, "quiet-flag": quiet + flag}
+    runs = run_on_ranks(_runs, 2, [base + extra + _tb(tmp_path, name) for name, extra in argvs.items()])
+    assert all(r[0] == 0 for per in runs for r in per), runs[0]
+    loss = {name: _losses(tmp_path, name)[1] for name in argvs}
+    assert loss["quiet"] == loss["quiet-flag"]
+    assert abs(loss["drop"] - loss["drop-flag"]) > 1e-6

@@ -12,6 +12,11 @@ families are supported, each matching a Hugging Face reference class exactly:
 * ``llama``    LlamaForCausalLM: RMSNorm, SwiGLU, rotary on the full head, grouped-query
                attention, no biases, untied.
 
+The family sets the defaults of the architecture fields (normalization, activation, positions,
+biases, tied embeddings, residual); each may be replaced (Megatron-LM's architecture flags do), as
+may `kv_channels`, `qk_layernorm` and `apply_layernorm_1p`. `family_departures` names what the
+family's Hugging Face class then cannot hold.
+
 `vocab_size` is the number of meaningful rows (the tokenizer's, or the HF checkpoint's); the
 embedding and output layer are built with `padded_vocab_size` rows (a multiple of
 `make_vocab_size_divisible_by`), independent of the tensor-parallel size so that checkpoints move

@@ -49,7 +49,7 @@ def build_gpt_model(
     if issubclass(model_cls, LatentGPTModel):
         model_kwargs.setdefault("latent", cfg.latent)
         model_kwargs.setdefault("token_vocab_size", cfg.vocab_size)
-    return model_cls(
+    model = model_cls(
         config=config,
         transformer_layer_spec=specs.block_spec(cfg, config, vp_stage=vp_stage, use_te=use_te),
         vocab_size=cfg.padded_vocab_size,
@@ -64,3 +64,8 @@ def build_gpt_model(
         vp_stage=vp_stage,
         **model_kwargs,
     )
+    if pre_process and cfg.position_embedding_type == "learned_absolute":
+        # megatron builds the learned position table in fp32 (Megatron-LM's Float16Module casts
+        # whole models later); the weights here are built in params_dtype, so it is cast alike.
+        model.embedding.position_embeddings.to(config.params_dtype)
+    return model

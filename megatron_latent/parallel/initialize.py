@@ -84,6 +84,7 @@ def initialize_model_parallel(
     virtual_pipeline_model_parallel_size: Optional[int] = None,
     seed: int = 1234,
     model: Optional[ModelConfig] = None,
+    timeout_minutes: int = 10,
 ) -> int:
     """Check the layout (against `model` too, when given; a caller that checked it already passes
     none), join the process group, build megatron's groups, seed the RNGs. Returns the
@@ -104,13 +105,14 @@ def initialize_model_parallel(
     dp = layout.data_parallel_size(world_size())
     if model is not None:
         layout.check_model(model)
-    init_process_group()
+    init_process_group(timeout_minutes)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=layout.num_virtual_stages_per_pipeline_rank,
+        distributed_timeout_minutes=timeout_minutes,
     )
     # Same seed on every rank: weights are drawn whole and then split (use_cpu_initialization),
     # and megatron's tracker derives per-TP-rank streams for dropout from it.

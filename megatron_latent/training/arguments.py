@@ -4,6 +4,8 @@ own), and their translation into the library's configuration objects."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from typing import List, Optional
 
 from megatron_latent.cli import flag_message
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleave each rank's layers as this many virtual chunks (with the latent passes)")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="timeout of the process groups' collectives")
     g.add_argument("--recompute-activations", action="store_true",
                    help="selective recomputation of core attention (= --recompute-granularity selective)")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
@@ -118,19 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=16)
-    g.add_argument("--train-iters", type=int, default=20)
+    g.add_argument("--train-iters", type=int, default=None, help="default 20 (or --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="train this many samples (instead of --train-iters); the schedule then counts samples")
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
-    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant", "inverse-square-root", "WSD"),
+                   default="cosine")
     g.add_argument("--lr-decay-iters", type=int, default=None,
                    help="iterations of warmup and decay, the lr at --min-lr after them (default: --train-iters)")
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="as --lr-decay-iters, with --train-samples")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warmup as a fraction of the decay length, --lr-decay-iters (instead of --lr-warmup-iters)")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="as --lr-warmup-iters, with --train-samples")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the lr warmup starts from")
+    g.add_argument("--lr-wsd-decay-style", choices=("exponential", "linear", "cosine", "minus_sqrt"),
+                   default="exponential", help="the final decay of --lr-decay-style WSD")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="length of WSD's final decay")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="as --lr-wsd-decay-iters, in samples")
+
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     g.add_argument("--sgd-momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=None,
                    help="default: the authors' script for the method, 0.01 for --num-ponder-steps, else 0.1")
+    g.add_argument("--weight-decay-incr-style", choices=("constant", "linear", "cosine"), default="constant",
+                   help="weight decay from --start-weight-decay to --end-weight-decay over training (constant: "
+                        "--weight-decay)")
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -309,7 +329,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if getattr(args, flag) and not args.load:
             parser.error(f"--{flag.replace('_', '-')} needs --load")
     if args.save_interval is not None and not args.save:
-        parser.error("--save-interval needs --save")
+        # Megatron-LM accepts it (its scripts pass it with and without --save): nothing is saved.
+        args.megatron_notes.append("--save-interval without --save: no checkpoints are written")
     if args.async_save and not args.save:
         parser.error("--async-save needs --save")
     for flag in ("keep_last_n_checkpoints", "save_retain_interval", "extra_save_iters"):
@@ -320,13 +341,35 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be >= {0 if isinstance(value, list) else 1}, got {value}")
     if args.exit_signal_handler and not args.save:
         parser.error("--exit-signal-handler needs --save")
+    if args.train_samples is not None:
+        # Megatron-LM's sample-based schedule: iterations are derived, the iteration flags not given.
+        given = [f for f, v in (("--train-iters", args.train_iters), ("--lr-decay-iters", args.lr_decay_iters),
+                                ("--lr-warmup-iters", args.lr_warmup_iters or None),
+                                ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters)) if v is not None]
+        if given[:1] == ["--train-iters"]:
+            parser.error("give one of --train-iters and --train-samples")
+        if given:
+            parser.error(f"{given[0]} with --train-samples: give {given[0].replace('iters', 'samples')} (the schedule "
+                         "counts samples)")
+        if args.train_samples < args.global_batch_size:
+            parser.error(f"--train-samples {args.train_samples} is less than one --global-batch-size "
+                         f"({args.global_batch_size})")
+        args.train_iters = args.train_samples // args.global_batch_size
+    else:
+        given = [f for f, v in (("--lr-decay-samples", args.lr_decay_samples),
+                                ("--lr-warmup-samples", args.lr_warmup_samples or None),
+                                ("--lr-wsd-decay-samples", args.lr_wsd_decay_samples)) if v is not None]
+        if given:
+            parser.error(f"{given[0]} needs --train-samples (the schedule counts iterations with --train-iters)")
+        if args.train_iters is None:
+            args.train_iters = 20
+    if (args.lr_warmup_fraction is not None) and (args.lr_warmup_iters or args.lr_warmup_samples):
+        parser.error("give one of --lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples")
     for flag in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.lr_warmup_fraction is not None and not 0.0 <= args.lr_warmup_fraction <= 1.0:
         parser.error(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
-    if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
-        parser.error("give one of --lr-warmup-fraction and --lr-warmup-iters")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         parser.error("give one of --override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler")
     if args.eval_iters < 0:
@@ -340,6 +383,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error("--recompute-activations is --recompute-granularity selective; do not combine it with "
                          f"--recompute-granularity {args.recompute_granularity}")
         args.recompute_granularity = "selective"
+    if args.recompute_modules and "layernorm" in args.recompute_modules:
+        # megatron-core recomputes unfused norms through Transformer Engine's FP8 state only; with
+        # Transformer Engine the norms are fused into the next linear, with nothing to recompute.
+        parser.error("--recompute-modules layernorm: megatron-core 0.16.1 recomputes norms only through "
+                     "Transformer Engine, whose fused norms this project's TE layers use; give core_attn and/or mlp")
     if args.recompute_modules and args.recompute_granularity != "selective":
         parser.error("--recompute-modules applies to --recompute-granularity selective (or --recompute-activations)")
     if args.lr_decay_iters is not None and args.lr_decay_iters < 1:
@@ -416,7 +464,10 @@ def _megatron_model(args: argparse.Namespace, overrides: dict) -> ModelConfig:
         # Megatron-LM's: 4 H, or for SwiGLU 2/3 of it rounded down to a multiple of 64.
         swiglu = overrides.get("activation") == "swiglu"
         overrides["ffn_hidden_size"] = int(4 * h * 2 / 3 / 64) * 64 if swiglu else 4 * h
-    return ModelConfig(**{**MEGATRON_DEFAULTS, **overrides})
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    base = {k: v for k, v in {**MEGATRON_DEFAULTS, **overrides}.items() if k in fields}
+    latent = {k: v for k, v in overrides.items() if k not in fields}  # LatentSettings' fields
+    return ModelConfig(**base).replace(**latent)
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] = None) -> ModelConfig:
@@ -483,5 +534,8 @@ def flag_error(error: BaseException) -> str:
     return flag_message(error, build_parser(), _RENAMED)
 
 
-if __name__ == "__main__":  # the table of docs/megatron_flags.md
-    print(megatron_flags.markdown(build_parser()), end="")
+if __name__ == "__main__":  # the table of docs/megatron_flags.md: printed, or rewritten there with --update PATH
+    if sys.argv[1:2] == ["--update"]:
+        megatron_flags.update_doc(sys.argv[2], build_parser())
+    else:
+        print(megatron_flags.markdown(build_parser()), end="")

@@ -50,9 +50,12 @@ def _finite(x: Optional[float]) -> bool:
 
 # Scheduler settings a resumed run compares with its checkpoint, and the flags that set them.
 _SCHEDULE_FLAGS = {
-    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters/--lr-warmup-fraction",
-    "lr_decay_steps": "--lr-decay-iters/--train-iters", "lr_decay_style": "--lr-decay-style",
-    "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+    "max_lr": "--lr", "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-iters/--lr-warmup-samples/--lr-warmup-fraction",
+    "lr_decay_steps": "--lr-decay-iters/--lr-decay-samples/--train-iters/--train-samples",
+    "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay/--start-weight-decay",
+    "end_wd": "--weight-decay/--end-weight-decay", "wd_incr_style": "--weight-decay-incr-style",
+    "wd_incr_steps": "--train-iters/--train-samples",
 }
 # Latent settings that change what the weights compute: a run does not silently switch them.
 # The method included: a pause or loop checkpoint does not silently go on as another method.
@@ -64,7 +67,8 @@ _LATENT_FLAGS = {"num_latent_thoughts": "--num-latent-thoughts", "thought_input"
 
 
 def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: bool = False,
-           load_optim: bool = True, optimizer_layout: Optional[dict] = None) -> TrainState:
+           load_optim: bool = True, optimizer_layout: Optional[dict] = None,
+           schedule_flags: Optional[dict] = None) -> TrainState:
     """Load the latest checkpoint under `load_dir` into the model (and optimizer and scheduler).
 
     No checkpoint there: a fresh start (the usual `--load X --save X` preemption setup), unless
@@ -74,7 +78,9 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     override it or to take the checkpoint's (Megatron's two flags). `optimizer_layout` (the
     run's tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer) is
     checked against the checkpoint's: distributed-optimizer state of the older bucket format
-    reshards over DP only (the fully reshardable format, written now, at any layout)."""
+    reshards over DP only (the fully reshardable format, written now, at any layout).
+    `schedule_flags` (flag destination -> value) are the schedule's settings that the scheduler's
+    state does not hold; they are checked against the flags saved with the checkpoint."""
     # The tracker's iteration (or, without a tracker, the newest complete one), checked for
     # missing or truncated files first: CheckpointError names the file, on every rank alike.
     iteration, warning = checkpointing.find_resume_iteration(load_dir)
@@ -114,6 +120,9 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
         ours, theirs = scheduler.state_dict(), common["opt_param_scheduler"]
         differ = sorted({f"{_SCHEDULE_FLAGS[k]} ({k} {theirs[k]} vs {ours[k]})"
                          for k in _SCHEDULE_FLAGS if k in theirs and theirs[k] != ours[k]})
+        flags = common.get("extra", {}).get("args", {})
+        differ += [f"--{k.replace('_', '-')} ({flags[k]} vs {v})"
+                   for k, v in (schedule_flags or {}).items() if k in flags and flags[k] != v]
         if differ:
             raise ResumeError(
                 f"--load {load_dir}: the lr schedule differs from the checkpoint's (checkpoint vs flags) in "

@@ -1,6 +1,7 @@
 """Megatron-LM's flags that the driver does not implement: each is refused with the reason, or
 accepted with a note where it changes nothing here. One table, rendered in docs/megatron_flags.md
-(`python -m megatron_latent.training.arguments` prints that page's table).
+(`python -m megatron_latent.training.arguments` prints that page's table, `--update
+docs/megatron_flags.md` rewrites it there).
 
 The driver's own parser (training/arguments.py) holds the supported ones, with Megatron-LM's
 meaning; a flag defined there is supported, whatever this table says.
@@ -35,8 +36,6 @@ _FP8 = "FP8 needs Transformer Engine on a Hopper (or newer) GPU and is not wired
 _MOE = "mixture-of-experts layers are not built here (dense GPT models only)"
 _GPU_ONLY = "a GPU kernel or overlap choice; the same numbers are computed here"
 _NOT_LOGGED = "not logged here (training is unchanged)"
-_SAMPLES = ("sample-based schedules are not implemented; give iterations (--train-iters, --lr-decay-iters, "
-            "--lr-warmup-iters: samples / --global-batch-size)")
 
 TABLE: Dict[str, Flag] = {
     # ------------------------------------------------------------------ precision
@@ -109,8 +108,6 @@ TABLE: Dict[str, Flag] = {
     "--num-layers-per-virtual-pipeline-stage": Flag(REFUSED, "give --num-virtual-stages-per-pipeline-rank (the "
                                                              "layers per pipeline rank divided by this)", 1),
     "--distributed-backend": Flag(NO_EFFECT, "chosen by the platform: NCCL on GPUs, gloo on CPUs", 1),
-    "--distributed-timeout-minutes": Flag(NO_EFFECT, "collectives keep torch's default timeout (10 minutes on "
-                                                     "gloo, NCCL's own)", 1),
     "--empty-unused-memory-level": Flag(NO_EFFECT, "CUDA's caching allocator is not emptied between steps", 1),
     "--deterministic-mode": Flag(NO_EFFECT, "CPU kernels are deterministic; on GPUs torch's defaults apply"),
     # ------------------------------------------------------------------ training
@@ -118,12 +115,9 @@ TABLE: Dict[str, Flag] = {
                                                   "tokens of the global batch"),
     "--rampup-batch-size": Flag(REFUSED, "batch-size rampup is not implemented (every step has "
                                          "--global-batch-size samples)", "*"),
-    "--train-samples": Flag(REFUSED, _SAMPLES, 1),
-    "--lr-decay-samples": Flag(REFUSED, _SAMPLES, 1),
-    "--lr-warmup-samples": Flag(REFUSED, _SAMPLES, 1),
-    "--lr-wsd-decay-samples": Flag(REFUSED, _SAMPLES, 1),
-    "--decoupled-lr": Flag(REFUSED, "a separate lr for the embedding and output layer is not implemented", 1),
-    "--decoupled-min-lr": Flag(REFUSED, "a separate lr for the embedding and output layer is not implemented", 1),
+    "--decoupled-lr": Flag(REFUSED, "a separate lr for the embedding and output layer: megatron-core's extra "
+                                    "optimizer parameter group does not reload from this project's checkpoints yet", 1),
+    "--decoupled-min-lr": Flag(REFUSED, "applies to --decoupled-lr, which is not supported", 1),
     "--manual-gc": Flag(NO_EFFECT, "Python's garbage collector runs as usual (a timing aid, training unchanged)"),
     "--manual-gc-interval": Flag(NO_EFFECT, "Python's garbage collector runs as usual", 1),
     "--no-save-optim": Flag(REFUSED, "checkpoints always hold the optimizer state, so that runs resume exactly"),
@@ -231,3 +225,14 @@ def counts(parser: argparse.ArgumentParser) -> Dict[str, int]:
     for status in (REFUSED, NO_EFFECT):
         out[status] = sum(1 for f, r in TABLE.items() if r.status == status and f not in taken)
     return out
+
+
+START, END = "<!-- table: generated -->\n", "<!-- end of table -->"
+
+
+def update_doc(path: str, parser: argparse.ArgumentParser) -> None:
+    """Rewrite the generated table of the docs page at `path` (between its two markers)."""
+    with open(path) as f:
+        head, rest = f.read().split(START)
+    with open(path, "w") as f:
+        f.write(head + START + markdown(parser) + END + rest.split(END)[1])

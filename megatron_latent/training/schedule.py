@@ -1,0 +1,79 @@
+"""The lr and weight-decay schedule of Megatron-LM's flags, on megatron-core's OptimizerParamScheduler.
+
+Iteration-based flags (--train-iters, --lr-decay-iters, --lr-warmup-iters) count the scheduler's
+steps in iterations; sample-based ones (--train-samples, --lr-decay-samples, --lr-warmup-samples)
+in samples, the scheduler then advancing by --global-batch-size per iteration, as Megatron-LM's
+does. Both give Megatron-LM's lr at every iteration (its steps are samples in either case; with a
+fixed batch size the two units differ by a constant factor).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_latent.config import ConfigError
+
+# Flags of the schedule that OptimizerParamScheduler's state does not hold: a resumed run compares
+# them with the checkpoint's saved flags (the state's own fields are compared by loop.resume).
+UNSTORED = ("lr_warmup_init", "lr_wsd_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_samples")
+
+
+class _SampleScheduler(OptimizerParamScheduler):
+    """Counts samples: each step (an iteration, or `increment` of them) advances by the batch."""
+
+    def __init__(self, *args, samples_per_step: int, **kwargs):
+        self.samples_per_step = samples_per_step
+        super().__init__(*args, **kwargs)
+
+    def step(self, increment: int) -> None:
+        super().step(increment * self.samples_per_step)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # The base class steps to the saved num_steps, which counts samples already.
+        unit, self.samples_per_step = self.samples_per_step, 1
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self.samples_per_step = unit
+
+
+def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
+    """megatron-core's scheduler as Megatron-LM builds it from these flags (raises ConfigError)."""
+    if args.train_samples is not None:
+        unit, what, suffix = args.global_batch_size, "samples", "samples"
+        train, decay = args.train_samples, args.lr_decay_samples or args.train_samples
+        warmup, wsd = args.lr_warmup_samples, args.lr_wsd_decay_samples
+    else:
+        unit, what, suffix = 1, "iterations", "iters"
+        train, decay = args.train_iters, args.lr_decay_iters or args.train_iters
+        warmup, wsd = args.lr_warmup_iters, args.lr_wsd_decay_iters
+    if args.lr_warmup_fraction is not None:
+        warmup = args.lr_warmup_fraction * decay  # Megatron-LM's: of the decay length, not rounded
+    if warmup >= decay:
+        raise ConfigError(f"the lr warmup ({warmup:g} {what}) must be shorter than the decay ({decay} {what}: "
+                          f"--lr-decay-{suffix}, default --train-{suffix})")
+    if args.lr_decay_style == "WSD" and wsd is None:
+        raise ConfigError(f"--lr-decay-style WSD needs --lr-wsd-decay-{suffix} (the length of its final decay)")
+    if args.weight_decay_incr_style == "constant":
+        start_wd = end_wd = args.weight_decay
+    else:
+        start_wd, end_wd = args.start_weight_decay, args.end_weight_decay
+        if start_wd is None or end_wd is None or not 0 <= start_wd <= end_wd:
+            raise ConfigError(f"--weight-decay-incr-style {args.weight_decay_incr_style} needs --start-weight-decay "
+                              "and --end-weight-decay, 0 <= start <= end")
+    if args.lr_warmup_init > args.lr:
+        raise ConfigError(f"--lr-warmup-init {args.lr_warmup_init} exceeds --lr {args.lr}")
+    kwargs = dict(
+        init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=decay, lr_decay_style=args.lr_decay_style, start_wd=start_wd, end_wd=end_wd,
+        wd_incr_steps=train, wd_incr_style=args.weight_decay_incr_style, wsd_decay_steps=wsd,
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+        # Neither flag: a resumed run must have the checkpoint's schedule (loop.resume checks it).
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+    )
+    if unit == 1:
+        return OptimizerParamScheduler(optimizer, **kwargs)
+    return _SampleScheduler(optimizer, samples_per_step=unit, **kwargs)
