@@ -66,7 +66,7 @@ def test_scores_give_accuracy_passes_and_flops_of_each_setting():
     tokens, labels = windows[:, :-1], windows[:, 1:]
     with torch.no_grad():
         exact = sequential_logits(model, tokens, torch.arange(L).expand(4, L))
-    assert got[ROLLOUT]["accuracy"] == (exact.argmax(-1) == labels).float().mean().item()
+    assert got[ROLLOUT]["accuracy"] == (exact.argmax(-1) == labels).double().mean().item()
     # A tolerance far below the changes runs Jacobi to the fixed point (at most L * N passes) ...
     tight = got[tolerance_key(1e-9)]
     assert abs(tight["loss"] - got[ROLLOUT]["loss"]) < 1e-5 and 1 <= tight["jacobi_passes"] <= L

@@ -71,11 +71,8 @@ def test_wildcard_panels_draw_residuals_and_accuracies(tmp_path):
                                 "thoughts/jacobi_residual_2": 0.01 / i}) + "\n")
         f.write(json.dumps({"iteration": 4, "valid/loss": 1.5, "downstream/piqa/acc": 0.6,
                             "downstream/piqa/acc_stderr": 0.01, "downstream/sciq/acc": 0.7}) + "\n")
-    import importlib.util
+    from megatron_latent.tools import plot_metrics as tool
 
-    spec = importlib.util.spec_from_file_location("plot_metrics", os.path.join(ROOT, "tools", "plot_metrics.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     panels = tool._panels({"x": str(a)}, tool.DEFAULT_PANELS)
     assert [(title, [c[0] for c in curves]) for title, curves in panels] == [
         ("train/loss", ["x"]), ("valid/loss", ["x"]), ("thoughts/jacobi_residual_*", ["1", "2"]),
