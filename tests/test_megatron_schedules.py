@@ -54,10 +54,13 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_iteration_has_megatron_lms_lr_and_weight_decay(case):
+    from megatron_latent.config import LatentSettings
     from megatron_latent.training.arguments import parse_args
     from megatron_latent.training.schedule import build_scheduler
 
     args = parse_args(["--mock-data", "--global-batch-size", "4", "--micro-batch-size", "4"] + CASES[case])
+    if args.weight_decay is None:  # the method's default, as pretrain.configure resolves it
+        args.weight_decay = LatentSettings().paper_weight_decay
     ours = build_scheduler(_Groups(), args)
     ref = _megatron_lm({k: v for k, v in vars(args).items() if k in (
         "train_iters", "train_samples", "lr_decay_iters", "lr_decay_samples", "lr_warmup_iters", "lr_warmup_samples",

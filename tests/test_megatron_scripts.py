@@ -95,7 +95,7 @@ def test_llama3_builds_its_model_and_notes_what_has_no_effect(runs):
             "SwiGLU, RoPE (base 1e+06), no biases, untied embeddings") in out
     assert "TP=2 PP=1 DP=1" in out
     for flag in ("--use-mcore-models", "--cross-entropy-loss-fusion", "--calculate-per-token-loss", "--manual-gc",
-                 "--context-parallel-size 1", "--overlap-grad-reduce", "--overlap-param-gather", "--profile",
+                 "--context-parallel-size 1", "--overlap-grad-reduce", "--overlap-param-gather",
                  "--ckpt-format torch_dist", "--tokenizer-type NullTokenizer"):
         assert f"note: {flag}" in out, flag
     # Cosine from --lr to --min-lr over --train-iters (no --lr-decay-iters, no warmup).
