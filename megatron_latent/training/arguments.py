@@ -532,6 +532,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
 _RENAMED = {
     "grad_passes": "--jacobi-grad-passes",
     "ponder_residual": "--ponder-residual",
+    "rope_scaling": "--use-rope-scaling",
     "seq_length": "--max-position-embeddings",  # ModelConfig.seq_length is the model's context
     "num_microbatches": "the micro-batch count (--global-batch-size / (--micro-batch-size x data-parallel size))",
 }
