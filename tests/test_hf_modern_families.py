@@ -146,3 +146,26 @@ def test_stock_folder_converts_and_continues_pretraining(tmp_path):
         assert "loaded weights of iteration 0" in out, arch
         losses = _losses(tmp_path, f"tb-{arch}")
         assert sorted(losses) == [1, 2] and all(torch.isfinite(torch.tensor(v)) for v in losses.values()), arch
+
+
+@pytest.mark.parametrize("rope, needle", [
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+      "original_max_position_embeddings": 8192}, "llama3 rope scaling high_freq_factor 2.0"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 4096}, "original_max_position_embeddings 4096"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, "rope_type 'yarn'"),
+])
+def test_rope_scaling_megatron_cannot_compute_is_refused(rope, needle):
+    import transformers as tf
+
+    from megatron_latent.hf.mapping import UnsupportedArchitectureError, config_from_hf
+
+    c = tf.LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                       vocab_size=64, max_position_embeddings=32, rope_parameters={"rope_theta": 10000.0, **rope})
+    with pytest.raises(UnsupportedArchitectureError, match=needle) as e:
+        config_from_hf(c)
+    assert "\n" not in str(e.value)
+    qwen = tf.Qwen2Config(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                          vocab_size=64, rope_parameters={"rope_theta": 10000.0, **rope})
+    with pytest.raises(UnsupportedArchitectureError, match="qwen2 with rope_type"):
+        config_from_hf(qwen)
