@@ -1,6 +1,6 @@
 """Llama-3.x (llama3 rope scaling, tied embeddings), Qwen2.5 (q/k/v biases, tied) and Qwen3 (per-head
 q/k RMSNorm, heads wider than hidden / heads): import from tiny random stock transformers models
-with their logits, exact round trips, export (N=0: the stock class, its logits and greedy
+with their logits (one rank and TP=2), exact round trips, export (N=0: the stock class, its logits and greedy
 generation; N=1: the remote code, megatron's logits and exact rollout), and a stock folder through
 tools/convert_from_hf.py followed by latent continued pretraining."""
 
@@ -117,6 +117,25 @@ def test_export_matches(tmp_path, arch, n):
     plain = latent_model(cfg.replace(num_latent_thoughts=0), full)
     with torch.no_grad():
         assert rel_err(plain(ids, pos, None)[..., :VOCAB], ref) > 1e-2
+
+
+def _tp2_logits():
+    """Each family's converted weights at TP=2 (q/k norms replicated, q/k/v biases split by group)."""
+    from megatron_latent.hf.mapping import hf_to_megatron
+    from megatron_latent.parallel.initialize import initialize_model_parallel
+
+    initialize_model_parallel(2, 1)
+    out = {}
+    for arch in MODERN:
+        hf = hf_model(arch)
+        cfg, full = hf_to_megatron(hf.state_dict(), hf.config)
+        out[arch] = rel_err(_megatron_logits(cfg, full, tokens())[..., :VOCAB], hf_logits(hf, tokens()))
+    return out
+
+
+def test_logits_match_hf_at_tp2():
+    for errs in run_on_ranks(_tp2_logits, 2, timeout=300):
+        assert all(e < 1e-5 for e in errs.values()), errs
 
 
 def _convert_all(folders):
