@@ -8,8 +8,13 @@ VOCAB = 250  # not a multiple of 128: the megatron side pads to 256
 SEQ = 24
 
 
+# The HF class of each hf_model name, and our family of it.
+FAMILY = {"gpt2": "gpt2", "gpt-neox": "gpt-neox", "llama": "llama", "llama3": "llama", "qwen2": "qwen2",
+          "qwen3": "qwen3"}
+
+
 def hf_model(arch: str, seed: int = 0):
-    """A tiny stock transformers causal LM of `arch`, fp32, eval mode, with weights large enough
+    """A tiny stock transformers causal LM of `arch` (a FAMILY key), fp32, eval mode, with weights large enough
     that every tensor (biases and norms included) visibly moves the logits."""
     import transformers as tf
 
@@ -28,6 +33,25 @@ def hf_model(arch: str, seed: int = 0):
                              intermediate_size=96, max_position_embeddings=32, rms_norm_eps=1e-6,
                              rope_theta=10000.0, tie_word_embeddings=False, **common)
         cls = tf.LlamaForCausalLM
+    elif arch == "llama3":  # Llama-3.x: rope scaling, tied embeddings
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=96, max_position_embeddings=32, rms_norm_eps=1e-5,
+                             rope_parameters=rope, tie_word_embeddings=True, **common)
+        cls = tf.LlamaForCausalLM
+    elif arch == "qwen2":  # Qwen2.5: q/k/v biases, tied embeddings
+        cfg = tf.Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=96, max_position_embeddings=32, rms_norm_eps=1e-6,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True,
+                             **common)
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "qwen3":  # Qwen3: per-head q/k RMSNorm, heads wider than hidden / heads, untied
+        cfg = tf.Qwen3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=32, intermediate_size=96, max_position_embeddings=32, rms_norm_eps=1e-6,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
+                             **common)
+        cls = tf.Qwen3ForCausalLM
     else:
         raise ValueError(arch)
     from parallel_utils import draw

@@ -13,6 +13,12 @@ PYTHIA = {
     "pythia-1.4b": 1_414_647_808,
     "pythia-2.8b": 2_775_208_960,
 }
+# The released Llama-3.x / Qwen2.5 / Qwen3 checkpoints' parameter counts (their safetensors).
+RELEASED = {
+    "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248,
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen3-0.6b": 596_049_920,
+    "qwen3-1.7b": 1_720_574_976,
+}
 LLAMA_SHAPES = {  # the paper's d / layers / heads / ffn
     "llama-125m": (768, 12, 12, 2064), "llama-410m": (1024, 24, 16, 2752), "llama-834m": (1536, 24, 24, 4128),
     "llama-1.4b": (2048, 24, 32, 5504), "llama-2.8b": (2048, 48, 32, 5504),
@@ -24,6 +30,16 @@ def test_pythia_counts_match_published():
 
     for name, n in PYTHIA.items():
         assert get_preset(name).num_parameters() == n, name
+
+
+def test_modern_presets_match_released_models():
+    from megatron_latent.config import get_preset
+
+    for name, n in RELEASED.items():
+        c = get_preset(name)
+        assert c.num_parameters() == n and c.padded_vocab_size == c.vocab_size and not c.family_departures(), name
+    assert get_preset("llama-3.2-1b").rope_scaling and get_preset("qwen2.5-0.5b").add_qkv_bias
+    assert get_preset("qwen3-0.6b").qk_layernorm and get_preset("qwen3-0.6b").head_dim == 128
 
 
 def test_llama_presets_are_the_papers():

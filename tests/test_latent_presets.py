@@ -8,7 +8,7 @@ import torch
 from hf_tiny import hf_model, tokens
 from multirank import run_on_ranks
 
-ARCHS = ["gpt2", "gpt-neox", "llama"]
+ARCHS = ["gpt2", "gpt-neox", "llama", "llama3", "qwen2", "qwen3"]  # hf_tiny names
 
 
 def _model(arch, tp=1, sp=False, **latent):
@@ -96,8 +96,9 @@ def _loss_and_grads(tp, layouts):
             grads = {}
             for name, p in model.named_parameters():
                 g = p.grad.detach().clone()
-                if sp and getattr(p, "sequence_parallel", False):
-                    # each rank saw part of the sequence (megatron's finalize_model_grads sums these)
+                if (sp and getattr(p, "sequence_parallel", False)) or "q_layernorm" in name or "k_layernorm" in name:
+                    # each rank saw part of the sequence, or (q/k norms) its own heads: megatron's
+                    # finalize_model_grads sums these over the tensor-parallel ranks
                     dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
                 grads[name] = g
             shards = [None] * tp

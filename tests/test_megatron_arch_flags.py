@@ -41,6 +41,9 @@ def test_a_llama_3_flag_set_builds_its_model():
     # A Megatron-LM flag set with the llama family's fields is exportable as that family? It is GPT-2
     # shaped (no preset), so the flags that leave GPT-2 are named.
     assert "normalization RMSNorm" in ", ".join(cfg.family_departures())
+    # Llama-3.1's rope scaling, megatron-core's (tests/test_hf_modern_families.py checks it against HF).
+    scaled = _cfg("--mock-data", "--model-preset", "tiny-llama", "--use-rope-scaling", "--rope-scaling-factor", "32")
+    assert (scaled.rope_scaling, scaled.rope_scaling_factor) == (True, 32.0) and not scaled.family_departures()
 
 
 def test_a_preset_with_flags_is_the_preset_with_those_fields_replaced():
@@ -125,6 +128,7 @@ def test_apply_layernorm_1p_scales_by_one_plus_the_weight(single_rank, norm):
     (SIZES + ["--use-rotary-position-embeddings", "--position-embedding-type", "learned_absolute"],
      "--use-rotary-position-embeddings is --position-embedding-type rope"),
     (SIZES + ["--hidden-dropout", "1.5"], "--hidden-dropout must be in [0, 1)"),
+    (SIZES + ["--use-rope-scaling"], "--use-rope-scaling needs --position-embedding-type rope"),
     (SIZES + ["--lr-warmup-iters", "5", "--lr-decay-iters", "5", "--train-iters", "8"],
      "the lr warmup (5 iterations) must be shorter than the decay (5 iterations"),
     (SIZES + ["--train-samples", "64", "--lr-decay-iters", "4"],

@@ -2,7 +2,7 @@
 
 `ModelConfig` describes the network (architecture family, sizes, vocabulary) and holds the latent
 settings (`LatentSettings`, field `latent`). It knows nothing of files or flags: its errors
-(`ConfigError`) name its fields, and the command line translates them into its flags. Three
+(`ConfigError`) name its fields, and the command line translates them into its flags. Five
 families are supported, each matching a Hugging Face reference class exactly:
 
 * ``gpt2``     GPT2LMHeadModel: LayerNorm, GELU (tanh approximation), learned absolute
@@ -10,7 +10,11 @@ families are supported, each matching a Hugging Face reference class exactly:
 * ``gpt-neox`` GPTNeoXForCausalLM (Pythia): LayerNorm with bias, parallel attention + MLP
                residual, rotary on `rotary_percent` of each head, exact GELU, untied output layer.
 * ``llama``    LlamaForCausalLM: RMSNorm, SwiGLU, rotary on the full head, grouped-query
-               attention, no biases, untied.
+               attention, no biases, untied (Llama-3.x: tied or not, with the `llama3` rope
+               scaling, `rope_scaling`).
+* ``qwen2``    Qwen2ForCausalLM (Qwen2.5): LLaMA's layer with biases on q, k and v only.
+* ``qwen3``    Qwen3ForCausalLM (Qwen3 dense): LLaMA's layer with an RMSNorm on each head's
+               queries and keys before rotary (`qk_layernorm`), head width free (`kv_channels`).
 
 The family sets the defaults of the architecture fields (normalization, activation, positions,
 biases, tied embeddings, residual); each may be replaced (Megatron-LM's architecture flags do), as
@@ -36,7 +40,9 @@ import torch
 from megatron_latent.config.errors import ConfigError, need
 from megatron_latent.config.layout import ParallelLayout
 
-ARCHS = ("gpt2", "gpt-neox", "llama")
+ARCHS = ("gpt2", "gpt-neox", "llama", "qwen2", "qwen3")
+# Families whose layer is LLaMA's (the HF classes share its tensor names).
+LLAMA_LIKE = ("llama", "qwen2", "qwen3")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "squared_relu")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
 # How the weights are drawn (see ModelConfig.init_methods).
@@ -56,21 +62,31 @@ _PAPER_DEFAULTS = {
     "gpt-neox": dict(jacobi_iters=(2, 4), init_counts_thought_passes=True, ponder_feedback="hidden"),
     "llama": dict(jacobi_iters=(2, 3), init_counts_thought_passes=False, ponder_feedback="interpolated"),
 }
+# Qwen has no authors' code: it takes their LLaMA code's settings, the closest layer.
+_PAPER_DEFAULTS["qwen2"] = _PAPER_DEFAULTS["qwen3"] = _PAPER_DEFAULTS["llama"]
 
 # Per-family defaults for the fields left as None.
 _ARCH_DEFAULTS = {
     "gpt2": dict(
         normalization="LayerNorm", activation="gelu_tanh", position_embedding_type="learned_absolute",
-        add_bias_linear=True, add_qkv_bias=True, tie_embeddings=True, parallel_residual=False,
+        add_bias_linear=True, add_qkv_bias=True, tie_embeddings=True, parallel_residual=False, qk_layernorm=False,
     ),
     "gpt-neox": dict(
         normalization="LayerNorm", activation="gelu", position_embedding_type="rope",
-        add_bias_linear=True, add_qkv_bias=True, tie_embeddings=False, parallel_residual=True,
+        add_bias_linear=True, add_qkv_bias=True, tie_embeddings=False, parallel_residual=True, qk_layernorm=False,
     ),
     "llama": dict(
         normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
-        add_bias_linear=False, add_qkv_bias=False, tie_embeddings=False, parallel_residual=False,
+        add_bias_linear=False, add_qkv_bias=False, tie_embeddings=False, parallel_residual=False, qk_layernorm=False,
     ),
+}
+_ARCH_DEFAULTS["qwen2"] = dict(_ARCH_DEFAULTS["llama"], add_qkv_bias=True)
+_ARCH_DEFAULTS["qwen3"] = dict(_ARCH_DEFAULTS["llama"], qk_layernorm=True)
+# What each family's HF class may set beyond its defaults (family_departures).
+_ARCH_FREE = {
+    "gpt2": ("tie_embeddings",), "gpt-neox": ("parallel_residual",),
+    "llama": ("add_bias_linear", "add_qkv_bias", "tie_embeddings", "rope_scaling"),  # attention_bias, mlp_bias
+    "qwen2": ("tie_embeddings",), "qwen3": ("tie_embeddings", "kv_channels"),  # Qwen3Config.head_dim
 }
 
 
@@ -298,8 +314,14 @@ class ModelConfig:
     tie_embeddings: Optional[bool] = None
     parallel_residual: Optional[bool] = None
     kv_channels: Optional[int] = None  # per-head width; None: hidden_size / num_attention_heads
-    qk_layernorm: bool = False  # a norm (the model's kind) on each head's queries and keys
+    qk_layernorm: Optional[bool] = None  # a norm (the model's kind) on each head's queries and keys
     apply_layernorm_1p: bool = False  # norms scale by 1 + weight, the weight starting at 0
+    # Llama-3.x rope scaling (megatron-core's, HF's rope_type "llama3" with low_freq_factor 1,
+    # high_freq_factor 4 and original_max_position_embeddings 8192): the rotary frequencies whose
+    # wavelength exceeds 8192 / 1 positions divided by `rope_scaling_factor`, those under 8192 / 4
+    # kept, those between interpolated.
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
     # Latent thoughts (PonderLM-2): only the forward depends on them, not the weights.
     latent: LatentSettings = field(default_factory=LatentSettings)
     # How the weights are drawn (see init_methods): "paper" (the default), "megatron" (Megatron-LM's
@@ -357,6 +379,9 @@ class ModelConfig:
                   f"rotary_percent {self.rotary_percent} of head dim {self.head_dim} must be an even whole "
                   f"number of dims, got {rot}{where}")
         need(self.norm_epsilon > 0, f"norm_epsilon must be > 0, got {self.norm_epsilon}")
+        need(not self.rope_scaling or self.position_embedding_type == "rope",
+             f"rope_scaling needs position_embedding_type rope, got {self.position_embedding_type!r}")
+        need(self.rope_scaling_factor >= 1.0, f"rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
         need(self.init_style != "paper" or self.init_method_std is None,
              "init_method_std applies to init_style megatron or hf (the paper's init sets its own std)")
         need(self.init_method_std is None or self.init_method_std > 0,
@@ -484,21 +509,16 @@ class ModelConfig:
     def family_departures(self) -> List[str]:
         """'field value' for every setting the family's Hugging Face class cannot express (a
         preset changed by architecture flags: such a model trains, but has no HF counterpart)."""
-        fixed = dict(_ARCH_DEFAULTS[self.arch], kv_channels=None, qk_layernorm=False, apply_layernorm_1p=False)
-        if self.arch == "gpt-neox":
-            del fixed["parallel_residual"]  # GPTNeoXConfig.use_parallel_residual
-        elif self.arch == "llama":
-            del fixed["add_bias_linear"], fixed["add_qkv_bias"]  # attention_bias, mlp_bias
-        else:
-            del fixed["tie_embeddings"]
-        fixed.pop("activation")
+        fixed = dict(_ARCH_DEFAULTS[self.arch], kv_channels=None, apply_layernorm_1p=False, rope_scaling=False)
+        for k in _ARCH_FREE[self.arch] + ("activation",):
+            fixed.pop(k, None)
         out = [f"{k} {getattr(self, k)}" for k, v in fixed.items() if getattr(self, k) != v]
-        acts = ("swiglu",) if self.arch == "llama" else ("gelu", "gelu_tanh")
+        acts = ("swiglu",) if self.arch in LLAMA_LIKE else ("gelu", "gelu_tanh")
         if self.activation not in acts:
             out.append(f"activation {self.activation}")
         if self.arch == "llama" and self.add_qkv_bias != self.add_bias_linear:
             out.append(f"add_qkv_bias {self.add_qkv_bias} with add_bias_linear {self.add_bias_linear}")
-        if self.arch != "llama" and self.query_groups != self.num_attention_heads:
+        if self.arch not in LLAMA_LIKE and self.query_groups != self.num_attention_heads:
             out.append(f"num_query_groups {self.query_groups}")
         return out
 
@@ -577,8 +597,9 @@ class ModelConfig:
     def describe_architecture(self) -> str:
         """The resolved network in one line (printed at start): what the flags and preset built."""
         act = {"gelu": "GeLU", "gelu_tanh": "GeLU (tanh)", "swiglu": "SwiGLU", "squared_relu": "squared ReLU"}
-        pos = {"rope": f"RoPE (base {self.rotary_base:g}" + (f", {self.rotary_percent:g} of each head)"
-                                                              if self.rotary_percent != 1 else ")"),
+        pos = {"rope": f"RoPE (base {self.rotary_base:g}" + (f", {self.rotary_percent:g} of each head"
+                                                              if self.rotary_percent != 1 else "")
+                       + (f", llama3 scaling x{self.rope_scaling_factor:g})" if self.rope_scaling else ")"),
                "learned_absolute": "learned absolute positions", "none": "no positions"}
         parts = [
             f"{self.num_layers} layers", f"hidden {self.hidden_size}", f"FFN {self.ffn_hidden_size}",

@@ -7,16 +7,17 @@ reshards whatever layout it was saved at. The folder holds config.json, model.sa
 given a tokenizer, tokenizer files that AutoTokenizer loads.
 
 Vanilla without embedding scaling exports the stock architecture (GPT2LMHeadModel,
-GPTNeoXForCausalLM, LlamaForCausalLM), loadable without remote code. Otherwise the config gets a
-`latent_*` model type, the authors' latent keys with their meaning and the baselines' keys
-(hf/authors.py: interpolated thoughts, pause tokens, extra loops), prefill
+GPTNeoXForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM), loadable without remote
+code. Otherwise the config gets a `latent_*` model type, the authors' latent keys with their meaning
+and the baselines' keys (hf/authors.py: interpolated thoughts, pause tokens, extra loops), prefill
 defaults, and an `auto_map` to modeling_latent.py, copied into the folder: such a folder loads only
 with `trust_remote_code=True`, so it is never silently run as a vanilla model.
 
-Every transformers version setup.py admits (>= 4.46) reads the folder the same: config.json
-carries the 4.x names next to the 5.x ones (GPT-NeoX `rotary_pct`/`rotary_emb_base`, LLaMA
-`rope_theta`, `torch_dtype`) and the GPT-NeoX head is stored as `embed_out.weight`, the name 4.x
-loads and 5.x renames to `lm_head` on loading (tests/test_hf_oldest_transformers.py loads exports under 4.46.3).
+Every transformers version setup.py admits (>= 4.46) reads the folder the same: config.json carries
+the 4.x names next to the 5.x ones (GPT-NeoX `rotary_pct`/`rotary_emb_base`, LLaMA and Qwen
+`rope_theta`, Llama-3.x `rope_scaling`, `torch_dtype`) and the GPT-NeoX head is stored as
+`embed_out.weight`, the name 4.x loads and 5.x renames to `lm_head` on loading
+(tests/test_hf_oldest_transformers.py loads exports under 4.46.3).
 
 The folder is written under a temporary name next to the target and renamed at the end; an
 existing target is replaced only with `force`.
@@ -35,6 +36,7 @@ from huggingface_hub import save_torch_state_dict
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from megatron_latent.config import ModelConfig
+from megatron_latent.config.model import LLAMA_LIKE
 from megatron_latent.data.tokenizer import HuggingFaceTokenizer, TokenizerError
 from megatron_latent.hf.authors import latent_to_hf
 from megatron_latent.hf.layout import StateDict, merge_tp_pp
@@ -45,8 +47,10 @@ from megatron_latent.models.gpt import build_gpt_model
 MODELING_FILE = "modeling_latent.py"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LATENT_CLASSES = {"gpt2": "LatentGPT2LMHeadModel", "gpt-neox": "LatentGPTNeoXForCausalLM",
-                   "llama": "LatentLlamaForCausalLM"}
-_LATENT_CONFIGS = {"gpt2": "LatentGPT2Config", "gpt-neox": "LatentGPTNeoXConfig", "llama": "LatentLlamaConfig"}
+                   "llama": "LatentLlamaForCausalLM", "qwen2": "LatentQwen2ForCausalLM",
+                   "qwen3": "LatentQwen3ForCausalLM"}
+_LATENT_CONFIGS = {"gpt2": "LatentGPT2Config", "gpt-neox": "LatentGPTNeoXConfig", "llama": "LatentLlamaConfig",
+                   "qwen2": "LatentQwen2Config", "qwen3": "LatentQwen3Config"}
 
 
 class ExportError(ValueError):
@@ -77,8 +81,10 @@ def hf_config_dict(cfg: ModelConfig, eos_token_id=None, dtype: str = "float32") 
     # transformers 4.x names (5.x reads them too, and prefers rope_parameters, which agrees).
     if cfg.arch == "gpt-neox":
         d.update(rotary_pct=cfg.rotary_percent, rotary_emb_base=cfg.rotary_base)
-    elif cfg.arch == "llama":
+    elif cfg.arch in LLAMA_LIKE:
         d["rope_theta"] = cfg.rotary_base
+        if cfg.rope_scaling:
+            d["rope_scaling"] = {k: v for k, v in d["rope_parameters"].items() if k != "rope_theta"}
     if is_latent(cfg):
         d["model_type"] = "latent_" + d["model_type"]
         d["architectures"] = [_LATENT_CLASSES[cfg.arch]]

@@ -41,6 +41,9 @@ _LAYER_SPLIT = {
     "self_attention.linear_proj.weight": 1, "self_attention.linear_proj.bias": None,
     "mlp.linear_fc1.weight": 0, "mlp.linear_fc1.bias": 0,
     "mlp.linear_fc2.weight": 1, "mlp.linear_fc2.bias": None,
+    # qk_layernorm: one norm of head width, the same on every rank.
+    "self_attention.q_layernorm.weight": None, "self_attention.q_layernorm.bias": None,
+    "self_attention.k_layernorm.weight": None, "self_attention.k_layernorm.bias": None,
 }
 _OTHER_SPLIT = {
     "embedding.word_embeddings.weight": 0,
@@ -73,6 +76,11 @@ def expected_shapes(cfg: ModelConfig) -> Dict[str, tuple]:
     if b:
         layer.update({"self_attention.linear_proj.bias": (h,), "mlp.linear_fc1.bias": (fc1,),
                       "mlp.linear_fc2.bias": (h,)})
+    if cfg.qk_layernorm:
+        for qk in ("q", "k"):
+            layer[f"self_attention.{qk}_layernorm.weight"] = (d,)
+            if ln:
+                layer[f"self_attention.{qk}_layernorm.bias"] = (d,)
     out = {"embedding.word_embeddings.weight": (cfg.padded_vocab_size, h)}
     if cfg.position_embedding_type == "learned_absolute":
         out["embedding.position_embeddings.weight"] = (cfg.seq_length, h)

@@ -1,8 +1,12 @@
 """Weights and configs between our full megatron state dict and Hugging Face causal LMs.
 
 Supported: GPT2LMHeadModel (model_type gpt2), GPTNeoXForCausalLM (gpt_neox), LlamaForCausalLM
-(llama). `megatron_to_hf` / `hf_to_megatron` work on full state dicts (see `layout`), the state of
-a TP=1, PP=1 model: export and conversion run as a world of one and megatron `dist_checkpointing`
+(llama, Llama-3.x's rope scaling included), Qwen2ForCausalLM (qwen2: Qwen2.5) and Qwen3ForCausalLM
+(qwen3). The last three share LLaMA's tensor names; Qwen2 adds q/k/v biases, Qwen3 the per-head
+`q_norm`/`k_norm` (megatron's `q_layernorm`/`k_layernorm`).
+
+`megatron_to_hf` / `hf_to_megatron` work on full state dicts (see `layout`), the state of a TP=1,
+PP=1 model: export and conversion run as a world of one and megatron `dist_checkpointing`
 reshards the checkpoint to and from any parallel layout.
 
 QKV layouts. megatron-core stores linear_qkv per query group: for group g, the rows of its
@@ -21,11 +25,15 @@ from typing import Dict, Tuple
 import torch
 
 from megatron_latent.config import ModelConfig
+from megatron_latent.config.model import LLAMA_LIKE
 from megatron_latent.hf.authors import latent_from_hf
 from megatron_latent.hf.layout import CheckpointShapeError, StateDict, check_full_state_dict
 
-SUPPORTED = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
-_ARCH_OF = {"gpt2": "gpt2", "gpt_neox": "gpt-neox", "llama": "llama"}
+SUPPORTED = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
+             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCH_OF = {"gpt2": "gpt2", "gpt_neox": "gpt-neox", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# megatron-core's llama3 rope scaling fixes these (RotaryEmbedding._apply_scaling); only the factor varies.
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -78,29 +86,51 @@ def config_from_hf(hf_config, **overrides) -> ModelConfig:
                   activation=act, tie_embeddings=bool(c.tie_word_embeddings),
                   parallel_residual=bool(c.use_parallel_residual))
     else:
+        family = {"llama": "LLaMA", "qwen2": "Qwen2", "qwen3": "Qwen3"}[mt]
         if c.hidden_act != "silu":
-            raise _unsupported(f"LLaMA with hidden_act {c.hidden_act!r} (silu)")
+            raise _unsupported(f"{family} with hidden_act {c.hidden_act!r} (silu)")
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        if head_dim * c.num_attention_heads != c.hidden_size:
-            raise _unsupported(f"LLaMA with head_dim {head_dim} != hidden_size / num_attention_heads")
-        if bool(c.attention_bias) != bool(getattr(c, "mlp_bias", False)):
+        if mt != "qwen3" and head_dim * c.num_attention_heads != c.hidden_size:
+            raise _unsupported(f"{family} with head_dim {head_dim} != hidden_size / num_attention_heads")
+        if getattr(c, "use_sliding_window", False):
+            raise _unsupported(f"{family} with use_sliding_window (sliding-window attention)")
+        bias = bool(getattr(c, "attention_bias", False))
+        if mt == "llama" and bias != bool(getattr(c, "mlp_bias", False)):
             raise _unsupported("LLaMA with attention_bias != mlp_bias")
-        rope = _rope(c)
-        kw = dict(arch="llama", num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
+        if mt == "qwen3" and bias:
+            # q/k/v/o biases without MLP biases: megatron's add_bias_linear covers both.
+            raise _unsupported("Qwen3 with attention_bias")
+        rope = _rope(c, scaling=mt == "llama")
+        kw = dict(arch=_ARCH_OF[mt], num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
                   num_attention_heads=c.num_attention_heads, num_query_groups=c.num_key_value_heads,
                   ffn_hidden_size=c.intermediate_size, vocab_size=c.vocab_size,
                   seq_length=c.max_position_embeddings, norm_epsilon=c.rms_norm_eps,
                   rotary_percent=rope.get("partial_rotary_factor", 1.0), rotary_base=rope["rope_theta"],
-                  add_bias_linear=bool(c.attention_bias), add_qkv_bias=bool(c.attention_bias),
                   tie_embeddings=bool(c.tie_word_embeddings))
+        if mt == "llama":
+            kw.update(add_bias_linear=bias, add_qkv_bias=bias)
+        if rope.get("rope_type") == "llama3":
+            kw.update(rope_scaling=True, rope_scaling_factor=float(rope["factor"]))
+        if mt == "qwen3":
+            kw["kv_channels"] = head_dim
     kw["name"] = name
     return ModelConfig(**kw).replace(**{**latent_from_hf(c, kw["arch"]), **overrides})
 
 
-def _rope(c) -> Dict:
-    rope = dict(getattr(c, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        raise _unsupported(f"{c.model_type} with rope_type {rope['rope_type']!r} (only default RoPE)")
+def _rope(c, scaling: bool = False) -> Dict:
+    """The RoPE parameters of an HF config (5.x `rope_parameters`, 4.x `rope_theta`/`rope_scaling`);
+    besides default RoPE, `scaling` admits the llama3 type megatron-core computes."""
+    rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "llama3" and scaling:
+        other = {k: rope.get(k) for k, v in LLAMA3_ROPE_FIXED.items() if rope.get(k) != v}
+        if other or not rope.get("factor") or rope["factor"] < 1:
+            bad = ", ".join(f"{k} {v}" for k, v in {**other, "factor": rope.get("factor")}.items())
+            raise _unsupported(f"{c.model_type} with llama3 rope scaling {bad} (megatron-core computes factor >= 1 "
+                               f"with {', '.join(f'{k} {v:g}' for k, v in LLAMA3_ROPE_FIXED.items())} only)")
+    elif kind != "default":
+        extra = " or llama3" if scaling else ""
+        raise _unsupported(f"{c.model_type} with rope_type {kind!r} (only default RoPE{extra})")
     rope.setdefault("rope_theta", getattr(c, "rope_theta", 10000.0))
     return rope
 
@@ -132,17 +162,26 @@ def config_to_hf(cfg: ModelConfig):
                               rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base,
                                                "partial_rotary_factor": cfg.rotary_percent}, **common)
     else:
-        hc = tf.LlamaConfig(num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                            num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.query_groups,
-                            intermediate_size=cfg.ffn_hidden_size, max_position_embeddings=cfg.seq_length,
-                            rms_norm_eps=cfg.norm_epsilon, attention_bias=cfg.add_bias_linear,
-                            mlp_bias=cfg.add_bias_linear, attention_dropout=cfg.attention_dropout,
-                            rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base}, **common)
+        rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+        if cfg.rope_scaling:
+            rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, **LLAMA3_ROPE_FIXED)
+        kw = dict(num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                  num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.query_groups,
+                  intermediate_size=cfg.ffn_hidden_size, max_position_embeddings=cfg.seq_length,
+                  rms_norm_eps=cfg.norm_epsilon, attention_dropout=cfg.attention_dropout, rope_parameters=rope)
+        if cfg.arch == "llama":
+            hc = tf.LlamaConfig(attention_bias=cfg.add_bias_linear, mlp_bias=cfg.add_bias_linear, **kw, **common)
+        elif cfg.arch == "qwen2":
+            hc = tf.Qwen2Config(use_sliding_window=False, **kw, **common)
+        else:
+            if not hasattr(tf, "Qwen3Config"):
+                raise _unsupported(f"qwen3 with transformers {tf.__version__} (Qwen3 needs transformers >= 4.51)")
+            hc = tf.Qwen3Config(head_dim=cfg.head_dim, attention_bias=False, use_sliding_window=False, **kw, **common)
     return hc
 
 
 def _hf_type(cfg: ModelConfig) -> str:
-    return {"gpt2": "gpt2", "gpt-neox": "gpt_neox", "llama": "llama"}[cfg.arch]
+    return {"gpt2": "gpt2", "gpt-neox": "gpt_neox"}.get(cfg.arch, cfg.arch)
 
 
 # ------------------------------------------------------------------------------- QKV layouts
@@ -198,16 +237,20 @@ def _layer_pairs(cfg: ModelConfig):
     if cfg.add_bias_linear:
         pairs += [("self_attn.o_proj.bias", "self_attention.linear_proj.bias", False),
                   ("mlp.down_proj.bias", "mlp.linear_fc2.bias", False)]
+    if cfg.qk_layernorm:  # Qwen3: RMSNorm over each head's queries / keys
+        pairs += [("self_attn.q_norm.weight", "self_attention.q_layernorm.weight", False),
+                  ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight", False)]
     return pairs
 
 
 def _names(cfg: ModelConfig):
     """HF names of: layer prefix, embedding, position embedding, final norm prefix, head."""
+    if cfg.arch in LLAMA_LIKE:
+        return "model.layers.", "model.embed_tokens.weight", None, "model.norm.", "lm_head.weight"
     return {
         "gpt2": ("transformer.h.", "transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.",
                  "lm_head.weight"),
         "gpt-neox": ("gpt_neox.layers.", "gpt_neox.embed_in.weight", None, "gpt_neox.final_layer_norm.", _neox_head()),
-        "llama": ("model.layers.", "model.embed_tokens.weight", None, "model.norm.", "lm_head.weight"),
     }[cfg.arch]
 
 
@@ -240,7 +283,7 @@ def megatron_to_hf(full: StateDict, cfg: ModelConfig) -> Tuple[StateDict, object
         if cfg.arch == "gpt2":
             hf[dst + "attn.c_attn.weight"] = torch.cat(_qkv_to_heads(qkv_w, cfg), dim=0).t().contiguous()
             hf[dst + "attn.c_attn.bias"] = torch.cat(_qkv_to_heads(qkv_b, cfg), dim=0)
-        elif cfg.arch == "llama":
+        elif cfg.arch in LLAMA_LIKE:
             for proj, t in zip("qkv", _qkv_to_heads(qkv_w, cfg)):
                 hf[f"{dst}self_attn.{proj}_proj.weight"] = t.contiguous()
             if qkv_b is not None:
@@ -295,10 +338,10 @@ def hf_to_megatron(hf_state: StateDict, hf_config, **overrides) -> Tuple[ModelCo
             w = get(src + "attn.c_attn.weight").t()
             full[dst + "self_attention.linear_qkv.weight"] = _qkv_from_heads(*w.chunk(3, dim=0), cfg)
             full[dst + "self_attention.linear_qkv.bias"] = _qkv_from_heads(*get(src + "attn.c_attn.bias").chunk(3), cfg)
-        elif cfg.arch == "llama":
+        elif cfg.arch in LLAMA_LIKE:
             qkv = [get(f"{src}self_attn.{p}_proj.weight") for p in "qkv"]
             full[dst + "self_attention.linear_qkv.weight"] = _qkv_from_heads(*qkv, cfg)
-            if cfg.add_bias_linear:
+            if cfg.add_bias_linear or cfg.add_qkv_bias:
                 qkv = [get(f"{src}self_attn.{p}_proj.bias") for p in "qkv"]
                 full[dst + "self_attention.linear_qkv.bias"] = _qkv_from_heads(*qkv, cfg)
             full[dst + "mlp.linear_fc1.weight"] = torch.cat(

@@ -9,6 +9,8 @@ are the authors' (LUMIA-Group/PonderLM-2) with their meaning; ``recurrent_model`
 vanilla forward) is refused. Works with
 transformers 4.46 and later (4.x GPT-2 keeps tuple caches: converted at the call). With learned
 positions (GPT-2) the stock model adds the position embedding to every slot, thoughts included.
+Families: GPT-2, GPT-NeoX, LLaMA (Llama-3.x rope scaling included), Qwen2 (Qwen2.5) and Qwen3
+(transformers 4.51 and later).
 
 ``forward`` takes token-level ``input_ids`` / ``attention_mask`` (so lm-evaluation-harness and
 ``generate`` work unchanged) and keeps N+1 slot-level entries per token in the KV cache:
@@ -64,10 +66,16 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+try:  # transformers >= 4.51
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+except ImportError:
+    Qwen3Config = None
 try:  # transformers 5: caches made of layers
     from transformers.cache_utils import DynamicLayer
 except ImportError:
@@ -127,6 +135,7 @@ def _latent_config(base):
 LatentGPT2Config = _latent_config(GPT2Config)
 LatentGPTNeoXConfig = _latent_config(GPTNeoXConfig)
 LatentLlamaConfig = _latent_config(LlamaConfig)
+LatentQwen2Config = _latent_config(Qwen2Config)
 
 
 def _new_cache(config):
@@ -513,3 +522,14 @@ if register_checkpoint_conversion_mapping is not None:
 
 class LatentLlamaForCausalLM(LatentMixin, LlamaForCausalLM):
     config_class = LatentLlamaConfig
+
+
+class LatentQwen2ForCausalLM(LatentMixin, Qwen2ForCausalLM):
+    config_class = LatentQwen2Config
+
+
+if Qwen3Config is not None:
+    LatentQwen3Config = _latent_config(Qwen3Config)
+
+    class LatentQwen3ForCausalLM(LatentMixin, Qwen3ForCausalLM):
+        config_class = LatentQwen3Config

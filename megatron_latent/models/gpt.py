@@ -61,6 +61,8 @@ def build_gpt_model(
         position_embedding_type=cfg.position_embedding_type,
         rotary_percent=cfg.rotary_percent if rope else 1.0,
         rotary_base=cfg.rotary_base,
+        rope_scaling=rope and cfg.rope_scaling,
+        rope_scaling_factor=cfg.rope_scaling_factor,
         vp_stage=vp_stage,
         **model_kwargs,
     )

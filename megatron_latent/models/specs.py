@@ -1,6 +1,6 @@
 """megatron-core layer specs per architecture family (ModuleSpec), local or Transformer Engine.
 
-One spec builder covers the three families; they differ in the layer class (sequential residual
+One spec builder covers every family; they differ in the layer class (sequential residual
 or GPT-NeoX's parallel residual), in the per-head query/key norms (`qk_layernorm`), and otherwise
 only in TransformerConfig fields (normalization, activation, gated MLP, biases, query groups) that
 megatron's modules read themselves.

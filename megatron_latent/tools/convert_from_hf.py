@@ -1,4 +1,4 @@
-"""Convert a Hugging Face GPT-2 / GPT-NeoX (Pythia) / LLaMA folder into a megatron checkpoint.
+"""Convert a Hugging Face GPT-2 / GPT-NeoX / LLaMA / Qwen2 / Qwen3 folder into a megatron checkpoint.
 
     python tools/convert_from_hf.py --hf-dir pythia-410m/ --save ckpt/ \
         [--num-latent-thoughts 1] [--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2]

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="= --position-embedding-type rope")
     g.add_argument("--rotary-percent", type=float, default=None, help="default 1.0")
     g.add_argument("--rotary-base", type=float, default=None, help="default 10000")
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama-3.x rope scaling (HF's llama3 type: low/high frequency factors 1 and 4, 8192 "
+                        "original positions)")
+    g.add_argument("--rope-scaling-factor", type=float, default=None, help="default 8.0")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true", help="no biases in the linear layers")
     g.add_argument("--add-qkv-bias", action="store_true", help="a bias in the qkv projection (even without others)")
@@ -421,6 +425,10 @@ def architecture_overrides(args: argparse.Namespace) -> dict:
             raise ConfigError("--use-rotary-position-embeddings is --position-embedding-type rope; do not combine "
                               f"it with --position-embedding-type {out['position_embedding_type']}")
         out["position_embedding_type"] = "rope"
+    if args.use_rope_scaling:
+        out["rope_scaling"] = True
+    if args.rope_scaling_factor is not None:
+        out["rope_scaling_factor"] = args.rope_scaling_factor
     if args.untie_embeddings_and_output_weights:
         out["tie_embeddings"] = False
     if args.disable_bias_linear:
@@ -524,6 +532,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
 _RENAMED = {
     "grad_passes": "--jacobi-grad-passes",
     "ponder_residual": "--ponder-residual",
+    "rope_scaling": "--use-rope-scaling",
     "seq_length": "--max-position-embeddings",  # ModelConfig.seq_length is the model's context
     "num_microbatches": "the micro-batch count (--global-batch-size / (--micro-batch-size x data-parallel size))",
 }

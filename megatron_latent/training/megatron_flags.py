@@ -76,8 +76,6 @@ TABLE: Dict[str, Flag] = {
     "--expert-model-parallel-size": Flag(NO_EFFECT, "1 only", 1, _only(("1",), _MOE)),
     "--multi-latent-attention": Flag(REFUSED, "multi-latent attention is not built here (standard and "
                                               "grouped-query attention only)"),
-    "--use-rope-scaling": Flag(REFUSED, "Llama-3.1 rope scaling is not implemented (plain RoPE only)"),
-    "--rope-scaling-factor": Flag(REFUSED, "Llama-3.1 rope scaling is not implemented (plain RoPE only)", 1),
     "--rotary-interleaved": Flag(REFUSED, "interleaved rotary pairs are not implemented (half-split pairs, as "
                                           "Hugging Face's)"),
     "--rotary-seq-len-interpolation-factor": Flag(REFUSED, "position interpolation is not implemented", 1),
