@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_latent import pretrain
+    from megatron_latent.parallel.initialize import destroy_process_group
     from megatron_latent.training import loop
     from megatron_latent.training.arguments import parse_args
     from megatron_latent.training.checkpointing import iteration_dir
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     if rank0:
         shutil.rmtree(targs.save, ignore_errors=True)
     trainer.metrics.close()
-    pretrain._leave_world_of_one()
+    destroy_process_group()
     return 0
 
 
