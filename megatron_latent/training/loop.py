@@ -58,6 +58,9 @@ _SCHEDULE_FLAGS = {
     "wd_incr_steps": "--train-iters/--train-samples",
 }
 # Latent settings that change what the weights compute: a run does not silently switch them.
+_FORWARD_FLAGS = {"rotary_base": "--rotary-base", "rotary_percent": "--rotary-percent",
+                  "rope_scaling": "--use-rope-scaling", "rope_scaling_factor": "--rope-scaling-factor",
+                  "norm_epsilon": "--norm-epsilon"}
 # The method included: a pause or loop checkpoint does not silently go on as another method.
 _LATENT_FLAGS = {"num_latent_thoughts": "--num-latent-thoughts", "thought_input": "--thought-input",
                  "interpolation_topk": "--interpolation-topk", "num_pause_tokens": "--num-pause-tokens",
@@ -102,9 +105,12 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
         )
     changed = [f"{flag} {getattr(saved.latent, f)} -> {getattr(cfg.latent, f)}"
                for f, flag in _LATENT_FLAGS.items() if getattr(saved.latent, f) != getattr(cfg.latent, f)]
+    # Fields that change the forward but not the weights (e.g. a longer context's rope base).
+    changed += [f"{flag} {getattr(saved, f)} -> {getattr(cfg, f)}"
+                for f, flag in _FORWARD_FLAGS.items() if getattr(saved, f) != getattr(cfg, f)]
     if changed and not finetune:
         raise ResumeError(
-            f"--load {load_dir}: iteration {iteration} was trained with other latent settings "
+            f"--load {load_dir}: iteration {iteration} was trained with other settings "
             f"({', '.join(changed)}); continuing it with new ones is a new run: pass --finetune"
         )
     with_optim = load_optim and not finetune
