@@ -1,6 +1,6 @@
-"""The training driver end to end: it trains (loss falls), resumes exactly where it stopped, reads
-real indexed data with document resets, continues pretraining from a converted HF checkpoint, and
-stops on bad flags with one line naming the flag."""
+"""The training driver end to end: it trains (loss falls), starts the same model at every parallel
+layout, resumes exactly where it stopped, reads real indexed data with document resets, continues
+pretraining from a converted HF checkpoint, and stops on bad flags with one line naming the flag."""
 
 import contextlib
 import io
@@ -307,27 +307,60 @@ def test_bf16_finetune_trains_the_loaded_weights(tmp_path):
     assert diff < 1e-2, diff
 
 
-def test_pipeline_parallel_latent_run_equals_one_rank(tmp_path):
-    """The driver at PP=2 (passes as virtual pipeline chunks) trains the same as on one rank, from
-    the same weights (megatron draws a stage's initial weights from that rank's RNG, so the same
-    seed is not the same model at another PP size; a checkpoint is)."""
-    from hf_tiny import hf_model
-    from megatron_latent.hf.convert import convert_hf_to_checkpoint
+# Fresh starts (no checkpoint), dropout-free so that the layout cannot change the forward either.
+FRESH = TINY + ["--num-layers", "4", "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data",
+                "--seq-length", "16", "--train-iters", "3", "--micro-batch-size", "1", "--global-batch-size", "4",
+                "--lr", "1e-3", "--eval-interval", "3", "--eval-iters", "1"]
+PP2 = ["--pipeline-model-parallel-size", "2"]
+TWO_RANK_LAYOUTS = [("pp2", PP2), ("pp2-vpp2", PP2 + ["--num-virtual-stages-per-pipeline-rank", "2"]),
+                    ("tp2", ["--tensor-model-parallel-size", "2"])]
 
-    hf_dir, conv = str(tmp_path / "hf"), str(tmp_path / "conv")
-    hf_model("llama").save_pretrained(hf_dir)
-    run_on_ranks(convert_hf_to_checkpoint, 1, hf_dir, conv)
-    base = LATENT + ["--mock-data", "--load", conv, "--use-checkpoint-args", "--finetune", "--num-workers", "0",
-                     "--seq-length", "16", "--train-iters", "3", "--micro-batch-size", "1", "--global-batch-size", "4",
-                     "--lr", "1e-3", "--lr-warmup-fraction", "0", "--eval-interval", "3", "--eval-iters", "1"]
-    (one,) = run_on_ranks(_main, 1, base + _tb(tmp_path, "one"))
-    two = run_on_ranks(_main, 2, base + ["--pipeline-model-parallel-size", "2"] + _tb(tmp_path, "two"))
-    assert one[0] == 0 and [r[0] for r in two] == [0, 0], two[0][2] + two[1][2]
-    for key in ("train/loss", "valid/loss"):
-        ref, got = _losses(tmp_path, "one", key), _losses(tmp_path, "two", key)
-        assert sorted(got) == sorted(ref) == ([1, 2, 3] if key == "train/loss" else [3])
-        for step in ref:
-            assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], (key, step, got[step], ref[step])
+
+def _fresh_starts(tmp_path, layouts):
+    """Fresh latent and vanilla driver runs at each layout, one after another in this world, and
+    the full initial weights (by global name, gathered over TP and PP) each run's model starts from."""
+    from megatron_latent import pretrain
+    from megatron_latent.training.arguments import parse_args
+    from parallel_utils import gather_full
+
+    out = {}
+    for layout, flags in layouts:
+        for method, extra in (("latent", LATENT), ("vanilla", [])):
+            argv = FRESH + extra + flags
+            code, _, err = _main(argv + _tb(tmp_path, f"{layout}-{method}"))
+            args = parse_args(argv)
+            plan = pretrain.configure(args)  # the driver's seeding and layout, then its model
+            weights = {}
+            for chunk in pretrain.build_model(plan.cfg, plan.layout, args):
+                weights.update(gather_full(chunk))
+            out[(layout, method)] = code, err, weights
+    return out
+
+
+def test_a_fresh_start_is_the_same_model_at_every_layout(tmp_path):
+    """--seed alone decides the initial weights: fresh latent and vanilla runs at PP=1, PP=2,
+    PP=2 x VPP=2 and TP=2 start from exactly the same full weights, and train the same (losses
+    and validation loss to fp32 tolerance)."""
+    (runs,) = run_on_ranks(_fresh_starts, 1, tmp_path, [("pp1", [])])
+    runs.update(run_on_ranks(_fresh_starts, 2, tmp_path, TWO_RANK_LAYOUTS)[0])
+    for key, (code, err, _) in runs.items():
+        assert code == 0, (key, err[-2000:])
+    for method in ("latent", "vanilla"):
+        start = runs[("pp1", method)][2]
+        ref = {key: _losses(tmp_path, f"pp1-{method}", key) for key in ("train/loss", "valid/loss")}
+        assert sorted(ref["train/loss"]) == [1, 2, 3] and sorted(ref["valid/loss"]) == [3]
+        for layout, _ in TWO_RANK_LAYOUTS:
+            weights = runs[(layout, method)][2]
+            assert weights.keys() == start.keys()
+            for name in start:
+                assert torch.equal(weights[name], start[name]), (method, layout, name)
+            for key, want in ref.items():
+                got = _losses(tmp_path, f"{layout}-{method}", key)
+                assert sorted(got) == sorted(want), (method, layout, key)
+                for step in want:
+                    assert abs(got[step] - want[step]) <= 1e-5 * want[step], (method, layout, key, step, got, want)
+    # The latent runs think (the same initial weights: LLaMA's paper init does not count passes).
+    assert _losses(tmp_path, "pp1-latent")[1] != _losses(tmp_path, "pp1-vanilla")[1]
 
 
 def test_pipeline_micro_batch_count_is_checked_before_training(capsys):

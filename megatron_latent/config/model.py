@@ -663,8 +663,11 @@ class ModelConfig:
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
             params_dtype=params_dtype,
             pipeline_dtype=params_dtype,
-            # Full weights drawn on CPU, then split: the same model at every TP size.
-            use_cpu_initialization=not cuda,
+            # Every weight drawn whole from torch's CPU generator, then split, also on GPUs (build_gpt_model
+            # moves the model there): the same model at every TP size, and with models.seeding's
+            # per-layer streams at every PP size. megatron's GPU path would draw each shard from the
+            # CUDA RNG tracker's per-TP-rank stream instead.
+            use_cpu_initialization=True,
             # gloo pairs batched p2p messages between the same two ranks wrongly (the loss of an
             # interleaved pipeline was off); unbatched sends pair exactly.
             batch_p2p_comm=cuda,

@@ -14,6 +14,9 @@ megatron's modules read themselves.
   row-parallel linears. With TE the parallel-residual layer reduces twice (TE's row-parallel
   linear reduces internally); the local spec reduces once.
 
+Either way each layer draws its initial weights from its own stream, seeded by its global index
+(models.seeding), so that the pipeline layout does not change the model.
+
 The state-dict names of the two flavours differ only in where the norms live; the sharded
 (distributed-checkpoint) names are the same, as in megatron's own GPT specs.
 """
@@ -41,6 +44,7 @@ from megatron_latent.models.parallel_residual import (
     ParallelResidualTransformerLayer,
     PartialSumRowParallelLinear,
 )
+from megatron_latent.models.seeding import SeededLayer
 
 # Local norms are stored as `input_layernorm.*` / `pre_mlp_layernorm.*`; distributed checkpoints
 # use TE's fused names so that local and TE models load each other's checkpoints.
@@ -48,6 +52,14 @@ _SHARDED_KEYS_MAP = {
     "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
 }
+
+
+class SeededTransformerLayer(SeededLayer, TransformerLayer):
+    """megatron's TransformerLayer, its weights drawn from its own stream (models.seeding)."""
+
+
+class SeededParallelResidualTransformerLayer(SeededLayer, ParallelResidualTransformerLayer):
+    """The parallel-residual layer, its weights drawn from its own stream (models.seeding)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,7 +77,7 @@ def transformer_engine_available() -> bool:
 def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
     """The transformer layer spec of `cfg`'s family (TE when available unless `use_te` says)."""
     use_te = transformer_engine_available() if use_te is None else use_te
-    layer = ParallelResidualTransformerLayer if cfg.parallel_residual else TransformerLayer
+    layer = SeededParallelResidualTransformerLayer if cfg.parallel_residual else SeededTransformerLayer
     if use_te:
         from megatron.core.extensions.transformer_engine import (
             TEDotProductAttention,

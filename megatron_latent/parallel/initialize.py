@@ -114,8 +114,9 @@ def initialize_model_parallel(
         virtual_pipeline_model_parallel_size=layout.num_virtual_stages_per_pipeline_rank,
         distributed_timeout_minutes=timeout_minutes,
     )
-    # Same seed on every rank: weights are drawn whole and then split (use_cpu_initialization),
-    # and megatron's tracker derives per-TP-rank streams for dropout from it.
+    # Same seed on every rank: the model's weights derive from it (models.seeding: drawn whole,
+    # per layer, the same at any layout), and megatron's tracker derives per-TP-rank streams for
+    # dropout from it.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     return dp

@@ -88,7 +88,8 @@ TABLE: Dict[str, Flag] = {
     "--no-async-tensor-model-parallel-allreduce": Flag(NO_EFFECT, _GPU_ONLY),
     "--cross-entropy-loss-fusion": Flag(NO_EFFECT, "the loss already runs as one fused kernel at one tensor-parallel "
                                                    "rank (torch's cross entropy), megatron's vocab-parallel one above"),
-    "--use-cpu-initialization": Flag(NO_EFFECT, "weights are drawn whole from one seed on every layout already"),
+    "--use-cpu-initialization": Flag(NO_EFFECT, "weights are always drawn whole on the CPU, per layer from --seed: "
+                                                "the same model at every TP/PP/VPP layout"),
     "--enable-cuda-graph": Flag(NO_EFFECT, "CUDA graphs are not captured here (the same numbers, without the "
                                            "launch savings)"),
     # ------------------------------------------------------------------ parallelism
