@@ -241,6 +241,7 @@ def tokenizer_file(tmp_path_factory):
     return train_hf_bpe(str(tmp_path_factory.mktemp("tok")))
 
 
+@pytest.mark.slow  # two ranks, four datasets, data-loader workers: about 40 s
 def test_bad_datasets_are_one_line_each(tmp_path, tokenizer_file):
     """Two ranks (DP=2). A short .bin and a damaged .idx stop before the first step; a token id
     past the vocabulary in one document stops the step whose batch holds it, on both ranks

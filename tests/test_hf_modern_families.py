@@ -133,6 +133,7 @@ def _tp2_logits():
     return out
 
 
+@pytest.mark.slow  # TP=2 of these families is also covered by test_latent_presets (loss and gradients)
 def test_logits_match_hf_at_tp2():
     for errs in run_on_ranks(_tp2_logits, 2, timeout=300):
         assert all(e < 1e-5 for e in errs.values()), errs
