@@ -5,8 +5,9 @@ TransformerConfig. Errors are `ConfigError`s naming fields; the command line nam
 """
 
 from megatron_latent.config.errors import ConfigError
+from megatron_latent.config.latent import LatentSettings
 from megatron_latent.config.layout import ParallelLayout
-from megatron_latent.config.model import LatentSettings, ModelConfig, gelu_tanh
+from megatron_latent.config.model import ModelConfig, gelu_tanh
 from megatron_latent.config.presets import PRESETS, describe_presets, get_preset
 
 __all__ = [

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from megatron_latent.cli import flag_message
 from megatron_latent.config import ConfigError, ModelConfig, get_preset
-from megatron_latent.config.model import METHOD_SIZE_FIELDS
+from megatron_latent.config.latent import METHOD_SIZE_FIELDS
 from megatron_latent.training import megatron_flags
 from megatron_latent.training.checkpointing import checkpoint_model_config, resolve_iteration
 
