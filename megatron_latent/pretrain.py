@@ -31,7 +31,7 @@ from megatron_latent.models.specs import transformer_engine_available
 from megatron_latent.parallel.initialize import destroy_process_group, initialize_model_parallel
 from megatron_latent.parallel.pipeline import build_latent_pipeline
 from megatron_latent.training import batches as batching
-from megatron_latent.training import checkpointing, engine, loop, schedule
+from megatron_latent.training import checkpointing, engine, loop, resume, schedule
 from megatron_latent.training.arguments import flag_error, model_config_from_args, parse_args
 from megatron_latent.training.downstream import DownstreamEvaluator
 from megatron_latent.training.metrics import MetricsWriter, WandbRun
@@ -40,7 +40,7 @@ from megatron_latent.training.monitoring import Monitor, StepProfiler
 logger = logging.getLogger("megatron_latent.pretrain")  # not __name__: that is "__main__" under -m
 
 # Bad flags, data or checkpoints found before the first step: one line naming the flag, exit status 2.
-CONFIG_ERRORS = (ConfigError, TokenizerError, FileNotFoundError, DataConfigError, loop.ResumeError,
+CONFIG_ERRORS = (ConfigError, TokenizerError, FileNotFoundError, DataConfigError, resume.ResumeError,
                  checkpointing.CheckpointError)
 # MEGATRON_LATENT_DEBUG=1: these errors (and those that stop a run) raise with their traceback.
 DEBUG = os.environ.get("MEGATRON_LATENT_DEBUG", "") not in ("", "0")
@@ -214,9 +214,9 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
                 f"{args.micro_batch_size} per step")
     logger.info(f"architecture: {cfg.describe_architecture()}")
     logger.info(f"model settings: {cfg.describe()}")
-    state = loop.TrainState()
+    state = resume.TrainState()
     if args.load:
-        state = loop.resume(
+        state = resume.resume(
             args.load, cfg, model, opt, sched, finetune=args.finetune, load_optim=not args.no_load_optim,
             optimizer_layout={k: getattr(args, k) for k in (
                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "use_distributed_optimizer",
@@ -248,7 +248,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
 
     background_saves = checkpointing.BackgroundSaves() if args.async_save else None
 
-    def save(st: loop.TrainState) -> None:
+    def save(st: resume.TrainState) -> None:
         checkpointing.save_checkpoint(
             args.save, st.iteration, model, opt, sched,
             extra={"consumed_train_samples": st.consumed_train_samples, "model_config": cfg.to_dict(),

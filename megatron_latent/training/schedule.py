@@ -16,7 +16,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_latent.config import ConfigError
 
 # Flags of the schedule that OptimizerParamScheduler's state does not hold: a resumed run compares
-# them with the checkpoint's saved flags (the state's own fields are compared by loop.resume).
+# them with the checkpoint's saved flags (the state's own fields are compared by resume.resume).
 UNSTORED = ("lr_warmup_init", "lr_wsd_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_samples")
 
 
@@ -70,7 +70,7 @@ def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamSchedu
         lr_decay_steps=decay, lr_decay_style=args.lr_decay_style, start_wd=start_wd, end_wd=end_wd,
         wd_incr_steps=train, wd_incr_style=args.weight_decay_incr_style, wsd_decay_steps=wsd,
         lr_wsd_decay_style=args.lr_wsd_decay_style,
-        # Neither flag: a resumed run must have the checkpoint's schedule (loop.resume checks it).
+        # Neither flag: a resumed run must have the checkpoint's schedule (resume.resume checks it).
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
