@@ -8,6 +8,7 @@ import os
 import pytest
 
 from multirank import run_on_ranks
+from test_pretrain import _runs
 
 TINY = ["--model-preset", "tiny-llama", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
         "--num-workers", "0", "--lr-warmup-fraction", "0", "--mock-data", "--seq-length", "16",
@@ -15,20 +16,6 @@ TINY = ["--model-preset", "tiny-llama", "--num-layers", "2", "--hidden-size", "3
 LATENT = ["--num-latent-thoughts", "1", "--scale-embeddings"]
 
 
-def _main(argv):
-    import contextlib
-    import io
-
-    from megatron_latent import pretrain
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = pretrain.main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def _runs(argvs):
-    return [_main(a) for a in argvs]
 
 
 def _records(path):

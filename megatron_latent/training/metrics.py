@@ -155,37 +155,35 @@ def _truncate_after(path: str, iteration: int) -> None:
         os.replace(path + ".tmp", path)
 
 
-def metric_keys(path: str, pattern: str = "*"):
-    """The keys of a metrics.jsonl matching a glob `pattern` (fnmatch), in the order first seen."""
-    import fnmatch
-
-    keys = {}
+def _records(path: str):
+    """(line number, record) of each non-empty line of a metrics.jsonl; ValueError naming the line."""
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            keys.update((k, None) for k in record if k != "iteration" and fnmatch.fnmatchcase(k, pattern))
+
+
+def metric_keys(path: str, pattern: str = "*"):
+    """The keys of a metrics.jsonl matching a glob `pattern` (fnmatch), in the order first seen."""
+    import fnmatch
+
+    keys = {}
+    for _, record in _records(path):
+        keys.update((k, None) for k in record if k != "iteration" and fnmatch.fnmatchcase(k, pattern))
     return list(keys)
 
 
 def read_metrics(path: str, key: str):
     """(iterations, values) of `key` in a metrics.jsonl; a clear error naming the file and line."""
     steps, values = [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if key in record and record[key] is not None:
-                steps.append(record["iteration"])
-                values.append(float(record[key]))
+    for _, record in _records(path):
+        if key in record and record[key] is not None:
+            steps.append(record["iteration"])
+            values.append(float(record[key]))
     if not steps:
         raise ValueError(f"{path}: no {key!r} values")
     return steps, values
