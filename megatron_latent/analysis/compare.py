@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from megatron_latent.analysis.figures import save_png
 from megatron_latent.checkpoint_layout import MODEL_CONFIG_FILE, checkpoint_model_config, read_common, resolve_iteration
 from megatron_latent.config import ModelConfig
 from megatron_latent.models.flops import model_decode_flops, model_step_flops
@@ -189,8 +190,4 @@ def plot_valid_loss(runs: Sequence[RunSummary], out_png: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    save_png(fig, out_png)

@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_latent.analysis.figures import save_png
+
 AXES = {
     "params": "non-embedding parameters",
     "train_flops": "training FLOPs",
@@ -315,7 +317,6 @@ def format_multipliers(results: Dict[str, AxisResult], baseline: str = "vanilla"
 def plot_scaling(results: Dict[str, AxisResult], points: Sequence[Point], out_png: str) -> None:
     """Validation loss against each axis (log x), one colour per method: the seeds' mean with its
     spread, and the fitted curve. Written atomically."""
-    import os
 
     import matplotlib
 
@@ -341,8 +342,4 @@ def plot_scaling(results: Dict[str, AxisResult], points: Sequence[Point], out_pn
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    save_png(fig, out_png)

@@ -11,7 +11,6 @@ key), left out when no run has one; a plain key must be in every run.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Dict, Optional
 
@@ -20,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from megatron_latent.analysis.figures import save_png  # noqa: E402
 from megatron_latent.training.metrics import metric_keys, read_metrics  # noqa: E402
 
 DEFAULT_PANELS = ("train/loss", "valid/loss", "valid/loss_J*", "thoughts/jacobi_residual_*", "loops/change_*",
@@ -65,10 +65,7 @@ def plot_metrics(runs: Dict[str, str], out_png: str, keys=DEFAULT_PANELS,
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    save_png(fig, out_png)
 
 
 def main(argv=None) -> int:
