@@ -20,7 +20,7 @@ if ! "$PY" -c "import torch, megatron.core as m; assert m.__version__ == '0.16.1
     fi
 fi
 _extras="${SETUP_EXTRAS:-test}"
-if ! "$PY" -c "import megatron_latent, pytest, transformers, psutil, matplotlib" >/dev/null 2>&1 \
+if ! "$PY" -c "import megatron_latent, pytest, transformers, psutil, matplotlib, wandb" >/dev/null 2>&1 \
         || [ "$("$PY" -c 'import megatron_latent, os; print(os.path.dirname(os.path.dirname(megatron_latent.__file__)))' 2>/dev/null)" != "$_root" ]; then
     echo "[setup] installing megatron-latent[$_extras] (editable) and its dependencies" >&2
     "$PY" -m pip install -q --disable-pip-version-check -e "$_root[$_extras]"
