@@ -15,28 +15,21 @@ it reads the same on any device.
 from __future__ import annotations
 
 import argparse
-import os
 import time
+
+from bench_shape import add_shape_flags, shape_config  # benchmarks/, beside this script
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=("gpt2", "gpt-neox", "llama"), default="gpt-neox")
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--num-attention-heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--micro-batch-size", type=int, default=8)
+    add_shape_flags(p, hidden_size=128, vocab_size=256, seq_length=128, micro_batch_size=8)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
 
     # Imported after the flags: --help answers at once.
     import torch
     from activation_memory import SavedActivationMeter  # benchmarks/, beside this script
 
-    from megatron_latent.config import ModelConfig
     from megatron_latent.models.flops import model_step_flops
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
@@ -45,11 +38,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     initialize_single_process("bench_grad_passes")
-    base = ModelConfig(
-        name="bench", arch=args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, ffn_hidden_size=4 * args.hidden_size,
-        vocab_size=args.vocab_size, seq_length=args.seq_length,
-    )
+    base = shape_config(args)
     L, b = args.seq_length, args.micro_batch_size
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (b, L + 1), generator=g).to(device())

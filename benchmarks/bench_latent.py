@@ -7,27 +7,20 @@ size, and print measured step-time ratios beside the exact FLOP ratios.
 from __future__ import annotations
 
 import argparse
-import os
 import time
+
+from bench_shape import add_shape_flags, shape_config  # benchmarks/, beside this script
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=("gpt2", "gpt-neox", "llama"), default="gpt-neox")
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-attention-heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    add_shape_flags(p)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--bf16", action="store_true", help="bf16 weights and activations (GPU)")
     args = p.parse_args()
 
     import torch
 
-    from megatron_latent.config import ModelConfig
     from megatron_latent.models.flops import model_step_flops
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
@@ -37,11 +30,7 @@ def main():
     torch.set_num_threads(args.threads)
     initialize_single_process("bench_latent")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    base = ModelConfig(
-        name="bench", arch=args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, ffn_hidden_size=4 * args.hidden_size,
-        vocab_size=args.vocab_size, seq_length=args.seq_length,
-    )
+    base = shape_config(args)
     L, b = args.seq_length, args.micro_batch_size
     tokens = torch.randint(0, args.vocab_size, (b, L), device=device())
     pos = torch.arange(L, device=device()).expand(b, L)

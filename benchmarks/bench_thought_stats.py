@@ -7,30 +7,23 @@ steps with and without it, alternating, in one process; prints the medians and t
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
+
+from bench_shape import add_shape_flags, shape_config  # benchmarks/, beside this script
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=("gpt2", "gpt-neox", "llama"), default="llama")
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--num-attention-heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--micro-batch-size", type=int, default=8)
+    add_shape_flags(p, arch="llama", hidden_size=64, seq_length=128, micro_batch_size=8)
     p.add_argument("--num-latent-thoughts", type=int, default=1)
     p.add_argument("--jacobi-iters", type=int, default=3)
     p.add_argument("--thought-input", choices=("hidden", "interpolated"), default="hidden")
     p.add_argument("--iters", type=int, default=10, help="pairs of steps timed (after 2 warm-up pairs)")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
 
     import torch
 
-    from megatron_latent.config import ModelConfig
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
     from megatron_latent.models.pass_stats import PassStats
@@ -39,11 +32,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     initialize_single_process("bench_thought_stats")
-    cfg = ModelConfig(
-        name="bench", arch=args.arch, num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, ffn_hidden_size=4 * args.hidden_size,
-        vocab_size=args.vocab_size, seq_length=args.seq_length,
-    ).replace(num_latent_thoughts=args.num_latent_thoughts, scale_embeddings=True, thought_input=args.thought_input)
+    cfg = shape_config(args).replace(num_latent_thoughts=args.num_latent_thoughts, scale_embeddings=True,
+                                     thought_input=args.thought_input)
     m = build_gpt_model(cfg, config=cfg.to_transformer_config(), model_cls=LatentGPTModel,
                         latent=cfg.latent).to(device())
     m.train()
