@@ -70,6 +70,17 @@ def test_plan_equal_tokens_and_equal_flops():
         assert (r.flops > cheap[key].flops) == (r.method == "latent-N1"), key
 
 
+def test_every_run_builds_its_planned_model_through_the_pretrain_flags():
+    from megatron_latent.training.arguments import model_config_from_args, parse_args
+
+    for r in grid.plan(grid.Settings(grid.LADDERS["cpu"], methods=tuple(grid.METHODS))):
+        args = parse_args([*r.flags, "--mock-data", "--vocab-size", str(r.cfg.vocab_size)])
+        built = model_config_from_args(args)
+        assert built.num_parameters(include_embeddings=False) == r.params, r.name
+        assert (built.num_layers, built.hidden_size, built.query_groups, built.latent.method) == (
+            r.cfg.num_layers, r.cfg.hidden_size, r.cfg.query_groups, r.cfg.latent.method), r.name
+
+
 def _step(run, s):
     return s.global_batch_size * grid.mean_step_flops(run.cfg, s.seq_length)
 

@@ -178,7 +178,9 @@ def run_flags(s: Settings, r: Run) -> List[str]:
     """The pretrain flags of one run, its data and directories excepted (see command())."""
     c = r.cfg
     flags = ["--model-preset", r.size.preset, "--num-layers", str(c.num_layers), "--hidden-size", str(c.hidden_size),
-             "--num-attention-heads", str(c.num_attention_heads), "--num-query-groups", str(c.query_groups),
+             "--num-attention-heads", str(c.num_attention_heads),
+             # Megatron-LM's reading: query groups take effect with --group-query-attention only.
+             "--group-query-attention", "--num-query-groups", str(c.query_groups),
              "--ffn-hidden-size", str(c.ffn_hidden_size), "--seq-length", str(s.seq_length),
              "--max-position-embeddings", str(s.seq_length), "--micro-batch-size", str(s.micro_batch_size),
              "--global-batch-size", str(s.global_batch_size), "--train-iters", str(r.steps),
