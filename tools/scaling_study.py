@@ -214,7 +214,8 @@ def check_run_flags(args, runs) -> None:
         d = run_dir(args, r)
         record = os.path.join(d, "run.json")
         flags = r.flags + data_flags(args)
-        if os.path.exists(record):
+        started = os.path.isdir(d) and set(os.listdir(d)) - {"run.json"}  # a plan that never ran may change
+        if os.path.exists(record) and started:
             if json.load(open(record))["flags"] != flags:
                 sys.exit(f"error: {d} was started with other flags ({record}); use another --work or remove it")
         else:
