@@ -30,6 +30,7 @@ setup(
             "megatron-latent-perplexity = megatron_latent.tools.perplexity:main",
             "megatron-latent-plot-metrics = megatron_latent.tools.plot_metrics:main",
             "megatron-latent-preprocess = megatron_latent.tools.preprocess_data:main",
+            "megatron-latent-scaling-study = megatron_latent.tools.scaling_study:main",
         ],
     },
     extras_require={

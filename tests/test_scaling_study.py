@@ -1,6 +1,7 @@
 """tools/scaling_study.py and its grid (analysis/scaling_grid.py): the plan, the dry run and its
 Slurm array, bad input, and (slow) the quick mode end to end on a corpus built here."""
 
+import dataclasses
 import json
 import os
 import stat
@@ -167,3 +168,20 @@ def test_tiny_study_end_to_end_and_resumed(tmp_path):
     # Another plan in the same directory is refused, not resumed.
     third = _tool(*args[:-2], "--bootstrap", "50", "--tokens-per-param", "6")
     assert third.returncode == 1 and "was started with other flags" in third.stderr
+
+
+def test_a_changed_plan_is_refused_only_where_a_run_started(tmp_path):
+    from megatron_latent.tools import scaling_study as tool
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a"}\n')
+    p, args = tool.parse_args(["--tiny", "--corpus", str(corpus), "--work", str(tmp_path)])
+    runs = grid.plan(tool.settings(p, args))[:2]
+    tool.check_run_flags(args, runs)
+    other = [dataclasses.replace(r, flags=r.flags + ["--seed", "9"]) for r in runs]
+    tool.check_run_flags(args, other)  # planned, never started: the new plan replaces the old
+    recorded = json.load(open(tmp_path / "runs" / runs[0].name / "run.json"))["flags"]
+    assert recorded[:len(other[0].flags)] == other[0].flags
+    (tmp_path / "runs" / runs[0].name / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="was started with other flags"):
+        tool.check_run_flags(args, runs)
