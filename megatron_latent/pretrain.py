@@ -27,7 +27,9 @@ from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.data.gpt_data import DataConfigError
 from megatron_latent.data.tokenizer import TokenizerError
 from megatron_latent.models.flops import model_step_flops
+from megatron_latent.models.init import describe_init
 from megatron_latent.models.specs import transformer_engine_available
+from megatron_latent.models.transformer_config import to_transformer_config
 from megatron_latent.parallel.initialize import destroy_process_group, initialize_model_parallel
 from megatron_latent.parallel.pipeline import build_latent_pipeline
 from megatron_latent.training import batches as batching
@@ -165,7 +167,8 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, args):
             overrides["recompute_modules"] = list(args.recompute_modules)
         if args.recompute_granularity == "full":
             overrides.update(recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
-    config = cfg.to_transformer_config(
+    config = to_transformer_config(
+        cfg,
         layout.tensor_model_parallel_size,
         layout.pipeline_model_parallel_size,
         layout.num_virtual_stages_per_pipeline_rank,
@@ -174,6 +177,11 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, args):
         **overrides,
     )
     return build_latent_pipeline(cfg, config)
+
+
+def _model_settings(cfg: ModelConfig) -> str:
+    """What is trained, resolved, in one line: the method's settings and the init."""
+    return f"{cfg.describe()}; {describe_init(cfg)}"
 
 
 def build_optimizer_and_scheduler(model, args):
@@ -213,7 +221,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
                 f"PP={args.pipeline_model_parallel_size} DP={dp} | {plan.num_microbatches} micro-batches of "
                 f"{args.micro_batch_size} per step")
     logger.info(f"architecture: {cfg.describe_architecture()}")
-    logger.info(f"model settings: {cfg.describe()}")
+    logger.info(f"model settings: {_model_settings(cfg)}")
     state = resume.TrainState()
     if args.load:
         state = resume.resume(
@@ -329,7 +337,7 @@ def _open_wandb(args, plan: Plan) -> Optional[WandbRun]:
     W&B that cannot start (no login, no network) is one warning and the run goes on without it."""
     layout = plan.layout
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-    config.update(model=f"{plan.cfg.name}: {plan.cfg.arch}", model_settings=plan.cfg.describe(),
+    config.update(model=f"{plan.cfg.name}: {plan.cfg.arch}", model_settings=_model_settings(plan.cfg),
                   method=plan.cfg.latent.label,
                   parameters=plan.cfg.num_parameters(), data_parallel_size=plan.data_parallel_size,
                   layout=f"TP={layout.tensor_model_parallel_size} PP={layout.pipeline_model_parallel_size} "

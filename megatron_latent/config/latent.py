@@ -149,7 +149,7 @@ class LatentSettings:
     def residual_depth(self) -> int:
         """How many times a token's prediction traverses the layer stack in sequence: N+1 with
         latent thoughts, K+1 with extra loops or pondering, else 1 (the init scales by it, see
-        init_methods)."""
+        models/init.py)."""
         if self.num_latent_thoughts:
             return self.num_latent_thoughts + 1
         return self.num_extra_loops + self.num_ponder_steps + 1
