@@ -108,8 +108,8 @@ class Plan:
     seq_length: int
     data_parallel_size: int
     num_microbatches: int
-    jacobi_for_step: Callable[[int], Optional[int]]  # None without latent thoughts (vanilla, pause, loop)
-    jacobi_eval: Optional[int]
+    jacobi_iters_for_step: Callable[[int], Optional[int]]  # None without latent thoughts (vanilla, pause, loop)
+    jacobi_iters_eval: Optional[int]
 
 
 def configure(args) -> Plan:
@@ -152,8 +152,9 @@ def configure(args) -> Plan:
     return Plan(
         cfg, layout, tokenizer, seq_length, dp, num_micro,
         # J of step s is drawn from (--seed, s) alone: every rank, and a resumed run, draws the same.
-        jacobi_for_step=(lambda step: latent.jacobi_iters_for_step(step, args.seed)) if n else (lambda step: None),
-        jacobi_eval=latent.eval_jacobi_iters if n else None,
+        jacobi_iters_for_step=(lambda step: latent.jacobi_iters_for_step(step, args.seed)) if n
+        else (lambda step: None),
+        jacobi_iters_eval=latent.jacobi_iters_eval if n else None,
     )
 
 
@@ -289,11 +290,12 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
         train_batches=batching.micro_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
                                              dp_rank, dp, args.num_workers, vocab_size=cfg.vocab_size),
         valid_batches=valid_batches, test_batches=eval_batches(test_ds, "test"),
-        jacobi_for_step=plan.jacobi_for_step, jacobi_eval=plan.jacobi_eval, save=save,
+        jacobi_iters_for_step=plan.jacobi_iters_for_step, jacobi_iters_eval=plan.jacobi_iters_eval, save=save,
         background_saves=background_saves,
         metrics=MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration,
                               wandb=_open_wandb(args, plan) if reporter and args.wandb_project else None),
-        reporter=reporter, state=state, monitor=_monitor(args, cfg), eval_jacobi_sweep=_jacobi_sweep(args, plan),
+        reporter=reporter, state=state, monitor=_monitor(args, cfg),
+        jacobi_iters_eval_sweep=_jacobi_iters_eval_sweep(args, plan),
         downstream=DownstreamEvaluator(
             args.save, args.eval_tasks, args.tokenizer_model, args.eval_tasks_limit,
             "cuda" if torch.cuda.is_available() else "cpu", args.eval_tasks_batch_size,
@@ -310,15 +312,15 @@ def _monitor(args, cfg: ModelConfig) -> Monitor:
     return Monitor(args.log_params_norm, args.log_memory_to_tensorboard, profiler, stats)
 
 
-def _jacobi_sweep(args, plan: Plan) -> tuple:
+def _jacobi_iters_eval_sweep(args, plan: Plan) -> tuple:
     """The J of --jacobi-iters-eval-sweep (default 0, 1 and twice the evaluation J), the evaluation
     J itself left out (valid/loss is that one); each must suit the pipeline schedule."""
-    if plan.jacobi_eval is None or not args.eval_iters:
+    if plan.jacobi_iters_eval is None or not args.eval_iters:
         return ()
     given = args.jacobi_iters_eval_sweep
-    wanted = given if given is not None else [0, 1, 2 * plan.jacobi_eval]
+    wanted = given if given is not None else [0, 1, 2 * plan.jacobi_iters_eval]
     sweep = []
-    for j in sorted(set(wanted) - {plan.jacobi_eval}):
+    for j in sorted(set(wanted) - {plan.jacobi_iters_eval}):
         passes = len(plan.cfg.latent.pass_slots(j)) * plan.layout.virtual_chunks
         try:
             if j < 0:

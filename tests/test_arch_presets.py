@@ -117,7 +117,7 @@ def test_config_round_trips_and_latent_settings():
     c = get_preset("tiny-pythia", num_latent_thoughts=1, scale_embeddings=True)
     assert ModelConfig.from_dict(c.to_dict()) == c
     s = c.latent
-    assert (s.num_latent_thoughts, s.training_range, s.jacobi_iters_eval, s.scale_embeddings) == (1, (2, 4), 3, True)
+    assert (s.num_latent_thoughts, s.jacobi_iters, s.jacobi_iters_eval, s.scale_embeddings) == (1, (2, 4), 3, True)
     assert get_preset("tiny-pythia").latent.num_latent_thoughts == 0
 
 

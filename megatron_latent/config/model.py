@@ -328,7 +328,7 @@ class ModelConfig:
         models.init.describe_init)."""
         lat = self.latent
         if lat.num_latent_thoughts:
-            lo, hi = lat.training_range
+            lo, hi = lat.jacobi_iters
             choices = ", ".join(map(str, range(lo, hi + 1)))
             fed = "" if lat.method == "latent" else (
                 f" (interpolated inputs, top-{lat.interpolation_topk})" if lat.interpolation_topk
