@@ -1,4 +1,5 @@
-"""Device choices, and the CPU backend that lets megatron-core 0.16.1 run without CUDA.
+"""Device choices (the device, the process-group backend, the TransformerConfig fields that depend
+on the machine), and the CPU backend that lets megatron-core 0.16.1 run without CUDA.
 
 The backend has two parts: the CUDA-to-CPU shim (``platform.cuda_to_cpu``: what megatron needs
 to run at all without CUDA) and the CPU speed patches (``platform.cpu_speedups``: what makes its
