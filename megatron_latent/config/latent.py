@@ -43,9 +43,10 @@ class LatentSettings:
     The four are exclusive; all zero is a vanilla GPT (and the weights never depend on the method,
     except for the pause token's embedding row). `jacobi_iters` is the inclusive range the training
     J is drawn from per step (None: the family's default, which ModelConfig fills in, so a model's
-    settings always hold its range); it is None without latent thoughts. `jacobi_iters_eval` is the J of evaluation forwards (unused without
-    latent thoughts). `scale_embeddings` (token embeddings times sqrt(c H), c in
-    `embedding_scale_factor`): None means the authors' setting, on exactly when a method is on.
+    settings always hold its range); it is None without latent thoughts. `jacobi_iters_eval` is
+    the J of evaluation forwards (unused without latent thoughts). `scale_embeddings` (token
+    embeddings times sqrt(c H), c in `embedding_scale_factor`): None means the authors' setting,
+    on exactly when a method is on.
     `grad_passes` k: only the last k passes of a training forward with latent thoughts (the final
     pass counted) build an autograd graph; the passes before them run without one and keep no
     activations (None: every pass, the paper's full backpropagation).
