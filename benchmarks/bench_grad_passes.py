@@ -33,6 +33,7 @@ def main():
     from megatron_latent.models.flops import model_step_flops
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
+    from megatron_latent.models.transformer_config import to_transformer_config
     from megatron_latent.parallel.initialize import initialize_single_process
     from megatron_latent.platform import device
 
@@ -49,7 +50,7 @@ def main():
     def measure(n, j, k, overrides):
         cfg = base.replace(num_latent_thoughts=n, grad_passes=k)
         torch.manual_seed(0)
-        m = build_gpt_model(cfg, config=cfg.to_transformer_config(**overrides), model_cls=LatentGPTModel,
+        m = build_gpt_model(cfg, config=to_transformer_config(cfg, **overrides), model_cls=LatentGPTModel,
                             latent=cfg.latent).to(device()).train()
 
         def step():

@@ -24,6 +24,7 @@ def main():
     from megatron_latent.models.flops import model_step_flops
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
+    from megatron_latent.models.transformer_config import to_transformer_config
     from megatron_latent.parallel.initialize import initialize_single_process
     from megatron_latent.platform import device
 
@@ -37,7 +38,7 @@ def main():
 
     def step_time(n, j):
         cfg = base.replace(num_latent_thoughts=n, scale_embeddings=bool(n))
-        m = build_gpt_model(cfg, config=cfg.to_transformer_config(params_dtype=dtype), model_cls=LatentGPTModel,
+        m = build_gpt_model(cfg, config=to_transformer_config(cfg, params_dtype=dtype), model_cls=LatentGPTModel,
                             latent=cfg.latent).to(device())
         m.train()
         times = []

@@ -144,6 +144,7 @@ class Ours:
         from megatron.core.optimizer import OptimizerConfig
 
         from megatron_latent.config import ModelConfig
+        from megatron_latent.models.transformer_config import to_transformer_config
         from megatron_latent.parallel.initialize import init_process_group, initialize_single_process
         from megatron_latent.parallel.pipeline import build_latent_pipeline
         from megatron_latent.training import engine
@@ -164,7 +165,7 @@ class Ours:
         for kind, n in (("vanilla", 0), ("latent", 1)):
             cfg = base.replace(num_latent_thoughts=n, scale_embeddings=bool(n))
             # As pretrain --bf16 builds it: bf16 weights, fp32 main weights and gradient reduction.
-            config = cfg.to_transformer_config(1, 1, None, params_dtype=dtype)
+            config = to_transformer_config(cfg, 1, 1, None, params_dtype=dtype)
             chunks = engine.wrap_ddp(build_latent_pipeline(cfg, config),
                                      DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16))
             opt = engine.build_optimizer(chunks, OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0,

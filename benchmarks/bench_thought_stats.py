@@ -27,6 +27,7 @@ def main():
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
     from megatron_latent.models.pass_stats import PassStats
+    from megatron_latent.models.transformer_config import to_transformer_config
     from megatron_latent.parallel.initialize import initialize_single_process
     from megatron_latent.platform import device
 
@@ -34,7 +35,7 @@ def main():
     initialize_single_process("bench_thought_stats")
     cfg = shape_config(args).replace(num_latent_thoughts=args.num_latent_thoughts, scale_embeddings=True,
                                      thought_input=args.thought_input)
-    m = build_gpt_model(cfg, config=cfg.to_transformer_config(), model_cls=LatentGPTModel,
+    m = build_gpt_model(cfg, config=to_transformer_config(cfg), model_cls=LatentGPTModel,
                         latent=cfg.latent).to(device())
     m.train()
     L, b = args.seq_length, args.micro_batch_size

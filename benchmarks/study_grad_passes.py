@@ -98,7 +98,7 @@ def step_flops(n: int, k, vocab: int) -> float:
     cfg = get_preset(MODEL["preset"]).replace(
         num_layers=MODEL["layers"], hidden_size=MODEL["hidden"], num_attention_heads=MODEL["heads"],
         ffn_hidden_size=MODEL["ffn"], vocab_size=vocab, num_latent_thoughts=n, grad_passes=k)
-    js = range(cfg.latent.training_range[0], cfg.latent.training_range[1] + 1) if n else [0]
+    js = range(cfg.latent.jacobi_iters[0], cfg.latent.jacobi_iters[1] + 1) if n else [0]
     counts = [model_step_flops(cfg, MODEL["seq"], j) for j in js]
     return sum(counts) / len(counts)
 

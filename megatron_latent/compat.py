@@ -9,7 +9,8 @@ misbehaving. The CPU backend's own patches of megatron (its RNG hooks, its fallb
 in platform/, where everything about running without CUDA is kept (checked by
 tests/test_platform.py).
 
-Users: training/checkpointing.py (the writer queue, the optimizer state around a load).
+Users: training/checkpointing.py (the writer queue, the optimizer state around a load),
+models/transformer_config.py (the recompute settings that fail).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import warnings
 import torch
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from megatron_latent.config.errors import ConfigError
 
 WRITTEN_FOR = "0.16.1"
 
@@ -44,6 +47,19 @@ if installed_version() != WRITTEN_FOR:
         f"internals of {WRITTEN_FOR} (checkpoint writer, distributed-optimizer load)",
         stacklevel=2,
     )
+
+
+def check_recompute_modules(fields: dict, biased_serial_mlp: bool, model_name: str) -> None:
+    """ConfigError for the TransformerConfig `fields` that megatron-core 0.16.1 cannot run: the
+    selective recompute of a biased MLP in a serial (not parallel-residual) layer, whose
+    TransformerLayer returns the fc2 bias Parameter through its CheckpointFunction, whose backward
+    then recurses without end."""
+    if (fields.get("recompute_granularity") == "selective" and "mlp" in (fields.get("recompute_modules") or ())
+            and biased_serial_mlp):
+        raise ConfigError(
+            f"recompute_modules mlp does not work with the biased MLP of model {model_name!r} "
+            "(megatron-core 0.16.1); use recompute_granularity full"
+        )
 
 
 # megatron's async checkpoint writer keeps a module-level queue served by a spawned process.

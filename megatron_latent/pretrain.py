@@ -27,7 +27,9 @@ from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.data.gpt_data import DataConfigError
 from megatron_latent.data.tokenizer import TokenizerError
 from megatron_latent.models.flops import model_step_flops
+from megatron_latent.models.init import describe_init
 from megatron_latent.models.specs import transformer_engine_available
+from megatron_latent.models.transformer_config import to_transformer_config
 from megatron_latent.parallel.initialize import destroy_process_group, initialize_model_parallel
 from megatron_latent.parallel.pipeline import build_latent_pipeline
 from megatron_latent.training import batches as batching
@@ -106,8 +108,8 @@ class Plan:
     seq_length: int
     data_parallel_size: int
     num_microbatches: int
-    jacobi_for_step: Callable[[int], Optional[int]]  # None without latent thoughts (vanilla, pause, loop)
-    jacobi_eval: Optional[int]
+    jacobi_iters_for_step: Callable[[int], Optional[int]]  # None without latent thoughts (vanilla, pause, loop)
+    jacobi_iters_eval: Optional[int]
 
 
 def configure(args) -> Plan:
@@ -150,8 +152,9 @@ def configure(args) -> Plan:
     return Plan(
         cfg, layout, tokenizer, seq_length, dp, num_micro,
         # J of step s is drawn from (--seed, s) alone: every rank, and a resumed run, draws the same.
-        jacobi_for_step=(lambda step: latent.jacobi_iters_for_step(step, args.seed)) if n else (lambda step: None),
-        jacobi_eval=latent.eval_jacobi_iters if n else None,
+        jacobi_iters_for_step=(lambda step: latent.jacobi_iters_for_step(step, args.seed)) if n
+        else (lambda step: None),
+        jacobi_iters_eval=latent.jacobi_iters_eval if n else None,
     )
 
 
@@ -165,7 +168,8 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, args):
             overrides["recompute_modules"] = list(args.recompute_modules)
         if args.recompute_granularity == "full":
             overrides.update(recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
-    config = cfg.to_transformer_config(
+    config = to_transformer_config(
+        cfg,
         layout.tensor_model_parallel_size,
         layout.pipeline_model_parallel_size,
         layout.num_virtual_stages_per_pipeline_rank,
@@ -174,6 +178,11 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, args):
         **overrides,
     )
     return build_latent_pipeline(cfg, config)
+
+
+def _model_settings(cfg: ModelConfig) -> str:
+    """What is trained, resolved, in one line: the method's settings and the init."""
+    return f"{cfg.describe()}; {describe_init(cfg)}"
 
 
 def build_optimizer_and_scheduler(model, args):
@@ -213,7 +222,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
                 f"PP={args.pipeline_model_parallel_size} DP={dp} | {plan.num_microbatches} micro-batches of "
                 f"{args.micro_batch_size} per step")
     logger.info(f"architecture: {cfg.describe_architecture()}")
-    logger.info(f"model settings: {cfg.describe()}")
+    logger.info(f"model settings: {_model_settings(cfg)}")
     state = resume.TrainState()
     if args.load:
         state = resume.resume(
@@ -281,11 +290,12 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
         train_batches=batching.micro_batches(train_ds, state.consumed_train_samples, args.micro_batch_size,
                                              dp_rank, dp, args.num_workers, vocab_size=cfg.vocab_size),
         valid_batches=valid_batches, test_batches=eval_batches(test_ds, "test"),
-        jacobi_for_step=plan.jacobi_for_step, jacobi_eval=plan.jacobi_eval, save=save,
+        jacobi_iters_for_step=plan.jacobi_iters_for_step, jacobi_iters_eval=plan.jacobi_iters_eval, save=save,
         background_saves=background_saves,
         metrics=MetricsWriter(args.tensorboard_dir, reporter, start_iteration=state.iteration,
                               wandb=_open_wandb(args, plan) if reporter and args.wandb_project else None),
-        reporter=reporter, state=state, monitor=_monitor(args, cfg), eval_jacobi_sweep=_jacobi_sweep(args, plan),
+        reporter=reporter, state=state, monitor=_monitor(args, cfg),
+        jacobi_iters_eval_sweep=_jacobi_iters_eval_sweep(args, plan),
         downstream=DownstreamEvaluator(
             args.save, args.eval_tasks, args.tokenizer_model, args.eval_tasks_limit,
             "cuda" if torch.cuda.is_available() else "cpu", args.eval_tasks_batch_size,
@@ -302,15 +312,15 @@ def _monitor(args, cfg: ModelConfig) -> Monitor:
     return Monitor(args.log_params_norm, args.log_memory_to_tensorboard, profiler, stats)
 
 
-def _jacobi_sweep(args, plan: Plan) -> tuple:
+def _jacobi_iters_eval_sweep(args, plan: Plan) -> tuple:
     """The J of --jacobi-iters-eval-sweep (default 0, 1 and twice the evaluation J), the evaluation
     J itself left out (valid/loss is that one); each must suit the pipeline schedule."""
-    if plan.jacobi_eval is None or not args.eval_iters:
+    if plan.jacobi_iters_eval is None or not args.eval_iters:
         return ()
     given = args.jacobi_iters_eval_sweep
-    wanted = given if given is not None else [0, 1, 2 * plan.jacobi_eval]
+    wanted = given if given is not None else [0, 1, 2 * plan.jacobi_iters_eval]
     sweep = []
-    for j in sorted(set(wanted) - {plan.jacobi_eval}):
+    for j in sorted(set(wanted) - {plan.jacobi_iters_eval}):
         passes = len(plan.cfg.latent.pass_slots(j)) * plan.layout.virtual_chunks
         try:
             if j < 0:
@@ -329,7 +339,7 @@ def _open_wandb(args, plan: Plan) -> Optional[WandbRun]:
     W&B that cannot start (no login, no network) is one warning and the run goes on without it."""
     layout = plan.layout
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-    config.update(model=f"{plan.cfg.name}: {plan.cfg.arch}", model_settings=plan.cfg.describe(),
+    config.update(model=f"{plan.cfg.name}: {plan.cfg.arch}", model_settings=_model_settings(plan.cfg),
                   method=plan.cfg.latent.label,
                   parameters=plan.cfg.num_parameters(), data_parallel_size=plan.data_parallel_size,
                   layout=f"TP={layout.tensor_model_parallel_size} PP={layout.pipeline_model_parallel_size} "

@@ -62,9 +62,11 @@ def tiny_gpt(config, position_embedding_type="rope", vp_stage=None, latent=None)
     (LatentSettings) is given. `config` gives the sizes, parallel layout, sequence parallelism,
     recomputation, dtype and init methods."""
     from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.models.transformer_config import to_transformer_config
 
     cfg = tiny_model_config(config, position_embedding_type, latent)
-    tc = cfg.to_transformer_config(
+    tc = to_transformer_config(
+        cfg,
         config.tensor_model_parallel_size,
         config.pipeline_model_parallel_size,
         config.virtual_pipeline_model_parallel_size,

@@ -69,12 +69,13 @@ def setup(cfg, tp, pp, vpp=None, distributed_optimizer=False, **config_overrides
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
+    from megatron_latent.models.transformer_config import to_transformer_config
     from megatron_latent.parallel.initialize import initialize_model_parallel
     from megatron_latent.parallel.pipeline import build_latent_pipeline
     from megatron_latent.training import engine
 
     dp = initialize_model_parallel(tp, pp, model=cfg)
-    config = cfg.to_transformer_config(tp, pp, vpp, **config_overrides)
+    config = to_transformer_config(cfg, tp, pp, vpp, **config_overrides)
     chunks = build_latent_pipeline(cfg, config)
     init_weights(chunks)
     model = engine.wrap_ddp(chunks, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer))

@@ -117,7 +117,7 @@ def test_config_round_trips_and_latent_settings():
     c = get_preset("tiny-pythia", num_latent_thoughts=1, scale_embeddings=True)
     assert ModelConfig.from_dict(c.to_dict()) == c
     s = c.latent
-    assert (s.num_latent_thoughts, s.training_range, s.jacobi_iters_eval, s.scale_embeddings) == (1, (2, 4), 3, True)
+    assert (s.num_latent_thoughts, s.jacobi_iters, s.jacobi_iters_eval, s.scale_embeddings) == (1, (2, 4), 3, True)
     assert get_preset("tiny-pythia").latent.num_latent_thoughts == 0
 
 
@@ -129,6 +129,7 @@ def test_config_round_trips_and_latent_settings():
 def test_parallel_residual_recompute_equals_plain(single_rank, recompute):
     from megatron_latent.config import get_preset
     from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.models.transformer_config import to_transformer_config
 
     cfg = get_preset("tiny-pythia")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -136,7 +137,7 @@ def test_parallel_residual_recompute_equals_plain(single_rank, recompute):
     results = []
     for overrides in ({}, recompute):
         torch.manual_seed(5)
-        model = build_gpt_model(cfg, config=cfg.to_transformer_config(**overrides)).train()
+        model = build_gpt_model(cfg, config=to_transformer_config(cfg, **overrides)).train()
         loss = model(ids, pos, None, labels=ids).mean()
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -147,6 +148,7 @@ def test_parallel_residual_recompute_equals_plain(single_rank, recompute):
 
 def test_selective_mlp_recompute_with_biases_is_refused():
     from megatron_latent.config import ConfigError, get_preset
+    from megatron_latent.models.transformer_config import to_transformer_config
 
     with pytest.raises(ConfigError, match="recompute_modules mlp"):
-        get_preset("tiny-gpt2").to_transformer_config(recompute_granularity="selective", recompute_modules=["mlp"])
+        to_transformer_config(get_preset("tiny-gpt2"), recompute_granularity="selective", recompute_modules=["mlp"])

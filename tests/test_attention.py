@@ -12,13 +12,14 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron_latent.config import ModelConfig
 from megatron_latent.models import slots
 from megatron_latent.models.attention import FusedDotProductAttention
+from megatron_latent.models.transformer_config import to_transformer_config
 
 
 def _pair(groups=4, attention_dropout=0.0):
     cfg = ModelConfig(name="t", arch="gpt-neox", num_layers=2, hidden_size=64, num_attention_heads=4,
                       num_query_groups=groups, ffn_hidden_size=256, vocab_size=256, seq_length=64,
                       attention_dropout=attention_dropout)
-    tc = cfg.to_transformer_config(1, 1)
+    tc = to_transformer_config(cfg, 1, 1)
     kw = dict(config=tc, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     return DotProductAttention(**kw), FusedDotProductAttention(**kw)
 

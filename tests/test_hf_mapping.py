@@ -136,10 +136,11 @@ def test_tensor_parallel_larger_than_groups_names_field():
     from megatron_latent.config import ConfigError
     from megatron_latent.hf.layout import split_tp_pp
     from megatron_latent.hf.mapping import hf_to_megatron
+    from megatron_latent.models.transformer_config import to_transformer_config
 
     hf = hf_model("llama")
     cfg, full = hf_to_megatron(hf.state_dict(), hf.config)
     with pytest.raises(ConfigError, match=r"tensor_model_parallel_size 4 does not divide the num_query_groups 2"):
         split_tp_pp(full, cfg, 4, 1)
     with pytest.raises(ConfigError, match=r"tensor_model_parallel_size 8 does not divide the num_attention_heads 4"):
-        cfg.to_transformer_config(tensor_model_parallel_size=8)
+        to_transformer_config(cfg, tensor_model_parallel_size=8)

@@ -16,6 +16,7 @@ def _parity(layouts, sequence_parallel=False):
     from megatron_latent.hf.layout import load_full_into_model
     from megatron_latent.hf.mapping import hf_to_megatron
     from megatron_latent.models.gpt import build_gpt_model
+    from megatron_latent.models.transformer_config import to_transformer_config
     from megatron_latent.parallel.initialize import initialize_model_parallel
 
     results = {}
@@ -26,7 +27,7 @@ def _parity(layouts, sequence_parallel=False):
             ids = tokens()
             cfg, full = hf_to_megatron(hf.state_dict(), hf.config)
             for sp in (False, True) if sequence_parallel and tp > 1 else (False,):
-                config = cfg.to_transformer_config(tp, pp, sequence_parallel=sp)
+                config = to_transformer_config(cfg, tp, pp, sequence_parallel=sp)
                 model = build_gpt_model(cfg, config=config, parallel_output=False).eval()
                 load_full_into_model(model, full, cfg)
                 out = forward_pipeline(model, ids)

@@ -275,7 +275,7 @@ def test_hf_init_of_the_paper_baselines(preset, scaled_out):
 def test_paper_defaults_per_family():
     # The authors' training J ranges: GPT-NeoX torch.randint(2, 5), LLaMA torch.randint(2, 4).
     presets = ("pythia-410m", "llama-410m", "gpt2-small")
-    ranges = {p: get_preset(p, num_latent_thoughts=1).latent.training_range for p in presets}
+    ranges = {p: get_preset(p, num_latent_thoughts=1).latent.jacobi_iters for p in presets}
     assert ranges == {"pythia-410m": (2, 4), "llama-410m": (2, 3), "gpt2-small": (2, 3)}
     on, off = get_preset("pythia-410m", num_latent_thoughts=1), get_preset("pythia-410m")
     assert on.latent.scale_embeddings and on.latent.jacobi_iters_eval == 3

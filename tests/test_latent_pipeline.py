@@ -285,9 +285,10 @@ def test_unsupported_settings_name_the_field():
     from megatron.core.distributed import DistributedDataParallelConfig
 
     from megatron_latent.config import ConfigError, ParallelLayout
+    from megatron_latent.models.transformer_config import to_transformer_config
     from megatron_latent.parallel.pipeline import _check_ddp, check_stage_config
 
-    config = LLAMA1.to_transformer_config(2, 2, sequence_parallel=True)
+    config = to_transformer_config(LLAMA1, 2, 2, sequence_parallel=True)
     layout = ParallelLayout.of(config)
     assert layout == ParallelLayout(2, 2, None, sequence_parallel=True)
     layout.check_sequence_split(8)

@@ -17,11 +17,12 @@ def _model(arch, tp=1, sp=False, **latent):
     from megatron_latent.hf.mapping import hf_to_megatron
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
+    from megatron_latent.models.transformer_config import to_transformer_config
 
     hf = hf_model(arch)
     cfg, full = hf_to_megatron(hf.state_dict(), hf.config)
     cfg = cfg.replace(**latent)
-    config = cfg.to_transformer_config(tp, 1, sequence_parallel=sp)
+    config = to_transformer_config(cfg, tp, 1, sequence_parallel=sp)
     model = build_gpt_model(cfg, config=config, model_cls=LatentGPTModel, latent=cfg.latent)
     load_full_into_model(model, full, cfg)
     return cfg, model

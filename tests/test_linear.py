@@ -11,12 +11,13 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron_latent.config import ModelConfig
 from megatron_latent.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from megatron_latent.models.parallel_residual import PartialSumRowParallelLinear
+from megatron_latent.models.transformer_config import to_transformer_config
 
 
 def _config(**overrides):
     cfg = ModelConfig(name="t", arch="gpt-neox", num_layers=2, hidden_size=32, num_attention_heads=4,
                       ffn_hidden_size=64, vocab_size=64, seq_length=16)
-    return cfg.to_transformer_config(1, 1, **overrides)
+    return to_transformer_config(cfg, 1, 1, **overrides)
 
 
 def _pair(megatron_cls, ours_cls, skip_bias_add, **overrides):

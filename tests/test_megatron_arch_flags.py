@@ -5,6 +5,7 @@ combinations stop with one line naming the flags."""
 import pytest
 import torch
 
+from megatron_latent.models.init import init_methods
 from megatron_latent.training.arguments import model_config_from_args, parse_args
 
 SIZES = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -78,7 +79,7 @@ def test_megatron_init_scales_the_output_projections(single_rank):
     assert m.embedding.word_embeddings.weight.std().item() == pytest.approx(0.05, rel=0.02)
     # The stock HF init of the LLaMA family does not scale them.
     hf = _cfg("--mock-data", "--model-preset", "tiny-llama", "--init-style", "hf", "--init-method-std", "0.05")
-    assert hf.init_methods()["output_layer_init_method"].std == 0.05
+    assert init_methods(hf)["output_layer_init_method"].std == 0.05
 
 
 def test_each_flag_reaches_the_built_model(single_rank):

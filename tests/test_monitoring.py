@@ -190,12 +190,13 @@ def test_jacobi_residuals_are_the_change_between_consecutive_passes(single_rank)
     import torch
 
     from megatron_latent.models.pass_stats import PassStats
+    from megatron_latent.models.transformer_config import to_transformer_config
     from megatron_latent.parallel.pipeline import build_latent_pipeline
     from parallel_utils import batch, init_weights
     from pipeline_cases import L, tiny_cfg
 
     cfg = tiny_cfg(n=2)
-    model, = build_latent_pipeline(cfg, cfg.to_transformer_config(1, 1))
+    model, = build_latent_pipeline(cfg, to_transformer_config(cfg, 1, 1))
     init_weights([model])
     model.eval()
     b = batch(0, 2, L)

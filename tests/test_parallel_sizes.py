@@ -52,7 +52,7 @@ def test_the_command_line_shows_flags():
     assert flag_error(e.value) == ("--tensor-model-parallel-size 3 does not divide the --num-attention-heads 4 of "
                                    "model 'tiny-llama'")
     with pytest.raises(ConfigError) as e:
-        MODEL.check_seq_length(100)
+        MODEL.check_sequence_fits(100)
     assert "(--max-position-embeddings)" in flag_error(e.value)
     with pytest.raises(ConfigError) as e:
         ParallelLayout(1, 2).check_schedule(3, 4)

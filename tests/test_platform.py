@@ -42,6 +42,18 @@ def test_import_changes_nothing():
     assert out == "clean"
 
 
+def test_configs_import_neither_torch_nor_megatron():
+    # Configs are pure data: tools that only read or write them stay light.
+    out = _run(
+        """
+        import sys
+        import megatron_latent.config
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "megatron")))
+        """
+    )
+    assert out == "[]"
+
+
 def test_parallel_start_up_installs_it():
     out = _run(
         """

@@ -10,6 +10,7 @@ import torch
 import pipeline_cases as pc
 from megatron_latent.config import ConfigError, LatentSettings, get_preset
 from megatron_latent.models.gpt import build_gpt_model
+from megatron_latent.models.init import init_methods
 from megatron_latent.models.latent import LatentGPTModel
 from parallel_utils import batch
 
@@ -90,10 +91,10 @@ def test_the_authors_defaults_per_family():
     assert llama.latent.pass_slots(0) == [1, 1, 1, 1] and llama.latent.method == "ponder"
     assert llama.latent.paper_weight_decay == 0.01 and get_preset("tiny-llama").latent.paper_weight_decay == 0.1
     # The init: LLaMA's output projections by sqrt(2 L) (theirs); GPT-NeoX counts the K+1 forwards.
-    base = get_preset("tiny-pythia").init_methods()["output_layer_init_method"].std
-    assert neox.init_methods()["output_layer_init_method"].std == pytest.approx(base / 2)
-    assert llama.init_methods()["output_layer_init_method"].std == \
-        get_preset("tiny-llama").init_methods()["output_layer_init_method"].std
+    base = init_methods(get_preset("tiny-pythia"))["output_layer_init_method"].std
+    assert init_methods(neox)["output_layer_init_method"].std == pytest.approx(base / 2)
+    assert init_methods(llama)["output_layer_init_method"].std == \
+        init_methods(get_preset("tiny-llama"))["output_layer_init_method"].std
     # Switching away from pondering drops its options.
     assert neox.replace(num_ponder_steps=0, num_latent_thoughts=1).latent.ponder_feedback is None
 

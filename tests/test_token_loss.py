@@ -52,10 +52,11 @@ def _step(cfg, tp, pp, num_microbatches, distributed_optimizer):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
+    from megatron_latent.models.transformer_config import to_transformer_config
     from megatron_latent.parallel.pipeline import build_latent_pipeline
     from megatron_latent.training import engine
 
-    chunks = build_latent_pipeline(cfg, cfg.to_transformer_config(tp, pp, None))
+    chunks = build_latent_pipeline(cfg, to_transformer_config(cfg, tp, pp, None))
     init_weights(chunks)
     model = engine.wrap_ddp(chunks, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer))
     # Adam (the distributed optimizer's only choice) without clipping, with eps far above the
@@ -91,12 +92,13 @@ def _splits(tp, pp, cases):
 
 def _per_token_losses():
     """The per-token losses [SAMPLES, L] of the global batch on one rank, before the step."""
+    from megatron_latent.models.transformer_config import to_transformer_config
     from megatron_latent.parallel.initialize import initialize_model_parallel
     from megatron_latent.parallel.pipeline import build_latent_pipeline
 
     cfg = _cfg()
     initialize_model_parallel(1, 1, model=cfg)
-    (m,) = build_latent_pipeline(cfg, cfg.to_transformer_config(1, 1, None))
+    (m,) = build_latent_pipeline(cfg, to_transformer_config(cfg, 1, 1, None))
     init_weights([m])
     b = global_batch()
     with torch.no_grad():

@@ -134,8 +134,8 @@ def mean_step_flops(cfg: ModelConfig, seq_length: int, training: bool = True) ->
     evaluation J for an evaluation forward)."""
     lat = cfg.latent
     if not training:
-        return float(model_step_flops(cfg, seq_length, lat.eval_jacobi_iters, training=False))
-    lo, hi = lat.training_range
+        return float(model_step_flops(cfg, seq_length, lat.jacobi_iters_eval, training=False))
+    lo, hi = lat.jacobi_iters or (0, 0)
     return sum(model_step_flops(cfg, seq_length, j) for j in range(lo, hi + 1)) / (hi - lo + 1)
 
 

@@ -42,9 +42,11 @@ class LatentSettings:
 
     The four are exclusive; all zero is a vanilla GPT (and the weights never depend on the method,
     except for the pause token's embedding row). `jacobi_iters` is the inclusive range the training
-    J is drawn from per step (None: the family's default, filled in by ModelConfig); it is None
-    without latent thoughts. `scale_embeddings` (token embeddings times sqrt(c H), c in
-    `embedding_scale_factor`): None means the authors' setting, on exactly when a method is on.
+    J is drawn from per step (None: the family's default, which ModelConfig fills in, so a model's
+    settings always hold its range); it is None without latent thoughts. `jacobi_iters_eval` is
+    the J of evaluation forwards (unused without latent thoughts). `scale_embeddings` (token
+    embeddings times sqrt(c H), c in `embedding_scale_factor`): None means the authors' setting,
+    on exactly when a method is on.
     `grad_passes` k: only the last k passes of a training forward with latent thoughts (the final
     pass counted) build an autograd graph; the passes before them run without one and keep no
     activations (None: every pass, the paper's full backpropagation).
@@ -149,7 +151,7 @@ class LatentSettings:
     def residual_depth(self) -> int:
         """How many times a token's prediction traverses the layer stack in sequence: N+1 with
         latent thoughts, K+1 with extra loops or pondering, else 1 (the init scales by it, see
-        init_methods)."""
+        models/init.py)."""
         if self.num_latent_thoughts:
             return self.num_latent_thoughts + 1
         return self.num_extra_loops + self.num_ponder_steps + 1
@@ -164,27 +166,22 @@ class LatentSettings:
         """Slots per position: the token and its N thoughts (or its K pauses)."""
         return max(self.num_latent_thoughts, self.num_pause_tokens) + 1
 
-    @property
-    def training_range(self) -> Tuple[int, int]:
-        if self.num_latent_thoughts == 0:
-            return (0, 0)
-        return self.jacobi_iters or PAPER_JACOBI_ITERS
-
-    @property
-    def eval_jacobi_iters(self) -> int:
-        """The J of evaluation forwards (0 for a vanilla model)."""
-        return self.jacobi_iters_eval if self.num_latent_thoughts else 0
-
     def jacobi_choices(self) -> List[int]:
-        """Every J a run can use: the training range and the evaluation J."""
-        lo, hi = self.training_range
-        return sorted(set(range(lo, hi + 1)) | {self.eval_jacobi_iters})
+        """Every J a run can use: the training range and the evaluation J ([0] without latent thoughts)."""
+        if not self.num_latent_thoughts:
+            return [0]
+        lo, hi = self._jacobi_range()
+        return sorted(set(range(lo, hi + 1)) | {self.jacobi_iters_eval})
 
     def jacobi_iters_for_step(self, step: int, seed: int) -> int:
         """The J of training step `step`, from (seed, step) alone: every rank draws the same, and a
         resumed run draws what the uninterrupted run would have."""
-        lo, hi = self.training_range
+        lo, hi = self._jacobi_range() if self.num_latent_thoughts else (0, 0)
         return random.Random(seed * 1_000_003 + step).randint(lo, hi)
+
+    def _jacobi_range(self) -> Tuple[int, int]:
+        # A ModelConfig has filled in its family's range; settings outside one take the paper's.
+        return self.jacobi_iters or PAPER_JACOBI_ITERS
 
     def passes_without_grad(self, num_jacobi: int) -> int:
         """How many of the first passes of a training forward run without an autograd graph."""

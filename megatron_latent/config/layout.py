@@ -54,7 +54,7 @@ class ParallelLayout:
         return world_size // model_parallel
 
     def check_model(self, cfg, seq_length: Optional[int] = None) -> None:
-        """`cfg` (a ModelConfig, which imports this module) split this way: heads, groups, MLP and vocabulary
+        """`cfg` (a ModelConfig) split this way: heads, groups, MLP and vocabulary
         over the TP ranks; layers over the stages (and their chunks); training sequences over the
         sequence-parallel ranks."""
         tp, pp, v = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.virtual_chunks
@@ -74,7 +74,7 @@ class ParallelLayout:
 
     def check_sequence_split(self, seq_length: int) -> None:
         """Training sequences of `seq_length` tokens split over the sequence-parallel ranks (whether
-        they fit the model's positions is ModelConfig.check_seq_length)."""
+        they fit the model's positions is ModelConfig.check_sequence_fits)."""
         tp = self.tensor_model_parallel_size
         # Every pass's sequence (a whole number of slots per token) is split over the TP ranks.
         need(not self.sequence_parallel or seq_length % tp == 0,

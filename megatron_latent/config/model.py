@@ -30,36 +30,31 @@ between layouts unchanged.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
-from megatron_latent.config.errors import ConfigError, need
+from megatron_latent.config.errors import need
 from megatron_latent.config.latent import METHOD_SIZE_FIELDS, PAPER_JACOBI_ITERS, LatentSettings
-from megatron_latent.config.layout import ParallelLayout
 
 ARCHS = ("gpt2", "gpt-neox", "llama", "qwen2", "qwen3")
 # Families whose layer is LLaMA's (the HF classes share its tensor names).
 LLAMA_LIKE = ("llama", "qwen2", "qwen3")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "squared_relu")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
-# How the weights are drawn (see ModelConfig.init_methods).
+# How the weights are drawn (see models/init.py).
 INIT_STYLES = ("paper", "megatron", "hf")
 
 # What the authors' code (LUMIA-Group/PonderLM-2) does per family, our defaults: the inclusive range
-# the training J is drawn from per step (GPT-NeoX: torch.randint(2, 5); LLaMA: torch.randint(2, 4))
-# and how deep the output projections' init is scaled (GPT-NeoX divides their std by
-# sqrt(2 L (N+1)), LLaMA by sqrt(2 L)). GPT-2 has no authors' code: it takes the range the paper
-# states, {2, 3}, and the Pythia code's init, their main line of models.
+# the training J is drawn from per step (GPT-NeoX: torch.randint(2, 5); LLaMA: torch.randint(2, 4)).
+# GPT-2 has no authors' code: it takes the range the paper states, {2, 3}. (Their init per family:
+# models/init.py.)
 # The PonderLM baseline's feedback per family: LLaMA (modeling_llama_orin.py) mixes the embeddings by
 # the output softmax, GPT-NeoX (modeling_gpt_neox_addhidden.py) adds the hidden state; GPT-2 takes
 # the PonderLM paper's mix.
 _PAPER_DEFAULTS = {
-    "gpt2": dict(jacobi_iters=PAPER_JACOBI_ITERS, init_counts_thought_passes=True, ponder_feedback="interpolated"),
-    "gpt-neox": dict(jacobi_iters=(2, 4), init_counts_thought_passes=True, ponder_feedback="hidden"),
-    "llama": dict(jacobi_iters=(2, 3), init_counts_thought_passes=False, ponder_feedback="interpolated"),
+    "gpt2": dict(jacobi_iters=PAPER_JACOBI_ITERS, ponder_feedback="interpolated"),
+    "gpt-neox": dict(jacobi_iters=(2, 4), ponder_feedback="hidden"),
+    "llama": dict(jacobi_iters=(2, 3), ponder_feedback="interpolated"),
 }
 # Qwen has no authors' code: it takes their LLaMA code's settings, the closest layer.
 _PAPER_DEFAULTS["qwen2"] = _PAPER_DEFAULTS["qwen3"] = _PAPER_DEFAULTS["llama"]
@@ -87,11 +82,6 @@ _ARCH_FREE = {
     "llama": ("add_bias_linear", "add_qkv_bias", "tie_embeddings", "rope_scaling"),  # attention_bias, mlp_bias
     "qwen2": ("tie_embeddings",), "qwen3": ("tie_embeddings", "kv_channels"),  # Qwen3Config.head_dim
 }
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's "gelu_new" (tanh approximation). A named function, so configs stay picklable."""
-    return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 _LATENT_FIELDS = tuple(f.name for f in dataclasses.fields(LatentSettings))
@@ -133,7 +123,7 @@ class ModelConfig:
     rope_scaling_factor: float = 8.0
     # Latent thoughts (PonderLM-2): only the forward depends on them, not the weights.
     latent: LatentSettings = field(default_factory=LatentSettings)
-    # How the weights are drawn (see init_methods): "paper" (the default), "megatron" (Megatron-LM's
+    # How the weights are drawn (models/init.py): "paper" (the default), "megatron" (Megatron-LM's
     # normal(0, init_method_std), output projections / sqrt(2 L)) or "hf" (the stock Hugging Face
     # init of the family, which the authors' vanilla baselines had). None: "paper" without
     # init_method_std, "hf" with it (configs saved before init_style existed meant that).
@@ -292,8 +282,10 @@ class ModelConfig:
         need(not unknown, f"unknown model config fields: {', '.join(unknown)}")
         return cls(**d, latent=LatentSettings(**latent))
 
-    def check_seq_length(self, seq_length: int) -> None:
-        """ConfigError when training sequences of `seq_length` tokens do not fit the model."""
+    def check_sequence_fits(self, seq_length: int) -> None:
+        """ConfigError when training sequences of `seq_length` tokens do not fit the model's
+        positions (whether they split over the sequence-parallel ranks is
+        ParallelLayout.check_sequence_split)."""
         need(seq_length >= 1, f"the training sequence length must be >= 1, got {seq_length}")
         need(seq_length <= self.seq_length,
               f"training sequences of {seq_length} tokens exceed the {self.seq_length} positions "
@@ -331,48 +323,12 @@ class ModelConfig:
             out.append(f"num_query_groups {self.query_groups}")
         return out
 
-    def init_methods(self) -> Dict:
-        """The init as TransformerConfig fields.
-
-        The paper's (`init_method_std` None; the authors' code, after Pythia's "small init"): every
-        linear and the embedding ~ normal(0, std) truncated at 3 std with std = sqrt(2 / (5H)); the
-        output projections (attention out, MLP out) further divided by sqrt(2 L D) for GPT-NeoX
-        and GPT-2, D = `latent.residual_depth` (N+1 with latent thoughts, K+1 with extra loops or
-        pondering: the prediction goes through the stack D times), and by sqrt(2 L) for LLaMA, as the
-        authors' code of each family and method does (their GPT-NeoX pause and pondering models kept HF's init; we give
-        every method the family's paper init, so that only the method differs). Norms 1, biases 0 (megatron's defaults).
-
-        Megatron-LM's (`init_style` "megatron", std s = `init_method_std`): normal(0, s) everywhere,
-        the output projections normal(0, s / sqrt(2 L)).
-
-        Hugging Face's ("hf", std s): the stock init of the family, which the authors' vanilla
-        baselines had: normal(0, s) everywhere; GPT-2 divides its output projections by sqrt(2 L)
-        (HF's GPT2 does; its GPT-NeoX and LLaMA classes do not).
-        """
-        depth = 2.0 * self.num_layers
-        if self.init_style != "paper":
-            std = self.init_method_std
-            scaled = self.init_style == "megatron" or self.arch == "gpt2"
-            out_std = std / math.sqrt(depth) if scaled else std
-            return {"init_method": _normal(std), "output_layer_init_method": _normal(out_std),
-                    "embedding_init_method": _normal(std), "init_method_std": std, "embedding_init_method_std": std}
-        if _PAPER_DEFAULTS[self.arch]["init_counts_thought_passes"]:
-            depth *= self.latent.residual_depth
-        std = math.sqrt(2.0 / (5.0 * self.hidden_size))
-        out_std = std / math.sqrt(depth)
-        return {
-            "init_method": _truncated_normal(std),
-            "output_layer_init_method": _truncated_normal(out_std),
-            "embedding_init_method": _truncated_normal(std),
-            "init_method_std": std,
-            "embedding_init_method_std": std,
-        }
-
     def describe(self) -> str:
-        """The settings that decide what is trained, resolved, in one line (printed at start)."""
+        """The method's settings, resolved, in one line (printed at start, with the init's
+        models.init.describe_init)."""
         lat = self.latent
         if lat.num_latent_thoughts:
-            lo, hi = lat.training_range
+            lo, hi = lat.jacobi_iters
             choices = ", ".join(map(str, range(lo, hi + 1)))
             fed = "" if lat.method == "latent" else (
                 f" (interpolated inputs, top-{lat.interpolation_topk})" if lat.interpolation_topk
@@ -394,14 +350,7 @@ class ModelConfig:
         c = lat.embedding_scale_factor
         scale = (f"embeddings x sqrt({c:g} H)" if c != 1 else "embeddings x sqrt(H)") if lat.scale_embeddings \
             else "embeddings unscaled"
-        init = self.init_methods()
-        out = init["output_layer_init_method"].std
-        if self.init_style == "paper":
-            kind = f"paper init (truncated normal, std {init['init_method_std']:.4g}, output projections {out:.4g})"
-        else:
-            who = "Megatron-LM" if self.init_style == "megatron" else "HF"
-            kind = f"{who} init (normal, std {self.init_method_std:.4g}, output projections {out:.4g})"
-        return f"{thoughts}; {scale}; {kind}"
+        return f"{thoughts}; {scale}"
 
     def describe_architecture(self) -> str:
         """The resolved network in one line (printed at start): what the flags and preset built."""
@@ -427,101 +376,7 @@ class ModelConfig:
             parts.insert(6, "parallel residual")
         return ", ".join(parts)
 
-    def to_transformer_config(
-        self,
-        tensor_model_parallel_size: int = 1,
-        pipeline_model_parallel_size: int = 1,
-        virtual_pipeline_model_parallel_size: Optional[int] = None,
-        params_dtype: torch.dtype = torch.float32,
-        **overrides,
-    ):
-        """megatron-core TransformerConfig of this model at this layout (checked); `overrides` are
-        TransformerConfig fields (sequence_parallel, recompute_granularity, bf16, ...)."""
-        # Imported here: megatron's transformer package is heavy, and tools that only read
-        # configs (conversion of configs, data preparation) never need it.
-        from megatron.core.transformer import TransformerConfig
-
-        ParallelLayout(
-            tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size,
-            sequence_parallel=bool(overrides.get("sequence_parallel", False)),
-        ).check_model(self)
-        from megatron.core.activations import squared_relu
-
-        act = {"gelu": torch.nn.functional.gelu, "gelu_tanh": gelu_tanh, "swiglu": torch.nn.functional.silu,
-               "squared_relu": squared_relu}
-        cuda = torch.cuda.is_available()
-        kw = dict(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.query_groups,
-            ffn_hidden_size=self.ffn_hidden_size,
-            kv_channels=self.head_dim,
-            normalization=self.normalization,
-            layernorm_epsilon=self.norm_epsilon,
-            activation_func=act[self.activation],
-            gated_linear_unit=self.gated,
-            add_bias_linear=self.add_bias_linear,
-            add_qkv_bias=self.add_qkv_bias,
-            qk_layernorm=self.qk_layernorm,
-            layernorm_zero_centered_gamma=self.apply_layernorm_1p,
-            hidden_dropout=self.hidden_dropout,
-            attention_dropout=self.attention_dropout,
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-            params_dtype=params_dtype,
-            pipeline_dtype=params_dtype,
-            # Every weight drawn whole from torch's CPU generator, then split, also on GPUs (build_gpt_model
-            # moves the model there): the same model at every TP size, and with models.seeding's
-            # per-layer streams at every PP size. megatron's GPU path would draw each shard from the
-            # CUDA RNG tracker's per-TP-rank stream instead.
-            use_cpu_initialization=True,
-            # gloo pairs batched p2p messages between the same two ranks wrongly (the loss of an
-            # interleaved pipeline was off); unbatched sends pair exactly.
-            batch_p2p_comm=cuda,
-            **self.init_methods(),
-        )
-        if params_dtype == torch.bfloat16:
-            kw["bf16"] = True
-        elif params_dtype == torch.float16:
-            kw["fp16"] = True
-        kw.update(overrides)
-        if (
-            kw.get("recompute_granularity") == "selective"
-            and "mlp" in (kw.get("recompute_modules") or ())
-            and self.add_bias_linear
-            and not self.parallel_residual
-        ):
-            # megatron-core 0.16.1's TransformerLayer returns the fc2 bias Parameter through its
-            # CheckpointFunction, whose backward then recurses without end.
-            raise ConfigError(
-                f"recompute_modules mlp does not work with the biased MLP of model {self.name!r} "
-                "(megatron-core 0.16.1); use recompute_granularity full"
-            )
-        return TransformerConfig(**kw)
-
 
 def default_jacobi_iters(arch: str) -> Tuple[int, int]:
     """The training J range of the authors' code for this family (GPT-2: the paper's {2, 3})."""
     return _PAPER_DEFAULTS[arch]["jacobi_iters"]
-
-
-class _Init:
-    """An init function that knows its std (named, so configs stay picklable)."""
-
-    def __init__(self, std: float, truncated: bool):
-        self.std, self.truncated = std, truncated
-
-    def __call__(self, tensor):
-        if self.truncated:
-            return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=self.std, a=-3 * self.std, b=3 * self.std)
-        return torch.nn.init.normal_(tensor, mean=0.0, std=self.std)
-
-
-def _truncated_normal(std: float) -> _Init:
-    return _Init(std, truncated=True)
-
-
-def _normal(std: float) -> _Init:
-    return _Init(std, truncated=False)

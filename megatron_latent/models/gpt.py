@@ -12,6 +12,7 @@ from megatron_latent.config import ModelConfig
 from megatron_latent.models import seeding, specs
 from megatron_latent.models.latent import LatentGPTModel
 from megatron_latent.models.loss import FusedLossGPTModel
+from megatron_latent.models.transformer_config import to_transformer_config
 
 
 def build_gpt_model(
@@ -29,7 +30,7 @@ def build_gpt_model(
 
     pre_process / post_process: whether this (virtual) stage holds the embedding / the final norm
     and output layer; None reads them from megatron's parallel state. `config` is
-    `cfg.to_transformer_config(...)`, which checks the layout against `cfg` (default: at the
+    `to_transformer_config(cfg, ...)`, which checks the layout against `cfg` (default: at the
     current TP/PP sizes).
     The initial weights are a function of torch's default generator state (the seed) and each
     parameter's global name alone, the same at every TP, PP and virtual-pipeline layout
@@ -39,7 +40,8 @@ def build_gpt_model(
     """
     if config is None:
         vp = ps.get_virtual_pipeline_model_parallel_world_size()
-        config = cfg.to_transformer_config(
+        config = to_transformer_config(
+            cfg,
             ps.get_tensor_model_parallel_world_size(),
             ps.get_pipeline_model_parallel_world_size(),
             vp,
@@ -81,7 +83,7 @@ def build_gpt_model(
         # whole models later); the weights here are built in params_dtype, so it is cast alike.
         model.embedding.position_embeddings.to(config.params_dtype)
     if config.use_cpu_initialization and torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())  # drawn on the CPU (see to_transformer_config)
+        model.cuda(torch.cuda.current_device())  # drawn on the CPU (see platform.transformer_config_device_fields)
     return model
 
 

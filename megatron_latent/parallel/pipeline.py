@@ -49,6 +49,7 @@ from megatron_latent import platform
 from megatron_latent.config import ConfigError, ModelConfig, ParallelLayout
 from megatron_latent.models.gpt import build_gpt_model
 from megatron_latent.models.latent import LatentGPTModel
+from megatron_latent.models.transformer_config import to_transformer_config
 from megatron_latent.parallel.passes import PassChunk, hand_off_length
 
 
@@ -90,10 +91,11 @@ def build_latent_pipeline(cfg: ModelConfig, config=None, use_te: Optional[bool] 
     `config.virtual_pipeline_model_parallel_size` = v splits the layers into interleaved chunks.
     Wrap them in megatron DDP (engine.wrap_ddp) and build the optimizer over them."""
     if config is None:
-        config = cfg.to_transformer_config(
+        config = to_transformer_config(
+            cfg,
             ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
             ps.get_virtual_pipeline_model_parallel_world_size())
-    layout = ParallelLayout.of(config)  # checked against cfg when cfg.to_transformer_config made it
+    layout = ParallelLayout.of(config)  # checked against cfg when to_transformer_config made it
     check_stage_config(config)
     if layout.pipeline_model_parallel_size == 1:
         return [build_gpt_model(cfg, True, True, config=config, use_te=use_te, model_cls=LatentGPTModel,

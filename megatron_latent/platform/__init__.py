@@ -1,4 +1,5 @@
-"""Device choice, and the CPU backend that lets megatron-core 0.16.1 run without CUDA.
+"""Device choices (the device, the process-group backend, the TransformerConfig fields that depend
+on the machine), and the CPU backend that lets megatron-core 0.16.1 run without CUDA.
 
 The backend has two parts: the CUDA-to-CPU shim (``platform.cuda_to_cpu``: what megatron needs
 to run at all without CUDA) and the CPU speed patches (``platform.cpu_speedups``: what makes its
@@ -28,6 +29,7 @@ __all__ = [
     "cpu_backend_installed",
     "device",
     "distributed_backend",
+    "transformer_config_device_fields",
 ]
 
 
@@ -49,6 +51,20 @@ def device() -> torch.device:
 
 def distributed_backend() -> str:
     return "nccl" if cuda_available() else "gloo"
+
+
+def transformer_config_device_fields() -> dict:
+    """The TransformerConfig fields that depend on the device (models/transformer_config.py)."""
+    return dict(
+        # Every weight drawn whole from torch's CPU generator, then split, also on GPUs (build_gpt_model
+        # moves the model there): the same model at every TP size, and with models.seeding's
+        # per-layer streams at every PP size. megatron's GPU path would draw each shard from the
+        # CUDA RNG tracker's per-TP-rank stream instead.
+        use_cpu_initialization=True,
+        # gloo pairs batched p2p messages between the same two ranks wrongly (the loss of an
+        # interleaved pipeline was off); unbatched sends pair exactly.
+        batch_p2p_comm=cuda_available(),
+    )
 
 
 def install_cpu_backend() -> bool:

@@ -525,7 +525,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
     if args.jacobi_iters is not None and not cfg.latent.num_latent_thoughts:
         raise ConfigError(f"jacobi_iters was given for a model with num_latent_thoughts 0 ({cfg.latent.method}): "
                           "only latent thoughts are refined by Jacobi passes")
-    cfg.check_seq_length(args.seq_length if args.seq_length is not None else cfg.seq_length)
+    cfg.check_sequence_fits(args.seq_length if args.seq_length is not None else cfg.seq_length)
     return cfg
 
 # Library names whose flag is not the parser destination of the same name.

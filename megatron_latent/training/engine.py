@@ -177,7 +177,7 @@ def latent_eval_loss(model_chunks, data_iterator, num_microbatches: int, seq_len
     forward only, in eval mode, with the fixed evaluation J (`jacobi_iters_eval`) unless given.
     None off the last stage."""
     latent = unwrap_model(model_chunks[0]).latent
-    j = latent.eval_jacobi_iters if num_jacobi_iters is None else num_jacobi_iters
+    j = latent.jacobi_iters_eval if num_jacobi_iters is None else num_jacobi_iters
     j = j if latent.num_latent_thoughts else 0
     modes = [c.training for c in model_chunks]
     for c in model_chunks:

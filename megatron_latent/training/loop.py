@@ -71,14 +71,14 @@ class Trainer:
     test_batches: Optional[List[dict]] = None
     # J of a training step, drawn from the seed and the step alone (a resumed run draws what the
     # uninterrupted run would have); None for a vanilla GPT.
-    jacobi_for_step: Callable[[int], Optional[int]] = lambda step: None
-    jacobi_eval: Optional[int] = None
+    jacobi_iters_for_step: Callable[[int], Optional[int]] = lambda step: None
+    jacobi_iters_eval: Optional[int] = None  # the evaluation J; None for a vanilla GPT
     save: Optional[Callable[[TrainState], None]] = None  # writes a checkpoint to settings.save
     background_saves: Any = None  # checkpointing.BackgroundSaves with --async-save
     metrics: Optional[MetricsWriter] = None
     reporter: bool = True  # this rank holds the reported loss (last stage, TP and DP rank 0)
     monitor: Optional[Any] = None  # training.monitoring.Monitor: diagnostics and the passes' signals
-    eval_jacobi_sweep: tuple = ()  # each validation also reports the loss at these J (valid/loss_J<j>)
+    jacobi_iters_eval_sweep: tuple = ()  # each validation also reports the loss at these J (valid/loss_J<j>)
     downstream: Optional[Any] = None  # training.downstream.DownstreamEvaluator (reporting rank only)
     downstream_interval: Optional[int] = None  # evaluate the saves at multiples of this (None: every save)
     downstream_due: Optional[int] = None  # a save to evaluate once it is published (--async-save)
@@ -193,10 +193,10 @@ def _evaluate(t: Trainer, step: int, batches: Optional[List[dict]], name: str = 
         return
     # Evaluation batches wait on the host; each is moved to the device when it is used.
     loss = latent_eval_loss(t.model, (batching.to_device(b) for b in batches), len(batches),
-                            t.settings.seq_length, t.settings.micro_batch_size, t.jacobi_eval)
+                            t.settings.seq_length, t.settings.micro_batch_size, t.jacobi_iters_eval)
     swept = {j: latent_eval_loss(t.model, (batching.to_device(b) for b in batches), len(batches),
                                  t.settings.seq_length, t.settings.micro_batch_size, j)
-             for j in (t.eval_jacobi_sweep if key == "valid/loss" else ())}
+             for j in (t.jacobi_iters_eval_sweep if key == "valid/loss" else ())}
     if t.reporter and loss is not None:
         logger.info(f"{name} at iteration {step} | loss {loss:.4f} | ppl {math.exp(min(loss, 50.0)):.3f}"
                     + "".join(f" | loss J={j} {v:.4f}" for j, v in swept.items()))
@@ -237,7 +237,7 @@ def train(t: Trainer) -> TrainState:
     while state.iteration < s.train_iters:
         step = state.iteration + 1
         t0 = time.perf_counter()
-        jacobi = t.jacobi_for_step(step)
+        jacobi = t.jacobi_iters_for_step(step)
         micro = batching.take_on_every_rank(t.train_batches, s.num_microbatches)
         if t.monitor is not None:
             t.monitor.step_begins(t.model, step, log=step % s.log_interval == 0)

@@ -112,9 +112,10 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
                 "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"
             )
     was, now = saved.latent, cfg.latent
-    if (was.training_range, was.eval_jacobi_iters) != (now.training_range, now.eval_jacobi_iters):
-        logger.info(f"note: Jacobi iterations change from training {was.training_range} / eval "
-                    f"{was.eval_jacobi_iters} to {now.training_range} / {now.eval_jacobi_iters}")
+    changed = (was.jacobi_iters, was.jacobi_iters_eval) != (now.jacobi_iters, now.jacobi_iters_eval)
+    if now.num_latent_thoughts and changed:
+        logger.info(f"note: Jacobi iterations change from training {was.jacobi_iters} / eval "
+                    f"{was.jacobi_iters_eval} to {now.jacobi_iters} / {now.jacobi_iters_eval}")
     info = checkpointing.load_checkpoint(
         load_dir, model_chunks, optimizer if with_optim else None, scheduler if with_optim else None,
         iteration=iteration,
