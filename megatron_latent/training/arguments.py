@@ -302,7 +302,7 @@ def _check_eval_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace)
     try:
         resolve_tasks(args.eval_tasks)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(flag_error(e, parser))
     n = args.eval_tasks_interval
     if n is not None and (n < 1 or (args.save_interval and n % args.save_interval)):
         parser.error(f"--eval-tasks-interval {n}: a positive multiple of --save-interval {args.save_interval}")
@@ -545,7 +545,6 @@ LIBRARY_FLAGS = {
     "retain_interval": "--save-retain-interval",
     # OptimizerParamScheduler's arguments (a resumed run compares its state with the checkpoint's).
     "max_lr": "--lr",
-    "init_lr": "--lr-warmup-init",
     "lr_warmup_steps": "the warmup steps (--lr-warmup-iters/--lr-warmup-samples/--lr-warmup-fraction)",
     "lr_decay_steps": "the decay steps (--lr-decay-iters/--lr-decay-samples/--train-iters/--train-samples)",
     "start_wd": "the initial weight decay (--weight-decay/--start-weight-decay)",
