@@ -135,7 +135,7 @@ def _check_optimizer_layout(load_dir: str, saved: dict, now: dict, model_space: 
             + [f"tensor_model_parallel_size {d.get('tensor_model_parallel_size')}",
                f"pipeline_model_parallel_size {d.get('pipeline_model_parallel_size')}"]
             + ["bf16=True"] * bool(d.get("bf16"))
-            + [f"num_virtual_stages_per_pipeline_rank {d['num_virtual_stages_per_pipeline_rank']}"]
+            + [f"num_virtual_stages_per_pipeline_rank {d.get('num_virtual_stages_per_pipeline_rank')}"]
             * bool(d.get("num_virtual_stages_per_pipeline_rank")))
 
     distributed = bool(saved.get("use_distributed_optimizer")), bool(now["use_distributed_optimizer"])
