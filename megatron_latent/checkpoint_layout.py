@@ -148,7 +148,7 @@ def resolve_iteration(load_dir: str, iteration: Optional[int] = None) -> int:
         if iteration is None:
             raise FileNotFoundError(f"load_dir {load_dir}: no {TRACKER} (no complete checkpoint there)")
     if not os.path.isdir(iteration_dir(load_dir, iteration)):
-        raise FileNotFoundError(f"iteration {iteration}: {iteration_dir(load_dir, iteration)} does not exist")
+        raise FileNotFoundError(f"iteration={iteration}: {iteration_dir(load_dir, iteration)} does not exist")
     return iteration
 
 

@@ -7,14 +7,14 @@ as the setting to pass, `pass finetune=True`. Only a command line turns those na
 
 - each parser destination that contains "_" (`num_layers` -> `--num-layers`);
 - `dest=True` of a store_true flag and `dest=False` of a store_false one (`finetune=True` ->
-  `--finetune`);
+  `--finetune`), and `dest=VALUE` of a flag that takes a value (`iteration=5` -> `--iteration 5`);
 - each name of `renames` (the library's names whose flag is spelled differently, e.g.
   `load_dir` -> `--load`), where the parser has every flag the replacement names; one table serves
   every command line that way.
 
-Single words without "_" (`split`, `load`, `iteration`) are never rewritten unless `renames` holds
-them in that exact form, so the library names a field that is a plain word by a name that is
-unambiguous (`load_dir`, `save_dir`) or leaves it unflagged (`iteration 7: ... does not exist`).
+A plain word (`split`, `load`, `iteration`) is never rewritten alone, so the library names such an
+argument with its value, `iteration=5`, or by a name that is unambiguous (`load_dir`, `save_dir`,
+`DataArgs.split` in `renames`).
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ def flag_message(error: BaseException, parser: argparse.ArgumentParser,
             flags[a.dest] = flag
         if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             flags[f"{a.dest}={isinstance(a, argparse._StoreTrueAction)}"] = flag
+        elif a.nargs != 0:
+            flags[f"{a.dest}="] = flag + " "  # followed by the value
     flags.update({name: flag for name, flag in (renames or {}).items()
                   if all(f in options for f in _FLAG.findall(flag))})
     if not flags:
         return str(error)
-    names = sorted(flags, key=len, reverse=True)
-    pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])")
-    return pattern.sub(lambda m: flags[m.group(1)], str(error))
+    names = "|".join(re.escape(n) + ("" if n.endswith("=") else r"(?![\w-])")
+                     for n in sorted(flags, key=len, reverse=True))
+    return re.sub(r"(?<![\w-])(?:" + names + ")", lambda m: flags[m.group(0)], str(error))

@@ -105,8 +105,9 @@ def test_only_names_the_parser_knows_become_flags():
     p = argparse.ArgumentParser()
     p.add_argument("--hf-dir")
     p.add_argument("--force", action="store_true")
-    assert flag_message(ValueError("hf_dir x; load_dir y; pass force=True"), p, LIBRARY_FLAGS) == (
-        "--hf-dir x; load_dir y; pass --force")
+    p.add_argument("--iteration", type=int)
+    assert flag_message(ValueError("hf_dir x; load_dir y; pass force=True; iteration=5: no iteration 5"), p,
+                        LIBRARY_FLAGS) == "--hf-dir x; load_dir y; pass --force; --iteration 5: no iteration 5"
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ class _RustTokenizer(Tokenizer):
 
     def _set_eod(self, path: str, eod_token: Optional[str], configured: Optional[str]):
         if eod_token is not None:
-            candidates, source = [eod_token], "given by eod_token"
+            candidates, source = [eod_token], "as given"
         elif configured is not None:
             candidates, source = [configured], "eos_token of tokenizer_config.json"
         else:
@@ -179,7 +179,7 @@ class SentencePieceTokenizer(Tokenizer):
             token_id = self._sp.piece_to_id(eod_token)
             if token_id == self._sp.unk_id() and eod_token != self._sp.id_to_piece(token_id):
                 raise TokenizerError(f"{tokenizer_model}: eod_token {eod_token!r} not in vocab")
-            self._eod, self.eod_source = token_id, "given by eod_token"
+            self._eod, self.eod_source = token_id, "as given"
         elif self._sp.eos_id() >= 0:
             self._eod, self.eod_source = self._sp.eos_id(), "eos_id of the sentencepiece model"
         else:

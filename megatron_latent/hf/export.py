@@ -54,7 +54,7 @@ _LATENT_CONFIGS = {"gpt2": "LatentGPT2Config", "gpt-neox": "LatentGPTNeoXConfig"
 
 
 class ExportError(ValueError):
-    """Bad export input; the message names the flag or file."""
+    """Bad export input; the message names the argument or file."""
 
 
 def is_latent(cfg: ModelConfig) -> bool:
