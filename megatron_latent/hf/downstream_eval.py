@@ -19,17 +19,17 @@ from typing import Dict, Optional
 from megatron_latent.training.downstream import flatten_results, resolve_tasks
 
 
-def evaluate_checkpoint(load_dir: str, iteration: int, tasks: str, work_dir: str, tokenizer_model: str,
+def evaluate_checkpoint(load: str, iteration: int, tasks: str, work_dir: str, tokenizer_model: str,
                         limit: Optional[float] = None, device: str = "cpu", batch_size: str = "8") -> Dict[str, float]:
-    """Export iteration `iteration` of `load_dir` into `work_dir`/hf and evaluate it with lm-eval."""
+    """Export iteration `iteration` of `load` into `work_dir`/hf and evaluate it with lm-eval."""
     names, include = resolve_tasks(tasks)
-    for name, path in (("load_dir", load_dir), ("tokenizer_model", tokenizer_model)):
+    for name, path in (("load", load), ("tokenizer_model", tokenizer_model)):
         if not os.path.exists(path):  # before the slow imports
-            raise FileNotFoundError(f"{name} {path}: no such file or directory")
+            raise FileNotFoundError(f"{name}={path}: no such file or directory")
     from megatron_latent.hf.export import export_to_hf
 
     hf_dir = os.path.join(work_dir, "hf")
-    export_to_hf(load_dir, hf_dir, iteration=iteration, tokenizer_model=tokenizer_model, force=True)
+    export_to_hf(load, hf_dir, iteration=iteration, tokenizer_model=tokenizer_model, force=True)
     from lm_eval import simple_evaluate  # slow to import: after the export has succeeded
     from lm_eval.tasks import TaskManager
 
@@ -56,9 +56,13 @@ def main(argv=None) -> int:
                                      args.work_dir or os.path.dirname(os.path.abspath(args.output)),
                                      args.tokenizer_model, args.limit, args.device, args.batch_size)
     except Exception as e:  # noqa: BLE001  (the training log shows this one line)
-        from megatron_latent.training.arguments import flag_error
+        from megatron_latent.cli import flag_message
 
-        print(f"error: {type(e).__name__}: {flag_error(e, p)}".replace("\n", " "), file=sys.stderr)
+        table = None
+        if "megatron.core" in sys.modules:  # the flag table's module imports it: only once the export has
+            from megatron_latent.training.arguments import LIBRARY_FLAGS as table
+        message = flag_message(e, p, table)
+        print(f"error: {type(e).__name__}: {message}".replace("\n", " "), file=sys.stderr)
         return 1
     tmp = args.output + ".tmp"
     with open(tmp, "w") as f:
