@@ -51,7 +51,9 @@ def main(argv=None) -> int:
     try:
         resolve_iteration(args.load, args.iteration)
     except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+        from megatron_latent.training.arguments import flag_error
+
+        sys.exit(f"error: {flag_error(err, p)}")
     model, cfg, iteration = load_model_for_inference(args.load, args.iteration)
     seq = args.seq_length or cfg.seq_length
     try:

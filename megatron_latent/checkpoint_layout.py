@@ -65,22 +65,23 @@ def read_latest_iteration(root: str) -> Optional[int]:
     return int(text)
 
 
-def find_resume_iteration(root: str):
+def find_resume_iteration(load_dir: str):
     """(iteration, warning) of the checkpoint a resumed run loads: the tracker's, which must
     exist, or, without a tracker, the newest complete iteration (with a warning saying so);
-    (None, None) when `root` holds no checkpoint at all."""
-    iteration = read_latest_iteration(root)
+    (None, None) when `load_dir` holds no checkpoint at all."""
+    iteration = read_latest_iteration(load_dir)
     if iteration is not None:
-        if not os.path.isdir(iteration_dir(root, iteration)):
-            present = complete_iterations(root)
+        if not os.path.isdir(iteration_dir(load_dir, iteration)):
+            present = complete_iterations(load_dir)
             raise CheckpointError(
-                f"{os.path.join(root, TRACKER)}: names iteration {iteration}, but {iteration_dir(root, iteration)} "
-                f"does not exist (complete iterations there: {_listing(present)}); write one of them into it")
+                f"{os.path.join(load_dir, TRACKER)}: names iteration {iteration}, but "
+                f"{iteration_dir(load_dir, iteration)} does not exist (complete iterations there: "
+                f"{_listing(present)}); write one of them into it")
         return iteration, None
-    present = complete_iterations(root)
+    present = complete_iterations(load_dir)
     if not present:
         return None, None
-    return present[-1], (f"--load {root}: no {TRACKER}, but iterations {_listing(present)} are there: resuming "
+    return present[-1], (f"load_dir {load_dir}: no {TRACKER}, but iterations {_listing(present)} are there: resuming "
                          f"from the newest, {present[-1]}")
 
 
@@ -137,17 +138,17 @@ def _fallback_hint(root: str, iteration: int) -> str:
             f"write {older[-1]} into {TRACKER}")
 
 
-def resolve_iteration(root: str, iteration: Optional[int] = None) -> int:
-    """`iteration`, or the latest complete one, checked to exist; FileNotFoundError names the flag
-    (CheckpointError, a ValueError, for a damaged tracker)."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"--load {root}: no such directory")
+def resolve_iteration(load_dir: str, iteration: Optional[int] = None) -> int:
+    """`iteration`, or the latest complete one, checked to exist; FileNotFoundError names the directory or
+    iteration (CheckpointError, a ValueError, for a damaged tracker)."""
+    if not os.path.isdir(load_dir):
+        raise FileNotFoundError(f"load_dir {load_dir}: no such directory")
     if iteration is None:
-        iteration, _ = find_resume_iteration(root)
+        iteration, _ = find_resume_iteration(load_dir)
         if iteration is None:
-            raise FileNotFoundError(f"--load {root}: no {TRACKER} (no complete checkpoint there)")
-    if not os.path.isdir(iteration_dir(root, iteration)):
-        raise FileNotFoundError(f"--iteration {iteration}: {iteration_dir(root, iteration)} does not exist")
+            raise FileNotFoundError(f"load_dir {load_dir}: no {TRACKER} (no complete checkpoint there)")
+    if not os.path.isdir(iteration_dir(load_dir, iteration)):
+        raise FileNotFoundError(f"iteration={iteration}: {iteration_dir(load_dir, iteration)} does not exist")
     return iteration
 
 
@@ -165,11 +166,11 @@ def write_model_config(cfg: ModelConfig, root: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def read_model_config(root: str) -> ModelConfig:
-    """The ModelConfig of `root`/model_config.json (the newest iteration's)."""
-    path = os.path.join(root, MODEL_CONFIG_FILE)
+def read_model_config(load_dir: str) -> ModelConfig:
+    """The ModelConfig of `load_dir`/model_config.json (the newest iteration's)."""
+    path = os.path.join(load_dir, MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--load {root}: no {MODEL_CONFIG_FILE} there")
+        raise FileNotFoundError(f"load_dir {load_dir}: no {MODEL_CONFIG_FILE} there")
     with open(path) as f:
         return ModelConfig.from_dict(json.load(f))
 

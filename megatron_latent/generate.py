@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     from megatron_latent.data.tokenizer import TokenizerError, build_tokenizer
     from megatron_latent.inference import generate
     from megatron_latent.inference.loading import load_model_for_inference
+    from megatron_latent.training.arguments import LIBRARY_FLAGS
 
     try:
         tokenizer = None
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
             vocab_size=cfg.vocab_size,
         )
     except (ConfigError, TokenizerError, ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {flag_message(e, build_parser(), _RENAMED)}", file=sys.stderr)
+        print(f"error: {flag_message(e, build_parser(), {**LIBRARY_FLAGS, **_RENAMED})}", file=sys.stderr)
         return 2
     ids = out.ids[0]
     record = {

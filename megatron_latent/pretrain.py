@@ -63,12 +63,14 @@ class _RankFilter(logging.Filter):
 
 class _Console(logging.Handler):
     """Info to sys.stdout, warnings and errors (prefixed "error: " ...) to sys.stderr, looked up at
-    each record: tests and tools redirect them."""
+    each record: tests and tools redirect them. The library's warnings name fields: shown as flags."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = record.getMessage()
             if record.levelno >= logging.WARNING:
+                if record.name != logger.name:  # the driver's own errors are translated where raised
+                    msg = flag_error(ValueError(msg))
                 stream, msg = sys.stderr, f"{record.levelname.lower()}: {msg}"
             else:
                 stream = sys.stdout
@@ -382,7 +384,7 @@ def _run(args, console: _RankFilter) -> int:
     except (loop.TrainingDiverged, checkpointing.CheckpointWriteError, DataConfigError) as e:
         if DEBUG:
             raise
-        return _error(str(e), code=1)  # raised on every rank
+        return _error(flag_error(e), code=1)  # raised on every rank
     finally:
         trainer.metrics.close()
     return 0

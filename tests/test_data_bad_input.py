@@ -62,7 +62,7 @@ def test_strict_stops_at_the_first_bad_line_and_writes_nothing(tok, tmp_path):
     path = write_jsonl(str(tmp_path / "in.jsonl"), make_texts(20), extra_lines=BAD)
     prefix = str(tmp_path / "out")
     message = f"{path}:3: malformed-json: Unterminated string starting at: line 1 column 10 " \
-              "(char 9) (fatal because of --strict)"
+              "(char 9) (fatal because of strict=True)"
     with pytest.raises(PreprocessError) as err:
         preprocess(PreprocessConfig([path], prefix, strict=True, progress=False), tok)
     assert str(err.value) == message

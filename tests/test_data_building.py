@@ -79,7 +79,7 @@ def test_per_split_paths_and_errors(env):
     train, valid, test = build_train_valid_test_datasets(args, env["tok"], [None, None, None])
     assert (len(train), len(valid), test) == (_samples_for(1000, 1), _samples_for(600, 1), None)
     assert set(valid[0]["tokens"].tolist()) - {0} <= set(range(200, 250))
-    with pytest.raises(DataConfigError, match="--data-path: no dataset .*/missing.bin/.idx"):
+    with pytest.raises(DataConfigError, match="data_path: no dataset .*/missing.bin/.idx"):
         build_train_valid_test_datasets(
             DataArgs(seq_length=SEQ, data_path=[str(env["dir"] / "missing")]), env["tok"], [1, 1, 1])
     # B has 600 documents: 969,30,1 leaves its test split empty (round(599.4) = 599 .. 600 is

@@ -228,7 +228,7 @@ def test_resuming_with_other_settings_names_the_flags(tmp_path):
     assert all(len(e) == 1 and e[0].startswith("error: ") for e in errors), errors
     assert "--hidden-size: 32 vs 64" in errors[0][0]
     assert "--num-latent-thoughts 1 -> 2" in errors[1][0] and "pass --finetune" in errors[1][0]
-    assert "--lr (max_lr 0.003 vs 0.001)" in errors[2][0] and "--override-opt_param-scheduler" in errors[2][0]
+    assert "--lr: 0.003 vs 0.001" in errors[2][0] and "--override-opt_param-scheduler" in errors[2][0]
     # A field that changes the forward but not the weights: refused too, unless --finetune.
     assert "--rotary-base 10000.0 -> 500000.0" in errors[3][0] and "pass --finetune" in errors[3][0]
     assert "resumed from" in runs[4][1] and sorted(_losses(tmp_path, "tb")) == [2]

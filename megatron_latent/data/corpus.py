@@ -32,7 +32,7 @@ PROBLEM_KINDS = {
 
 
 class InputError(ValueError):
-    """Bad `--input` (nothing matches, unknown suffix); the message names the path."""
+    """Bad `inputs` (nothing matches, unknown suffix); the message names the path."""
 
 
 @dataclass(frozen=True)
@@ -78,16 +78,16 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
                 if name.endswith(SUFFIXES)
             )
             if not found:
-                raise InputError(f"--input {item}: directory holds no {'/'.join(SUFFIXES)} files")
+                raise InputError(f"inputs {item}: directory holds no {'/'.join(SUFFIXES)} files")
         elif os.path.isfile(item):
             found = [item]
         else:
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
             if not found:
-                raise InputError(f"--input {item}: no such file, directory or matching glob")
+                raise InputError(f"inputs {item}: no such file, directory or matching glob")
         for path in found:
             if not path.endswith(SUFFIXES):
-                raise InputError(f"--input {path}: unsupported suffix (supported: {SUFFIXES})")
+                raise InputError(f"inputs {path}: unsupported suffix (supported: {SUFFIXES})")
             if path not in files:
                 files.append(path)
     return files

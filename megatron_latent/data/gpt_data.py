@@ -21,7 +21,7 @@ from megatron_latent.data.indexed import verify
 
 
 class DataConfigError(ValueError):
-    """Inconsistent data flags or missing dataset files; the message names the flag or file."""
+    """Inconsistent data settings or missing dataset files; the message names the DataArgs field or file."""
 
 
 @dataclass
@@ -43,20 +43,20 @@ class DataArgs:
     mock_data: bool = False
 
 
-def _check_prefixes(flag: str, blend) -> None:
+def _check_prefixes(field: str, blend) -> None:
     if blend is None:
         return
     for prefix in blend[0]:
         if not IndexedDataset.exists(prefix):
             raise DataConfigError(
-                f"{flag}: no dataset {prefix}.bin/.idx (give the prefix without .bin/.idx; "
+                f"{field}: no dataset {prefix}.bin/.idx (give the prefix without .bin/.idx; "
                 "preprocess_data.py names it <output-prefix>_text_document)"
             )
         # The index against itself and the .bin's size: a truncated copy or a damaged index is
         # found here, not as an EOFError mid-run. Token ids are checked as samples are read.
         problems = verify(prefix)
         if problems:
-            raise DataConfigError(f"{flag}: {problems[0]}")
+            raise DataConfigError(f"{field}: {problems[0]}")
 
 
 def make_gpt_dataset_config(args: DataArgs, tokenizer) -> GPTDatasetConfig:
@@ -65,18 +65,18 @@ def make_gpt_dataset_config(args: DataArgs, tokenizer) -> GPTDatasetConfig:
         blend, blend_per_split, split = None, None, None
     elif any(p is not None for p in per_split):
         if args.data_path is not None:
-            raise DataConfigError("--data-path and --train/valid/test-data-path are exclusive")
+            raise DataConfigError("data_path and train_data_path/valid_data_path/test_data_path are exclusive")
         blend, split = None, None
         blend_per_split = [get_blend_from_list(p) for p in per_split]
-        for name, b in zip(("--train-data-path", "--valid-data-path", "--test-data-path"), blend_per_split):
+        for name, b in zip(("train_data_path", "valid_data_path", "test_data_path"), blend_per_split):
             _check_prefixes(name, b)
     elif args.data_path is not None:
         blend, blend_per_split, split = get_blend_from_list(list(args.data_path)), None, args.split
         if not split:
-            raise DataConfigError("--data-path needs --split (e.g. 969,30,1)")
-        _check_prefixes("--data-path", blend)
+            raise DataConfigError("data_path needs DataArgs.split (e.g. 969,30,1)")
+        _check_prefixes("data_path", blend)
     else:
-        raise DataConfigError("give --data-path, --train/valid/test-data-path, or --mock-data")
+        raise DataConfigError("give data_path, train_data_path/valid_data_path/test_data_path, or mock_data=True")
     return GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
@@ -110,7 +110,7 @@ def build_train_valid_test_datasets(
     if blended and config.path_to_cache and not torch.distributed.is_initialized():
         # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() when caching
         raise DataConfigError(
-            "--data-cache-path with a blend needs torch.distributed initialised (world size 1 is "
+            "data_cache_path with a blend needs torch.distributed initialised (world size 1 is "
             "fine); the training driver does this before building data")
     cls = MockGPTDataset if config.mock else GPTDataset
     builder = BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config)
@@ -128,18 +128,18 @@ def _check_nonempty_splits(config: GPTDatasetConfig, num_samples) -> None:
     document ranges are computed exactly as the builder computes them."""
     if config.mock:
         return
-    checks = []  # (flag, prefix, split index, (begin, end) fractions)
+    checks = []  # (field, prefix, split index, (begin, end) fractions)
     if config.blend_per_split is not None:
-        flags = ("--train-data-path", "--valid-data-path", "--test-data-path")
+        fields = ("train_data_path", "valid_data_path", "test_data_path")
         for i, blend in enumerate(config.blend_per_split):
             for prefix in blend[0] if blend else []:
-                checks.append((flags[i], prefix, i, (0.0, 1.0)))
+                checks.append((fields[i], prefix, i, (0.0, 1.0)))
     else:
         for prefix in config.blend[0]:
             for i, bookends in enumerate(config.split_matrix):
                 if bookends is not None:
-                    checks.append(("--data-path", prefix, i, bookends))
-    for flag, prefix, i, (lo, hi) in checks:
+                    checks.append(("data_path", prefix, i, bookends))
+    for field, prefix, i, (lo, hi) in checks:
         if num_samples[i] is None:
             continue  # one epoch of whatever is there, no loop
         dataset = IndexedDataset(prefix, mmap=True)
@@ -149,9 +149,9 @@ def _check_nonempty_splits(config: GPTDatasetConfig, num_samples) -> None:
         begin, end = int(round(lo * float(len(lengths)))), int(round(hi * float(len(lengths))))
         if int(lengths[begin:end].sum()) == 0:
             raise DataConfigError(
-                f"{flag} {prefix}: the {_SPLIT_NAMES[i]} split (documents {begin}..{end} of "
+                f"{field} {prefix}: the {_SPLIT_NAMES[i]} split (documents {begin}..{end} of "
                 f"{len(lengths)}) holds no tokens but {num_samples[i]} samples were requested; "
-                "change --split (e.g. a 0 weight for that split) or use more data")
+                "change DataArgs.split (e.g. a 0 weight for that split) or use more data")
 
 
 class MegatronPretrainingSampler:

@@ -149,7 +149,7 @@ def _run_partition(
     def report(problem):
         nonlocal problems_file
         if config.strict:
-            raise PreprocessError(f"{problem} (fatal because of --strict)")
+            raise PreprocessError(f"{problem} (fatal because of strict=True)")
         stats.problems[problem.kind] += 1
         examples = stats.examples.setdefault(problem.kind, [])
         if len(examples) < EXAMPLES_PER_KIND:
@@ -208,15 +208,15 @@ def _partition_worker(slot, shards, tmp_prefixes, problems_path, tokenizer, conf
 def preprocess(config: PreprocessConfig, tokenizer: Tokenizer) -> PreprocessStats:
     """Run the whole conversion; returns the statistics (see `format_summary`)."""
     if config.workers < 1 or config.partitions < 1:
-        raise ValueError(f"--workers and --partitions must be >= 1 ({config.workers}, {config.partitions})")
+        raise ValueError(f"workers and partitions must be >= 1 ({config.workers}, {config.partitions})")
     files = corpus.expand_inputs(config.inputs)
     keys = list(config.json_keys)
     if len(keys) != 1 and any(corpus.is_text(p) for p in files):
-        raise corpus.InputError(f"--json-keys {keys}: .txt inputs hold one text per line, give one key")
+        raise corpus.InputError(f"json_keys {keys}: .txt files hold one text per line, give one key")
     finals = output_prefixes(config.output_prefix, keys)
     out_dir = os.path.dirname(os.path.abspath(finals[0]))
     if not os.path.isdir(out_dir):
-        raise corpus.InputError(f"--output-prefix {config.output_prefix}: no directory {out_dir}")
+        raise corpus.InputError(f"output_prefix {config.output_prefix}: no directory {out_dir}")
     problems_final = f"{config.output_prefix}_skipped.tsv"
     groups = [g for g in corpus.make_shards(files, config.partitions) if g]
     part_prefixes = [

@@ -106,7 +106,7 @@ class _RustTokenizer(Tokenizer):
 
     def _set_eod(self, path: str, eod_token: Optional[str], configured: Optional[str]):
         if eod_token is not None:
-            candidates, source = [eod_token], "given by --eod-token"
+            candidates, source = [eod_token], "as given"
         elif configured is not None:
             candidates, source = [configured], "eos_token of tokenizer_config.json"
         else:
@@ -119,7 +119,7 @@ class _RustTokenizer(Tokenizer):
         specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
         raise TokenizerError(
             f"{path}: no end-of-document token found (looked for {candidates}; the tokenizer's "
-            f"special tokens are {specials}); pass --eod-token NAME"
+            f"special tokens are {specials}); pass eod_token=NAME"
         )
 
 
@@ -137,7 +137,7 @@ class HuggingFaceTokenizer(_RustTokenizer):
                 configured = eos.get("content") if isinstance(eos, dict) else eos
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
-            raise TokenizerError(f"{path}: no such tokenizer file (--tokenizer-model)")
+            raise TokenizerError(f"{path}: no such tokenizer file (tokenizer_model)")
         try:
             self._tok = RustTokenizer.from_file(path)
         except Exception as err:
@@ -151,7 +151,7 @@ class GPT2BPETokenizer(_RustTokenizer):
         from tokenizers import Tokenizer as RustTokenizer
         from tokenizers import decoders, models, pre_tokenizers
 
-        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+        for flag, path in (("vocab_file", vocab_file), ("merge_file", merge_file)):
             if not path or not os.path.isfile(path):
                 raise TokenizerError(f"{path}: no such file ({flag})")
         try:
@@ -170,7 +170,7 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece
 
         if not os.path.isfile(tokenizer_model):
-            raise TokenizerError(f"{tokenizer_model}: no such file (--tokenizer-model)")
+            raise TokenizerError(f"{tokenizer_model}: no such file (tokenizer_model)")
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
         except Exception as err:
@@ -178,13 +178,13 @@ class SentencePieceTokenizer(Tokenizer):
         if eod_token is not None:
             token_id = self._sp.piece_to_id(eod_token)
             if token_id == self._sp.unk_id() and eod_token != self._sp.id_to_piece(token_id):
-                raise TokenizerError(f"{tokenizer_model}: --eod-token {eod_token!r} not in vocab")
-            self._eod, self.eod_source = token_id, "given by --eod-token"
+                raise TokenizerError(f"{tokenizer_model}: eod_token {eod_token!r} not in vocab")
+            self._eod, self.eod_source = token_id, "as given"
         elif self._sp.eos_id() >= 0:
             self._eod, self.eod_source = self._sp.eos_id(), "eos_id of the sentencepiece model"
         else:
             raise TokenizerError(
-                f"{tokenizer_model}: the sentencepiece model has no eos piece; pass --eod-token"
+                f"{tokenizer_model}: the sentencepiece model has no eos piece; pass eod_token=NAME"
             )
         self.eod_token = self._sp.id_to_piece(self._eod)
 
@@ -220,16 +220,16 @@ def build_tokenizer(
     """Build a tokenizer from Megatron-style arguments (`--tokenizer-type` etc.)."""
     if tokenizer_type == "HuggingFaceTokenizer":
         if not tokenizer_model:
-            raise TokenizerError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model")
+            raise TokenizerError("tokenizer_type HuggingFaceTokenizer needs tokenizer_model")
         return HuggingFaceTokenizer(tokenizer_model, eod_token=eod_token)
     if tokenizer_type == "SentencePieceTokenizer":
         if not tokenizer_model:
-            raise TokenizerError("--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
+            raise TokenizerError("tokenizer_type SentencePieceTokenizer needs tokenizer_model")
         return SentencePieceTokenizer(tokenizer_model, eod_token=eod_token)
     if tokenizer_type == "GPT2BPETokenizer":
         if not vocab_file or not merge_file:
-            raise TokenizerError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+            raise TokenizerError("tokenizer_type GPT2BPETokenizer needs vocab_file and merge_file")
         return GPT2BPETokenizer(vocab_file, merge_file, eod_token=eod_token)
     raise TokenizerError(
-        f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of {TOKENIZER_TYPES}"
+        f"tokenizer_type {tokenizer_type!r} is not supported; choose one of {TOKENIZER_TYPES}"
     )

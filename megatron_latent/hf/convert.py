@@ -31,14 +31,14 @@ def read_hf_folder(hf_dir: str) -> Tuple[StateDict, object]:
     pytorch_model*.bin (sharded or not). The architecture is checked before weights are read."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--hf-dir {hf_dir}: no config.json there")
+        raise FileNotFoundError(f"hf_dir {hf_dir}: no config.json there")
     with open(path) as f:
         raw = json.load(f)
     base = base_model_type(raw.get("model_type"))
     if base not in SUPPORTED:
         arch = (raw.get("architectures") or [raw.get("model_type")])[0]
         names = ", ".join(SUPPORTED.values())
-        raise ValueError(f"--hf-dir {hf_dir}: unsupported architecture {arch} (config.json); supported: {names}")
+        raise ValueError(f"hf_dir {hf_dir}: unsupported architecture {arch} (config.json); supported: {names}")
     if base != raw["model_type"]:
         # Our latent export: read it with the stock config class (the latent fields stay attributes)
         # instead of running the folder's code.
@@ -53,7 +53,7 @@ def read_hf_folder(hf_dir: str) -> Tuple[StateDict, object]:
     else:
         files = sorted(glob.glob(os.path.join(hf_dir, "pytorch_model*.bin")))
         if not files:
-            raise FileNotFoundError(f"--hf-dir {hf_dir}: no *.safetensors or pytorch_model*.bin weights")
+            raise FileNotFoundError(f"hf_dir {hf_dir}: no *.safetensors or pytorch_model*.bin weights")
         for fn in files:
             state.update(torch.load(fn, map_location="cpu", weights_only=True))
     return state, hf_config

@@ -23,9 +23,9 @@ def evaluate_checkpoint(load: str, iteration: int, tasks: str, work_dir: str, to
                         limit: Optional[float] = None, device: str = "cpu", batch_size: str = "8") -> Dict[str, float]:
     """Export iteration `iteration` of `load` into `work_dir`/hf and evaluate it with lm-eval."""
     names, include = resolve_tasks(tasks)
-    for flag, path in (("--load", load), ("--tokenizer-model", tokenizer_model)):
+    for name, path in (("load", load), ("tokenizer_model", tokenizer_model)):
         if not os.path.exists(path):  # before the slow imports
-            raise FileNotFoundError(f"{flag} {path}: no such file or directory")
+            raise FileNotFoundError(f"{name}={path}: no such file or directory")
     from megatron_latent.hf.export import export_to_hf
 
     hf_dir = os.path.join(work_dir, "hf")
@@ -56,7 +56,13 @@ def main(argv=None) -> int:
                                      args.work_dir or os.path.dirname(os.path.abspath(args.output)),
                                      args.tokenizer_model, args.limit, args.device, args.batch_size)
     except Exception as e:  # noqa: BLE001  (the training log shows this one line)
-        print(f"error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+        from megatron_latent.cli import flag_message
+
+        table = None
+        if "megatron.core" in sys.modules:  # the flag table's module imports it: only once the export has
+            from megatron_latent.training.arguments import LIBRARY_FLAGS as table
+        message = flag_message(e, p, table)
+        print(f"error: {type(e).__name__}: {message}".replace("\n", " "), file=sys.stderr)
         return 1
     tmp = args.output + ".tmp"
     with open(tmp, "w") as f:

@@ -54,7 +54,7 @@ _LATENT_CONFIGS = {"gpt2": "LatentGPT2Config", "gpt-neox": "LatentGPTNeoXConfig"
 
 
 class ExportError(ValueError):
-    """Bad export input; the message names the flag or file."""
+    """Bad export input; the message names the argument or file."""
 
 
 def is_latent(cfg: ModelConfig) -> bool:
@@ -109,17 +109,17 @@ def write_tokenizer(tokenizer_model: str, out_dir: str, vocab_size: int):
     if tokenizer_model.endswith(".model"):
         # transformers 5's conversion of sentencepiece models did not reproduce their ids (checked
         # against the sentencepiece library); rather no tokenizer than a wrong one.
-        raise ExportError(f"--tokenizer-model {tokenizer_model}: sentencepiece models are not exported yet; "
+        raise ExportError(f"tokenizer_model {tokenizer_model}: sentencepiece models are not exported yet; "
                           "pass a tokenizers tokenizer.json")
     try:
         ours = HuggingFaceTokenizer(tokenizer_model)
         path = os.path.join(tokenizer_model, "tokenizer.json") if os.path.isdir(tokenizer_model) else tokenizer_model
         tok = PreTrainedTokenizerFast(tokenizer_file=path)
     except TokenizerError as e:
-        raise ExportError(f"--tokenizer-model {e}") from e
+        raise ExportError(f"tokenizer_model {e}") from e
     if ours.vocab_size > vocab_size:
         raise ExportError(
-            f"--tokenizer-model {tokenizer_model}: {ours.vocab_size} tokens, "
+            f"tokenizer_model {tokenizer_model}: {ours.vocab_size} tokens, "
             f"more than the model's vocabulary {vocab_size}"
         )
     tok.eos_token = tok.bos_token = ours.eod_token
@@ -139,12 +139,12 @@ def export_to_hf(
 ) -> dict:
     """Export a checkpoint to the HF folder `save_dir`. Returns a summary dict."""
     if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+        raise ExportError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
     save_dir = os.path.abspath(save_dir.rstrip("/"))
     if os.path.exists(save_dir) and not force:
-        raise ExportError(f"--save {save_dir} exists; pass --force to replace it")
+        raise ExportError(f"save_dir {save_dir} exists; pass force=True to replace it")
     if tokenizer_model is not None and not os.path.exists(tokenizer_model):
-        raise ExportError(f"--tokenizer-model {tokenizer_model}: no such file")
+        raise ExportError(f"tokenizer_model {tokenizer_model}: no such file")
     cfg, full, iteration = read_checkpoint(load_dir, iteration)
     state, _ = megatron_to_hf(full, cfg)
     del full

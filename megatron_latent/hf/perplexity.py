@@ -34,7 +34,7 @@ def dataset_tokens(prefix: str, max_tokens: Optional[int] = None) -> numpy.ndarr
 def windows(stream, seq_length: int) -> list:
     """Consecutive windows of `seq_length` tokens (the last may be shorter; one token is dropped)."""
     if seq_length < 2:
-        raise ValueError(f"--seq-length must be >= 2, got {seq_length}")
+        raise ValueError(f"seq_length must be >= 2, got {seq_length}")
     out = [stream[i : i + seq_length] for i in range(0, len(stream), seq_length)]
     return [torch.as_tensor(numpy.asarray(w), dtype=torch.long) for w in out if len(w) >= 2]
 

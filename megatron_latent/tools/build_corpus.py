@@ -41,7 +41,9 @@ def main(argv=None) -> int:
             size, eod = train_bpe_tokenizer(inputs, args.tokenizer_output, args.vocab_size)
             print(f"wrote {args.tokenizer_output}: byte-level BPE, {size} tokens, end of document {eod}")
     except (OSError, ValueError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from megatron_latent.training.arguments import flag_error
+
+        print(f"error: {flag_error(e, p)}", file=sys.stderr)
         return 2
     return 0
 

@@ -31,10 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     args = p.parse_args(argv)
 
-    from megatron_latent.cli import flag_message
     from megatron_latent.config import ConfigError
     from megatron_latent.hf.convert import convert_hf_to_checkpoint
     from megatron_latent.hf.layout import CheckpointShapeError
+    from megatron_latent.training.arguments import flag_error
 
     given = {k: v for k, v in (("num_latent_thoughts", args.num_latent_thoughts),
                                ("scale_embeddings", args.scale_embeddings)) if v is not None}
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
             **given,
         )
     except (ConfigError, CheckpointShapeError, ValueError, FileNotFoundError) as e:
-        print(f"error: {flag_message(e, p)}", file=sys.stderr)
+        print(f"error: {flag_error(e, p)}", file=sys.stderr)
         return 2
     print(f"wrote {args.save}: {cfg.arch}, {cfg.num_parameters():,} parameters, "
           f"vocab {cfg.vocab_size} (padded {cfg.padded_vocab_size}), N={cfg.latent.num_latent_thoughts}, "

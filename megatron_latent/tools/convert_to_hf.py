@@ -25,17 +25,17 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing --save folder")
     args = p.parse_args(argv)
 
-    from megatron_latent.cli import flag_message
     from megatron_latent.config import ConfigError
     from megatron_latent.hf.export import export_to_hf
     from megatron_latent.hf.layout import CheckpointShapeError
+    from megatron_latent.training.arguments import flag_error
 
     try:
         info = export_to_hf(args.load, args.save, iteration=args.iteration, dtype=args.dtype,
                             tokenizer_model=args.tokenizer_model, force=args.force,
                             max_shard_size=args.max_shard_size)
     except (ConfigError, CheckpointShapeError, ValueError, FileNotFoundError) as e:
-        print(f"error: {flag_message(e, p)}", file=sys.stderr)
+        print(f"error: {flag_error(e, p)}", file=sys.stderr)
         return 2
     kind = f"{info['method']} (trust_remote_code=True)" if info["remote_code"] else "stock class"
     print(f"wrote {info['save']}: {info['arch']} N={info['num_latent_thoughts']} iteration {info['iteration']}, "

@@ -34,7 +34,9 @@ def main(argv=None):
             tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
                                         args.merge_file)
         except TokenizerError as err:
-            sys.exit(f"error: {err}")
+            from megatron_latent.training.arguments import flag_error
+
+            sys.exit(f"error: {flag_error(err, p)}")
     if args.verify:
         vocab = args.vocab_size or (tokenizer.vocab_size if tokenizer else None)
         errors = indexed.verify(prefix, vocab_size=vocab)

@@ -70,7 +70,9 @@ def main(argv=None) -> int:
     try:
         r = perplexity(model, windows(stream, seq), args.batch_size, progress=not args.no_progress, **kw)
     except ValueError as e:
-        return fail(str(e))
+        from megatron_latent.training.arguments import flag_error
+
+        return fail(flag_error(e, p))
     print(f"tokens {r['tokens']}  nll {r['nll']:.6f}  ppl {r['ppl']:.4f}")
     return 0
 

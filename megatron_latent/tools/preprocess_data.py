@@ -12,7 +12,7 @@ import os
 import sys
 
 
-def get_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     from megatron_latent.data.tokenizer import TOKENIZER_TYPES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +37,11 @@ def get_args(argv=None):
                    help="split the input into N pieces, processed by separate processes and merged")
     g.add_argument("--log-interval", type=int, default=1000, help="documents between progress updates")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
@@ -60,7 +64,9 @@ def main(argv=None):
             strict=args.strict, log_interval=args.log_interval, progress=not args.no_progress)
         stats = preprocess(config, tokenizer)
     except (InputError, TokenizerError, PreprocessError) as err:
-        sys.exit(f"error: {err}")
+        from megatron_latent.training.arguments import flag_error
+
+        sys.exit(f"error: {flag_error(err, build_parser())}")
     print(format_summary(stats, tokenizer), file=sys.stderr)
 
 

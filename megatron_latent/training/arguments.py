@@ -302,7 +302,7 @@ def _check_eval_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace)
     try:
         resolve_tasks(args.eval_tasks)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(flag_error(e, parser))
     n = args.eval_tasks_interval
     if n is not None and (n < 1 or (args.save_interval and n % args.save_interval)):
         parser.error(f"--eval-tasks-interval {n}: a positive multiple of --save-interval {args.save_interval}")
@@ -528,19 +528,39 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int] =
     cfg.check_sequence_fits(args.seq_length if args.seq_length is not None else cfg.seq_length)
     return cfg
 
-# Library names whose flag is not the parser destination of the same name.
-_RENAMED = {
+# The library's names (function arguments, config and state fields) whose flag is not the parser
+# destination of the same name: the one table every command line translates library errors with
+# (cli.flag_message; an entry applies where the parser has the flags it names).
+LIBRARY_FLAGS = {
     "grad_passes": "--jacobi-grad-passes",
     "ponder_residual": "--ponder-residual",
     "rope_scaling": "--use-rope-scaling",
     "seq_length": "--max-position-embeddings",  # ModelConfig.seq_length is the model's context
     "num_microbatches": "the micro-batch count (--global-batch-size / (--micro-batch-size x data-parallel size))",
+    # Checkpoints: resume, checkpoint_layout, checkpointing (Retention), hf.export.
+    "load_dir": "--load",
+    "save_dir": "--save",
+    "load_optim=False": "--no-load-optim",
+    "keep_last": "--keep-last-n-checkpoints",
+    "retain_interval": "--save-retain-interval",
+    # OptimizerParamScheduler's arguments (a resumed run compares its state with the checkpoint's).
+    "max_lr": "--lr",
+    "lr_warmup_steps": "the warmup steps (--lr-warmup-iters/--lr-warmup-samples/--lr-warmup-fraction)",
+    "lr_decay_steps": "the decay steps (--lr-decay-iters/--lr-decay-samples/--train-iters/--train-samples)",
+    "start_wd": "the initial weight decay (--weight-decay/--start-weight-decay)",
+    "end_wd": "the final weight decay (--weight-decay/--end-weight-decay)",
+    "wd_incr_style": "--weight-decay-incr-style",
+    "wd_incr_steps": "the weight decay steps (--train-iters/--train-samples)",
+    # Data (DataArgs; `split` alone is a plain word).
+    "DataArgs.split": "--split",
+    "inputs": "--input",
 }
 
 
-def flag_error(error: BaseException) -> str:
-    """A library error with its field names shown as this command line's flags."""
-    return flag_message(error, build_parser(), _RENAMED)
+def flag_error(error: BaseException, parser: Optional[argparse.ArgumentParser] = None) -> str:
+    """A library error with its argument and field names shown as the flags of `parser` (default:
+    pretrain's) through LIBRARY_FLAGS."""
+    return flag_message(error, parser if parser is not None else build_parser(), LIBRARY_FLAGS)
 
 
 if __name__ == "__main__":  # the table of docs/megatron_flags.md: printed, or rewritten there with --update PATH

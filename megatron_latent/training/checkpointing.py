@@ -128,7 +128,8 @@ def save_checkpoint(
     retention: Optional[Retention] = None,
     background: Optional["BackgroundSaves"] = None,
 ) -> str:
-    """Save model (and optimizer, scheduler, `extra` plain state) as iteration `iteration`.
+    """Save model (and optimizer, scheduler, `extra` plain state) as iteration `iteration` in `root`
+    (the save_dir its errors name).
 
     `root_files` (name -> text) are written beside the iterations once this one is complete and
     before `latest` points at it (model_config.json: the newest iteration's model). Then, with
@@ -151,10 +152,10 @@ def save_checkpoint(
             raise CheckpointWriteError(
                 f"not enough free space for iteration {iteration}: {free / 1e9:.3g} GB free, a checkpoint takes "
                 f"about {needed / 1e9:.3g} GB (the newest one's size, or the model and optimizer's); nothing was "
-                "written: free space (or keep fewer: --keep-last-n-checkpoints)")
+                "written: free space (or keep fewer: keep_last)")
         os.makedirs(tmp)
 
-    _on_rank0(prepare, f"--save {root}")
+    _on_rank0(prepare, f"save_dir {root}")
 
     sd = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
@@ -202,14 +203,14 @@ def _publish(root, iteration, tmp, root_files, retention, background: bool) -> N
         if retention is not None:
             deleted.extend(prune_checkpoints(root, retention))
 
-    _on_rank0(publish, f"--save {root}")
+    _on_rank0(publish, f"save_dir {root}")
     if background:
         logger.info(f"the checkpoint of iteration {iteration} in {root} is complete")
     if retention is not None:
         deleted = _from_rank0(deleted)
         if deleted:
             logger.info(f"deleted the checkpoints of iterations {', '.join(map(str, deleted))} from {root} "
-                        "(retention: --keep-last-n-checkpoints / --save-retain-interval)")
+                        "(retention: keep_last / retain_interval)")
 
 
 class BackgroundSaves:
@@ -247,21 +248,21 @@ class BackgroundSaves:
             self.pending = None
 
 
-def check_save_dir(root: str, start_iteration: int, resumed_here: bool) -> None:
-    """`root` holding iterations past the one this run starts from: its saves would overwrite
-    them. CheckpointError unless the run resumed from `root` itself (`resumed_here`): e.g. a fresh
-    start beside a run whose tracker was lost, or --save given without --load. A run that resumed
-    here replaces them as it reaches them (an iteration renamed into place by a save that was
-    killed before it replaced the tracker), with a warning."""
-    newer = [i for i in complete_iterations(root) if i > start_iteration]
+def check_save_dir(save_dir: str, start_iteration: int, resumed_here: bool) -> None:
+    """`save_dir` holding iterations past the one this run starts from: its saves would overwrite
+    them. CheckpointError unless the run resumed from `save_dir` itself (`resumed_here`): e.g. a
+    fresh start beside a run whose tracker was lost, or a save_dir without a load_dir. A run that
+    resumed here replaces them as it reaches them (an iteration renamed into place by a save that
+    was killed before it replaced the tracker), with a warning."""
+    newer = [i for i in complete_iterations(save_dir) if i > start_iteration]
     if not newer:
         return
     listing = ", ".join(map(str, newer[-5:]))
     if not resumed_here:
         raise CheckpointError(
-            f"--save {root}: holds iterations {listing} past this run's start ({start_iteration}), which its "
-            f"saves would overwrite; resume them with --load {root}, or save elsewhere")
-    logger.warning(f"--save {root}: iterations {listing} are past the tracker's ({start_iteration}); this run "
+            f"save_dir {save_dir}: holds iterations {listing} past this run's start ({start_iteration}), which "
+            f"its saves would overwrite; resume them with load_dir {save_dir}, or save elsewhere")
+    logger.warning(f"save_dir {save_dir}: iterations {listing} are past the tracker's ({start_iteration}); this run "
                    "replaces them as it reaches them")
 
 
@@ -296,7 +297,7 @@ def _raise_write_error(root: str, iteration: int, tmp: str, error: BaseException
     message = _from_rank0(message)
     kept = read_latest_iteration(root) if os.path.isdir(root) else None
     raise CheckpointWriteError(
-        f"--save {root}: writing iteration {iteration} failed: {message}; "
+        f"save_dir {root}: writing iteration {iteration} failed: {message}; "
         + (f"the newest complete checkpoint, iteration {kept}, is intact" if kept is not None
            else "no earlier checkpoint was there")) from error
 

@@ -35,7 +35,7 @@ _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
 
 def resolve_tasks(spec: str) -> Tuple[List[str], Optional[str]]:
     """`paper`, a directory of lm-eval task YAMLs (all of its tasks), or comma/space-separated task
-    names -> (task names, include path for lm-eval's TaskManager). Raises ValueError naming the flag."""
+    names -> (task names, include path for lm-eval's TaskManager). Raises ValueError naming `eval_tasks`."""
     if spec == "paper":
         return list(PAPER_TASKS), None
     if os.path.isdir(spec):
@@ -48,11 +48,11 @@ def resolve_tasks(spec: str) -> Tuple[List[str], Optional[str]]:
             if isinstance(doc, dict) and isinstance(doc.get("task"), str):
                 names.append(doc["task"])
         if not names:
-            raise ValueError(f"--eval-tasks {spec}: a directory without task YAMLs (files with a `task:` name)")
+            raise ValueError(f"eval_tasks {spec}: a directory without task YAMLs (files with a `task:` name)")
         return names, os.path.abspath(spec)
     names = [n for n in spec.replace(",", " ").split() if n]
     if not names:
-        raise ValueError("--eval-tasks: no task names")
+        raise ValueError("eval_tasks: no task names")
     return names, None
 
 

@@ -266,8 +266,8 @@ def train(t: Trainer) -> TrainState:
                      if last_checkpoint else "")
             raise TrainingDiverged(
                 f"iteration {step}: loss {result.loss}, gradient norm {result.grad_norm}; stopping without "
-                f"saving{where}. Lower --lr or lengthen the warmup, then resume with --load and "
-                "--override-opt_param-scheduler."
+                f"saving{where}. Lower max_lr or lengthen the warmup, then resume from load_dir with "
+                "override_opt_param_scheduler=True."
             )
 
         if step % s.log_interval == 0:
@@ -289,8 +289,8 @@ def train(t: Trainer) -> TrainState:
         if stop:
             _wait_for_saves(t)
             _downstream(t, wait=not signalled)  # a job told to stop does not wait for it
-            why = "--exit-duration-in-mins reached" if timed_out else "SIGTERM received"
-            logger.info(f"{why if signalled else '--exit-interval reached'}: "
+            why = "exit_duration_in_mins reached" if timed_out else "SIGTERM received"
+            logger.info(f"{why if signalled else 'exit_interval reached'}: "
                         f"exiting after iteration {step}")
             return state
 

@@ -1,7 +1,7 @@
 """Resuming a run from its checkpoint: which iteration, checked against the flags (the model, the
 latent settings, the fields that change the forward, the optimizer's layout, the lr schedule),
-then the weights, optimizer, scheduler and data position loaded. `ResumeError` names the flag a
-user must change.
+then the weights, optimizer, scheduler and data position loaded. `ResumeError` names the argument
+or field a caller must change (the command line shows them as flags).
 """
 
 from __future__ import annotations
@@ -22,27 +22,17 @@ class TrainState:
 
 
 class ResumeError(RuntimeError):
-    """A checkpoint that cannot be resumed with these flags; the message names the flag."""
+    """A checkpoint that cannot be resumed with these settings; the message names the argument or field."""
 
 
-_SCHEDULE_FLAGS = {
-    "max_lr": "--lr", "min_lr": "--min-lr",
-    "lr_warmup_steps": "--lr-warmup-iters/--lr-warmup-samples/--lr-warmup-fraction",
-    "lr_decay_steps": "--lr-decay-iters/--lr-decay-samples/--train-iters/--train-samples",
-    "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay/--start-weight-decay",
-    "end_wd": "--weight-decay/--end-weight-decay", "wd_incr_style": "--weight-decay-incr-style",
-    "wd_incr_steps": "--train-iters/--train-samples",
-}
-# Latent settings that change what the weights compute: a run does not silently switch them.
-_FORWARD_FLAGS = {"rotary_base": "--rotary-base", "rotary_percent": "--rotary-percent",
-                  "rope_scaling": "--use-rope-scaling", "rope_scaling_factor": "--rope-scaling-factor",
-                  "norm_epsilon": "--norm-epsilon"}
-# The method included: a pause or loop checkpoint does not silently go on as another method.
-_LATENT_FLAGS = {"num_latent_thoughts": "--num-latent-thoughts", "thought_input": "--thought-input",
-                 "interpolation_topk": "--interpolation-topk", "num_pause_tokens": "--num-pause-tokens",
-                 "num_extra_loops": "--num-extra-loops", "scale_embeddings": "--scale-embeddings",
-                 "num_ponder_steps": "--num-ponder-steps", "ponder_feedback": "--ponder-feedback",
-                 "ponder_residual": "--ponder-residual"}
+# The scheduler's state that a resumed run must share with its checkpoint.
+_SCHEDULE_FIELDS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd",
+                    "wd_incr_style", "wd_incr_steps")
+# Fields that change what the weights compute: a run does not silently switch them.
+_FORWARD_FIELDS = ("rotary_base", "rotary_percent", "rope_scaling", "rope_scaling_factor", "norm_epsilon")
+# The method's latent settings included: a pause or loop checkpoint does not silently go on as another method.
+_LATENT_FIELDS = ("num_latent_thoughts", "thought_input", "interpolation_topk", "num_pause_tokens", "num_extra_loops",
+                  "scale_embeddings", "num_ponder_steps", "ponder_feedback", "ponder_residual")
 
 
 def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: bool = False,
@@ -65,8 +55,8 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     iteration, warning = checkpointing.find_resume_iteration(load_dir)
     if iteration is None:
         if finetune:
-            raise ResumeError(f"--finetune: no checkpoint in --load {load_dir}")
-        logger.info(f"no checkpoint in --load {load_dir}: starting from scratch")
+            raise ResumeError(f"finetune=True: no checkpoint in load_dir {load_dir}")
+        logger.info(f"no checkpoint in {load_dir}: starting from scratch")
         return TrainState()
     if warning:
         logger.warning(warning)
@@ -76,40 +66,38 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     mismatches = cfg.weight_mismatches(saved)
     if mismatches:
         raise ResumeError(
-            f"--load {load_dir}: the checkpoint's model differs from the flags' "
-            f"(checkpoint vs flags) in {'; '.join(mismatches)}"
+            f"load_dir {load_dir}: the checkpoint's model differs from this run's "
+            f"(checkpoint vs this run) in {'; '.join(mismatches)}"
         )
-    changed = [f"{flag} {getattr(saved.latent, f)} -> {getattr(cfg.latent, f)}"
-               for f, flag in _LATENT_FLAGS.items() if getattr(saved.latent, f) != getattr(cfg.latent, f)]
+    changed = [f"{f} {getattr(saved.latent, f)} -> {getattr(cfg.latent, f)}"
+               for f in _LATENT_FIELDS if getattr(saved.latent, f) != getattr(cfg.latent, f)]
     # Fields that change the forward but not the weights (e.g. a longer context's rope base).
-    changed += [f"{flag} {getattr(saved, f)} -> {getattr(cfg, f)}"
-                for f, flag in _FORWARD_FLAGS.items() if getattr(saved, f) != getattr(cfg, f)]
+    changed += [f"{f} {getattr(saved, f)} -> {getattr(cfg, f)}"
+                for f in _FORWARD_FIELDS if getattr(saved, f) != getattr(cfg, f)]
     if changed and not finetune:
         raise ResumeError(
-            f"--load {load_dir}: iteration {iteration} was trained with other settings "
-            f"({', '.join(changed)}); continuing it with new ones is a new run: pass --finetune"
+            f"load_dir {load_dir}: iteration {iteration} was trained with other settings "
+            f"({', '.join(changed)}); continuing it with new ones is a new run: pass finetune=True"
         )
     with_optim = load_optim and not finetune
     if with_optim and "opt_param_scheduler" not in common:
         raise ResumeError(
-            f"--load {load_dir}: iteration {iteration} holds weights only (no optimizer state, e.g. "
-            "converted from Hugging Face); pass --finetune (or --no-load-optim)"
+            f"load_dir {load_dir}: iteration {iteration} holds weights only (no optimizer state, e.g. "
+            "converted from Hugging Face); pass finetune=True (or load_optim=False)"
         )
     if with_optim and optimizer_layout:
         _check_optimizer_layout(load_dir, common.get("extra", {}).get("args", {}), optimizer_layout,
                                 checkpointing.optimizer_sharding(common) == checkpointing.FULLY_RESHARDABLE)
     if with_optim and not (scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler):
         ours, theirs = scheduler.state_dict(), common["opt_param_scheduler"]
-        differ = sorted({f"{_SCHEDULE_FLAGS[k]} ({k} {theirs[k]} vs {ours[k]})"
-                         for k in _SCHEDULE_FLAGS if k in theirs and theirs[k] != ours[k]})
+        differ = [f"{k}: {theirs[k]} vs {ours[k]}" for k in _SCHEDULE_FIELDS if k in theirs and theirs[k] != ours[k]]
         flags = common.get("extra", {}).get("args", {})
-        differ += [f"--{k.replace('_', '-')} ({flags[k]} vs {v})"
-                   for k, v in (schedule_flags or {}).items() if k in flags and flags[k] != v]
+        differ += [f"{k}: {flags[k]} vs {v}" for k, v in (schedule_flags or {}).items() if k in flags and flags[k] != v]
         if differ:
             raise ResumeError(
-                f"--load {load_dir}: the lr schedule differs from the checkpoint's (checkpoint vs flags) in "
-                f"{'; '.join(differ)}; pass --override-opt_param-scheduler to follow the flags or "
-                "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"
+                f"load_dir {load_dir}: the lr schedule differs from the checkpoint's (checkpoint vs this run) in "
+                f"{'; '.join(differ)}; pass override_opt_param_scheduler=True to follow this run's schedule or "
+                "use_checkpoint_opt_param_scheduler=True to keep the checkpoint's"
             )
     was, now = saved.latent, cfg.latent
     changed = (was.jacobi_iters, was.jacobi_iters_eval) != (now.jacobi_iters, now.jacobi_iters_eval)
@@ -120,16 +108,16 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
         load_dir, model_chunks, optimizer if with_optim else None, scheduler if with_optim else None,
         iteration=iteration,
     )
-    if not with_optim:  # --finetune or --no-load-optim
+    if not with_optim:  # finetune, or load_optim=False
         # The optimizer's fp32 main weights were copied from the initial weights when it was built;
         # with bf16 they, not the loaded model weights, would be stepped and copied back.
         optimizer.reload_model_params()
         if finetune:
-            logger.info(f"loaded weights of iteration {iteration} from {load_dir} (--finetune: training starts at 0)")
+            logger.info(f"loaded weights of iteration {iteration} from {load_dir} (fine-tuning: training starts at 0)")
             return TrainState()
         # Fresh Adam moments, but the lr where the schedule is at this iteration.
         scheduler.step(increment=iteration)
-        logger.info("--no-load-optim: optimizer state starts fresh; "
+        logger.info("optimizer state not loaded: it starts fresh; "
                     f"the lr schedule continues at iteration {iteration}")
     extra = info["extra"]
     logger.info(f"resumed from {load_dir} at iteration {iteration}")
@@ -144,11 +132,11 @@ def _check_optimizer_layout(load_dir: str, saved: dict, now: dict, model_space: 
         return  # saved by an older driver: megatron's own checks apply
     def flags(d):
         return " ".join(
-            ["--use-distributed-optimizer"] * bool(d.get("use_distributed_optimizer"))
-            + [f"--tensor-model-parallel-size {d.get('tensor_model_parallel_size')}",
-               f"--pipeline-model-parallel-size {d.get('pipeline_model_parallel_size')}"]
-            + ["--bf16"] * bool(d.get("bf16"))
-            + [f"--num-virtual-stages-per-pipeline-rank {d['num_virtual_stages_per_pipeline_rank']}"]
+            ["use_distributed_optimizer=True"] * bool(d.get("use_distributed_optimizer"))
+            + [f"tensor_model_parallel_size {d.get('tensor_model_parallel_size')}",
+               f"pipeline_model_parallel_size {d.get('pipeline_model_parallel_size')}"]
+            + ["bf16=True"] * bool(d.get("bf16"))
+            + [f"num_virtual_stages_per_pipeline_rank {d.get('num_virtual_stages_per_pipeline_rank')}"]
             * bool(d.get("num_virtual_stages_per_pipeline_rank")))
 
     distributed = bool(saved.get("use_distributed_optimizer")), bool(now["use_distributed_optimizer"])
@@ -162,10 +150,10 @@ def _check_optimizer_layout(load_dir: str, saved: dict, now: dict, model_space: 
 
     if distributed[0] != distributed[1] or (distributed[0] and layout(saved) != layout(now)):
         raise ResumeError(
-            f"--load {load_dir}: its optimizer state was saved with {flags(saved)} and cannot be read with "
+            f"load_dir {load_dir}: its optimizer state was saved with {flags(saved)} and cannot be read with "
             f"{flags(now)} (plain and distributed optimizer states differ; distributed-optimizer state loads with the "
             "same precision only, and in the older bucket format at the same TP, PP and VPP only); resume with "
-            "the checkpoint's settings, or pass --no-load-optim to start the Adam moments fresh")
+            "the checkpoint's settings, or pass load_optim=False to start the Adam moments fresh")
 
 
 # ------------------------------------------------------------------------------ the loop

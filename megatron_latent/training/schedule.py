@@ -53,18 +53,18 @@ def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamSchedu
         warmup = args.lr_warmup_fraction * decay  # Megatron-LM's: of the decay length, not rounded
     if warmup >= decay:
         raise ConfigError(f"the lr warmup ({warmup:g} {what}) must be shorter than the decay ({decay} {what}: "
-                          f"--lr-decay-{suffix}, default --train-{suffix})")
+                          f"lr_decay_{suffix}, default train_{suffix})")
     if args.lr_decay_style == "WSD" and wsd is None:
-        raise ConfigError(f"--lr-decay-style WSD needs --lr-wsd-decay-{suffix} (the length of its final decay)")
+        raise ConfigError(f"lr_decay_style WSD needs lr_wsd_decay_{suffix} (the length of its final decay)")
     if args.weight_decay_incr_style == "constant":
         start_wd = end_wd = args.weight_decay
     else:
         start_wd, end_wd = args.start_weight_decay, args.end_weight_decay
         if start_wd is None or end_wd is None or not 0 <= start_wd <= end_wd:
-            raise ConfigError(f"--weight-decay-incr-style {args.weight_decay_incr_style} needs --start-weight-decay "
-                              "and --end-weight-decay, 0 <= start <= end")
+            raise ConfigError(f"weight_decay_incr_style {args.weight_decay_incr_style} needs start_weight_decay "
+                              "and end_weight_decay, 0 <= start <= end")
     if args.lr_warmup_init > args.lr:
-        raise ConfigError(f"--lr-warmup-init {args.lr_warmup_init} exceeds --lr {args.lr}")
+        raise ConfigError(f"lr_warmup_init {args.lr_warmup_init} exceeds max_lr {args.lr}")
     kwargs = dict(
         init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=decay, lr_decay_style=args.lr_decay_style, start_wd=start_wd, end_wd=end_wd,
