@@ -18,7 +18,7 @@ import json
 import sys
 
 # The generation library's argument names whose flag is spelled differently (see cli.flag_message).
-_RENAMED = {"prefill": "--prefill", "jacobi_iters": "--jacobi-iters-eval", "tol": "--jacobi-tol",
+_RENAMED = {"mode": "--prefill", "jacobi_iters": "--jacobi-iters-eval", "tol": "--jacobi-tol",
             "temperature": "--temperature"}
 
 
@@ -72,12 +72,12 @@ def _prompt_ids(text: str):
 
 
 def main(argv=None) -> int:
-    args, sampling = parse_args(argv)
+    args, sampling_given = parse_args(argv)
     # Imported after the flags are read: a mistyped flag fails at once, before megatron loads.
     from megatron_latent.cli import flag_message
     from megatron_latent.config import ConfigError
     from megatron_latent.data.tokenizer import TokenizerError, build_tokenizer
-    from megatron_latent.inference import generate
+    from megatron_latent.inference import PrefillParams, SamplingParams, generate
     from megatron_latent.inference.loading import load_model_for_inference
 
     try:
@@ -91,19 +91,17 @@ def main(argv=None) -> int:
                 raise ValueError("--stop-at-eod needs a tokenizer or --eod-id")
             eod = tokenizer.eod
         model, cfg, iteration = load_model_for_inference(args.load, args.iteration)
-        out = generate(
-            model, [prompt], args.max_new_tokens,
-            greedy=not sampling,
+        sampling = SamplingParams(
+            greedy=not sampling_given,
             temperature=1.0 if args.temperature is None else args.temperature,
             top_k=args.top_k or 0,
             top_p=1.0 if args.top_p is None else args.top_p,
             seed=args.seed,
-            prefill=args.prefill,
-            jacobi_iters=args.jacobi_iters_eval,
-            tol=args.jacobi_tol if args.prefill == "tolerance" else None,
-            eod_id=eod,
             vocab_size=cfg.vocab_size,
         )
+        prefill = PrefillParams(args.prefill, jacobi_iters=args.jacobi_iters_eval,
+                                tol=args.jacobi_tol if args.prefill == "tolerance" else None)
+        out = generate(model, [prompt], args.max_new_tokens, sampling=sampling, prefill=prefill, eod_id=eod)
     except (ConfigError, TokenizerError, ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {flag_message(e, build_parser(), _RENAMED)}", file=sys.stderr)
         return 2

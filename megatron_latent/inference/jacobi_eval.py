@@ -61,6 +61,7 @@ def jacobi_scores(model, windows: torch.Tensor, jacobi: Sequence[int], tolerance
     prefill and the exported model's "tolerance" mode run them), and the exact sequential rollout
     (ROLLOUT) when `rollout`, whose cost is that of KV-cached decoding of every token."""
     from megatron_latent.inference.generate import decode_logits
+    from megatron_latent.inference.params import PrefillParams
     from megatron_latent.models.flops import decode_flops, step_flops
 
     model.eval()
@@ -76,7 +77,7 @@ def jacobi_scores(model, windows: torch.Tensor, jacobi: Sequence[int], tolerance
             if k == ROLLOUT:
                 logits = sequential_logits(model, tokens, pos)
             elif k in tol_of:
-                res = decode_logits(model, tokens, decode_steps=0, prefill="tolerance", tol=tol_of[k])
+                res = decode_logits(model, tokens, decode_steps=0, prefill=PrefillParams("tolerance", tol=tol_of[k]))
                 logits = res.logits
                 total[k][2].append(res.prefill_iters)
             else:
