@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     from megatron_latent.inference.loading import load_model_for_inference
 
     try:
+        prefill = PrefillParams(args.prefill, jacobi_iters=args.jacobi_iters_eval,
+                                tol=args.jacobi_tol if args.prefill == "tolerance" else None)
         tokenizer = None
         if args.tokenizer_type is not None:
             tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
@@ -99,8 +101,6 @@ def main(argv=None) -> int:
             seed=args.seed,
             vocab_size=cfg.vocab_size,
         )
-        prefill = PrefillParams(args.prefill, jacobi_iters=args.jacobi_iters_eval,
-                                tol=args.jacobi_tol if args.prefill == "tolerance" else None)
         out = generate(model, [prompt], args.max_new_tokens, sampling=sampling, prefill=prefill, eod_id=eod)
     except (ConfigError, TokenizerError, ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {flag_message(e, build_parser(), _RENAMED)}", file=sys.stderr)

@@ -112,6 +112,10 @@ def test_cli_decodes_a_tp2_checkpoint_at_tp1(checkpoint):
         (["--load", "{root}", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--stop-at-eod"], "--stop-at-eod"),
         (["--load", "{root}", "--prompt", "hi", "--max-new-tokens", "2", "--tokenizer-type", "HuggingFaceTokenizer",
           "--tokenizer-model", "{root}/none.json"], "none.json"),
+        (["--load", "{root}", "--prompt-ids", "1", "--max-new-tokens", "2", "--prefill", "tolerance", "--jacobi-tol",
+          "0"], "--prefill 'tolerance' needs --jacobi-tol > 0, got 0.0"),
+        (["--load", "{root}", "--prompt-ids", "1", "--max-new-tokens", "2", "--prefill", "jacobi",
+          "--jacobi-iters-eval", "-1"], "--jacobi-iters-eval -1: needs --prefill 'jacobi' and a value >= 0"),
     ],
 )
 def test_cli_bad_input_one_clear_line(tmp_path, capsys, args, message):
