@@ -36,7 +36,7 @@ def main(argv=None):
 
     import megatron_latent  # noqa: F401
     from megatron_latent.config import get_preset
-    from megatron_latent.inference import decode_logits, generate
+    from megatron_latent.inference import PrefillParams, decode_logits, generate
     from megatron_latent.inference.reference import sequential_logits
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
@@ -75,10 +75,10 @@ def main(argv=None):
         base = tok_s if n == 0 else base
         row = {"N": n, "decode_tok_s": round(tok_s, 1),
                "slowdown_vs_N0": round(base / tok_s, 2) if base else None, "prefill": {}}
-        for mode, kw in (("exact", {}), ("jacobi", {"jacobi_iters": cfg.latent.jacobi_iters_eval}),
-                         ("tolerance", {"tol": 1e-4})):
-            t, res = best(lambda: decode_logits(model, prompt, decode_steps=0, prefill=mode, **kw))
-            row["prefill"][mode] = {"s": round(t, 4), "jacobi_passes": res.prefill_iters}
+        for params in (PrefillParams("exact"), PrefillParams("jacobi", cfg.latent.jacobi_iters_eval),
+                       PrefillParams("tolerance", tol=1e-4)):
+            t, res = best(lambda: decode_logits(model, prompt, decode_steps=0, prefill=params))
+            row["prefill"][params.mode] = {"s": round(t, 4), "jacobi_passes": res.prefill_iters}
         pos = torch.arange(args.prompt_len, device=device).expand(args.batch_size, -1)
         t_ref, _ = best(lambda: sequential_logits(model, prompt, pos))
         row["uncached_reference_prompt_s"] = round(t_ref, 3)

@@ -124,10 +124,10 @@ def hf_decode(model, ids, steps):
     return times, torch.cat(tokens, 1).tolist()
 
 
-def hf_prefill(model, ids, method=None):
+def hf_prefill(model, ids, mode=None):
     import torch
 
-    kw = {"latent_prefill": method} if method else {}
+    kw = {"latent_prefill": mode} if mode else {}
     with torch.no_grad():
         t = time.perf_counter()
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1, **kw)
@@ -138,14 +138,14 @@ def meg_decode(model, ids, steps):
     """generate()'s loop (megatron_latent/inference/generate.py) with each token step timed."""
     import torch
 
-    from megatron_latent.inference import LatentKVDecoder
+    from megatron_latent.inference import LatentKVDecoder, PrefillParams
 
     b, p = ids.shape
     pos = torch.arange(p).expand(b, p)
     valid = torch.ones(b, 1, dtype=torch.bool)
     with torch.no_grad():
         decoder = LatentKVDecoder(model, b, p + steps)
-        hidden, _ = decoder.prefill(ids, pos, valid.expand(b, p), "jacobi")
+        hidden, _ = decoder.prefill(ids, pos, valid.expand(b, p), PrefillParams("jacobi"))
         last, tokens, times = ids[:, -1:], [], []
         for k in range(steps):
             if k:
@@ -159,11 +159,11 @@ def meg_decode(model, ids, steps):
     return times, torch.cat(tokens, 1).tolist()
 
 
-def meg_prefill(model, ids, method="jacobi"):
-    from megatron_latent.inference import generate
+def meg_prefill(model, ids, mode="jacobi"):
+    from megatron_latent.inference import PrefillParams, generate
 
     t = time.perf_counter()
-    generate(model, ids, 1, prefill=method)
+    generate(model, ids, 1, prefill=PrefillParams(mode))
     return time.perf_counter() - t
 
 

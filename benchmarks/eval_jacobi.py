@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         windows = spread_windows(dataset_tokens(args.data_path), seq, args.num_windows)
     except ValueError as err:
         sys.exit(f"error: --data-path {args.data_path}: {err}")
-    scores = jacobi_scores(model, windows, args.jacobi, args.tolerances, rollout=not args.no_rollout,
+    scores = jacobi_scores(model, cfg, windows, args.jacobi, args.tolerances, rollout=not args.no_rollout,
                            batch_size=args.batch_size)
     losses = {k: v["loss"] for k, v in scores.items()}
     result = {

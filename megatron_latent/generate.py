@@ -18,7 +18,7 @@ import json
 import sys
 
 # The generation library's argument names whose flag is spelled differently (see cli.flag_message).
-_RENAMED = {"prefill": "--prefill", "jacobi_iters": "--jacobi-iters-eval", "tol": "--jacobi-tol",
+_RENAMED = {"mode": "--prefill", "jacobi_iters": "--jacobi-iters-eval", "tol": "--jacobi-tol",
             "temperature": "--temperature"}
 
 
@@ -72,16 +72,18 @@ def _prompt_ids(text: str):
 
 
 def main(argv=None) -> int:
-    args, sampling = parse_args(argv)
+    args, sampling_given = parse_args(argv)
     # Imported after the flags are read: a mistyped flag fails at once, before megatron loads.
     from megatron_latent.cli import flag_message
     from megatron_latent.config import ConfigError
     from megatron_latent.data.tokenizer import TokenizerError, build_tokenizer
-    from megatron_latent.inference import generate
+    from megatron_latent.inference import PrefillParams, SamplingParams, generate
     from megatron_latent.inference.loading import load_model_for_inference
     from megatron_latent.training.arguments import LIBRARY_FLAGS
 
     try:
+        prefill = PrefillParams(args.prefill, jacobi_iters=args.jacobi_iters_eval,
+                                tol=args.jacobi_tol if args.prefill == "tolerance" else None)
         tokenizer = None
         if args.tokenizer_type is not None:
             tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
@@ -92,19 +94,15 @@ def main(argv=None) -> int:
                 raise ValueError("--stop-at-eod needs a tokenizer or --eod-id")
             eod = tokenizer.eod
         model, cfg, iteration = load_model_for_inference(args.load, args.iteration)
-        out = generate(
-            model, [prompt], args.max_new_tokens,
-            greedy=not sampling,
+        sampling = SamplingParams(
+            greedy=not sampling_given,
             temperature=1.0 if args.temperature is None else args.temperature,
             top_k=args.top_k or 0,
             top_p=1.0 if args.top_p is None else args.top_p,
             seed=args.seed,
-            prefill=args.prefill,
-            jacobi_iters=args.jacobi_iters_eval,
-            tol=args.jacobi_tol if args.prefill == "tolerance" else None,
-            eod_id=eod,
             vocab_size=cfg.vocab_size,
         )
+        out = generate(model, [prompt], args.max_new_tokens, sampling=sampling, prefill=prefill, eod_id=eod)
     except (ConfigError, TokenizerError, ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {flag_message(e, build_parser(), {**LIBRARY_FLAGS, **_RENAMED})}", file=sys.stderr)
         return 2

@@ -16,8 +16,8 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_latent.config import LatentSettings
-from megatron_latent.models.flops import model_step_flops, step_flops
+from megatron_latent.config import ModelConfig
+from megatron_latent.models.flops import decoder_pass_flops, model_step_flops
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 B, S = 2, 8
@@ -88,12 +88,16 @@ def test_flops_with_grad_passes_equal_torch_flop_counter(k):
     assert (expected < B * full) == (k < 4)
 
 
+# The brief's sizes: 4 layers, H=256, V=2048, L=256 (ffn 4H), plain MLP, no grouped queries.
+BRIEF = ModelConfig(name="b", arch="gpt-neox", num_layers=4, hidden_size=256, num_attention_heads=4,
+                    ffn_hidden_size=1024, vocab_size=2048, make_vocab_size_divisible_by=1, seq_length=256)
+
+
 def test_latent_flop_ratio_of_the_design_brief():
-    # 4 layers, H=256, V=2048, L=256 (ffn 4H): exact ratios 7.0 (J=2) and 9.0 (J=3) to vanilla.
-    kw = dict(vocab=2048, hidden=256, num_layers=4, ffn_hidden=1024, num_heads=4)
-    base = step_flops(LatentSettings(0), 256, 0, **kw)
-    assert step_flops(LatentSettings(1), 256, 2, **kw) / base == pytest.approx(7.0, abs=0.01)
-    assert step_flops(LatentSettings(1), 256, 3, **kw) / base == pytest.approx(9.0, abs=0.01)
+    # Exact ratios 7.0 (J=2) and 9.0 (J=3) to vanilla.
+    base = model_step_flops(BRIEF, 256, 0)
+    assert model_step_flops(BRIEF.replace(num_latent_thoughts=1), 256, 2) / base == pytest.approx(7.0, abs=0.01)
+    assert model_step_flops(BRIEF.replace(num_latent_thoughts=1), 256, 3) / base == pytest.approx(9.0, abs=0.01)
 
 
 # ------------------------------------------------------------------ the baselines
@@ -135,11 +139,7 @@ def test_interpolated_flops_with_grad_passes_equal_torch_flop_counter(k):
 
 def test_method_flops_against_vanilla():
     """The per-method structure on the brief's sizes (4 layers, H=256, V=2048, L=256)."""
-    from megatron_latent.config import ModelConfig
-    from megatron_latent.models.flops import decoder_pass_flops
-
-    base = ModelConfig(name="b", arch="gpt-neox", num_layers=4, hidden_size=256, num_attention_heads=4,
-                       ffn_hidden_size=1024, vocab_size=2048, make_vocab_size_divisible_by=1, seq_length=256)
+    base = BRIEF
     layers = decoder_pass_flops(256, 256, 4, 1024, 4)
     out = 2 * 256 * 256 * 2048
     vanilla = model_step_flops(base, 256, 0)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from gen_utils import FAMILIES, family_model, positions, random_ids
-from megatron_latent.inference import decode_logits, generate
+from megatron_latent.inference import PrefillParams, SamplingParams, decode_logits, generate
 from megatron_latent.inference.reference import sequential_logits
-from megatron_latent.inference.sampling import SamplingParams, sample
+from megatron_latent.inference.sampling import sample
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 L = 6
@@ -54,7 +54,7 @@ def test_n0_greedy_equals_plain_gpt_greedy_without_cache(preset):
             logits = plain(ids, positions(*ids.shape), None)[:, -1]
             ref_logits.append(logits)
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    out = generate(latent, prompt, steps, greedy=True, return_logits=True)
+    out = generate(latent, prompt, steps, return_logits=True)
     assert out.ids == ids[:, 4:].tolist()
     assert out.prompt_ids == prompt.tolist()
     torch.testing.assert_close(out.logits, torch.stack(ref_logits, 1), rtol=1e-5, atol=1e-5)
@@ -66,16 +66,17 @@ def test_fixed_jacobi_prefill_is_the_parallel_forward(preset, n):
     m = family_model(preset, n)
     ids = random_ids(2, L, seed=7)
     for j in (0, 1, 2):
-        got = decode_logits(m, ids, decode_steps=0, prefill="jacobi", jacobi_iters=j)
+        got = decode_logits(m, ids, decode_steps=0, prefill=PrefillParams("jacobi", jacobi_iters=j))
         with torch.no_grad():
             forward = m(ids, positions(2, L), None, num_jacobi_iters=j)
         assert got.prefill_iters == j
         torch.testing.assert_close(got.logits, forward, rtol=1e-5, atol=1e-5)
     exact = sequential_logits(m, ids, positions(2, L))
     # Few iterations are not the fixed point: the prefill really used the Jacobi thoughts.
-    assert (decode_logits(m, ids, decode_steps=0, prefill="jacobi", jacobi_iters=0).logits - exact).abs().max() > 1e-4
+    assert (decode_logits(m, ids, decode_steps=0, prefill=PrefillParams("jacobi", 0)).logits - exact).abs().max() > 1e-4
     # Default J: the model's jacobi_iters_eval.
-    assert decode_logits(m, ids, decode_steps=0, prefill="jacobi").prefill_iters == m.latent.jacobi_iters_eval
+    default = decode_logits(m, ids, decode_steps=0, prefill=PrefillParams("jacobi"))
+    assert default.prefill_iters == m.latent.jacobi_iters_eval
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
@@ -84,8 +85,8 @@ def test_jacobi_tolerance_prefill_reaches_exact_prefill(preset):
     m = family_model(preset, n)
     ids = random_ids(2, L, seed=11)
     exact = sequential_logits(m, ids, positions(2, L))
-    strict = decode_logits(m, ids, decode_steps=2, prefill="tolerance", tol=1e-6)
-    loose = decode_logits(m, ids, decode_steps=2, prefill="tolerance", tol=1e-1)
+    strict = decode_logits(m, ids, decode_steps=2, prefill=PrefillParams("tolerance", tol=1e-6))
+    loose = decode_logits(m, ids, decode_steps=2, prefill=PrefillParams("tolerance", tol=1e-1))
     print(f"\n{preset} N={n} P={L - 2}: Jacobi passes to tol 1e-6: {strict.prefill_iters}, "
           f"to 1e-1: {loose.prefill_iters}")
     assert 1 <= loose.prefill_iters < strict.prefill_iters <= (L - 2) * n
@@ -93,26 +94,27 @@ def test_jacobi_tolerance_prefill_reaches_exact_prefill(preset):
     assert (loose.logits - exact).abs().max() > 1e-6
     # The reported count is what was run: the fixed-J prefill with that J gives the same numbers.
     for tol_run, tol in ((strict, 1e-6), (loose, 1e-1)):
-        fixed = decode_logits(m, ids, decode_steps=2, prefill="jacobi", jacobi_iters=tol_run.prefill_iters)
+        fixed = decode_logits(m, ids, decode_steps=2, prefill=PrefillParams("jacobi", tol_run.prefill_iters))
         assert torch.equal(fixed.logits, tol_run.logits), tol
     # The iteration cap is honoured.
-    assert decode_logits(m, ids, prefill="tolerance", tol=1e-9, max_jacobi_iters=1).prefill_iters == 1
+    capped = PrefillParams("tolerance", tol=1e-9, max_jacobi_iters=1)
+    assert decode_logits(m, ids, prefill=capped).prefill_iters == 1
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_left_padded_batch_equals_each_sample_alone(preset):
     m = family_model(preset, 1)
     prompts = [random_ids(1, k, seed=20 + k)[0].tolist() for k in (5, 2, 4)]
-    batch = generate(m, prompts, 4, greedy=True, return_logits=True)
+    batch = generate(m, prompts, 4, return_logits=True)
     assert batch.prompt_ids == prompts
     for i, p in enumerate(prompts):
-        alone = generate(m, [p], 4, greedy=True, return_logits=True)
+        alone = generate(m, [p], 4, return_logits=True)
         assert batch.ids[i] == alone.ids[0]
         torch.testing.assert_close(batch.logits[i], alone.logits[0], rtol=1e-5, atol=1e-5)
     # Teacher-forced through the padded cache: each row's real positions equal its own reference,
     # for the exact and the Jacobi-to-tolerance prefill.
-    for prefill, tol in (("exact", None), ("tolerance", 1e-7)):
-        got = decode_logits(m, prompts, decode_steps=1, prefill=prefill, tol=tol)
+    for prefill in (PrefillParams("exact"), PrefillParams("tolerance", tol=1e-7)):
+        got = decode_logits(m, prompts, decode_steps=1, prefill=prefill)
         for i, p in enumerate(prompts):
             ids = torch.tensor([p])
             ref = sequential_logits(m, ids, positions(1, len(p)))[0]
@@ -123,13 +125,17 @@ def test_left_padded_batch_equals_each_sample_alone(preset):
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     m = family_model("tiny-llama", 1)
     prompts = random_ids(2, 3, seed=30)
-    greedy = generate(m, prompts, 6, greedy=True)
-    kw = dict(greedy=False, temperature=2.0, top_p=0.99)
-    a = generate(m, prompts, 6, seed=1, **kw)
-    assert generate(m, prompts, 6, seed=1, **kw).ids == a.ids
-    assert generate(m, prompts, 6, seed=2, **kw).ids != a.ids
-    assert a.ids != greedy.ids
-    assert generate(m, prompts, 6, greedy=False, temperature=3.0, top_k=1, seed=3).ids == greedy.ids
+    greedy = generate(m, prompts, 6)
+
+    def sampled(seed, **kw):
+        params = dict(greedy=False, temperature=2.0, top_p=0.99, seed=seed) | kw
+        return generate(m, prompts, 6, sampling=SamplingParams(**params)).ids
+
+    a = sampled(1)
+    assert sampled(1) == a
+    assert sampled(2) != a
+    assert a != greedy.ids
+    assert sampled(3, temperature=3.0, top_k=1, top_p=1.0) == greedy.ids
 
 
 def test_sampling_distribution_matches_temperature_top_k_top_p():
@@ -154,15 +160,15 @@ def test_sampling_distribution_matches_temperature_top_k_top_p():
 def test_stop_at_eod():
     m = family_model("tiny-gpt2", 1)
     prompt = random_ids(1, 3, seed=40)[0].tolist()
-    free = generate(m, [prompt], 5, greedy=True).ids[0]
+    free = generate(m, [prompt], 5).ids[0]
     eod = free[2]
     first = free.index(eod)
-    out = generate(m, [prompt, [7, 8]], 5, greedy=True, eod_id=eod)
+    out = generate(m, [prompt, [7, 8]], 5, eod_id=eod)
     assert out.ids[0] == free[: first + 1]
-    alone = generate(m, [[7, 8]], 5, greedy=True, eod_id=eod)
+    alone = generate(m, [[7, 8]], 5, eod_id=eod)
     assert out.ids[1] == alone.ids[0]
     # One sample: decoding stops at EOD (fewer logits than max_new_tokens).
-    single = generate(m, [prompt], 5, greedy=True, eod_id=eod, return_logits=True)
+    single = generate(m, [prompt], 5, eod_id=eod, return_logits=True)
     assert single.ids[0] == free[: first + 1] and single.logits.shape[1] == first + 1
 
 
@@ -174,13 +180,6 @@ def test_stop_at_eod():
         (dict(prompt_ids=[[1, 999]]), "token id 999 is outside"),
         (dict(prompt_ids=[[1, -1]]), "token id -1 is outside"),
         (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
-        (dict(prefill="beam"), "prefill 'beam'"),
-        (dict(prefill="tolerance"), "prefill 'tolerance' needs tol > 0"),
-        (dict(tol=1e-3), "tol was given without prefill 'tolerance'"),
-        (dict(jacobi_iters=2), "needs prefill 'jacobi'"),
-        (dict(greedy=False, temperature=0.0), "temperature must be > 0"),
-        (dict(greedy=False, top_p=0.0), "top_p must be in"),
-        (dict(greedy=False, top_k=-2), "top_k must be an integer"),
         (dict(max_new_tokens=100), "learned positions"),
         (dict(prompt_ids=torch.ones(3)), r"\[batch, length\]"),
     ],
@@ -191,6 +190,37 @@ def test_bad_input_errors_clearly(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         generate(m, args.pop("prompt_ids"), args.pop("max_new_tokens"), **args)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, message",
+    [
+        (PrefillParams, dict(mode="beam"), "prefill mode 'beam': choose one of exact, jacobi, tolerance"),
+        (PrefillParams, dict(mode="tolerance"), "mode 'tolerance' needs tol > 0, got None"),
+        (PrefillParams, dict(mode="tolerance", tol=0.0), "mode 'tolerance' needs tol > 0, got 0.0"),
+        (PrefillParams, dict(tol=1e-3), "tol 0.001 needs mode 'tolerance' \\(mode is 'exact'\\)"),
+        (PrefillParams, dict(jacobi_iters=2), "jacobi_iters 2: needs mode 'jacobi'"),
+        (PrefillParams, dict(mode="jacobi", jacobi_iters=-1), "jacobi_iters -1: needs mode 'jacobi' and a value >= 0"),
+        (PrefillParams, dict(mode="jacobi", max_jacobi_iters=4), "max_jacobi_iters 4: needs mode 'tolerance'"),
+        (PrefillParams, dict(mode="tolerance", tol=1.0, max_jacobi_iters=0), "a value >= 1"),
+        (SamplingParams, dict(greedy=False, temperature=0.0), "temperature must be > 0"),
+        (SamplingParams, dict(greedy=False, top_p=0.0), "top_p must be in"),
+        (SamplingParams, dict(greedy=False, top_k=-2), "top_k must be an integer"),
+    ],
+)
+def test_bad_parameters_error_clearly(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
+
+
+def test_parameter_groups_are_taken_whole():
+    m = family_model("tiny-llama", 1)
+    with pytest.raises(TypeError, match="prefill must be a PrefillParams, got str 'jacobi'"):
+        generate(m, [[1]], 1, prefill="jacobi")
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams, got dict"):
+        generate(m, [[1]], 1, sampling=dict(greedy=False))
+    with pytest.raises(TypeError, match="prefill must be a PrefillParams"):
+        decode_logits(m, [[1, 2]], prefill="tolerance")
 
 
 def test_bad_model_errors_clearly():

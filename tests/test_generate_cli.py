@@ -26,7 +26,7 @@ def _save_at_tp2(root, tokenizer_path):
     from megatron_latent.checkpoint_layout import write_model_config
     from megatron_latent.data.tokenizer import HuggingFaceTokenizer
     from megatron_latent.hf.layout import load_full_into_model
-    from megatron_latent.inference import generate
+    from megatron_latent.inference import PrefillParams, SamplingParams, generate
     from megatron_latent.models.gpt import build_gpt_model
     from megatron_latent.models.latent import LatentGPTModel
     from megatron_latent.parallel.initialize import initialize_model_parallel
@@ -36,6 +36,9 @@ def _save_at_tp2(root, tokenizer_path):
     tok = HuggingFaceTokenizer(tokenizer_path)
     initialize_model_parallel(2, 1)
     cfg = family_config("tiny-llama", 1, vocab_size=tok.vocab_size)
+    greedy = SamplingParams(vocab_size=cfg.vocab_size)
+    sampled = SamplingParams(greedy=False, vocab_size=cfg.vocab_size, **SAMPLING)
+    tolerance = PrefillParams("tolerance", tol=1e-6)
     out = {}
     for iteration, scale in ((5, 0.5), (7, 1.0)):
         full = {k: v * scale if "norm" not in k else v for k, v in full_weights(cfg).items()}
@@ -45,10 +48,10 @@ def _save_at_tp2(root, tokenizer_path):
         save_checkpoint(root, iteration, [model])
         text_ids = tok.tokenize(TEXT)
         out[iteration] = {
-            "greedy": generate(model, [PROMPT_IDS], 6, vocab_size=cfg.vocab_size).ids[0],
-            "sampled": generate(model, [PROMPT_IDS], 6, greedy=False, vocab_size=cfg.vocab_size, **SAMPLING).ids[0],
-            "text_greedy": generate(model, [text_ids], 5, vocab_size=cfg.vocab_size).ids[0],
-            "text_tol_iters": generate(model, [text_ids], 1, prefill="tolerance", tol=1e-6).prefill_iters,
+            "greedy": generate(model, [PROMPT_IDS], 6, sampling=greedy).ids[0],
+            "sampled": generate(model, [PROMPT_IDS], 6, sampling=sampled).ids[0],
+            "text_greedy": generate(model, [text_ids], 5, sampling=greedy).ids[0],
+            "text_tol_iters": generate(model, [text_ids], 1, prefill=tolerance).prefill_iters,
         }
     if torch.distributed.get_rank() == 0:
         write_model_config(cfg, root)
@@ -109,6 +112,10 @@ def test_cli_decodes_a_tp2_checkpoint_at_tp1(checkpoint):
         (["--load", "{root}", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--stop-at-eod"], "--stop-at-eod"),
         (["--load", "{root}", "--prompt", "hi", "--max-new-tokens", "2", "--tokenizer-type", "HuggingFaceTokenizer",
           "--tokenizer-model", "{root}/none.json"], "none.json"),
+        (["--load", "{root}", "--prompt-ids", "1", "--max-new-tokens", "2", "--prefill", "tolerance", "--jacobi-tol",
+          "0"], "--prefill 'tolerance' needs --jacobi-tol > 0, got 0.0"),
+        (["--load", "{root}", "--prompt-ids", "1", "--max-new-tokens", "2", "--prefill", "jacobi",
+          "--jacobi-iters-eval", "-1"], "--jacobi-iters-eval -1: needs --prefill 'jacobi' and a value >= 0"),
     ],
 )
 def test_cli_bad_input_one_clear_line(tmp_path, capsys, args, message):

@@ -49,16 +49,17 @@ def _prompts(lengths, seed=5):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_hf_generate_equals_megatron_generate(pairs, arch, n):
-    from megatron_latent.inference.generate import generate
+    from megatron_latent.inference import PrefillParams, SamplingParams, generate
 
     model, hf = pairs[(arch, n)]
     prompts = _prompts([6, 3, 5])
-    ours = generate(model, prompts, NEW, greedy=True, prefill="exact", vocab_size=VOCAB).ids
+    ours = generate(model, prompts, NEW, sampling=SamplingParams(vocab_size=VOCAB)).ids
     ours = ours.tolist() if torch.is_tensor(ours) else ours
     theirs = _hf_generate(hf, prompts, **({"latent_prefill": "exact"} if n else {}))
     assert ours == theirs
     if n:
         # the Jacobi prefill with J iterations on both sides
-        ours_j = generate(model, prompts[:1], NEW, greedy=True, prefill="jacobi", jacobi_iters=2, vocab_size=VOCAB).ids
+        ours_j = generate(model, prompts[:1], NEW, sampling=SamplingParams(vocab_size=VOCAB),
+                          prefill=PrefillParams("jacobi", jacobi_iters=2)).ids
         ours_j = ours_j.tolist() if torch.is_tensor(ours_j) else ours_j
         assert ours_j == _hf_generate(hf, prompts[:1], latent_prefill="jacobi", num_jacobi_iterations=2)

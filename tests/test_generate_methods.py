@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gen_utils import FAMILIES, family_model, positions, random_ids
-from megatron_latent.inference import decode_logits, generate
+from megatron_latent.inference import PrefillParams, SamplingParams, decode_logits, generate
 from megatron_latent.inference.reference import sequential_logits
 
 pytestmark = pytest.mark.usefixtures("single_rank")
@@ -43,11 +43,12 @@ def test_forward_and_cache_equal_the_sequential_reference(preset, method):
     # Cached: a prompt of 2 positions by the exact prefill, then 3 cached token steps; the whole
     # sequence as one prefill (pause, loop, ponder: one pass per cache; interpolated: Jacobi to tolerance).
     torch.testing.assert_close(decode_logits(m, ids, decode_steps=3).logits, ref, rtol=1e-5, atol=1e-5)
-    whole = decode_logits(m, ids, decode_steps=0, **({"prefill": "tolerance", "tol": 1e-7} if n else {}))
+    solved = PrefillParams("tolerance", tol=1e-7) if n else PrefillParams()
+    whole = decode_logits(m, ids, decode_steps=0, prefill=solved)
     torch.testing.assert_close(whole.logits, ref, rtol=1e-5, atol=1e-5)
     if n:
         # Few Jacobi passes are not the fixed point: the prefill really solved the thoughts.
-        few = decode_logits(m, ids, decode_steps=0, prefill="jacobi", jacobi_iters=0).logits
+        few = decode_logits(m, ids, decode_steps=0, prefill=PrefillParams("jacobi", jacobi_iters=0)).logits
         assert (few - ref).abs().max() > 1e-4
 
 
@@ -55,7 +56,7 @@ def test_forward_and_cache_equal_the_sequential_reference(preset, method):
 def test_greedy_generation_equals_the_reference(method):
     m = _model("tiny-llama", method)
     prompt, steps = [random_ids(1, k, seed=9 + k)[0].tolist() for k in (4, 2)], 4
-    out = generate(m, prompt, steps, greedy=True, return_logits=True, vocab_size=m.token_vocab_size)
+    out = generate(m, prompt, steps, sampling=SamplingParams(vocab_size=m.token_vocab_size), return_logits=True)
     for i, p in enumerate(prompt):
         seq = torch.tensor([p])
         for k in range(steps):  # the whole sequence again at every step, no cache

@@ -11,7 +11,7 @@ SEQS = [[5, 17, 200, 3, 9, 1, 60], [44, 2, 250], [130, 131, 7, 8, 99]]
 
 def _decode_all(tp):
     from gen_utils import FAMILIES, family_model
-    from megatron_latent.inference import decode_logits, generate
+    from megatron_latent.inference import PrefillParams, SamplingParams, decode_logits, generate
     from megatron_latent.parallel.initialize import initialize_model_parallel
 
     initialize_model_parallel(tp, 1)
@@ -19,9 +19,9 @@ def _decode_all(tp):
     for preset in FAMILIES:
         m = family_model(preset, 1)
         exact = decode_logits(m, SEQS, decode_steps=2)
-        tol = decode_logits(m, SEQS, decode_steps=2, prefill="tolerance", tol=1e-6)
-        greedy = generate(m, PROMPTS, 4, greedy=True)
-        sampled = generate(m, PROMPTS, 4, greedy=False, temperature=1.5, top_k=50, top_p=0.95, seed=4)
+        tol = decode_logits(m, SEQS, decode_steps=2, prefill=PrefillParams("tolerance", tol=1e-6))
+        greedy = generate(m, PROMPTS, 4)
+        sampled = generate(m, PROMPTS, 4, sampling=SamplingParams(False, 1.5, top_k=50, top_p=0.95, seed=4))
         out[preset] = {
             "exact": exact.logits, "tol": tol.logits, "tol_iters": tol.prefill_iters,
             "greedy": greedy.ids, "sampled": sampled.ids,
@@ -48,7 +48,7 @@ def test_tp2_equals_tp1():
 
 def _decode_methods(tp):
     from gen_utils import family_model
-    from megatron_latent.inference import decode_logits, generate
+    from megatron_latent.inference import SamplingParams, decode_logits, generate
     from megatron_latent.parallel.initialize import initialize_model_parallel
 
     initialize_model_parallel(tp, 1)
@@ -59,7 +59,7 @@ def _decode_methods(tp):
         m = family_model("tiny-llama", n, scale_embeddings=True, **kw)
         rows = m.token_vocab_size + 1  # the tokenizer's and (pause) the pause row; the padding differs by TP
         out[method] = {"exact": decode_logits(m, SEQS, decode_steps=2).logits[..., :rows],
-                       "greedy": generate(m, PROMPTS, 4, greedy=True, vocab_size=m.token_vocab_size).ids}
+                       "greedy": generate(m, PROMPTS, 4, sampling=SamplingParams(vocab_size=m.token_vocab_size)).ids}
     return out
 
 

@@ -89,11 +89,11 @@ def test_export_matches_megatron_and_the_reference(exports, tmp_path_factory, ar
 
 @pytest.mark.parametrize("arch,method", CASES)
 def test_cached_greedy_generation_is_ours(exports, tmp_path_factory, arch, method):
-    from megatron_latent.inference import generate
+    from megatron_latent.inference import SamplingParams, generate
 
     cfg, model, hf, _ = _export(exports, tmp_path_factory, arch, method)
     prompt = torch.randint(0, VOCAB, (2, P), generator=torch.Generator().manual_seed(5))
-    ours = generate(model, prompt, NEW, greedy=True, vocab_size=cfg.vocab_size, return_logits=True)
+    ours = generate(model, prompt, NEW, sampling=SamplingParams(vocab_size=cfg.vocab_size), return_logits=True)
     outs = {}
     for cache in (True, False):
         with torch.no_grad():

@@ -114,7 +114,7 @@ def test_megatron_prefill_costs_the_forward_passes_and_no_logits(single_rank, n)
     """The KV decoder's Jacobi prefill runs the evaluation forward's passes (its final pass fills
     the cache) and no output layer; generate adds the output layer once per sample per token."""
     from gen_utils import family_config, family_model, positions, random_ids
-    from megatron_latent.inference import LatentKVDecoder, generate
+    from megatron_latent.inference import LatentKVDecoder, PrefillParams, generate
 
     cfg, model = family_config("tiny-llama", n), family_model("tiny-llama", n)
     out_layer = 2 * cfg.hidden_size * cfg.padded_vocab_size
@@ -122,8 +122,8 @@ def test_megatron_prefill_costs_the_forward_passes_and_no_logits(single_rank, n)
     ids, valid = random_ids(B, P, seed=4), torch.ones(B, P, dtype=torch.bool)
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        LatentKVDecoder(model, B, P).prefill(ids, positions(B, P), valid, "jacobi", jacobi_iters=2)
+        LatentKVDecoder(model, B, P).prefill(ids, positions(B, P), valid, PrefillParams("jacobi", jacobi_iters=2))
     assert counter.get_total_flops() == B * passes
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        generate(model, ids, 1, prefill="jacobi", jacobi_iters=2)
+        generate(model, ids, 1, prefill=PrefillParams("jacobi", jacobi_iters=2))
     assert counter.get_total_flops() == B * (passes + out_layer)

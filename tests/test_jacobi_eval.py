@@ -61,7 +61,7 @@ def test_scores_give_accuracy_passes_and_flops_of_each_setting():
     model = family_model("tiny-llama", 1)
     cfg = family_config("tiny-llama", 1)
     windows = spread_windows(_stream(200, seed=1), L, 4)
-    got = jacobi_scores(model, windows, [0, 2], tolerances=[1e-9, 10.0], batch_size=4)
+    got = jacobi_scores(model, cfg, windows, [0, 2], tolerances=[1e-9, 10.0], batch_size=4)
     assert set(got) == {0, 2, tolerance_key(1e-9), tolerance_key(10.0), ROLLOUT}
     tokens, labels = windows[:, :-1], windows[:, 1:]
     with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_latent.analysis.compare import format_table, plot_valid_loss, summarize_run, verdict
-from megatron_latent.config import LatentSettings, ModelConfig
+from megatron_latent.config import ModelConfig
 from megatron_latent.data.pycorpus import (
     EOD_TOKEN,
     stdlib_documents,
@@ -23,7 +23,7 @@ from megatron_latent.data.pycorpus import (
     train_bpe_tokenizer,
     write_stdlib_corpus,
 )
-from megatron_latent.models.flops import decoder_pass_flops, latent_decode_flops, step_flops
+from megatron_latent.models.flops import decoder_pass_flops, model_decode_flops, model_step_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,12 +80,15 @@ def test_the_installed_stdlib_is_found():
 def test_decode_flops_sum_to_the_causal_forward(n):
     # Over a whole sequence, decoding does every slot's matmuls once and attention over the lower
     # triangle of the (N+1) S slots; the output layer once per token.
-    kw = dict(hidden=64, num_layers=4, ffn_hidden=176, num_heads=4, num_query_groups=2, gated_mlp=True)
+    cfg = ModelConfig(name="d", arch="llama", num_layers=4, hidden_size=64, num_attention_heads=4,
+                      num_query_groups=2, ffn_hidden_size=176, vocab_size=512, seq_length=16)
+    cfg = cfg.replace(num_latent_thoughts=n)
     s, vocab = 16, 512
     m = (n + 1) * s
-    full = decoder_pass_flops(m, **kw)
+    full = decoder_pass_flops(m, hidden=64, num_layers=4, ffn_hidden=176, num_heads=4, num_query_groups=2,
+                              gated_mlp=True)
     causal = full - 4 * 4 * m * m * 64 + 4 * 4 * 64 * m * (m + 1) // 2
-    total = sum(latent_decode_flops(p, n, vocab, **kw) for p in range(s))
+    total = sum(model_decode_flops(cfg, p) for p in range(s))
     assert total == causal + 2 * s * 64 * vocab
 
 
@@ -118,7 +121,7 @@ CFG = ModelConfig(name="t", arch="llama", num_layers=2, hidden_size=32, num_atte
 def _expected_train_flops(cfg, seed, iters, gbs, seq):
     n = cfg.latent.num_latent_thoughts
     js = [random.Random(seed * 1_000_003 + s).randint(2, 3) if n else 0 for s in range(1, iters + 1)]
-    flops = sum(step_flops(LatentSettings(n), seq, j, 256, 32, 2, 64, 4, 2, True) for j in js) * gbs
+    flops = sum(model_step_flops(cfg, seq, j) for j in js) * gbs
     return flops, js
 
 
@@ -129,7 +132,7 @@ def test_summary_counts_tokens_and_exact_flops(tmp_path):
     assert set(js) == {2, 3}  # the steps drew different J: an average would not match
     assert (run.train_tokens, run.train_flops, run.parameters) == (12 * 8 * 32, expected, latent.num_parameters())
     assert run.inference_flops_per_token == pytest.approx(
-        sum(latent_decode_flops(p, 1, 256, 32, 2, 64, 4, 2, True) for p in range(32)) / 32, rel=1e-12)
+        sum(model_decode_flops(latent, p) for p in range(32)) / 32, rel=1e-12)
     assert (run.valid_steps, run.valid_losses, run.valid_loss, run.wall_time_s) == ([4, 8, 12], [5.0, 4.0, 3.5],
                                                                                       3.5, 30.0)
 

@@ -1,7 +1,9 @@
 """Generation with a KV cache (latent thoughts and every baseline method): prompts in, new tokens out.
 
-    from megatron_latent.inference import generate
-    out = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, greedy=True, prefill="exact")
+    from megatron_latent.inference import PrefillParams, SamplingParams, generate
+    out = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16,
+                   sampling=SamplingParams(),             # greedy; or temperature=, top_k=, ...
+                   prefill=PrefillParams("jacobi", 2))    # or the default PrefillParams() (exact)
     out.ids            # new tokens per sample
     out.prefill_iters  # Jacobi passes the prefill used (None for exact)
 
@@ -24,8 +26,9 @@ from typing import List, Optional, Sequence, Union
 import torch
 from megatron.core import parallel_state as ps
 
-from megatron_latent.inference.kv_decoder import PREFILL_METHODS, LatentKVDecoder
-from megatron_latent.inference.sampling import SamplingParams, sample
+from megatron_latent.inference.kv_decoder import LatentKVDecoder
+from megatron_latent.inference.params import PrefillParams, SamplingParams
+from megatron_latent.inference.sampling import make_generator, sample
 from megatron_latent.models.latent import LatentGPTModel
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[int]]
@@ -60,49 +63,37 @@ def generate(
     prompt_ids: Prompts,
     max_new_tokens: int,
     *,
-    greedy: bool = True,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: Optional[int] = None,
-    prefill: str = "exact",
-    jacobi_iters: Optional[int] = None,
-    tol: Optional[float] = None,
-    max_jacobi_iters: Optional[int] = None,
+    sampling: SamplingParams = SamplingParams(),
+    prefill: PrefillParams = PrefillParams(),
     eod_id: Optional[int] = None,
-    vocab_size: Optional[int] = None,
     return_logits: bool = False,
 ) -> GenerationResult:
     """Generate `max_new_tokens` tokens after each prompt (fewer when every sample hit `eod_id`).
 
     prompt_ids: [b, P] LongTensor, a list of token lists (lengths may differ) or one token list.
-    Sampling: `greedy` (argmax) or temperature / top-k (0 = off) / top-p (1 = off) sampling from a
-    torch.Generator seeded with `seed` (same seed, same tokens). `vocab_size`: logits of ids at or
-    above it (the padded rows of the output layer) are never chosen.
-    Prefill: "exact" | "jacobi" (`jacobi_iters`, default the model's jacobi_iters_eval) |
-    "tolerance" (`tol`, at most `max_jacobi_iters`); see LatentKVDecoder.prefill.
+    sampling: greedy (argmax, the default) or temperature / top-k / top-p from a torch.Generator
+    seeded with its `seed`; its `vocab_size` keeps the padded output rows from being chosen.
+    prefill: how the prompt's thoughts are found (exact, the default; see PrefillParams).
     """
-    params = SamplingParams(greedy, temperature, top_k, top_p, seed, vocab_size)
     _check_model(model)
+    _check_params(sampling=(sampling, SamplingParams), prefill=(prefill, PrefillParams))
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    _check_prefill(prefill, jacobi_iters, tol, max_jacobi_iters)
     batch = _prepare(model, prompt_ids, extra_positions=max_new_tokens)
     b, p = batch.ids.shape
     decoder = LatentKVDecoder(model, b, p + max_new_tokens)
-    hidden, iters = decoder.prefill(batch.ids, batch.positions, batch.valid, prefill, jacobi_iters, tol,
-                                    max_jacobi_iters)
+    hidden, iters = decoder.prefill(batch.ids, batch.positions, batch.valid, prefill)
     new = torch.empty(b, 0, dtype=torch.long, device=batch.ids.device)
     finished = torch.zeros(b, dtype=torch.bool, device=batch.ids.device)
     next_pos = batch.positions[:, -1:] + 1
     all_logits = []
-    generator = params.generator(batch.ids.device)
+    generator = make_generator(sampling, batch.ids.device)
     last_ids, last_pos = batch.ids[:, -1:], batch.positions[:, -1:]
     for k in range(max_new_tokens):
         logits = model.output(hidden[-1:], last_ids, last_pos, runtime_gather_output=True)[:, -1]
         if return_logits:
             all_logits.append(logits.float())
-        token = _broadcast_tp(sample(logits, params, generator))
+        token = _broadcast_tp(sample(logits, sampling, generator))
         if eod_id is not None:
             token = torch.where(finished, torch.full_like(token, eod_id), token)
             finished |= token == eod_id
@@ -123,10 +114,7 @@ def decode_logits(
     input_ids: Prompts,
     decode_steps: Optional[int] = None,
     *,
-    prefill: str = "exact",
-    jacobi_iters: Optional[int] = None,
-    tol: Optional[float] = None,
-    max_jacobi_iters: Optional[int] = None,
+    prefill: PrefillParams = PrefillParams(),
 ) -> DecodeLogits:
     """Teacher-forced logits of every position through the KV cache.
 
@@ -135,7 +123,7 @@ def decode_logits(
     Logits [b, L, vocab] come from the output slot of every position, as the sequential reference's.
     """
     _check_model(model)
-    _check_prefill(prefill, jacobi_iters, tol, max_jacobi_iters)
+    _check_params(prefill=(prefill, PrefillParams))
     batch = _prepare(model, input_ids, extra_positions=0)
     b, length = batch.ids.shape
     steps = length - 1 if decode_steps is None else decode_steps
@@ -143,8 +131,7 @@ def decode_logits(
         raise ValueError(f"decode_steps must be in [0, {length - 1}] for sequences of {length} tokens, got {steps}")
     p = length - steps
     decoder = LatentKVDecoder(model, b, length)
-    hidden, iters = decoder.prefill(batch.ids[:, :p], batch.positions[:, :p], batch.valid[:, :p], prefill,
-                                    jacobi_iters, tol, max_jacobi_iters)
+    hidden, iters = decoder.prefill(batch.ids[:, :p], batch.positions[:, :p], batch.valid[:, :p], prefill)
     hiddens = [hidden]
     for t in range(p, length):
         hiddens.append(decoder.step(batch.ids[:, t:t + 1], batch.positions[:, t:t + 1], batch.valid[:, t:t + 1]))
@@ -164,18 +151,11 @@ def _check_model(model):
         raise ValueError("generation needs model.eval() (dropout would make decoding random)")
 
 
-def _check_prefill(prefill, jacobi_iters, tol, max_jacobi_iters):
-    if prefill not in PREFILL_METHODS:
-        raise ValueError(f"prefill {prefill!r}: choose one of {', '.join(PREFILL_METHODS)}")
-    if jacobi_iters is not None and (prefill != "jacobi" or jacobi_iters < 0):
-        raise ValueError(f"jacobi_iters {jacobi_iters}: needs prefill 'jacobi' and a value >= 0")
-    if prefill == "tolerance":
-        if tol is None or not tol > 0:
-            raise ValueError(f"prefill 'tolerance' needs tol > 0, got {tol}")
-    elif tol is not None:
-        raise ValueError("tol was given without prefill 'tolerance'")
-    if max_jacobi_iters is not None and (prefill != "tolerance" or max_jacobi_iters < 1):
-        raise ValueError(f"max_jacobi_iters {max_jacobi_iters}: needs prefill 'tolerance' and a value >= 1")
+def _check_params(**given):
+    """`name=(value, expected class)`: generation takes its parameter groups whole."""
+    for name, (value, cls) in given.items():
+        if not isinstance(value, cls):
+            raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__} {value!r}")
 
 
 def _prepare(model, prompt_ids: Prompts, extra_positions: int) -> _Batch:

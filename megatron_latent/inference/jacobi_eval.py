@@ -40,8 +40,9 @@ def jacobi_losses(model, windows: torch.Tensor, jacobi: Sequence[int], rollout: 
     """{J: mean loss (nats/token)} for every evaluation J in `jacobi`, plus {ROLLOUT: loss} of the
     exact sequential rollout when `rollout`, over `windows` [M, L + 1] (spread_windows). The model
     is a LatentGPTModel in one process (loading.load_model_for_inference); it is left in eval mode."""
-    scores = jacobi_scores(model, windows, jacobi, rollout=rollout, batch_size=batch_size)
-    return {k: v["loss"] for k, v in scores.items()}
+    keys = list(jacobi) + ([ROLLOUT] if rollout else [])
+    count = windows.shape[0] * (windows.shape[1] - 1)
+    return {k: loss / count for k, (loss, _, _) in _solve(model, windows, keys, {}, batch_size).items()}
 
 
 def tolerance_key(tol: float) -> str:
@@ -50,24 +51,43 @@ def tolerance_key(tol: float) -> str:
 
 
 @torch.no_grad()
-def jacobi_scores(model, windows: torch.Tensor, jacobi: Sequence[int], tolerances: Sequence[float] = (),
+def jacobi_scores(model, cfg, windows: torch.Tensor, jacobi: Sequence[int], tolerances: Sequence[float] = (),
                   rollout: bool = True, batch_size: int = 16) -> Dict[object, dict]:
     """What each way of solving a window's thoughts costs and scores: {setting: {"loss" (nats/token),
     "accuracy" (top-1 next-token), "jacobi_passes" (mean per batch; None for the rollout),
-    "flops_per_token" (models/flops.py, the forward with every position's logits)}}.
+    "flops_per_token" (models/flops.py for `cfg`, the model's ModelConfig: the forward with every
+    position's logits)}}.
 
     Settings: every evaluation J in `jacobi` (the training forward), every tolerance in `tolerances`
     (key `tolerance_key(tol)`: Jacobi passes until no thought moves by more than tol, as the
     prefill and the exported model's "tolerance" mode run them), and the exact sequential rollout
     (ROLLOUT) when `rollout`, whose cost is that of KV-cached decoding of every token."""
+    from megatron_latent.models.flops import model_decode_flops, model_step_flops
+
+    keys = list(jacobi) + [tolerance_key(t) for t in tolerances] + ([ROLLOUT] if rollout else [])
+    tol_of = {tolerance_key(t): t for t in tolerances}
+    count = windows.shape[0] * (windows.shape[1] - 1)
+    seq = windows.shape[1] - 1
+    out = {}
+    for k, (loss, correct, passes) in _solve(model, windows, keys, tol_of, batch_size).items():
+        if k == ROLLOUT:
+            flops = sum(model_decode_flops(cfg, p) for p in range(seq))
+        else:
+            flops = sum(model_step_flops(cfg, seq, j, training=False) for j in passes) / len(passes)
+        out[k] = {"loss": loss / count, "accuracy": correct / count,
+                  "jacobi_passes": None if k == ROLLOUT else sum(passes) / len(passes),
+                  "flops_per_token": flops / seq}
+    return out
+
+
+def _solve(model, windows, keys, tol_of, batch_size) -> Dict[object, list]:
+    """{setting: [summed loss, correct tokens, Jacobi passes per batch]} over `windows`."""
     from megatron_latent.inference.generate import decode_logits
-    from megatron_latent.models.flops import decode_flops, step_flops
+    from megatron_latent.inference.params import PrefillParams
 
     model.eval()
     device = next(model.parameters()).device
-    keys = list(jacobi) + [tolerance_key(t) for t in tolerances] + ([ROLLOUT] if rollout else [])
-    tol_of = {tolerance_key(t): t for t in tolerances}
-    total = {k: [0.0, 0, []] for k in keys}  # summed loss, correct tokens, passes per batch
+    total = {k: [0.0, 0, []] for k in keys}
     for i in range(0, len(windows), batch_size):
         w = windows[i : i + batch_size].to(device)
         tokens, labels = w[:, :-1], w[:, 1:]
@@ -76,7 +96,7 @@ def jacobi_scores(model, windows: torch.Tensor, jacobi: Sequence[int], tolerance
             if k == ROLLOUT:
                 logits = sequential_logits(model, tokens, pos)
             elif k in tol_of:
-                res = decode_logits(model, tokens, decode_steps=0, prefill="tolerance", tol=tol_of[k])
+                res = decode_logits(model, tokens, decode_steps=0, prefill=PrefillParams("tolerance", tol=tol_of[k]))
                 logits = res.logits
                 total[k][2].append(res.prefill_iters)
             else:
@@ -84,22 +104,7 @@ def jacobi_scores(model, windows: torch.Tensor, jacobi: Sequence[int], tolerance
                 total[k][2].append(k)
             total[k][0] += float(_mean_loss(logits, labels))
             total[k][1] += int((logits.argmax(-1) == labels).sum())
-    count = windows.shape[0] * (windows.shape[1] - 1)
-    seq = windows.shape[1] - 1
-    cfg = model.config
-    sizes = dict(vocab=model.vocab_size, hidden=cfg.hidden_size, num_layers=cfg.num_layers,
-                 ffn_hidden=cfg.ffn_hidden_size, num_heads=cfg.num_attention_heads,
-                 num_query_groups=cfg.num_query_groups, gated_mlp=cfg.gated_linear_unit)
-    out = {}
-    for k, (loss, correct, passes) in total.items():
-        if k == ROLLOUT:
-            flops = sum(decode_flops(model.latent, p, **sizes) for p in range(seq))
-        else:
-            flops = sum(step_flops(model.latent, seq, j, training=False, **sizes) for j in passes) / len(passes)
-        out[k] = {"loss": loss / count, "accuracy": correct / count,
-                  "jacobi_passes": None if k == ROLLOUT else sum(passes) / len(passes),
-                  "flops_per_token": flops / seq}
-    return out
+    return total
 
 
 def bits_per_byte(loss: float, tokens_per_byte: Optional[float]) -> Optional[float]:

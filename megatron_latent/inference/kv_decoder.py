@@ -37,10 +37,9 @@ from typing import Optional, Tuple
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megatron_latent.inference.params import PrefillParams
 from megatron_latent.models import slots
 from megatron_latent.models.latent import without_final_norm
-
-PREFILL_METHODS = ("exact", "jacobi", "tolerance")
 
 
 class LatentKVDecoder:
@@ -126,19 +125,12 @@ class LatentKVDecoder:
         )
 
     # --------------------------------------------------------------------------------- prefill
-    def prefill(
-        self,
-        input_ids,
-        position_ids,
-        valid,
-        method: str = "exact",
-        jacobi_iters: Optional[int] = None,
-        tol: Optional[float] = None,
-        max_jacobi_iters: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, Optional[int]]:
+    def prefill(self, input_ids, position_ids, valid,
+                params: PrefillParams = PrefillParams()) -> Tuple[torch.Tensor, Optional[int]]:
         """Put a prompt [b, P] into the cache; returns (hidden at the output slot of every position [P, b, h],
         Jacobi passes used or None).
 
+        Modes (`params.mode`):
         exact       slot by slot, the prompt's thoughts exactly as in the sequential reference;
         jacobi      growth + `jacobi_iters` Jacobi passes of the training forward (default: the
                     model's jacobi_iters_eval), then one pass over the interleaved prompt fills
@@ -147,16 +139,14 @@ class LatentKVDecoder:
                     the real, unpadded positions), at most `max_jacobi_iters` (default P * N,
                     enough for the causal Jacobi map to reach its fixed point). The same rule
                     and names as the exported model's `latent_prefill="tolerance"`.
-        With N = 0 there are no thoughts: every method is one pass over the prompt (pause tokens:
+        With N = 0 there are no thoughts: every mode is one pass over the prompt (pause tokens:
         over the tokens and their pauses; extra loops: K+1 applications of the layers, each
         filling its own cache).
         """
-        if method not in PREFILL_METHODS:
-            raise ValueError(f"prefill {method!r}: choose one of {', '.join(PREFILL_METHODS)}")
         if self.length:
             raise ValueError("prefill needs an empty cache")
         n = self.n
-        if method == "exact" and n > 0:
+        if params.mode == "exact" and n > 0:
             return torch.cat([self.step(input_ids[:, t:t + 1], position_ids[:, t:t + 1], valid[:, t:t + 1])
                               for t in range(input_ids.shape[1])]), None
         model = self.model
@@ -165,15 +155,15 @@ class LatentKVDecoder:
             h = self.fill(model.first_columns(tokens, pos), position_ids, valid)
             return slots.take_slot(h, self.output_slot, self.num_slots), None
         converged = None
-        if method == "jacobi":
-            budget = model.latent.jacobi_iters_eval if jacobi_iters is None else jacobi_iters
+        if params.mode == "jacobi":
+            budget = model.latent.jacobi_iters_eval if params.jacobi_iters is None else params.jacobi_iters
         else:  # tolerance: the causal Jacobi map reaches its fixed point within P * N passes
-            budget = input_ids.shape[1] * n if max_jacobi_iters is None else max_jacobi_iters
+            budget = input_ids.shape[1] * n if params.max_jacobi_iters is None else params.max_jacobi_iters
             real = valid.t()[:, :, None]  # [P, b, 1]: padded positions do not count
 
             def converged(before, after):
                 change = max(((a - b).abs() * real).max().item() for a, b in zip(after[1:], before[1:]))
-                return change <= tol
+                return change <= params.tol
 
         # The forward's growth and Jacobi passes; the pass that fills the cache is its final pass.
         columns, iters = model.solve_thoughts(tokens, pos, position_ids, _token_mask(valid), budget, converged)

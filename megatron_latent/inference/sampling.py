@@ -3,38 +3,21 @@ torch.Generator (same seed, same tokens)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from megatron_latent.inference.params import SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    greedy: bool = True
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    seed: Optional[int] = None
-    vocab_size: Optional[int] = None  # ids >= vocab_size (padded output rows) are never chosen
 
-    def __post_init__(self):
-        if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature} (use greedy for argmax)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
-
-    def generator(self, device) -> torch.Generator:
-        g = torch.Generator(device=device)
-        if self.seed is not None:
-            g.manual_seed(self.seed)
-        else:
-            g.seed()
-        return g
+def make_generator(params: SamplingParams, device) -> torch.Generator:
+    """The sampling generator: seeded with `params.seed` (same seed, same tokens), else fresh."""
+    g = torch.Generator(device=device)
+    if params.seed is not None:
+        g.manual_seed(params.seed)
+    else:
+        g.seed()
+    return g
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None):

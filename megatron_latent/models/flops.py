@@ -9,11 +9,13 @@ position after each of its first K forwards (its hidden feedback is an addition,
 A matmul of [m, k] x [k, n] is 2mkn FLOPs; a training
 step is 3x the forward (backward = 2x), except for passes run without a graph. Elementwise work
 (norms, activations, softmax, exp) and embedding lookups are not counted.
+
+A model is described by its ModelConfig: `model_step_flops(cfg, seq, J)` for training and
+evaluation steps, `model_decode_flops(cfg, position)` for KV-cached decoding; `decoder_pass_flops`
+is the count of one pass of the layer stack that both are built from.
 """
 
 from __future__ import annotations
-
-from megatron_latent.config import LatentSettings
 
 
 def decoder_pass_flops(seq: int, hidden: int, num_layers: int, ffn_hidden: int, num_heads: int,
@@ -28,19 +30,22 @@ def decoder_pass_flops(seq: int, hidden: int, num_layers: int, ffn_hidden: int, 
     return num_layers * (qkv + attention + proj + mlp)
 
 
-def step_flops(latent: LatentSettings, seq: int, num_jacobi: int, vocab: int, hidden: int, num_layers: int,
-               ffn_hidden: int, num_heads: int, num_query_groups: int = None, gated_mlp: bool = False,
-               training: bool = True) -> int:
-    """FLOPs of one forward (+ backward when `training`) of a model with these settings (any
-    method) over one sequence of `seq` tokens, with `num_jacobi` Jacobi passes (latent thoughts
-    only). With `latent.grad_passes` k only the last k passes are backpropagated. Callers with a
-    ModelConfig use `model_step_flops`."""
+def _pass_flops(cfg, seq: int) -> int:
+    """`decoder_pass_flops` of the decoder `cfg` describes."""
+    return decoder_pass_flops(seq, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size, cfg.num_attention_heads,
+                              cfg.query_groups, cfg.gated)
+
+
+def model_step_flops(cfg, seq: int, num_jacobi: int, training: bool = True) -> int:
+    """FLOPs of one forward (+ backward when `training`) of the model a ModelConfig describes (its
+    sizes and method) over one sequence of `seq` tokens, with `num_jacobi` Jacobi passes (latent
+    thoughts only). With `latent.grad_passes` k only the last k passes are backpropagated."""
+    latent = cfg.latent
     j = num_jacobi if latent.num_latent_thoughts else 0
     lengths = latent.pass_slots(j)
     no_grad = latent.passes_without_grad(j) if training else 0
-    per_pass = [decoder_pass_flops(k * seq, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp)
-                for k in lengths]
-    output_layer = 2 * seq * hidden * vocab  # also each of the two matmuls of one interpolated slot
+    per_pass = [_pass_flops(cfg, k * seq) for k in lengths]
+    output_layer = 2 * seq * cfg.hidden_size * cfg.padded_vocab_size  # also each matmul of one interpolated slot
     if not training:
         total = sum(per_pass) + output_layer
     else:
@@ -64,21 +69,10 @@ def step_flops(latent: LatentSettings, seq: int, num_jacobi: int, vocab: int, hi
     return total
 
 
-def _sizes(cfg) -> dict:
-    return dict(vocab=cfg.padded_vocab_size, hidden=cfg.hidden_size, num_layers=cfg.num_layers,
-                ffn_hidden=cfg.ffn_hidden_size, num_heads=cfg.num_attention_heads,
-                num_query_groups=cfg.query_groups, gated_mlp=cfg.gated)
-
-
-def model_step_flops(cfg, seq: int, num_jacobi: int, training: bool = True) -> int:
-    """`step_flops` of a ModelConfig (its sizes and method) over one sequence."""
-    return step_flops(cfg.latent, seq, num_jacobi, training=training, **_sizes(cfg))
-
-
-def decode_flops(latent: LatentSettings, position: int, vocab: int, hidden: int, num_layers: int,
-                 ffn_hidden: int, num_heads: int, num_query_groups: int = None, gated_mlp: bool = False) -> int:
+def model_decode_flops(cfg, position: int) -> int:
     """Forward FLOPs of KV-cached decoding of the token at `position` (0-based: `position` tokens
-    are in the cache), the output layer once (only the output slot's logits are used):
+    are in the cache) by the model a ModelConfig describes, the output layer once (only the output
+    slot's logits are used):
 
     * latent thoughts and pause tokens: N+1 (K+1) single-slot steps (the token, then its thoughts
       or pauses), step k attending over the (N+1) x position cached entries and the k+1 of this
@@ -89,9 +83,10 @@ def decode_flops(latent: LatentSettings, position: int, vocab: int, hidden: int,
       own pass's entries (position + 1 attended): K+1 causal forwards over S when summed;
       pondering's softmax mix adds the output layer and the mix after each of the first K.
     """
-    attend = num_layers * 2 * 2 * hidden  # attention of one query over one cached entry
-    one_slot = decoder_pass_flops(1, hidden, num_layers, ffn_hidden, num_heads, num_query_groups, gated_mlp) - attend
-    output_layer = 2 * hidden * vocab
+    latent = cfg.latent
+    attend = cfg.num_layers * 2 * 2 * cfg.hidden_size  # attention of one query over one cached entry
+    one_slot = _pass_flops(cfg, 1) - attend
+    output_layer = 2 * cfg.hidden_size * cfg.padded_vocab_size
     if latent.num_extra_loops or latent.num_ponder_steps:
         passes = latent.num_extra_loops + latent.num_ponder_steps + 1
         mixes = latent.num_ponder_steps * 2 * output_layer if latent.mixes_embeddings and latent.num_ponder_steps else 0
@@ -100,16 +95,3 @@ def decode_flops(latent: LatentSettings, position: int, vocab: int, hidden: int,
     entries = sum(slots * position + k + 1 for k in range(slots))
     mixes = latent.num_latent_thoughts * 2 * output_layer if latent.thought_input == "interpolated" else 0
     return slots * one_slot + attend * entries + output_layer + mixes
-
-
-def latent_decode_flops(position: int, num_latent_thoughts: int, vocab: int, hidden: int, num_layers: int,
-                        ffn_hidden: int, num_heads: int, num_query_groups: int = None,
-                        gated_mlp: bool = False) -> int:
-    """`decode_flops` of latent thoughts fed their hidden state (N = 0: vanilla)."""
-    return decode_flops(LatentSettings(num_latent_thoughts), position, vocab, hidden, num_layers, ffn_hidden,
-                        num_heads, num_query_groups, gated_mlp)
-
-
-def model_decode_flops(cfg, position: int) -> int:
-    """`decode_flops` of a ModelConfig (its sizes and method)."""
-    return decode_flops(cfg.latent, position, **_sizes(cfg))
