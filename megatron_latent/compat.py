@@ -111,14 +111,28 @@ def restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.full_like(state["step"], float(group["step"]))
 
 
-def load_optimizer_state(optimizer, state) -> None:
-    """`optimizer.load_state_dict(state)`, except for distributed-optimizer state saved in model
-    space (`fully_reshardable`): megatron-core 0.16.1 copies every entry of torch Adam's
+def load_optimizer_state(optimizer, state, keep_lr_bounds: bool = False) -> None:
+    """`optimizer.load_state_dict(state)`; with `keep_lr_bounds`, each parameter group keeps the
+    max_lr and min_lr it was built with. megatron-core 0.16.1 keeps them in the groups, where the
+    scheduler reads them, and a load replaces them with the checkpoint's: --override-opt_param-
+    scheduler would otherwise follow the flags' schedule with the checkpoint's --lr, --min-lr
+    and --decoupled-lr.
+
+    Distributed-optimizer state saved in model space (`fully_reshardable`): megatron-core 0.16.1
+    copies every entry of torch Adam's
     per-parameter state from the checkpoint, which has no `step` (it is kept in the param groups),
     and fails with KeyError 'step'. That state is loaded in megatron's two parts, the param groups
     (with the step) and then the tensors, with `step` out of Adam's state while the tensors are
     copied and put back (from the groups) afterwards."""
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    bounds = [[(g["max_lr"], g["min_lr"]) for g in o.optimizer.param_groups] for o in opts] if keep_lr_bounds else []
+    _load_optimizer_state(opts, state)
+    for opt, kept in zip(opts, bounds):
+        for group, (max_lr, min_lr) in zip(opt.optimizer.param_groups, kept):
+            group["max_lr"], group["min_lr"] = max_lr, min_lr
+
+
+def _load_optimizer_state(opts, state) -> None:
     if len(opts) == 1:
         states = [state]
     else:
@@ -139,3 +153,21 @@ def load_optimizer_state(optimizer, state) -> None:
         finally:
             for p, step in steps.items():
                 inner.state[p]["step"] = step
+
+
+def mark_decoupled_lr_groups(optimizer) -> None:
+    """megatron-core 0.16.1 builds --decoupled-lr's parameter group (the embedding and output
+    layer, its own max_lr/min_lr) with `is_decoupled_lr` False, so it has the same identifying key
+    (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr) as the default group. A load matches
+    the checkpoint's groups to the optimizer's by that key: both groups get one saved group (the
+    plain optimizers then fail on its size, the distributed one silently gives every weight the
+    decoupled lr). Marking the group, as the key intends, keeps the two apart. It is the only
+    group whose lr schedule is not the default one (`default_config` False)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(getattr(opt, "config", None), "decoupled_lr", None) is None:
+            continue
+        for group in opt.optimizer.param_groups:
+            if "default_config" not in group or "is_decoupled_lr" not in group:
+                raise _missing("the param groups' default_config and is_decoupled_lr fields")
+            if not group["default_config"]:
+                group["is_decoupled_lr"] = True

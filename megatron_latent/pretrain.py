@@ -38,6 +38,7 @@ from megatron_latent.training.arguments import flag_error, model_config_from_arg
 from megatron_latent.training.downstream import DownstreamEvaluator
 from megatron_latent.training.metrics import MetricsWriter, WandbRun
 from megatron_latent.training.monitoring import Monitor, StepProfiler
+from megatron_latent.training.rampup import BatchSizes
 
 logger = logging.getLogger("megatron_latent.pretrain")  # not __name__: that is "__main__" under -m
 
@@ -112,6 +113,7 @@ class Plan:
     num_microbatches: int
     jacobi_iters_for_step: Callable[[int], Optional[int]]  # None without latent thoughts (vanilla, pause, loop)
     jacobi_iters_eval: Optional[int]
+    batch_sizes: Optional[BatchSizes] = None  # each iteration's global batch (--rampup-batch-size)
 
 
 def configure(args) -> Plan:
@@ -150,14 +152,37 @@ def configure(args) -> Plan:
     # Every J the run can draw (and the evaluation J) must suit the pipeline schedule.
     for j in latent.jacobi_choices():
         layout.check_schedule(num_micro, len(latent.pass_slots(j)) * layout.virtual_chunks)
+    batch_sizes = _check_rampup(args, layout, latent, dp)
     n = latent.num_latent_thoughts
     return Plan(
         cfg, layout, tokenizer, seq_length, dp, num_micro,
         # J of step s is drawn from (--seed, s) alone: every rank, and a resumed run, draws the same.
         jacobi_iters_for_step=(lambda step: latent.jacobi_iters_for_step(step, args.seed)) if n
         else (lambda step: None),
-        jacobi_iters_eval=latent.jacobi_iters_eval if n else None,
+        jacobi_iters_eval=latent.jacobi_iters_eval if n else None, batch_sizes=batch_sizes,
     )
+
+
+def _check_rampup(args, layout: ParallelLayout, latent, dp: int) -> Optional[BatchSizes]:
+    """The batch sizes of --rampup-batch-size, each of its global batches checked as the full one
+    is: whole micro-batches on every data-parallel rank, and a count the pipeline schedule takes
+    at every J (megatron's calculator would stop at the first bad one mid-run)."""
+    if args.rampup_batch_size is None:
+        return None
+    flag = f"--rampup-batch-size {' '.join(map(str, args.rampup_batch_size))}"
+    per_step = args.micro_batch_size * dp
+    for batch in BatchSizes(args.global_batch_size, rampup=args.rampup_batch_size).stages(args.train_samples):
+        if batch % per_step:
+            raise ConfigError(f"{flag}: its global batch {batch} is not divisible by --micro-batch-size "
+                              f"{args.micro_batch_size} x data-parallel size {dp}")
+        for j in latent.jacobi_choices():
+            try:
+                layout.check_schedule(batch // per_step, len(latent.pass_slots(j)) * layout.virtual_chunks)
+            except ConfigError as e:
+                why = str(e).split(": ", 1)[-1]
+                raise ConfigError(f"{flag}: its global batch {batch} is {batch // per_step} micro-batches per step, "
+                                  f"but {why}") from None
+    return BatchSizes(args.global_batch_size, args.micro_batch_size, dp, args.rampup_batch_size)
 
 
 # ------------------------------------------------------------------------------ building
@@ -192,7 +217,7 @@ def build_optimizer_and_scheduler(model, args):
         model,
         OptimizerConfig(
             optimizer=args.optimizer, sgd_momentum=args.sgd_momentum, lr=args.lr, min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
+            weight_decay=args.weight_decay, decoupled_lr=args.decoupled_lr, decoupled_min_lr=args.decoupled_min_lr,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
             clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
             use_distributed_optimizer=args.use_distributed_optimizer,
@@ -282,6 +307,7 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
         settings=loop.LoopConfig(
             train_iters=args.train_iters, global_batch_size=args.global_batch_size,
             micro_batch_size=args.micro_batch_size, num_microbatches=plan.num_microbatches,
+            batch_sizes=plan.batch_sizes,
             seq_length=plan.seq_length, log_interval=args.log_interval, eval_interval=args.eval_interval,
             eval_iters=args.eval_iters, save=args.save, load=args.load, save_interval=args.save_interval,
             exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,

@@ -456,12 +456,12 @@ def test_eta_is_the_mean_wall_time_per_step_after_the_first(monkeypatch):
     monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
     clock = loop._Clock(train_iters=10)
     now[0] += 5.0  # step 3 (a resumed run's first) takes 5 s
-    clock.step_done(3, 5.0, 0.0)
+    clock.step_done(3, 5.0, 0.0, 4)
     assert clock.eta(3) == 5.0 * 7 and clock.elapsed() == 5.0
     now[0] += 0.5 + 1.0  # an evaluation after step 3 (0.5 s), then step 4 (1 s)
-    clock.step_done(4, 1.0, 0.0)
+    clock.step_done(4, 1.0, 0.0, 4)
     now[0] += 1.0  # step 5
-    clock.step_done(5, 1.0, 0.0)
+    clock.step_done(5, 1.0, 0.0, 4)
     assert clock.eta(5) == 1.25 * 5 and clock.elapsed() == 7.5
 
 
@@ -474,18 +474,18 @@ def test_logged_flops_and_mfu(monkeypatch, caplog):
     from megatron_latent.training import loop
 
     written = {}
-    trainer = NS(settings=NS(global_batch_size=4, seq_length=8, train_iters=10),
+    trainer = NS(settings=NS(global_batch_size=4, seq_length=8, train_iters=10, batch_sizes=None),
                  optimizer=NS(param_groups=[{"lr": 1e-3}]), state=NS(consumed_train_samples=8),
                  metrics=NS(write=lambda step, values: written.update(values)))
     clock = loop._Clock(train_iters=10)
     for step in (1, 2, 3):
-        clock.step_done(step, 0.5, 2e12)  # 3 steps of 2 TFLOP in 1.5 s
+        clock.step_done(step, 0.5, 2e12, 4)  # 3 steps of 2 TFLOP in 1.5 s
     result = NS(loss=2.0, grad_norm=1.0)
     for peak in (None, 8e12):
         monkeypatch.setattr(loop, "peak_flops", lambda: peak)
         written.clear()
         with caplog.at_level(logging.INFO, logger=loop.logger.name):
-            loop._report_step(trainer, 3, None, result, clock)
+            loop._report_step(trainer, 3, None, result, clock, 4)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         assert written["train/tflops_per_device"] == pytest.approx(4.0 / world)
         assert ("train/mfu" in written) == (peak is not None)

@@ -13,6 +13,7 @@ from megatron_latent.config import ConfigError, ModelConfig, get_preset
 from megatron_latent.config.latent import METHOD_SIZE_FIELDS
 from megatron_latent.training import megatron_flags
 from megatron_latent.training.checkpointing import checkpoint_model_config, resolve_iteration
+from megatron_latent.training.rampup import BatchSizes, rampup_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=int, default=None, help="default 20 (or --train-samples)")
     g.add_argument("--train-samples", type=int, default=None,
                    help="train this many samples (instead of --train-iters); the schedule then counts samples")
+    g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="grow the global batch from START by INCREMENT to --global-batch-size over the first SAMPLES "
+                        "samples (with --train-samples)")
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
     g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant", "inverse-square-root", "WSD"),
@@ -145,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default="exponential", help="the final decay of --lr-decay-style WSD")
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="length of WSD's final decay")
     g.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="as --lr-wsd-decay-iters, in samples")
+    g.add_argument("--decoupled-lr", type=float, default=None,
+                   help="a separate peak lr for the input embedding and the output layer (their own optimizer "
+                        "parameter group, on the same schedule)")
+    g.add_argument("--decoupled-min-lr", type=float, default=None,
+                   help="with --decoupled-lr: the embedding and output layer's --min-lr (default --min-lr)")
 
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     g.add_argument("--sgd-momentum", type=float, default=0.9)
@@ -355,18 +364,34 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if given:
             parser.error(f"{given[0]} with --train-samples: give {given[0].replace('iters', 'samples')} (the schedule "
                          "counts samples)")
-        if args.train_samples < args.global_batch_size:
-            parser.error(f"--train-samples {args.train_samples} is less than one --global-batch-size "
-                         f"({args.global_batch_size})")
-        args.train_iters = args.train_samples // args.global_batch_size
+        if args.rampup_batch_size is not None:
+            error = rampup_error(args.rampup_batch_size, args.global_batch_size)
+            if error:
+                parser.error(f"--rampup-batch-size {' '.join(map(str, args.rampup_batch_size))}: {error}")
+        first = args.rampup_batch_size[0] if args.rampup_batch_size else args.global_batch_size
+        if args.train_samples < first:
+            parser.error(f"--train-samples {args.train_samples} is less than one global batch ({first})")
+        # Megatron-LM's count: the rampup's iterations, then full batches.
+        args.train_iters = BatchSizes(args.global_batch_size, rampup=args.rampup_batch_size).train_iters(
+            args.train_samples)
     else:
         given = [f for f, v in (("--lr-decay-samples", args.lr_decay_samples),
                                 ("--lr-warmup-samples", args.lr_warmup_samples or None),
                                 ("--lr-wsd-decay-samples", args.lr_wsd_decay_samples)) if v is not None]
+        if args.rampup_batch_size is not None:  # as Megatron-LM: its rampup is in samples
+            given.append("--rampup-batch-size")
         if given:
             parser.error(f"{given[0]} needs --train-samples (the schedule counts iterations with --train-iters)")
         if args.train_iters is None:
             args.train_iters = 20
+    if args.decoupled_min_lr is not None and args.decoupled_lr is None:
+        parser.error("--decoupled-min-lr applies to --decoupled-lr (the embedding and output layer's lr); give both")
+    if args.decoupled_lr is not None:
+        low, flag = (args.min_lr, "--min-lr") if args.decoupled_min_lr is None else (args.decoupled_min_lr,
+                                                                                      "--decoupled-min-lr")
+        if not 0 <= low <= args.decoupled_lr:
+            parser.error(f"the embedding and output layer's lr decays from --decoupled-lr {args.decoupled_lr} to "
+                         f"{flag} {low}: give 0 <= {flag} <= --decoupled-lr")
     if (args.lr_warmup_fraction is not None) and (args.lr_warmup_iters or args.lr_warmup_samples):
         parser.error("give one of --lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples")
     for flag in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval"):

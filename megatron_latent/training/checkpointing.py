@@ -417,7 +417,8 @@ def load_checkpoint(
     if optimizer is not None:
         # no_grad: the distributed optimizer copies into shards that view the model's parameters.
         with torch.no_grad():
-            compat.load_optimizer_state(optimizer, loaded["optimizer"])
+            compat.load_optimizer_state(optimizer, loaded["optimizer"], keep_lr_bounds=bool(
+                scheduler is not None and scheduler.override_opt_param_scheduler))
         compat.restore_adam_steps(optimizer)
         platform.fuse_optimizer(optimizer)
     if scheduler is not None and "opt_param_scheduler" in loaded:

@@ -27,7 +27,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 
-from megatron_latent import platform
+from megatron_latent import compat, platform
 from megatron_latent.parallel.pipeline import latent_forward_backward
 
 
@@ -61,6 +61,7 @@ def wrap_ddp(model_chunks: List[torch.nn.Module], ddp_config=None):
 
 def build_optimizer(model_chunks, optimizer_config):
     optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
+    compat.mark_decoupled_lr_groups(optimizer)  # before any save: it identifies the group on load
     platform.fuse_optimizer(optimizer)
     return optimizer
 

@@ -15,7 +15,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,13 @@ class LoopConfig:
     exit_duration_in_mins: Optional[float] = None  # stop (saving) once training ran this long
     flops_per_sample: Optional[Callable[[Optional[int]], float]] = None  # J -> model FLOPs of one sample
     extra_save_iters: frozenset = frozenset()  # saved besides the interval's (0: before the first step)
+    batch_sizes: Optional[Any] = None  # rampup.BatchSizes of --rampup-batch-size (None: every batch the same)
+
+    def batch_at(self, consumed_samples: int) -> Tuple[int, int]:
+        """(global batch, micro-batches per data-parallel rank) of the iteration after these samples."""
+        if self.batch_sizes is None:
+            return self.global_batch_size, self.num_microbatches
+        return self.batch_sizes.at(consumed_samples)
 
 
 @dataclass
@@ -118,12 +125,13 @@ class _Clock:
         self.reset_window()
 
     def reset_window(self) -> None:
-        self.window_time, self.window_flops, self.window_steps = 0.0, 0.0, 0
+        self.window_time, self.window_flops, self.window_steps, self.window_samples = 0.0, 0.0, 0, 0
 
-    def step_done(self, step: int, seconds: float, flops: float) -> None:
+    def step_done(self, step: int, seconds: float, flops: float, samples: int) -> None:
         self.window_time += seconds
         self.window_flops += flops
         self.window_steps += 1
+        self.window_samples += samples
         if self.first is None:
             self.first = (step, time.perf_counter())
 
@@ -147,7 +155,7 @@ def _hms(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
 
-def _report_step(t: Trainer, step: int, jacobi: Optional[int], result, clock: _Clock,
+def _report_step(t: Trainer, step: int, jacobi: Optional[int], result, clock: _Clock, batch: int,
                  extra: Optional[dict] = None) -> None:
     """The iteration line, and its record in metrics.jsonl (with `extra`, the monitor's values)."""
     s = t.settings
@@ -155,13 +163,20 @@ def _report_step(t: Trainer, step: int, jacobi: Optional[int], result, clock: _C
     values = {
         "train/loss": result.loss,
         "train/lr": t.optimizer.param_groups[0]["lr"],
-        "train/tokens_per_s": s.global_batch_size * s.seq_length / step_time,
+        "train/tokens_per_s": clock.window_samples / clock.window_steps * s.seq_length / step_time,
         "train/step_time_s": step_time,
         "train/consumed_samples": t.state.consumed_train_samples,
     }
     line = (f"iteration {step:6d}/{s.train_iters} | consumed samples {t.state.consumed_train_samples} | "
             f"loss {result.loss:.4f} | " + (f"J {jacobi} | " if jacobi is not None else "")
             + f"lr {values['train/lr']:.3e} | ")
+    if s.batch_sizes is not None:  # Megatron-LM's "global batch size" of the iteration
+        values["train/global_batch_size"] = batch
+        line += f"global batch size {batch} | "
+    decoupled = [g["lr"] for g in t.optimizer.param_groups if g.get("is_decoupled_lr")]
+    if decoupled:  # --decoupled-lr: the embedding and output layer's
+        values["train/decoupled_lr"] = decoupled[0]
+        line += f"decoupled lr {decoupled[0]:.3e} | "
     if result.grad_norm is not None:
         values["train/grad_norm"] = result.grad_norm
         line += f"grad norm {result.grad_norm:.3f} | "
@@ -233,23 +248,33 @@ def train(t: Trainer) -> TrainState:
     last_checkpoint = (s.load, state.iteration) if s.load and state.iteration else None
     if s.save and state.iteration == 0 and 0 in s.extra_save_iters:
         t.save(state)  # the initial weights
+    num_micro = s.batch_at(state.consumed_train_samples)[1]
 
     while state.iteration < s.train_iters:
         step = state.iteration + 1
         t0 = time.perf_counter()
         jacobi = t.jacobi_iters_for_step(step)
-        micro = batching.take_on_every_rank(t.train_batches, s.num_microbatches)
+        batch, micro_count = s.batch_at(state.consumed_train_samples)
+        if micro_count != num_micro:
+            logger.info(f"global batch size {batch} from iteration {step} on (--rampup-batch-size)")
+            # As Megatron-LM: a checkpoint before the batch grows.
+            if s.save and last_saved != state.iteration:
+                t.save(state)
+                last_saved = state.iteration
+                last_checkpoint = (s.save, state.iteration)
+            num_micro = micro_count
+        micro = batching.take_on_every_rank(t.train_batches, micro_count)
         if t.monitor is not None:
             t.monitor.step_begins(t.model, step, log=step % s.log_interval == 0)
-        result = latent_train_step(t.model, t.optimizer, iter(micro), s.num_microbatches,
+        result = latent_train_step(t.model, t.optimizer, iter(micro), micro_count,
                                    s.seq_length, s.micro_batch_size, jacobi or 0)
-        t.scheduler.step(increment=1)
+        t.scheduler.step(increment=1)  # by the iteration's samples when it counts samples
         if t.monitor is not None:
             t.monitor.step_ends(t.model, step)
         state.iteration = step
-        state.consumed_train_samples += s.global_batch_size
-        flops = s.flops_per_sample(jacobi) * s.global_batch_size if s.flops_per_sample else 0.0
-        clock.step_done(step, time.perf_counter() - t0, flops)
+        state.consumed_train_samples += batch
+        flops = s.flops_per_sample(jacobi) * batch if s.flops_per_sample else 0.0
+        clock.step_done(step, time.perf_counter() - t0, flops, batch)
 
         # The loss is known on the last stage only: every rank learns of a bad one and stops. One
         # all-reduce carries it and the SIGTERM flag.
@@ -273,7 +298,7 @@ def train(t: Trainer) -> TrainState:
         if step % s.log_interval == 0:
             extra = t.monitor.values(t.model) if t.monitor is not None else None  # on every rank
             if t.reporter:
-                _report_step(t, step, jacobi, result, clock, extra)
+                _report_step(t, step, jacobi, result, clock, batch, extra)
             clock.reset_window()
         if s.eval_iters and step % s.eval_interval == 0:
             _evaluate(t, step, t.valid_batches)

@@ -112,11 +112,6 @@ TABLE: Dict[str, Flag] = {
     # ------------------------------------------------------------------ training
     "--calculate-per-token-loss": Flag(NO_EFFECT, "on always: the loss and its gradient are averaged over the "
                                                   "tokens of the global batch"),
-    "--rampup-batch-size": Flag(REFUSED, "batch-size rampup is not implemented (every step has "
-                                         "--global-batch-size samples)", "*"),
-    "--decoupled-lr": Flag(REFUSED, "a separate lr for the embedding and output layer: megatron-core's extra "
-                                    "optimizer parameter group does not reload from this project's checkpoints yet", 1),
-    "--decoupled-min-lr": Flag(REFUSED, "applies to --decoupled-lr, which is not supported", 1),
     "--manual-gc": Flag(NO_EFFECT, "Python's garbage collector runs as usual (a timing aid, training unchanged)"),
     "--manual-gc-interval": Flag(NO_EFFECT, "Python's garbage collector runs as usual", 1),
     "--no-save-optim": Flag(REFUSED, "checkpoints always hold the optimizer state, so that runs resume exactly"),

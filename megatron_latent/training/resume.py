@@ -88,6 +88,14 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     if with_optim and optimizer_layout:
         _check_optimizer_layout(load_dir, common.get("extra", {}).get("args", {}), optimizer_layout,
                                 checkpointing.optimizer_sharding(common) == checkpointing.FULLY_RESHARDABLE)
+    saved_flags = common.get("extra", {}).get("args", {})
+    had = saved_flags.get("decoupled_lr") is not None
+    if with_optim and saved_flags and had != ((schedule_flags or {}).get("decoupled_lr") is not None):
+        # Not even the override flags help: the optimizer's parameter groups differ.
+        raise ResumeError(
+            f"--load {load_dir}: its optimizer state was saved {'with' if had else 'without'} --decoupled-lr, whose "
+            f"parameter group (the embedding and output layer) the optimizer {'lacks' if had else 'has'} now; resume "
+            "with the checkpoint's setting, or pass --no-load-optim to start the Adam moments fresh")
     if with_optim and not (scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler):
         ours, theirs = scheduler.state_dict(), common["opt_param_scheduler"]
         differ = [f"{k}: {theirs[k]} vs {ours[k]}" for k in _SCHEDULE_FIELDS if k in theirs and theirs[k] != ours[k]]

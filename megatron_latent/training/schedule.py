@@ -2,47 +2,56 @@
 
 Iteration-based flags (--train-iters, --lr-decay-iters, --lr-warmup-iters) count the scheduler's
 steps in iterations; sample-based ones (--train-samples, --lr-decay-samples, --lr-warmup-samples)
-in samples, the scheduler then advancing by --global-batch-size per iteration, as Megatron-LM's
-does. Both give Megatron-LM's lr at every iteration (its steps are samples in either case; with a
-fixed batch size the two units differ by a constant factor).
+in samples, the scheduler then advancing by each iteration's global batch (--global-batch-size, or
+the growing one of --rampup-batch-size), as Megatron-LM's does. Both give Megatron-LM's lr at every
+iteration (its steps are samples in either case; with a fixed batch size the two units differ by a
+constant factor).
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_latent.config import ConfigError
+from megatron_latent.training.rampup import BatchSizes
 
 # Flags of the schedule that OptimizerParamScheduler's state does not hold: a resumed run compares
 # them with the checkpoint's saved flags (the state's own fields are compared by resume.resume).
-UNSTORED = ("lr_warmup_init", "lr_wsd_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_samples")
+UNSTORED = ("lr_warmup_init", "lr_wsd_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_samples",
+            "decoupled_lr", "decoupled_min_lr", "rampup_batch_size")
 
 
 class _SampleScheduler(OptimizerParamScheduler):
-    """Counts samples: each step (an iteration, or `increment` of them) advances by the batch."""
+    """Counts samples: each iteration advances by its global batch, `batch_at(samples so far)`
+    (constant, or growing with --rampup-batch-size), as Megatron-LM's steps by the batch it trained."""
 
-    def __init__(self, *args, samples_per_step: int, **kwargs):
-        self.samples_per_step = samples_per_step
+    def __init__(self, *args, batch_at: Callable[[int], int], **kwargs):
+        self.batch_at = batch_at
+        self.raw = True  # the base class's own steps (its first, to 0, and a load's) count samples
         super().__init__(*args, **kwargs)
+        self.raw = False
 
     def step(self, increment: int) -> None:
-        super().step(increment * self.samples_per_step)
+        if self.raw:
+            return super().step(increment)
+        for _ in range(increment):  # iterations
+            super().step(self.batch_at(self.num_steps))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # The base class steps to the saved num_steps, which counts samples already.
-        unit, self.samples_per_step = self.samples_per_step, 1
+        self.raw = True
         try:
             super().load_state_dict(state_dict)
         finally:
-            self.samples_per_step = unit
+            self.raw = False
 
 
 def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
     """megatron-core's scheduler as Megatron-LM builds it from these flags (raises ConfigError)."""
     if args.train_samples is not None:
-        unit, what, suffix = args.global_batch_size, "samples", "samples"
+        unit, what, suffix = BatchSizes(args.global_batch_size, rampup=args.rampup_batch_size), "samples", "samples"
         train, decay = args.train_samples, args.lr_decay_samples or args.train_samples
         warmup, wsd = args.lr_warmup_samples, args.lr_wsd_decay_samples
     else:
@@ -76,4 +85,4 @@ def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamSchedu
     )
     if unit == 1:
         return OptimizerParamScheduler(optimizer, **kwargs)
-    return _SampleScheduler(optimizer, samples_per_step=unit, **kwargs)
+    return _SampleScheduler(optimizer, batch_at=unit.global_batch, **kwargs)
