@@ -127,3 +127,28 @@ def test_megatron_prefill_costs_the_forward_passes_and_no_logits(single_rank, n)
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         generate(model, ids, 1, prefill="jacobi", jacobi_iters=2)
     assert counter.get_total_flops() == B * (passes + out_layer)
+
+
+def test_megatron_cached_step_rotates_its_new_entries_only(single_rank, monkeypatch):
+    """A cached step rotates its own query and key, not the cache (megatron-core's static path
+    re-rotates every cached key at every step), and the cache is laid out head by head."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from gen_utils import family_model, positions, random_ids
+    from megatron_latent.inference import LatentKVDecoder
+
+    model = family_model("tiny-llama", 1)
+    rotated = []
+    apply = rope_utils._apply_rotary_pos_emb_bshd
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd",
+                        lambda t, *a, **k: rotated.append(t.shape[0]) or apply(t, *a, **k))
+    ids, valid = random_ids(B, P, seed=4), torch.ones(B, P, dtype=torch.bool)
+    decoder = LatentKVDecoder(model, B, P + 1)
+    with torch.no_grad():
+        decoder.prefill(ids[:, :-1], positions(B, P - 1), valid[:, :-1], "exact")
+        rotated.clear()
+        decoder.step(ids[:, -1:], positions(B, P)[:, -1:], valid[:, -1:])
+    layers = model.config.num_layers
+    assert rotated == [1] * (2 * layers * decoder.num_slots)  # query and key, per layer and slot step
+    for keys, values in decoder.contexts[0].key_value_memory_dict.values():
+        assert keys.stride(0) == keys.shape[-1] and values.stride(0) == values.shape[-1]

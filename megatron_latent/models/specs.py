@@ -38,6 +38,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_latent.config import ModelConfig
 from megatron_latent.models.attention import FusedDotProductAttention
+from megatron_latent.models.cached_attention import CachedRotarySelfAttention
 from megatron_latent.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from megatron_latent.models.norms import TorchNorm
 from megatron_latent.models.parallel_residual import (
@@ -90,6 +91,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
             TELayerNormColumnParallelLinear, TELayerNormColumnParallelLinear,
             TERowParallelLinear, TERowParallelLinear, TEDotProductAttention,
         )
+        self_attn = SelfAttention
         in_norm = mlp_norm = IdentityOp
         qk_norm = TENorm if cfg.qk_layernorm else IdentityOp
         keys_map = {}
@@ -98,6 +100,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
         # Parallel residual: both projections hand back partial sums, the layer reduces once.
         proj = fc2 = PartialSumRowParallelLinear if cfg.parallel_residual else LocalRowParallelLinear
         attn = FusedDotProductAttention
+        self_attn = CachedRotarySelfAttention
         in_norm = mlp_norm = TorchNorm
         qk_norm = TorchNorm if cfg.qk_layernorm else IdentityOp
         keys_map = dict(_SHARDED_KEYS_MAP)
@@ -106,7 +109,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=in_norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=self_attn,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv, core_attention=attn, linear_proj=proj,
