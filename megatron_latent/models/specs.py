@@ -8,7 +8,8 @@ megatron's modules read themselves.
 * local (CPU, or GPU without TE): megatron's ColumnParallel/RowParallelLinear (one F.linear each
   at one tensor-parallel rank: models.linear) and DotProductAttention (over torch's fused
   attention kernel: models.attention), norms from `models.norms.TorchNorm` (sequence-parallel
-  capable).
+  capable), and a SelfAttention whose KV cache holds rotated keys, head by head
+  (models.cached_attention).
 * Transformer Engine (chosen automatically when `transformer_engine` imports and CUDA is present):
   norms fused into the following linear (TELayerNormColumnParallelLinear), TE attention and
   row-parallel linears. With TE the parallel-residual layer reduces twice (TE's row-parallel
