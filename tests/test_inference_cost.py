@@ -14,12 +14,12 @@ from megatron_latent.models.flops import model_decode_flops, model_step_flops
 B, P = 2, 6
 
 
-def _hf(n, prefill="jacobi"):
+def _hf(n, prefill="jacobi", **kw):
     from megatron_latent.hf import modeling_latent as ml
     from megatron_latent.hf.export import _LATENT_CLASSES, _LATENT_CONFIGS, hf_config_dict
 
     cfg = get_preset("tiny-llama", num_layers=2, hidden_size=32, ffn_hidden_size=48, num_latent_thoughts=n,
-                     scale_embeddings=True, vocab_size=256)
+                     scale_embeddings=True, vocab_size=256, **kw)
     conf = getattr(ml, _LATENT_CONFIGS[cfg.arch]).from_dict(hf_config_dict(cfg))
     conf.latent_prefill = prefill
     conf._attn_implementation = "eager"
@@ -47,9 +47,10 @@ def test_generate_prefill_costs_the_forward_passes_and_one_output_layer(n):
     assert counter.get_total_flops() == B * (passes + out_layer)
 
 
-@pytest.mark.parametrize("n", [0, 1, 2])
-def test_cached_token_costs_its_slot_steps_and_one_output_layer(n):
-    cfg, hf = _hf(n, prefill="exact")
+@pytest.mark.parametrize("n, thought_input", [(0, "hidden"), (1, "hidden"), (2, "hidden"), (1, "interpolated")])
+def test_cached_token_costs_its_slot_steps_and_one_output_layer(n, thought_input):
+    """Interpolated thoughts add one vocabulary mix per thought fed, none after the last slot."""
+    cfg, hf = _hf(n, prefill="exact", thought_input=thought_input)
     ids = _prompt()
     with torch.no_grad():
         out = hf(input_ids=ids, use_cache=True)
