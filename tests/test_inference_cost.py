@@ -14,12 +14,12 @@ from megatron_latent.models.flops import model_decode_flops, model_step_flops
 B, P = 2, 6
 
 
-def _hf(n, prefill="jacobi"):
+def _hf(n, prefill="jacobi", **kw):
     from megatron_latent.hf import modeling_latent as ml
     from megatron_latent.hf.export import _LATENT_CLASSES, _LATENT_CONFIGS, hf_config_dict
 
     cfg = get_preset("tiny-llama", num_layers=2, hidden_size=32, ffn_hidden_size=48, num_latent_thoughts=n,
-                     scale_embeddings=True, vocab_size=256)
+                     scale_embeddings=True, vocab_size=256, **kw)
     conf = getattr(ml, _LATENT_CONFIGS[cfg.arch]).from_dict(hf_config_dict(cfg))
     conf.latent_prefill = prefill
     conf._attn_implementation = "eager"
@@ -47,9 +47,10 @@ def test_generate_prefill_costs_the_forward_passes_and_one_output_layer(n):
     assert counter.get_total_flops() == B * (passes + out_layer)
 
 
-@pytest.mark.parametrize("n", [0, 1, 2])
-def test_cached_token_costs_its_slot_steps_and_one_output_layer(n):
-    cfg, hf = _hf(n, prefill="exact")
+@pytest.mark.parametrize("n, thought_input", [(0, "hidden"), (1, "hidden"), (2, "hidden"), (1, "interpolated")])
+def test_cached_token_costs_its_slot_steps_and_one_output_layer(n, thought_input):
+    """Interpolated thoughts add one vocabulary mix per thought fed, none after the last slot."""
+    cfg, hf = _hf(n, prefill="exact", thought_input=thought_input)
     ids = _prompt()
     with torch.no_grad():
         out = hf(input_ids=ids, use_cache=True)
@@ -127,3 +128,28 @@ def test_megatron_prefill_costs_the_forward_passes_and_no_logits(single_rank, n)
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         generate(model, ids, 1, prefill=PrefillParams("jacobi", jacobi_iters=2))
     assert counter.get_total_flops() == B * (passes + out_layer)
+
+
+def test_megatron_cached_step_rotates_its_new_entries_only(single_rank, monkeypatch):
+    """A cached step rotates its own query and key, not the cache (megatron-core's static path
+    re-rotates every cached key at every step), and the cache is laid out head by head."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from gen_utils import family_model, positions, random_ids
+    from megatron_latent.inference import LatentKVDecoder
+
+    model = family_model("tiny-llama", 1)
+    rotated = []
+    apply = rope_utils._apply_rotary_pos_emb_bshd
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd",
+                        lambda t, *a, **k: rotated.append(t.shape[0]) or apply(t, *a, **k))
+    ids, valid = random_ids(B, P, seed=4), torch.ones(B, P, dtype=torch.bool)
+    decoder = LatentKVDecoder(model, B, P + 1)
+    with torch.no_grad():
+        decoder.prefill(ids[:, :-1], positions(B, P - 1), valid[:, :-1], "exact")
+        rotated.clear()
+        decoder.step(ids[:, -1:], positions(B, P)[:, -1:], valid[:, -1:])
+    layers = model.config.num_layers
+    assert rotated == [1] * (2 * layers * decoder.num_slots)  # query and key, per layer and slot step
+    for keys, values in decoder.contexts[0].key_value_memory_dict.values():
+        assert keys.stride(0) == keys.shape[-1] and values.stride(0) == values.shape[-1]

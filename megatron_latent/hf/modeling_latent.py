@@ -399,7 +399,8 @@ class LatentMixin:
             for a in range(self.num_slots):
                 end = past + t * self.num_slots + a + 1
                 h = self.decoder_pass(x, pos, slot_mask[:, :end], cache)
-                x = self.thought_vectors(h) * keep
+                if a + 1 < self.num_slots:  # the last slot feeds nothing (interpolated: no vocabulary mix)
+                    x = self.thought_vectors(h) * keep
             outs.append(h)
         return torch.cat(outs, dim=1)
 

@@ -17,10 +17,12 @@ appends its keys/values and attends over all of them.
 Two things megatron's static path does not know about, handled here:
 
 * Slots share position ids, so rotary must be indexed by each cache entry's *position id*, not by
-  its cache index. The context stores keys before rotary and re-applies `rotary[:end]` to all
-  cached keys each step (queries take `rotary[start:end]`), so we hand the decoder a rotary table
-  indexed by cache entry (LatentGPTModel.rotary_for of each entry's position id, written once
-  when the entry is added, like the padding mask: a step builds neither anew).
+  its cache index. megatron's attention reads the table it is given by cache index (queries
+  `rotary[start:end]`, keys `rotary[:end]`), so we hand the decoder a rotary table indexed by
+  cache entry (LatentGPTModel.rotary_for of each entry's position id, written once when the
+  entry is added, like the padding mask: a step builds neither anew). The project's attention
+  (models.cached_attention) rotates each key once, when it enters the cache; megatron-core's own
+  would re-rotate every cached key at every step.
 * Left padding: an explicit mask [b, 1, new, cached] hides padded entries and keeps the new entries
   causal among themselves (megatron's local attention ignores the no-mask hint it switches to
   after the first step, and asserts square masks when none is given).

@@ -8,7 +8,8 @@ megatron's modules read themselves.
 * local (CPU, or GPU without TE): megatron's ColumnParallel/RowParallelLinear (one F.linear each
   at one tensor-parallel rank: models.linear) and DotProductAttention (over torch's fused
   attention kernel: models.attention), norms from `models.norms.TorchNorm` (sequence-parallel
-  capable).
+  capable), and a SelfAttention whose KV cache holds rotated keys, head by head
+  (models.cached_attention).
 * Transformer Engine (chosen automatically when `transformer_engine` imports and CUDA is present):
   norms fused into the following linear (TELayerNormColumnParallelLinear), TE attention and
   row-parallel linears. With TE the parallel-residual layer reduces twice (TE's row-parallel
@@ -38,6 +39,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_latent.config import ModelConfig
 from megatron_latent.models.attention import FusedDotProductAttention
+from megatron_latent.models.cached_attention import CachedRotarySelfAttention
 from megatron_latent.models.linear import LocalColumnParallelLinear, LocalRowParallelLinear
 from megatron_latent.models.norms import TorchNorm
 from megatron_latent.models.parallel_residual import (
@@ -90,6 +92,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
             TELayerNormColumnParallelLinear, TELayerNormColumnParallelLinear,
             TERowParallelLinear, TERowParallelLinear, TEDotProductAttention,
         )
+        self_attn = SelfAttention
         in_norm = mlp_norm = IdentityOp
         qk_norm = TENorm if cfg.qk_layernorm else IdentityOp
         keys_map = {}
@@ -98,6 +101,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
         # Parallel residual: both projections hand back partial sums, the layer reduces once.
         proj = fc2 = PartialSumRowParallelLinear if cfg.parallel_residual else LocalRowParallelLinear
         attn = FusedDotProductAttention
+        self_attn = CachedRotarySelfAttention
         in_norm = mlp_norm = TorchNorm
         qk_norm = TorchNorm if cfg.qk_layernorm else IdentityOp
         keys_map = dict(_SHARDED_KEYS_MAP)
@@ -106,7 +110,7 @@ def layer_spec(cfg: ModelConfig, use_te: Optional[bool] = None) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=in_norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=self_attn,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv, core_attention=attn, linear_proj=proj,
