@@ -14,7 +14,8 @@ Measured, fp32 on the CPU (random weights: speed does not depend on them), for e
 * decode: ms per generated token (the whole batch's step) at each batch size, after a prompt of
   `--prompt` tokens, median over `--decode` greedy tokens;
 * prefill: seconds to put a prompt of each length in the KV cache and give the next token's
-  logits (batch 1; the latent model's default Jacobi prefill, J = its evaluation J), and for the
+  logits (batch `--prefill-batch-size`, default 1; the latent model's default Jacobi prefill,
+  J = its evaluation J), and for the
   latent model also the exact prefill (`prefill-exact`: the sequential rollout, the vanilla
   model's FLOPs in (N+1) P single-slot steps);
 * scoring: lm-evaluation-harness loglikelihood requests per second (its HFLM on the HF model, a
@@ -242,7 +243,7 @@ def worker(spec_path: str) -> None:
             print(json.dumps({"kind": "decode", "batch": b, "round": r, "s": statistics.median(times),
                               "tokens": tokens[0]}), flush=True)
         for p in spec["prefill_lengths"]:
-            first, _, _ = run(_ids(1, p, vocab, seed=2), 1)
+            first, _, _ = run(_ids(spec["prefill_batch"], p, vocab, seed=2), 1)
             print(json.dumps({"kind": "prefill", "length": p, "round": r, "s": first}), flush=True)
 
 
@@ -255,7 +256,7 @@ def authors(args, state, hf_dict, vocab, jacobi) -> list:
                 file=os.path.abspath(args.authors_modeling_file), threads=torch.get_num_threads(), jacobi=jacobi,
                 vocab=vocab, rounds=args.rounds,
                 batch_sizes=args.batch_sizes, prompt=args.prompt, decode=args.decode,
-                prefill_lengths=args.prefill_lengths)
+                prefill_lengths=args.prefill_lengths, prefill_batch=args.prefill_batch_size)
     with open(os.path.join(tmp, "spec.json"), "w") as f:
         json.dump(spec, f)
     run = subprocess.run([args.reference_python, os.path.abspath(__file__), "--worker", os.path.join(tmp, "spec.json")],
@@ -277,6 +278,7 @@ def parse(argv):
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[128, 512, 2048])
+    p.add_argument("--prefill-batch-size", type=int, default=1, help="samples per prefill measurement")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding; scored request length")
     p.add_argument("--decode", type=int, default=32, help="greedy tokens per decode measurement")
     p.add_argument("--requests", type=int, default=32, help="loglikelihood requests per scoring measurement")
@@ -337,9 +339,10 @@ def main(argv=None) -> int:
                     tokens[(path, name, b)] = toks[0]
                 for p in args.prefill_lengths:
                     prefill = hf_prefill if path == "hf" else meg_prefill
-                    add((path, name, "prefill", p), prefill(model, _ids(1, p, vocab, seed=2)))
+                    prompt = _ids(args.prefill_batch_size, p, vocab, seed=2)
+                    add((path, name, "prefill", p), prefill(model, prompt))
                     if name == "latent":
-                        add((path, name, "prefill-exact", p), prefill(model, _ids(1, p, vocab, seed=2), "exact"))
+                        add((path, name, "prefill-exact", p), prefill(model, prompt, "exact"))
             if name in scorers:
                 add(("hf", name, "score", args.requests), score(scorers[name]))
     if args.authors_modeling_file:
@@ -357,15 +360,17 @@ def report(args, cfgs, times, tokens):
     fl = {name: flops(cfg, args) for name, cfg in cfgs.items()}
     rows = []
     print(f"preset {args.model_preset} ({cfgs['twin'].num_layers} layers, hidden {cfgs['twin'].hidden_size}), "
-          f"prompt {args.prompt}, decode {args.decode}, {args.rounds} rounds, fp32 cpu")
+          f"prompt {args.prompt}, decode {args.decode}, prefill batch {args.prefill_batch_size}, {args.rounds} rounds, "
+          "fp32 cpu")
     print(f"{'path':9s} {'model':11s} {'measure':13s} {'size':>5s} {'value':>10s} {'unit':8s} "
           f"{'GFLOP':>9s} {'x 2x-layers':>11s} {'FLOP x':>7s}")
     for (path, name, kind, size), vals in sorted(times.items()):
         v = statistics.median(vals)
-        f = {"decode": fl[name]["decode_per_token"] * size, "prefill": fl[name]["prefill"].get(size),
-             "prefill-exact": fl[name]["prefill-exact"].get(size), "score": fl[name]["score_request"]}[kind]
+        pb = args.prefill_batch_size
+        f = {"decode": fl[name]["decode_per_token"] * size, "prefill": fl[name]["prefill"].get(size, 0) * pb,
+             "prefill-exact": fl[name]["prefill-exact"].get(size, 0) * pb, "score": fl[name]["score_request"]}[kind]
         f2 = {"decode": fl["vanilla-2x"]["decode_per_token"] * size,
-              "prefill": fl["vanilla-2x"]["prefill"].get(size),
+              "prefill": fl["vanilla-2x"]["prefill"].get(size, 0) * pb,
               "score": fl["vanilla-2x"]["score_request"]}[kind.split("-")[0]]
         base = times.get(("hf" if path == "authors" else path, "vanilla-2x", kind.split("-")[0], size))
         ratio = None
