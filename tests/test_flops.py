@@ -1,5 +1,6 @@
 """models.flops against an independent count: torch's FlopCounterMode over a real forward (and
-backward) of tiny product models, vanilla and latent.
+backward) of tiny product models, vanilla, latent and every baseline; and the per-token decoding
+counts, summed over a sequence, against the causal forward's.
 
 What FlopCounterMode counts here: every matmul (aten mm/addmm for the linear layers and the output
 layer, baddbmm/bmm for the local spec's core attention QK^T and AV on CPU, at 2 FLOPs per
@@ -17,7 +18,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_latent.config import ModelConfig
-from megatron_latent.models.flops import decoder_pass_flops, model_step_flops
+from megatron_latent.models.flops import decoder_pass_flops, model_decode_flops, model_step_flops
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 B, S = 2, 8
@@ -171,7 +172,6 @@ def test_decode_flops_equal_torch_flop_counter(method):
     cache (the token, then its thoughts fed back or its pause slots; with extra loops one cache per
     run of the stack, each fed the previous one's output), the output layer once."""
     from megatron_latent.inference.kv_decoder import LatentKVDecoder
-    from megatron_latent.models.flops import model_decode_flops
 
     cfg = _method_config("tiny-llama", **method)
     model = _method_model(cfg).eval()
@@ -182,3 +182,19 @@ def test_decode_flops_equal_torch_flop_counter(method):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model.output(cache.step(ids, pos, valid), ids, pos)
         assert counter.get_total_flops() == model_decode_flops(cfg, p), p
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_decode_flops_sum_to_the_causal_forward(n):
+    # Over a whole sequence, decoding does every slot's matmuls once and attention over the lower
+    # triangle of the (N+1) S slots; the output layer once per token.
+    cfg = ModelConfig(name="d", arch="llama", num_layers=4, hidden_size=64, num_attention_heads=4,
+                      num_query_groups=2, ffn_hidden_size=176, vocab_size=512, seq_length=16)
+    cfg = cfg.replace(num_latent_thoughts=n)
+    s, vocab = 16, 512
+    m = (n + 1) * s
+    full = decoder_pass_flops(m, hidden=64, num_layers=4, ffn_hidden=176, num_heads=4, num_query_groups=2,
+                              gated_mlp=True)
+    causal = full - 4 * 4 * m * m * 64 + 4 * 4 * 64 * m * (m + 1) // 2
+    total = sum(model_decode_flops(cfg, p) for p in range(s))
+    assert total == causal + 2 * s * 64 * vocab

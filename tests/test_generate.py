@@ -4,21 +4,22 @@ training forward's Jacobi solution and the plain GPTModel; padding, sampling, EO
 import pytest
 import torch
 
-from gen_utils import FAMILIES, family_model, positions, random_ids
 from megatron_latent.inference import PrefillParams, SamplingParams, decode_logits, generate
 from megatron_latent.inference.reference import sequential_logits
 from megatron_latent.inference.sampling import sample
+from tiny import ARCHS, inference_model, positions
+from tiny import ids as random_ids
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 L = 6
 
 
 @pytest.mark.parametrize("n", [0, 1, 2])
-@pytest.mark.parametrize("preset", FAMILIES)
-def test_cached_decoding_equals_sequential_reference(preset, n):
-    m = family_model(preset, n)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_decoding_equals_sequential_reference(arch, n):
+    m = inference_model(arch, n)
     ids = random_ids(2, L, seed=n)
-    ref = sequential_logits(m, ids, positions(2, L))
+    ref = sequential_logits(m, ids, positions(ids))
     # Prompt of 3 positions by the exact (slot by slot) prefill, then 3 cached token steps.
     got = decode_logits(m, ids, decode_steps=3)
     assert got.prefill_iters is None
@@ -27,31 +28,31 @@ def test_cached_decoding_equals_sequential_reference(preset, n):
     torch.testing.assert_close(decode_logits(m, ids, decode_steps=0).logits, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["tiny-pythia", "tiny-llama"])
-def test_rotary_by_cache_index_would_be_wrong(preset, monkeypatch):
+@pytest.mark.parametrize("arch", ["gpt-neox", "llama"])
+def test_rotary_by_cache_index_would_be_wrong(arch, monkeypatch):
     """Negative control: the comparison above sees where rotary is indexed (thoughts share the
     position id of their token; indexing rotary by cache entry gives other logits)."""
-    m = family_model(preset, 1)
+    m = inference_model(arch, 1)
     ids = random_ids(2, L, seed=3)
-    ref = sequential_logits(m, ids, positions(2, L))
+    ref = sequential_logits(m, ids, positions(ids))
     original = m.rotary_for
     monkeypatch.setattr(m, "rotary_for", lambda pos, k: original(torch.arange(pos.shape[1]).expand_as(pos), k))
     assert (decode_logits(m, ids).logits - ref).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
-def test_n0_greedy_equals_plain_gpt_greedy_without_cache(preset):
-    from gen_utils import family_config
+@pytest.mark.parametrize("arch", ARCHS)
+def test_n0_greedy_equals_plain_gpt_greedy_without_cache(arch):
     from megatron_latent.models.gpt import build_gpt_model
+    from tiny import small_config
 
-    latent = family_model(preset, 0)
-    plain = build_gpt_model(family_config(preset, 0), use_te=False).eval()
+    latent = inference_model(arch, 0)
+    plain = build_gpt_model(small_config(arch, 0), use_te=False).eval()
     plain.load_state_dict(latent.state_dict())
     prompt, steps = random_ids(2, 4, seed=5), 6
     ids, ref_logits = prompt, []
     with torch.no_grad():
         for _ in range(steps):  # the whole sequence again at every step, no cache
-            logits = plain(ids, positions(*ids.shape), None)[:, -1]
+            logits = plain(ids, positions(ids), None)[:, -1]
             ref_logits.append(logits)
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     out = generate(latent, prompt, steps, return_logits=True)
@@ -61,17 +62,17 @@ def test_n0_greedy_equals_plain_gpt_greedy_without_cache(preset):
 
 
 @pytest.mark.parametrize("n", [1, 2])
-@pytest.mark.parametrize("preset", FAMILIES)
-def test_fixed_jacobi_prefill_is_the_parallel_forward(preset, n):
-    m = family_model(preset, n)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fixed_jacobi_prefill_is_the_parallel_forward(arch, n):
+    m = inference_model(arch, n)
     ids = random_ids(2, L, seed=7)
     for j in (0, 1, 2):
         got = decode_logits(m, ids, decode_steps=0, prefill=PrefillParams("jacobi", jacobi_iters=j))
         with torch.no_grad():
-            forward = m(ids, positions(2, L), None, num_jacobi_iters=j)
+            forward = m(ids, positions(ids), None, num_jacobi_iters=j)
         assert got.prefill_iters == j
         torch.testing.assert_close(got.logits, forward, rtol=1e-5, atol=1e-5)
-    exact = sequential_logits(m, ids, positions(2, L))
+    exact = sequential_logits(m, ids, positions(ids))
     # Few iterations are not the fixed point: the prefill really used the Jacobi thoughts.
     assert (decode_logits(m, ids, decode_steps=0, prefill=PrefillParams("jacobi", 0)).logits - exact).abs().max() > 1e-4
     # Default J: the model's jacobi_iters_eval.
@@ -79,15 +80,15 @@ def test_fixed_jacobi_prefill_is_the_parallel_forward(preset, n):
     assert default.prefill_iters == m.latent.jacobi_iters_eval
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
-def test_jacobi_tolerance_prefill_reaches_exact_prefill(preset):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_jacobi_tolerance_prefill_reaches_exact_prefill(arch):
     n = 2
-    m = family_model(preset, n)
+    m = inference_model(arch, n)
     ids = random_ids(2, L, seed=11)
-    exact = sequential_logits(m, ids, positions(2, L))
+    exact = sequential_logits(m, ids, positions(ids))
     strict = decode_logits(m, ids, decode_steps=2, prefill=PrefillParams("tolerance", tol=1e-6))
     loose = decode_logits(m, ids, decode_steps=2, prefill=PrefillParams("tolerance", tol=1e-1))
-    print(f"\n{preset} N={n} P={L - 2}: Jacobi passes to tol 1e-6: {strict.prefill_iters}, "
+    print(f"\n{arch} N={n} P={L - 2}: Jacobi passes to tol 1e-6: {strict.prefill_iters}, "
           f"to 1e-1: {loose.prefill_iters}")
     assert 1 <= loose.prefill_iters < strict.prefill_iters <= (L - 2) * n
     torch.testing.assert_close(strict.logits, exact, rtol=1e-5, atol=1e-5)
@@ -101,9 +102,9 @@ def test_jacobi_tolerance_prefill_reaches_exact_prefill(preset):
     assert decode_logits(m, ids, prefill=capped).prefill_iters == 1
 
 
-@pytest.mark.parametrize("preset", FAMILIES)
-def test_left_padded_batch_equals_each_sample_alone(preset):
-    m = family_model(preset, 1)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_equals_each_sample_alone(arch):
+    m = inference_model(arch, 1)
     prompts = [random_ids(1, k, seed=20 + k)[0].tolist() for k in (5, 2, 4)]
     batch = generate(m, prompts, 4, return_logits=True)
     assert batch.prompt_ids == prompts
@@ -117,13 +118,13 @@ def test_left_padded_batch_equals_each_sample_alone(preset):
         got = decode_logits(m, prompts, decode_steps=1, prefill=prefill)
         for i, p in enumerate(prompts):
             ids = torch.tensor([p])
-            ref = sequential_logits(m, ids, positions(1, len(p)))[0]
+            ref = sequential_logits(m, ids, positions(ids))[0]
             assert got.valid[i].sum() == len(p)
             torch.testing.assert_close(got.logits[i][got.valid[i]], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
-    m = family_model("tiny-llama", 1)
+    m = inference_model("llama", 1)
     prompts = random_ids(2, 3, seed=30)
     greedy = generate(m, prompts, 6)
 
@@ -158,7 +159,7 @@ def test_sampling_distribution_matches_temperature_top_k_top_p():
 
 
 def test_stop_at_eod():
-    m = family_model("tiny-gpt2", 1)
+    m = inference_model("gpt2", 1)
     prompt = random_ids(1, 3, seed=40)[0].tolist()
     free = generate(m, [prompt], 5).ids[0]
     eod = free[2]
@@ -185,7 +186,7 @@ def test_stop_at_eod():
     ],
 )
 def test_bad_input_errors_clearly(kwargs, message):
-    m = family_model("tiny-gpt2", 1)  # seq_length 64 learned positions
+    m = inference_model("gpt2", 1)  # seq_length 32 learned positions
     args = dict(prompt_ids=[[1, 2, 3]], max_new_tokens=2)
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
@@ -214,7 +215,7 @@ def test_bad_parameters_error_clearly(cls, kwargs, message):
 
 
 def test_parameter_groups_are_taken_whole():
-    m = family_model("tiny-llama", 1)
+    m = inference_model("llama", 1)
     with pytest.raises(TypeError, match="prefill must be a PrefillParams, got str 'jacobi'"):
         generate(m, [[1]], 1, prefill="jacobi")
     with pytest.raises(TypeError, match="sampling must be a SamplingParams, got dict"):
@@ -224,11 +225,11 @@ def test_parameter_groups_are_taken_whole():
 
 
 def test_bad_model_errors_clearly():
-    from gen_utils import family_config
     from megatron_latent.models.gpt import build_gpt_model
+    from tiny import small_config
 
     with pytest.raises(TypeError, match="LatentGPTModel"):
-        generate(build_gpt_model(family_config("tiny-llama", 0), use_te=False).eval(), [[1]], 1)
-    m = family_model("tiny-llama", 1).train()
+        generate(build_gpt_model(small_config("llama", 0), use_te=False).eval(), [[1]], 1)
+    m = inference_model("llama", 1).train()
     with pytest.raises(ValueError, match="eval"):
         generate(m, [[1]], 1)

@@ -22,7 +22,6 @@ SAMPLING = dict(temperature=1.3, top_k=40, top_p=0.9, seed=5)
 def _save_at_tp2(root, tokenizer_path):
     """Save iterations 5 and 7 (different weights) of a tiny LLaMA-GQA N=1 model at TP=2; return
     what the TP=2 model itself generates from each."""
-    from gen_utils import family_config
     from megatron_latent.checkpoint_layout import write_model_config
     from megatron_latent.data.tokenizer import HuggingFaceTokenizer
     from megatron_latent.hf.layout import load_full_into_model
@@ -31,11 +30,11 @@ def _save_at_tp2(root, tokenizer_path):
     from megatron_latent.models.latent import LatentGPTModel
     from megatron_latent.parallel.initialize import initialize_model_parallel
     from megatron_latent.training.checkpointing import save_checkpoint
-    from tiny import full_weights
+    from tiny import full_weights, small_config
 
     tok = HuggingFaceTokenizer(tokenizer_path)
     initialize_model_parallel(2, 1)
-    cfg = family_config("tiny-llama", 1, vocab_size=tok.vocab_size)
+    cfg = small_config("llama", 1, vocab_size=tok.vocab_size)
     greedy = SamplingParams(vocab_size=cfg.vocab_size)
     sampled = SamplingParams(greedy=False, vocab_size=cfg.vocab_size, **SAMPLING)
     tolerance = PrefillParams("tolerance", tol=1e-6)

@@ -5,9 +5,10 @@ with the cache equals greedy generation by the reference (no cache)."""
 import pytest
 import torch
 
-from gen_utils import FAMILIES, family_model, positions, random_ids
 from megatron_latent.inference import PrefillParams, SamplingParams, decode_logits, generate
 from megatron_latent.inference.reference import sequential_logits
+from tiny import ARCHS, inference_model, positions
+from tiny import ids as random_ids
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 L = 5
@@ -24,21 +25,21 @@ METHODS = {
 }
 
 
-def _model(preset, method):
+def _model(arch, method):
     n, kw = METHODS[method]
-    return family_model(preset, n, **kw)
+    return inference_model(arch, n, **kw)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("preset", FAMILIES)
-def test_forward_and_cache_equal_the_sequential_reference(preset, method):
-    m = _model(preset, method)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_and_cache_equal_the_sequential_reference(arch, method):
+    m = _model(arch, method)
     assert m.latent.method == method.split("-")[0]
     ids = random_ids(2, L, seed=3)
-    ref = sequential_logits(m, ids, positions(2, L))
+    ref = sequential_logits(m, ids, positions(ids))
     n = m.latent.num_latent_thoughts
     with torch.no_grad():  # the causal Jacobi map reaches its fixed point within L * N passes
-        forward = m(ids, positions(2, L), None, num_jacobi_iters=L * n)
+        forward = m(ids, positions(ids), None, num_jacobi_iters=L * n)
     torch.testing.assert_close(forward, ref, rtol=1e-5, atol=1e-5)
     # Cached: a prompt of 2 positions by the exact prefill, then 3 cached token steps; the whole
     # sequence as one prefill (pause, loop, ponder: one pass per cache; interpolated: Jacobi to tolerance).
@@ -54,13 +55,13 @@ def test_forward_and_cache_equal_the_sequential_reference(preset, method):
 
 @pytest.mark.parametrize("method", ["interpolated", "pause", "loop", "ponder"])
 def test_greedy_generation_equals_the_reference(method):
-    m = _model("tiny-llama", method)
+    m = _model("llama", method)
     prompt, steps = [random_ids(1, k, seed=9 + k)[0].tolist() for k in (4, 2)], 4
     out = generate(m, prompt, steps, sampling=SamplingParams(vocab_size=m.token_vocab_size), return_logits=True)
     for i, p in enumerate(prompt):
         seq = torch.tensor([p])
         for k in range(steps):  # the whole sequence again at every step, no cache
-            logits = sequential_logits(m, seq, positions(*seq.shape))[0, -1]
+            logits = sequential_logits(m, seq, positions(seq))[0, -1]
             torch.testing.assert_close(out.logits[i, k], logits.float(), rtol=1e-5, atol=1e-5)
             seq = torch.cat([seq, logits[: m.token_vocab_size].argmax()[None, None]], dim=1)
         assert out.ids[i] == seq[0, len(p):].tolist()
@@ -70,10 +71,10 @@ def test_the_methods_change_the_logits():
     """Negative controls: the same weights as a vanilla model give other logits, so the comparisons
     above see the pauses, the loops and the interpolated inputs."""
     ids = random_ids(2, L, seed=4)
-    vanilla = sequential_logits(family_model("tiny-llama", 0, scale_embeddings=True), ids, positions(2, L))
-    latent = sequential_logits(family_model("tiny-llama", 1, scale_embeddings=True), ids, positions(2, L))
+    vanilla = sequential_logits(inference_model("llama", 0, scale_embeddings=True), ids, positions(ids))
+    latent = sequential_logits(inference_model("llama", 1, scale_embeddings=True), ids, positions(ids))
     for method in ("pause", "loop", "ponder", "ponder-residual"):
-        got = sequential_logits(_model("tiny-llama", method), ids, positions(2, L))[..., :vanilla.shape[-1]]
+        got = sequential_logits(_model("llama", method), ids, positions(ids))[..., :vanilla.shape[-1]]
         assert (got - vanilla).abs().max() > 1e-3, method
-    interp = sequential_logits(_model("tiny-llama", "interpolated"), ids, positions(2, L))
+    interp = sequential_logits(_model("llama", "interpolated"), ids, positions(ids))
     assert (interp - latent).abs().max() > 1e-3

@@ -8,18 +8,19 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_latent.config import get_preset
 from megatron_latent.models.flops import model_decode_flops, model_step_flops
+from tiny import small_config
 
 B, P = 2, 6
+VOCAB = 256
 
 
 def _hf(n, prefill="jacobi", **kw):
     from megatron_latent.hf import modeling_latent as ml
     from megatron_latent.hf.export import _LATENT_CLASSES, _LATENT_CONFIGS, hf_config_dict
 
-    cfg = get_preset("tiny-llama", num_layers=2, hidden_size=32, ffn_hidden_size=48, num_latent_thoughts=n,
-                     scale_embeddings=True, vocab_size=256, **kw)
+    # Vocabulary 256, no padded rows: the exported model's output layer is the one counted.
+    cfg = small_config("llama", n, ffn_hidden_size=48, scale_embeddings=True, vocab_size=VOCAB, **kw)
     conf = getattr(ml, _LATENT_CONFIGS[cfg.arch]).from_dict(hf_config_dict(cfg))
     conf.latent_prefill = prefill
     conf._attn_implementation = "eager"
@@ -28,7 +29,7 @@ def _hf(n, prefill="jacobi", **kw):
 
 
 def _prompt():
-    return torch.randint(0, 256, (B, P), generator=torch.Generator().manual_seed(3))
+    return torch.randint(0, VOCAB, (B, P), generator=torch.Generator().manual_seed(3))
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -114,16 +115,17 @@ def _cpu_flash(query, key, value, *args, out_shape=None, **kwargs):
 def test_megatron_prefill_costs_the_forward_passes_and_no_logits(single_rank, n):
     """The KV decoder's Jacobi prefill runs the evaluation forward's passes (its final pass fills
     the cache) and no output layer; generate adds the output layer once per sample per token."""
-    from gen_utils import family_config, family_model, positions, random_ids
     from megatron_latent.inference import LatentKVDecoder, PrefillParams, generate
+    from tiny import ids as random_ids
+    from tiny import inference_model, positions
 
-    cfg, model = family_config("tiny-llama", n), family_model("tiny-llama", n)
+    cfg, model = small_config("llama", n), inference_model("llama", n)
     out_layer = 2 * cfg.hidden_size * cfg.padded_vocab_size
     passes = model_step_flops(cfg, P, 2, training=False) - P * out_layer
     ids, valid = random_ids(B, P, seed=4), torch.ones(B, P, dtype=torch.bool)
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        LatentKVDecoder(model, B, P).prefill(ids, positions(B, P), valid, PrefillParams("jacobi", jacobi_iters=2))
+        LatentKVDecoder(model, B, P).prefill(ids, positions(ids), valid, PrefillParams("jacobi", jacobi_iters=2))
     assert counter.get_total_flops() == B * passes
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         generate(model, ids, 1, prefill=PrefillParams("jacobi", jacobi_iters=2))

@@ -12,7 +12,7 @@ import numpy
 import pytest
 import torch
 
-from gen_utils import family_config, family_model
+from tiny import VOCAB, inference_model, small_config
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +20,7 @@ L = 6  # tokens per window: the Jacobi map is causal, L * N passes reach the exa
 
 
 def _stream(length, seed=0):
-    return torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(seed)).numpy()
+    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).numpy()
 
 
 def test_windows_spread_over_the_stream():
@@ -37,12 +37,12 @@ def test_windows_spread_over_the_stream():
 def test_enough_passes_reach_the_rollout_and_j0_does_not():
     from megatron_latent.inference.jacobi_eval import ROLLOUT, bits_per_byte, jacobi_losses, spread_windows
 
-    model = family_model("tiny-pythia", 1)
+    model = inference_model("gpt-neox", 1)
     windows = spread_windows(_stream(200), L, 5)
     got = jacobi_losses(model, windows, [0, 1, L], batch_size=2)  # batches of 2, 2 and 1 windows
     assert set(got) == {0, 1, L, ROLLOUT}
     assert abs(got[L] - got[ROLLOUT]) < 1e-5
-    # At J=0 the thoughts are those of the growth pass alone: 9.2e-4 nats off with these weights.
+    # At J=0 the thoughts are those of the growth pass alone: 3.1e-2 nats off with these weights.
     assert abs(got[0] - got[ROLLOUT]) > 1e-4
     # The mean of the model's own per-token training loss (labels given) at the same J.
     with torch.no_grad():
@@ -58,8 +58,8 @@ def test_scores_give_accuracy_passes_and_flops_of_each_setting():
     from megatron_latent.inference.reference import sequential_logits
     from megatron_latent.models.flops import model_decode_flops, model_step_flops
 
-    model = family_model("tiny-llama", 1)
-    cfg = family_config("tiny-llama", 1)
+    model = inference_model("llama", 1)
+    cfg = small_config("llama", 1)
     windows = spread_windows(_stream(200, seed=1), L, 4)
     got = jacobi_scores(model, cfg, windows, [0, 2], tolerances=[1e-9, 10.0], batch_size=4)
     assert set(got) == {0, 2, tolerance_key(1e-9), tolerance_key(10.0), ROLLOUT}
@@ -83,8 +83,8 @@ def test_tool_reads_a_checkpoint_to_the_library_numbers(tmp_path):
     from megatron_latent.inference.jacobi_eval import jacobi_losses, spread_windows
     from megatron_latent.training.checkpointing import save_checkpoint
 
-    model = family_model("tiny-pythia", 1)
-    cfg = family_config("tiny-pythia", 1, seq_length=L)
+    model = inference_model("gpt-neox", 1)
+    cfg = small_config("gpt-neox", 1, seq_length=L)
     root = str(tmp_path / "ckpt")
     save_checkpoint(root, 3, [model])
     write_model_config(cfg, root)

@@ -1,7 +1,11 @@
 """Tiny megatron models for the tests: the config builder (one per family), the weight generator
 (deterministic weights large enough that every tensor moves the logits, the same full tensors
-at any layout), the model holding them, the megatron reference forwards (one process, or a
-hand-run pipeline), and the checkpoint writer."""
+at any layout), the model holding them (gathered logits for comparisons, or split over TP as
+inference builds it), token ids, the megatron reference forwards (one process, or a hand-run
+pipeline), and the checkpoint writer.
+
+The parallel training tests build their own smaller models (parallel_utils, pipeline_cases:
+vocabulary 64, 16-token sequences) to keep the multi-rank suite fast."""
 
 from __future__ import annotations
 
@@ -62,12 +66,19 @@ def latent_model(cfg, full=None, **build):
     return model.eval()
 
 
+def inference_model(arch: str, n: int, **overrides):
+    """`latent_model` of `small_config(arch, n, **overrides)` as inference builds it (local layers,
+    logits split over the TP ranks: generation gathers them itself)."""
+    return latent_model(small_config(arch, n, **overrides), use_te=False, parallel_output=True)
+
+
 def ids(batch: int = 2, seq: int = L, seed: int = 7) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def positions(tokens):
-    return torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    """Position ids 0..L-1 of every row of `tokens` [b, L]."""
+    return torch.arange(tokens.shape[1]).expand(tokens.shape).contiguous()
 
 
 def megatron_logits(model, tokens, **kw):
