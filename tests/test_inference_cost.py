@@ -137,10 +137,11 @@ def test_megatron_cached_step_rotates_its_new_entries_only(single_rank, monkeypa
     re-rotates every cached key at every step), and the cache is laid out head by head."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    from gen_utils import family_model, positions, random_ids
-    from megatron_latent.inference import LatentKVDecoder
+    from megatron_latent.inference import LatentKVDecoder, PrefillParams
+    from tiny import ids as random_ids
+    from tiny import inference_model, positions
 
-    model = family_model("tiny-llama", 1)
+    model = inference_model("llama", 1)
     rotated = []
     apply = rope_utils._apply_rotary_pos_emb_bshd
     monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd",
@@ -148,9 +149,9 @@ def test_megatron_cached_step_rotates_its_new_entries_only(single_rank, monkeypa
     ids, valid = random_ids(B, P, seed=4), torch.ones(B, P, dtype=torch.bool)
     decoder = LatentKVDecoder(model, B, P + 1)
     with torch.no_grad():
-        decoder.prefill(ids[:, :-1], positions(B, P - 1), valid[:, :-1], "exact")
+        decoder.prefill(ids[:, :-1], positions(ids[:, :-1]), valid[:, :-1], PrefillParams("exact"))
         rotated.clear()
-        decoder.step(ids[:, -1:], positions(B, P)[:, -1:], valid[:, -1:])
+        decoder.step(ids[:, -1:], positions(ids)[:, -1:], valid[:, -1:])
     layers = model.config.num_layers
     assert rotated == [1] * (2 * layers * decoder.num_slots)  # query and key, per layer and slot step
     for keys, values in decoder.contexts[0].key_value_memory_dict.values():
