@@ -175,7 +175,8 @@ def _check_rampup(args, layout: ParallelLayout, latent, dp: int) -> Optional[Bat
                 layout.check_schedule(batch // per_step, len(latent.pass_slots(j)) * layout.virtual_chunks)
             except ConfigError as e:
                 why = str(e).split(": ", 1)[-1]
-                raise ConfigError(f"{flag}: its global batch {batch} is {batch // per_step} micro-batches per step, "
+                m = batch // per_step
+                raise ConfigError(f"{flag}: its global batch {batch} is {m} micro-batch{'es' * (m != 1)} per step, "
                                   f"but {why}") from None
     return BatchSizes(args.global_batch_size, args.micro_batch_size, dp, args.rampup_batch_size)
 
