@@ -378,8 +378,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         given = [f for f, v in (("--lr-decay-samples", args.lr_decay_samples),
                                 ("--lr-warmup-samples", args.lr_warmup_samples or None),
                                 ("--lr-wsd-decay-samples", args.lr_wsd_decay_samples)) if v is not None]
-        if args.rampup_batch_size is not None:  # as Megatron-LM: its rampup is in samples
-            given.append("--rampup-batch-size")
+        if args.rampup_batch_size is not None and not given:
+            parser.error("--rampup-batch-size needs --train-samples: Megatron-LM ramps the batch up in sample-based "
+                         "training only (with --train-iters it stops: 'expected no batch-size rampup for "
+                         "iteration-based training')")
         if given:
             parser.error(f"{given[0]} needs --train-samples (the schedule counts iterations with --train-iters)")
         if args.train_iters is None:
