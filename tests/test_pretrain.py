@@ -368,13 +368,18 @@ def test_a_fresh_start_is_the_same_model_at_every_layout(tmp_path):
 
 
 def test_pipeline_micro_batch_count_is_checked_before_training(capsys):
-    results = run_on_ranks(_main, 2, TINY + LATENT + [
-        "--mock-data", "--seq-length", "16", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
-        "--global-batch-size", "2"])
-    assert [r[0] for r in results] == [2, 2]
-    err = [line for line in results[0][2].splitlines() if "Warning" not in line and not line.startswith("  ")]
-    assert len(err) == 1 and "(--global-batch-size / (--micro-batch-size x data-parallel size)) 1 per step" in err[0]
-    assert "--pipeline-model-parallel-size 2" in err[0]
+    common = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--pipeline-model-parallel-size", "2",
+                              "--micro-batch-size", "2"]
+    # The full batch, and a batch of the rampup (2, 4, 6, 8: the third is 3 micro-batches).
+    results = run_on_ranks(_runs, 2, [common + ["--global-batch-size", "2"],
+                                      common + ["--global-batch-size", "8", "--train-samples", "40",
+                                                "--rampup-batch-size", "2", "2", "30"]])
+    for i, needle in enumerate(("(--global-batch-size / (--micro-batch-size x data-parallel size)) 1 per step",
+                                "--rampup-batch-size 2 2 30: its global batch 2 is 1 micro-batch per step")):
+        assert [r[i][0] for r in results] == [2, 2]
+        err = [line for line in results[0][i][2].splitlines() if "Warning" not in line and not line.startswith("  ")]
+        assert len(err) == 1 and needle in err[0], err
+        assert "--pipeline-model-parallel-size 2" in err[0]
 
 
 def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
