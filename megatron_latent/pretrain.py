@@ -237,7 +237,9 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
     logger.info(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, "
                 f"method {cfg.latent.label} | TP={args.tensor_model_parallel_size} "
                 f"PP={args.pipeline_model_parallel_size} DP={dp} | {plan.num_microbatches} micro-batches of "
-                f"{args.micro_batch_size} per step")
+                f"{args.micro_batch_size} per step"
+                + (f" (after a rampup from a global batch of {args.rampup_batch_size[0]})" if plan.batch_sizes
+                   else ""))
     logger.info(f"architecture: {cfg.describe_architecture()}")
     logger.info(f"model settings: {cfg.describe()}")
     state = resume.TrainState()
