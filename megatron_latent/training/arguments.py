@@ -366,8 +366,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          "counts samples)")
         if args.rampup_batch_size is not None:
             error = rampup_error(args.rampup_batch_size, args.global_batch_size)
-            if error:
-                parser.error(f"--rampup-batch-size {' '.join(map(str, args.rampup_batch_size))}: {error}")
+            if error:  # in the library's words (global_batch_size): shown as flags
+                parser.error(flag_error(ValueError(
+                    f"rampup_batch_size {' '.join(map(str, args.rampup_batch_size))}: {error}")))
         first = args.rampup_batch_size[0] if args.rampup_batch_size else args.global_batch_size
         if args.train_samples < first:
             parser.error(f"--train-samples {args.train_samples} is less than one global batch ({first})")
@@ -562,6 +563,8 @@ _RENAMED = {
     "rope_scaling": "--use-rope-scaling",
     "seq_length": "--max-position-embeddings",  # ModelConfig.seq_length is the model's context
     "num_microbatches": "the micro-batch count (--global-batch-size / (--micro-batch-size x data-parallel size))",
+    "load_dir": "--load",
+    "load_optim=False": "--no-load-optim",
 }
 
 
