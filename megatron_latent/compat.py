@@ -164,7 +164,7 @@ def mark_decoupled_lr_groups(optimizer) -> None:
     decoupled lr). Marking the group, as the key intends, keeps the two apart. It is the only
     group whose lr schedule is not the default one (`default_config` False)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if getattr(getattr(opt, "config", None), "decoupled_lr", None) is None:
+        if getattr(getattr(opt, "config", None), "decoupled_lr", None) is None or opt.optimizer is None:
             continue
         for group in opt.optimizer.param_groups:
             if "default_config" not in group or "is_decoupled_lr" not in group:

@@ -180,7 +180,8 @@ def _check_rampup(args, layout: ParallelLayout, latent, dp: int) -> Optional[Bat
                 layout.check_schedule(batch // per_step, len(latent.pass_slots(j)) * layout.virtual_chunks)
             except ConfigError as e:
                 why = str(e).split(": ", 1)[-1]
-                raise ConfigError(f"{flag}: its global batch {batch} is {batch // per_step} micro-batches per step, "
+                m = batch // per_step
+                raise ConfigError(f"{flag}: its global batch {batch} is {m} micro-batch{'es' * (m != 1)} per step, "
                                   f"but {why}") from None
     return BatchSizes(args.global_batch_size, args.micro_batch_size, dp, args.rampup_batch_size)
 
@@ -247,7 +248,9 @@ def build_trainer(args, plan: Plan, reporter: bool) -> loop.Trainer:
     logger.info(f"model {cfg.name}: {cfg.arch}, {cfg.num_parameters():,} parameters, "
                 f"method {cfg.latent.label} | TP={args.tensor_model_parallel_size} "
                 f"PP={args.pipeline_model_parallel_size} DP={dp} | {plan.num_microbatches} micro-batches of "
-                f"{args.micro_batch_size} per step")
+                f"{args.micro_batch_size} per step"
+                + (f" (after a rampup from a global batch of {args.rampup_batch_size[0]})" if plan.batch_sizes
+                   else ""))
     logger.info(f"architecture: {cfg.describe_architecture()}")
     logger.info(f"model settings: {_model_settings(cfg)}")
     state = resume.TrainState()

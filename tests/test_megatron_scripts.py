@@ -14,7 +14,8 @@ from test_pretrain import _losses, _runs, _tb
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--max-position-embeddings", "16", "--mock-data", "--vocab-size", "128", "--num-workers", "0"]
 
-# examples/gpt3/train_gpt3_175b_distributed.sh (--fp16 and --rampup-batch-size are refused: below).
+# examples/gpt3/train_gpt3_175b_distributed.sh (--fp16 is refused, and so is its --rampup-batch-size with
+# --train-iters, as by Megatron-LM: below).
 GPT3 = TINY + [
     "--attention-backend", "auto", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
     "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--init-method-std", "0.006",
@@ -23,7 +24,7 @@ GPT3 = TINY + [
     "--split", "949,50,1", "--log-interval", "1", "--save-interval", "10000", "--eval-interval", "1000",
     "--eval-iters", "1"]
 # examples/llama/train_llama3_8b_h100_fp8.sh without its FP8 flags (refused) and with iterations for
-# its sample counts (refused).
+# its sample counts.
 LLAMA3 = TINY[:4] + [
     "--use-mcore-models", "--ffn-hidden-size", "112", "--num-attention-heads", "4", "--group-query-attention",
     "--num-query-groups", "2", "--kv-channels", "16", "--seq-length", "16", "--max-position-embeddings", "16",
@@ -31,7 +32,8 @@ LLAMA3 = TINY[:4] + [
     "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--swiglu", "--init-method-std", "0.0134",
     "--attention-backend", "fused", "--apply-layernorm-1p", "--untie-embeddings-and-output-weights",
     "--disable-bias-linear", "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "3",
-    "--lr", "0.00015", "--min-lr", "0.00001", "--lr-decay-style", "cosine", "--clip-grad", "1.0",
+    "--lr", "0.00015", "--min-lr", "0.00001", "--decoupled-lr", "5.0e-4", "--decoupled-min-lr", "4.5e-5",
+    "--lr-decay-style", "cosine", "--clip-grad", "1.0",
     "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--bf16", "--grad-reduce-in-bf16",
     "--cross-entropy-loss-fusion", "--calculate-per-token-loss", "--manual-gc", "--empty-unused-memory-level",
     "1", "--exit-duration-in-mins", "235", "--tensor-model-parallel-size", "2", "--context-parallel-size", "1",
@@ -103,6 +105,9 @@ def test_llama3_builds_its_model_and_notes_what_has_no_effect(runs):
     for step in (1, 2, 3):
         cos = 0.5 * (math.cos(math.pi * step / 3) + 1)
         assert lr[step] == pytest.approx(0.00001 + cos * (0.00015 - 0.00001), rel=1e-12)
+        # The embedding and output layer: --decoupled-lr to --decoupled-min-lr on the same schedule.
+        assert _losses(tmp, "llama3", "train/decoupled_lr")[step] == pytest.approx(4.5e-5 + cos * (5e-4 - 4.5e-5),
+                                                                                   rel=1e-12)
 
 
 def test_gpt345m_runs_pipeline_parallel(runs):
@@ -115,9 +120,8 @@ def test_gpt345m_runs_pipeline_parallel(runs):
 
 @pytest.mark.parametrize("flags, needle", [
     (["--fp16"], "--fp16: fp16 needs dynamic loss scaling"),
-    (["--rampup-batch-size", "16", "16", "5859375"], "--rampup-batch-size 16 16 5859375: batch-size rampup"),
+    (["--rampup-batch-size", "16", "16", "5859375"], "--rampup-batch-size needs --train-samples: Megatron-LM"),
     (["--train-samples", "1953125000"], "give one of --train-iters and --train-samples"),
-    (["--decoupled-lr", "5.0e-4"], "--decoupled-lr 5.0e-4: a separate lr for the embedding and output layer"),
     (["--fp8-format", "hybrid"], "--fp8-format hybrid: FP8 needs Transformer Engine"),
     (["--context-parallel-size", "2"], "--context-parallel-size 2: context parallelism splits the sequence"),
     (["--ckpt-format", "torch"], "--ckpt-format torch: checkpoints are megatron's distributed format"),

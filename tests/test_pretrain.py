@@ -84,12 +84,12 @@ def test_jacobi_grad_passes_trains_through_the_driver(tmp_path):
                          ids=["adam", "distributed"])
 def test_resume_continues_exactly(tmp_path, optimizer):
     """Stopping at 3 and resuming gives the uninterrupted run's steps 4-6: weights, optimizer
-    (sharded over DP with the distributed optimizer), scheduler, data position and the per-step
-    Jacobi draw all come back (DP=2)."""
+    (sharded over DP with the distributed optimizer; --decoupled-lr's own parameter group among
+    its groups), scheduler, data position and the per-step Jacobi draw all come back (DP=2)."""
     save = str(tmp_path / "ckpt")
     common = TINY + LATENT + optimizer + [
         "--mock-data", "--seq-length", "16", "--train-iters", "6", "--micro-batch-size", "2",
-        "--global-batch-size", "8", "--lr", "1e-2", "--jacobi-iters", "1", "3"]
+        "--global-batch-size", "8", "--lr", "1e-2", "--jacobi-iters", "1", "3", "--decoupled-lr", "2e-2"]
     runs = run_on_ranks(_runs, 2, [
         common + _tb(tmp_path, "a"),
         common + _tb(tmp_path, "b") + ["--save", save, "--exit-interval", "3"],
@@ -307,9 +307,12 @@ def test_bf16_finetune_trains_the_loaded_weights(tmp_path):
     assert diff < 1e-2, diff
 
 
-# Fresh starts (no checkpoint), dropout-free so that the layout cannot change the forward either.
+# Fresh starts (no checkpoint), dropout-free so that the layout cannot change the forward either. The
+# global batch ramps up (2, then 4 micro-batches: the pipeline schedule's micro-batch count changes
+# between steps) and the embedding and output layer have their own lr.
 FRESH = TINY + ["--num-layers", "4", "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data",
-                "--seq-length", "16", "--train-iters", "3", "--micro-batch-size", "1", "--global-batch-size", "4",
+                "--seq-length", "16", "--train-samples", "10", "--rampup-batch-size", "2", "2", "2",
+                "--micro-batch-size", "1", "--global-batch-size", "4", "--decoupled-lr", "3e-3",
                 "--lr", "1e-3", "--eval-interval", "3", "--eval-iters", "1"]
 PP2 = ["--pipeline-model-parallel-size", "2"]
 TWO_RANK_LAYOUTS = [("pp2", PP2), ("pp2-vpp2", PP2 + ["--num-virtual-stages-per-pipeline-rank", "2"]),
@@ -340,7 +343,7 @@ def _fresh_starts(tmp_path, layouts):
 def test_a_fresh_start_is_the_same_model_at_every_layout(tmp_path):
     """--seed alone decides the initial weights: fresh latent and vanilla runs at PP=1, PP=2,
     PP=2 x VPP=2 and TP=2 start from exactly the same full weights, and train the same (losses
-    and validation loss to fp32 tolerance)."""
+    and validation loss to fp32 tolerance), with a batch-size rampup and a decoupled lr."""
     (runs,) = run_on_ranks(_fresh_starts, 1, tmp_path, [("pp1", [])])
     runs.update(run_on_ranks(_fresh_starts, 2, tmp_path, TWO_RANK_LAYOUTS)[0])
     for key, (code, err, _) in runs.items():
@@ -349,6 +352,7 @@ def test_a_fresh_start_is_the_same_model_at_every_layout(tmp_path):
         start = runs[("pp1", method)][2]
         ref = {key: _losses(tmp_path, f"pp1-{method}", key) for key in ("train/loss", "valid/loss")}
         assert sorted(ref["train/loss"]) == [1, 2, 3] and sorted(ref["valid/loss"]) == [3]
+        assert list(_losses(tmp_path, f"pp1-{method}", "train/global_batch_size").values()) == [2, 4, 4]
         for layout, _ in TWO_RANK_LAYOUTS:
             weights = runs[(layout, method)][2]
             assert weights.keys() == start.keys()
@@ -364,13 +368,18 @@ def test_a_fresh_start_is_the_same_model_at_every_layout(tmp_path):
 
 
 def test_pipeline_micro_batch_count_is_checked_before_training(capsys):
-    results = run_on_ranks(_main, 2, TINY + LATENT + [
-        "--mock-data", "--seq-length", "16", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
-        "--global-batch-size", "2"])
-    assert [r[0] for r in results] == [2, 2]
-    err = [line for line in results[0][2].splitlines() if "Warning" not in line and not line.startswith("  ")]
-    assert len(err) == 1 and "(--global-batch-size / (--micro-batch-size x data-parallel size)) 1 per step" in err[0]
-    assert "--pipeline-model-parallel-size 2" in err[0]
+    common = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--pipeline-model-parallel-size", "2",
+                              "--micro-batch-size", "2"]
+    # The full batch, and a batch of the rampup (2, 4, 6, 8: the third is 3 micro-batches).
+    results = run_on_ranks(_runs, 2, [common + ["--global-batch-size", "2"],
+                                      common + ["--global-batch-size", "8", "--train-samples", "40",
+                                                "--rampup-batch-size", "2", "2", "30"]])
+    for i, needle in enumerate(("(--global-batch-size / (--micro-batch-size x data-parallel size)) 1 per step",
+                                "--rampup-batch-size 2 2 30: its global batch 2 is 1 micro-batch per step")):
+        assert [r[i][0] for r in results] == [2, 2]
+        err = [line for line in results[0][i][2].splitlines() if "Warning" not in line and not line.startswith("  ")]
+        assert len(err) == 1 and needle in err[0], err
+        assert "--pipeline-model-parallel-size 2" in err[0]
 
 
 def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):

@@ -366,8 +366,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          "counts samples)")
         if args.rampup_batch_size is not None:
             error = rampup_error(args.rampup_batch_size, args.global_batch_size)
-            if error:
-                parser.error(f"--rampup-batch-size {' '.join(map(str, args.rampup_batch_size))}: {error}")
+            if error:  # in the library's words (global_batch_size): shown as flags
+                parser.error(flag_error(ValueError(
+                    f"rampup_batch_size {' '.join(map(str, args.rampup_batch_size))}: {error}")))
         first = args.rampup_batch_size[0] if args.rampup_batch_size else args.global_batch_size
         if args.train_samples < first:
             parser.error(f"--train-samples {args.train_samples} is less than one global batch ({first})")
@@ -378,8 +379,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         given = [f for f, v in (("--lr-decay-samples", args.lr_decay_samples),
                                 ("--lr-warmup-samples", args.lr_warmup_samples or None),
                                 ("--lr-wsd-decay-samples", args.lr_wsd_decay_samples)) if v is not None]
-        if args.rampup_batch_size is not None:  # as Megatron-LM: its rampup is in samples
-            given.append("--rampup-batch-size")
+        if args.rampup_batch_size is not None and not given:
+            parser.error("--rampup-batch-size needs --train-samples: Megatron-LM ramps the batch up in sample-based "
+                         "training only (with --train-iters it stops: 'expected no batch-size rampup for "
+                         "iteration-based training')")
         if given:
             parser.error(f"{given[0]} needs --train-samples (the schedule counts iterations with --train-iters)")
         if args.train_iters is None:

@@ -256,7 +256,7 @@ def train(t: Trainer) -> TrainState:
         jacobi = t.jacobi_iters_for_step(step)
         batch, micro_count = s.batch_at(state.consumed_train_samples)
         if micro_count != num_micro:
-            logger.info(f"global batch size {batch} from iteration {step} on (--rampup-batch-size)")
+            logger.info(f"global batch size {batch} from iteration {step} on (batch-size rampup)")
             # As Megatron-LM: a checkpoint before the batch grows.
             if s.save and last_saved != state.iteration:
                 t.save(state)

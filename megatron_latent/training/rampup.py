@@ -22,15 +22,16 @@ _QUIET = -1  # the calculators log on rank 0 only; the training loop reports the
 
 
 def rampup_error(rampup: Sequence[int], global_batch_size: int) -> Optional[str]:
-    """Why megatron-core's calculator would refuse (or fail on) these values, or None."""
+    """Why megatron-core's calculator would refuse (or fail on) these values (START, INCREMENT,
+    SAMPLES), or None."""
     start, increment, samples = rampup
     if start < 1 or increment < 1 or samples < 1:
         return f"START, INCREMENT and SAMPLES must be >= 1, got {start} {increment} {samples}"
     if start >= global_batch_size:
-        return (f"START {start} must be below --global-batch-size {global_batch_size} (the batch it ramps up "
-                "to; without a rampup, drop the flag)")
+        return (f"START {start} must be below global_batch_size {global_batch_size} (the batch it ramps up "
+                "to; without a rampup, leave it out)")
     if (global_batch_size - start) % increment:
-        return (f"--global-batch-size {global_batch_size} minus START {start} must be a multiple of INCREMENT "
+        return (f"global_batch_size {global_batch_size} minus START {start} must be a multiple of INCREMENT "
                 f"{increment}")
     return None
 
@@ -50,7 +51,7 @@ class BatchSizes:
         else:
             error = rampup_error(self.rampup, global_batch_size)
             if error:
-                raise ValueError(f"--rampup-batch-size {' '.join(map(str, self.rampup))}: {error}")
+                raise ValueError(f"rampup_batch_size {' '.join(map(str, self.rampup))}: {error}")
             self._calculator = RampupBatchsizeNumMicroBatchesCalculator(
                 global_batch_size, micro_batch_size, data_parallel_size, False, _QUIET, *self.rampup)
 

@@ -93,9 +93,9 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     if with_optim and saved_flags and had != ((schedule_flags or {}).get("decoupled_lr") is not None):
         # Not even the override flags help: the optimizer's parameter groups differ.
         raise ResumeError(
-            f"--load {load_dir}: its optimizer state was saved {'with' if had else 'without'} --decoupled-lr, whose "
-            f"parameter group (the embedding and output layer) the optimizer {'lacks' if had else 'has'} now; resume "
-            "with the checkpoint's setting, or pass --no-load-optim to start the Adam moments fresh")
+            f"load_dir {load_dir}: its optimizer state was saved {'with' if had else 'without'} decoupled_lr, whose "
+            f"parameter group (the embedding and output layer) this run's optimizer {'lacks' if had else 'has'}; "
+            "resume with the checkpoint's setting, or pass load_optim=False to start the Adam moments fresh")
     if with_optim and not (scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler):
         ours, theirs = scheduler.state_dict(), common["opt_param_scheduler"]
         differ = [f"{k}: {theirs[k]} vs {ours[k]}" for k in _SCHEDULE_FIELDS if k in theirs and theirs[k] != ours[k]]
