@@ -278,6 +278,8 @@ def parse(argv):
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[128, 512, 2048])
+    p.add_argument("--exact-prefill-max", type=int, default=512,
+                   help="time the exact rollout's prefill only up to this length ((N+1) x length sequential steps)")
     p.add_argument("--prefill-batch-size", type=int, default=1, help="samples per prefill measurement")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding; scored request length")
     p.add_argument("--decode", type=int, default=32, help="greedy tokens per decode measurement")
@@ -341,7 +343,7 @@ def main(argv=None) -> int:
                     prefill = hf_prefill if path == "hf" else meg_prefill
                     prompt = _ids(args.prefill_batch_size, p, vocab, seed=2)
                     add((path, name, "prefill", p), prefill(model, prompt))
-                    if name == "latent":
+                    if name == "latent" and p <= args.exact_prefill_max:
                         add((path, name, "prefill-exact", p), prefill(model, prompt, "exact"))
             if name in scorers:
                 add(("hf", name, "score", args.requests), score(scorers[name]))
