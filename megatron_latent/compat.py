@@ -22,8 +22,6 @@ import torch
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from megatron_latent.config.errors import ConfigError
-
 WRITTEN_FOR = "0.16.1"
 
 
@@ -49,17 +47,16 @@ if installed_version() != WRITTEN_FOR:
     )
 
 
-def check_recompute_modules(fields: dict, biased_serial_mlp: bool, model_name: str) -> None:
-    """ConfigError for the TransformerConfig `fields` that megatron-core 0.16.1 cannot run: the
-    selective recompute of a biased MLP in a serial (not parallel-residual) layer, whose
-    TransformerLayer returns the fc2 bias Parameter through its CheckpointFunction, whose backward
-    then recurses without end."""
+def unsupported_recompute(fields: dict, biased_serial_mlp: bool, model_name: str):
+    """Why megatron-core 0.16.1 cannot run the TransformerConfig `fields`, or None: the selective
+    recompute of a biased MLP in a serial (not parallel-residual) layer, whose TransformerLayer
+    returns the fc2 bias Parameter through its CheckpointFunction, whose backward then recurses
+    without end."""
     if (fields.get("recompute_granularity") == "selective" and "mlp" in (fields.get("recompute_modules") or ())
             and biased_serial_mlp):
-        raise ConfigError(
-            f"recompute_modules mlp does not work with the biased MLP of model {model_name!r} "
-            "(megatron-core 0.16.1); use recompute_granularity full"
-        )
+        return (f"recompute_modules mlp does not work with the biased MLP of model {model_name!r} "
+                "(megatron-core 0.16.1); use recompute_granularity full")
+    return None
 
 
 # megatron's async checkpoint writer keeps a module-level queue served by a spawned process.

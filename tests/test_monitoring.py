@@ -328,7 +328,7 @@ def test_eval_task_specs():
 
 def test_compare_table_shows_the_newest_accuracy_per_task(tmp_path):
     from megatron_latent.analysis.compare import format_table, summarize_run
-    from test_quickstart import CFG, _run_dir
+    from test_compare_runs import CFG, _run_dir
 
     with_acc = _run_dir(tmp_path / "lat", CFG.replace(num_latent_thoughts=1), 1, 10, 4, 16, [4.0, 3.05], 50.0)
     with open(os.path.join(with_acc, "logs", "metrics.jsonl"), "a") as f:

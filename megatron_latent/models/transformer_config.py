@@ -4,7 +4,7 @@
 (`ParallelLayout.check_model`) and returns the TransformerConfig every model builder takes: the
 model's sizes and architecture, its init (models/init.py), the device's choices
 (`platform.transformer_config_device_fields`) and the caller's overrides, refused where
-megatron-core cannot run them (`compat.check_recompute_modules`).
+megatron-core cannot run them (`compat.unsupported_recompute`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from megatron.core.activations import squared_relu
 from megatron.core.transformer import TransformerConfig
 
 from megatron_latent import compat, platform
+from megatron_latent.config.errors import ConfigError
 from megatron_latent.config.layout import ParallelLayout
 from megatron_latent.config.model import ModelConfig
 from megatron_latent.models.init import init_methods
@@ -74,5 +75,7 @@ def to_transformer_config(
     elif params_dtype == torch.float16:
         kw["fp16"] = True
     kw.update(overrides)
-    compat.check_recompute_modules(kw, cfg.add_bias_linear and not cfg.parallel_residual, cfg.name)
+    why = compat.unsupported_recompute(kw, cfg.add_bias_linear and not cfg.parallel_residual, cfg.name)
+    if why:
+        raise ConfigError(why)
     return TransformerConfig(**kw)
