@@ -370,16 +370,19 @@ def test_a_fresh_start_is_the_same_model_at_every_layout(tmp_path):
 def test_pipeline_micro_batch_count_is_checked_before_training(capsys):
     common = TINY + LATENT + ["--mock-data", "--seq-length", "16", "--pipeline-model-parallel-size", "2",
                               "--micro-batch-size", "2"]
-    # The full batch, and a batch of the rampup (2, 4, 6, 8: the third is 3 micro-batches).
-    results = run_on_ranks(_runs, 2, [common + ["--global-batch-size", "2"],
-                                      common + ["--global-batch-size", "8", "--train-samples", "40",
-                                                "--rampup-batch-size", "2", "2", "30"]])
+    # The full batch, a batch of the rampup (2, 4, 6, 8: the first is 1 micro-batch), and a rampup
+    # batch of no whole micro-batches (4, 5, ...: 5 samples in micro-batches of 2).
+    rampup = common + ["--global-batch-size", "8", "--train-samples", "40", "--rampup-batch-size"]
+    results = run_on_ranks(_runs, 2, [common + ["--global-batch-size", "2"], rampup + ["2", "2", "30"],
+                                      rampup + ["4", "1", "30"]])
     for i, needle in enumerate(("(--global-batch-size / (--micro-batch-size x data-parallel size)) 1 per step",
-                                "--rampup-batch-size 2 2 30: its global batch 2 is 1 micro-batch per step")):
+                                "--rampup-batch-size 2 2 30: its global batch 2 is 1 micro-batch per step",
+                                "--rampup-batch-size 4 1 30: its global batch 5 is not divisible by "
+                                "--micro-batch-size 2 x data-parallel size 1")):
         assert [r[i][0] for r in results] == [2, 2]
         err = [line for line in results[0][i][2].splitlines() if "Warning" not in line and not line.startswith("  ")]
         assert len(err) == 1 and needle in err[0], err
-        assert "--pipeline-model-parallel-size 2" in err[0]
+        assert ("--pipeline-model-parallel-size 2" in err[0]) == (i < 2)
 
 
 def test_sigterm_to_the_whole_job_saves_and_exits(tmp_path):
