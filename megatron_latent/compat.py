@@ -116,11 +116,10 @@ def load_optimizer_state(optimizer, state, keep_lr_bounds: bool = False) -> None
     and --decoupled-lr.
 
     Distributed-optimizer state saved in model space (`fully_reshardable`): megatron-core 0.16.1
-    copies every entry of torch Adam's
-    per-parameter state from the checkpoint, which has no `step` (it is kept in the param groups),
-    and fails with KeyError 'step'. That state is loaded in megatron's two parts, the param groups
-    (with the step) and then the tensors, with `step` out of Adam's state while the tensors are
-    copied and put back (from the groups) afterwards."""
+    copies every entry of torch Adam's per-parameter state from the checkpoint, which has no `step`
+    (it is kept in the param groups), and fails with KeyError 'step'. That state is loaded in
+    megatron's two parts, the param groups (with the step) and then the tensors, with `step` out of
+    Adam's state while the tensors are copied and put back (from the groups) afterwards."""
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
     bounds = [[(g["max_lr"], g["min_lr"]) for g in o.optimizer.param_groups] for o in opts] if keep_lr_bounds else []
     _load_optimizer_state(opts, state)

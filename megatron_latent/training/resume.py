@@ -85,10 +85,10 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
             f"load_dir {load_dir}: iteration {iteration} holds weights only (no optimizer state, e.g. "
             "converted from Hugging Face); pass finetune=True (or load_optim=False)"
         )
+    saved_flags = common.get("extra", {}).get("args", {})  # the settings the checkpoint was saved with
     if with_optim and optimizer_layout:
-        _check_optimizer_layout(load_dir, common.get("extra", {}).get("args", {}), optimizer_layout,
+        _check_optimizer_layout(load_dir, saved_flags, optimizer_layout,
                                 checkpointing.optimizer_sharding(common) == checkpointing.FULLY_RESHARDABLE)
-    saved_flags = common.get("extra", {}).get("args", {})
     had = saved_flags.get("decoupled_lr") is not None
     if with_optim and saved_flags and had != ((schedule_flags or {}).get("decoupled_lr") is not None):
         # Not even the override flags help: the optimizer's parameter groups differ.
@@ -99,8 +99,8 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
     if with_optim and not (scheduler.override_opt_param_scheduler or scheduler.use_checkpoint_opt_param_scheduler):
         ours, theirs = scheduler.state_dict(), common["opt_param_scheduler"]
         differ = [f"{k}: {theirs[k]} vs {ours[k]}" for k in _SCHEDULE_FIELDS if k in theirs and theirs[k] != ours[k]]
-        flags = common.get("extra", {}).get("args", {})
-        differ += [f"{k}: {flags[k]} vs {v}" for k, v in (schedule_flags or {}).items() if k in flags and flags[k] != v]
+        differ += [f"{k}: {saved_flags[k]} vs {v}" for k, v in (schedule_flags or {}).items()
+                   if k in saved_flags and saved_flags[k] != v]
         if differ:
             raise ResumeError(
                 f"load_dir {load_dir}: the lr schedule differs from the checkpoint's (checkpoint vs this run) in "
@@ -108,8 +108,8 @@ def resume(load_dir: str, cfg, model_chunks, optimizer, scheduler, finetune: boo
                 "use_checkpoint_opt_param_scheduler=True to keep the checkpoint's"
             )
     was, now = saved.latent, cfg.latent
-    changed = (was.jacobi_iters, was.jacobi_iters_eval) != (now.jacobi_iters, now.jacobi_iters_eval)
-    if now.num_latent_thoughts and changed:
+    j_changed = (was.jacobi_iters, was.jacobi_iters_eval) != (now.jacobi_iters, now.jacobi_iters_eval)
+    if now.num_latent_thoughts and j_changed:
         logger.info(f"note: Jacobi iterations change from training {was.jacobi_iters} / eval "
                     f"{was.jacobi_iters_eval} to {now.jacobi_iters} / {now.jacobi_iters_eval}")
     info = checkpointing.load_checkpoint(
