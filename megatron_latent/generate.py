@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="0 = off")
     p.add_argument("--top-p", type=float, default=None, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens)")
-    p.add_argument("--prefill", choices=("exact", "jacobi", "tolerance"), default="exact")
+    p.add_argument("--prefill", choices=("exact", "jacobi", "tolerance"), default="jacobi",
+                   help="how the prompt's thoughts are found (default: Jacobi at the model's evaluation J)")
     p.add_argument("--jacobi-iters-eval", type=int, default=None,
                    help="Jacobi passes of --prefill jacobi (default: the model config's)")
     p.add_argument("--jacobi-tol", type=float, default=1e-4, help="tolerance of --prefill tolerance")

@@ -12,6 +12,7 @@ from tiny import ids as random_ids
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 L = 6
+EXACT = PrefillParams("exact")  # the default is Jacobi at the model's J, exact only on trained models
 
 
 @pytest.mark.parametrize("n", [0, 1, 2])
@@ -21,11 +22,11 @@ def test_cached_decoding_equals_sequential_reference(arch, n):
     ids = random_ids(2, L, seed=n)
     ref = sequential_logits(m, ids, positions(ids))
     # Prompt of 3 positions by the exact (slot by slot) prefill, then 3 cached token steps.
-    got = decode_logits(m, ids, decode_steps=3)
+    got = decode_logits(m, ids, decode_steps=3, prefill=EXACT)
     assert got.prefill_iters is None
     torch.testing.assert_close(got.logits, ref, rtol=1e-5, atol=1e-5)
     # The whole sequence as one prefill, too.
-    torch.testing.assert_close(decode_logits(m, ids, decode_steps=0).logits, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_logits(m, ids, decode_steps=0, prefill=EXACT).logits, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["gpt-neox", "llama"])
@@ -37,7 +38,7 @@ def test_rotary_by_cache_index_would_be_wrong(arch, monkeypatch):
     ref = sequential_logits(m, ids, positions(ids))
     original = m.rotary_for
     monkeypatch.setattr(m, "rotary_for", lambda pos, k: original(torch.arange(pos.shape[1]).expand_as(pos), k))
-    assert (decode_logits(m, ids).logits - ref).abs().max() > 1e-4
+    assert (decode_logits(m, ids, prefill=EXACT).logits - ref).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -199,8 +200,8 @@ def test_bad_input_errors_clearly(kwargs, message):
         (PrefillParams, dict(mode="beam"), "prefill mode 'beam': choose one of exact, jacobi, tolerance"),
         (PrefillParams, dict(mode="tolerance"), "mode 'tolerance' needs tol > 0, got None"),
         (PrefillParams, dict(mode="tolerance", tol=0.0), "mode 'tolerance' needs tol > 0, got 0.0"),
-        (PrefillParams, dict(tol=1e-3), "tol 0.001 needs mode 'tolerance' \\(mode is 'exact'\\)"),
-        (PrefillParams, dict(jacobi_iters=2), "jacobi_iters 2: needs mode 'jacobi'"),
+        (PrefillParams, dict(mode="exact", tol=1e-3), "tol 0.001 needs mode 'tolerance' \\(mode is 'exact'\\)"),
+        (PrefillParams, dict(mode="exact", jacobi_iters=2), "jacobi_iters 2: needs mode 'jacobi'"),
         (PrefillParams, dict(mode="jacobi", jacobi_iters=-1), "jacobi_iters -1: needs mode 'jacobi' and a value >= 0"),
         (PrefillParams, dict(mode="jacobi", max_jacobi_iters=4), "max_jacobi_iters 4: needs mode 'tolerance'"),
         (PrefillParams, dict(mode="tolerance", tol=1.0, max_jacobi_iters=0), "a value >= 1"),

@@ -140,7 +140,7 @@ def test_cli_bad_input_one_clear_line(tmp_path, capsys, args, message):
         ["--load", "x", "--prompt", "a", "--max-new-tokens", "2"],  # text without tokenizer
         ["--load", "x", "--prompt-ids", "1", "--max-new-tokens", "2", "--temperature", "0"],
         ["--load", "x", "--prompt-ids", "1", "--max-new-tokens", "2", "--greedy"],  # greedy is the default
-        ["--load", "x", "--prompt-ids", "1", "--max-new-tokens", "2", "--jacobi-iters-eval", "2"],
+        ["--load", "x", "--prompt-ids", "1", "--max-new-tokens", "2", "--prefill", "exact", "--jacobi-iters-eval", "2"],
     ],
 )
 def test_cli_flag_conflicts(args):

@@ -53,7 +53,7 @@ def test_hf_generate_equals_megatron_generate(pairs, arch, n):
 
     model, hf = pairs[(arch, n)]
     prompts = _prompts([6, 3, 5])
-    ours = generate(model, prompts, NEW, sampling=SamplingParams(vocab_size=VOCAB)).ids
+    ours = generate(model, prompts, NEW, sampling=SamplingParams(vocab_size=VOCAB), prefill=PrefillParams("exact")).ids
     ours = ours.tolist() if torch.is_tensor(ours) else ours
     theirs = _hf_generate(hf, prompts, **({"latent_prefill": "exact"} if n else {}))
     assert ours == theirs
@@ -63,3 +63,6 @@ def test_hf_generate_equals_megatron_generate(pairs, arch, n):
                           prefill=PrefillParams("jacobi", jacobi_iters=2)).ids
         ours_j = ours_j.tolist() if torch.is_tensor(ours_j) else ours_j
         assert ours_j == _hf_generate(hf, prompts[:1], latent_prefill="jacobi", num_jacobi_iterations=2)
+        # and the two paths' defaults are the same prefill (Jacobi at the model's evaluation J)
+        ours_d = generate(model, prompts[:1], NEW, sampling=SamplingParams(vocab_size=VOCAB)).ids
+        assert (ours_d.tolist() if torch.is_tensor(ours_d) else ours_d) == _hf_generate(hf, prompts[:1])

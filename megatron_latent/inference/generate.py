@@ -3,7 +3,7 @@
     from megatron_latent.inference import PrefillParams, SamplingParams, generate
     out = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16,
                    sampling=SamplingParams(),             # greedy; or temperature=, top_k=, ...
-                   prefill=PrefillParams("jacobi", 2))    # or the default PrefillParams() (exact)
+                   prefill=PrefillParams("exact"))      # or the default PrefillParams() (Jacobi at the model's J)
     out.ids            # new tokens per sample
     out.prefill_iters  # Jacobi passes the prefill used (None for exact)
 
@@ -73,7 +73,8 @@ def generate(
     prompt_ids: [b, P] LongTensor, a list of token lists (lengths may differ) or one token list.
     sampling: greedy (argmax, the default) or temperature / top-k / top-p from a torch.Generator
     seeded with its `seed`; its `vocab_size` keeps the padded output rows from being chosen.
-    prefill: how the prompt's thoughts are found (exact, the default; see PrefillParams).
+    prefill: how the prompt's thoughts are found (Jacobi at the model's evaluation J, the default; see
+    PrefillParams).
     """
     _check_model(model)
     _check_params(sampling=(sampling, SamplingParams), prefill=(prefill, PrefillParams))

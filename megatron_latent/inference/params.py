@@ -33,14 +33,16 @@ class SamplingParams:
 class PrefillParams:
     """How the prompt's thoughts are found (LatentKVDecoder.prefill):
 
+    jacobi      (the default) the training forward's growth and `jacobi_iters` Jacobi passes (None:
+                the model's jacobi_iters_eval); on trained models the evaluation J gives the exact
+                rollout's loss and accuracy (docs/benchmarks/prefill-passes-202612.md) in N + J + 1
+                parallel passes instead of (N+1) P sequential steps;
     exact       slot by slot, as the sequential reference;
-    jacobi      the training forward's growth and `jacobi_iters` Jacobi passes (None: the model's
-                jacobi_iters_eval);
     tolerance   Jacobi passes until no thought moves by more than `tol`, at most
                 `max_jacobi_iters` (None: P * N, where the causal Jacobi map is exact).
     """
 
-    mode: str = "exact"
+    mode: str = "jacobi"
     jacobi_iters: Optional[int] = None
     tol: Optional[float] = None
     max_jacobi_iters: Optional[int] = None
