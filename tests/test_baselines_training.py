@@ -195,7 +195,8 @@ def test_generate_cli_decodes_each_method(trained, method, capsys, single_rank):
     tmp, _ = trained
     ckpt = str(tmp / f"{method}-ckpt")
     prompt = [3, 17, 5]
-    assert cli.main(["--load", ckpt, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "4"]) == 0
+    assert cli.main(["--load", ckpt, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "4",
+                     "--prefill", "exact"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["method"] == method
     model, cfg, _ = load_model_for_inference(ckpt)
