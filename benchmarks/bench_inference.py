@@ -1,7 +1,8 @@
 """Inference cost of a latent model (N=1) beside its vanilla twin, the equal-FLOP vanilla model of
 twice the layers, and the authors' LLaMA latent generation on the same weights, with the FLOPs of
 each measurement next to its time (models/flops.py), so every time ratio can be read against its
-FLOP ratio.
+FLOP ratio; for decoding also the ratio of the bytes of weights and KV cache a step reads, which a
+step bound by memory follows instead.
 
     python benchmarks/bench_inference.py [--model-preset llama-125m --num-layers 6 --hidden-size 512]
         [--batch-sizes 1 8 32] [--prefill-lengths 128 512 2048] [--prompt 128 --decode 32]
@@ -97,6 +98,14 @@ def flops(cfg, args):
     exact = {p: sum(model_decode_flops(cfg, q) for q in range(p)) - (p - 1) * out for p in args.prefill_lengths}
     return {"decode_per_token": decode, "prefill": prefill, "prefill-exact": exact,
             "score_request": model_step_flops(cfg, args.prompt + 4, j, training=False)}
+
+
+def decode_bytes(cfg, batch, args):
+    """Weights and KV cache a decode step of `batch` samples reads (models/flops.py), mean over the
+    decoded positions: where a step is bound by memory, its time follows this rather than FLOPs."""
+    from megatron_latent.models.flops import model_decode_bytes
+
+    return statistics.mean(model_decode_bytes(cfg, p, batch) for p in range(args.prompt, args.prompt + args.decode))
 
 
 # ------------------------------------------------------------------------------- timings
@@ -365,7 +374,7 @@ def report(args, cfgs, times, tokens):
           f"prompt {args.prompt}, decode {args.decode}, prefill batch {args.prefill_batch_size}, {args.rounds} rounds, "
           "fp32 cpu")
     print(f"{'path':9s} {'model':11s} {'measure':13s} {'size':>5s} {'value':>10s} {'unit':8s} "
-          f"{'GFLOP':>9s} {'x 2x-layers':>11s} {'FLOP x':>7s}")
+          f"{'GFLOP':>9s} {'x 2x-layers':>11s} {'FLOP x':>7s} {'bytes x':>7s}")
     for (path, name, kind, size), vals in sorted(times.items()):
         v = statistics.median(vals)
         pb = args.prefill_batch_size
@@ -380,10 +389,14 @@ def report(args, cfgs, times, tokens):
             b = statistics.median(base)
             ratio = b / v if kind == "score" else v / b  # time per unit against the 2x-layers model
         value, unit = (v * 1e3, "ms/token") if kind == "decode" else (v, "req/s") if kind == "score" else (v, "s")
+        by = None
+        if kind == "decode":  # bytes read per step against the 2x-layers model's
+            by = decode_bytes(cfgs[name], size, args) / decode_bytes(cfgs["vanilla-2x"], size, args)
         rows.append(dict(path=path, model=name, measure=kind, size=size, value=value, unit=unit, flops=f,
-                         time_ratio_vs_2x=ratio, flop_ratio_vs_2x=f / f2))
+                         time_ratio_vs_2x=ratio, flop_ratio_vs_2x=f / f2, bytes_ratio_vs_2x=by))
         print(f"{path:9s} {name:11s} {kind:13s} {size:5d} {value:10.3f} {unit:8s} {f / 1e9:9.3f} "
-              f"{'' if ratio is None else f'{ratio:11.2f}':>11s} {f / f2:7.2f}")
+              f"{'' if ratio is None else f'{ratio:11.2f}':>11s} {f / f2:7.2f} "
+              f"{'' if by is None else f'{by:7.2f}':>7s}")
     latent = {k: v for k, v in tokens.items() if k[1] == "latent"}
     by_batch = {}
     for (path, _, b), toks in latent.items():

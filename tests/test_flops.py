@@ -15,10 +15,11 @@ embedding lookups, and neither does models.flops. So the two must agree exactly.
 import pytest
 import torch
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_latent.config import ModelConfig
-from megatron_latent.models.flops import decoder_pass_flops, model_decode_flops, model_step_flops
+from megatron_latent.models.flops import decoder_pass_flops, model_decode_bytes, model_decode_flops, model_step_flops
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 B, S = 2, 8
@@ -182,6 +183,58 @@ def test_decode_flops_equal_torch_flop_counter(method):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model.output(cache.step(ids, pos, valid), ids, pos)
         assert counter.get_total_flops() == model_decode_flops(cfg, p), p
+
+
+class _KernelReads(TorchDispatchMode):
+    """Bytes the matmul and attention kernels read from the given storages (weights, KV cache)."""
+
+    KERNELS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+               aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+    def __init__(self, storages):
+        super().__init__()
+        self.storages, self.bytes = storages, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.KERNELS:
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.storages:
+                    self.bytes += a.numel() * a.element_size()
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", [
+    dict(), dict(num_latent_thoughts=1), dict(num_latent_thoughts=2, thought_input="interpolated"),
+    dict(num_pause_tokens=2), dict(num_extra_loops=2), dict(num_ponder_steps=2),
+], ids=["vanilla", "latent", "interpolated", "pause", "loop", "ponder"])
+def test_decode_bytes_equal_what_the_kernels_read(method):
+    """The weights (matrices; biases and norms are not counted) and the cached keys and values that
+    the matmul and attention kernels of a KV-cached decoding step read, at batch 3."""
+    from megatron_latent.inference.kv_decoder import LatentKVDecoder
+
+    cfg = _method_config("tiny-llama", **method)
+    model = _method_model(cfg).eval()
+    b, cache = 3, LatentKVDecoder(model, 3, 5)
+    valid = torch.ones(b, 1, dtype=torch.bool)
+    weights = {w.untyped_storage().data_ptr() for w in model.parameters() if w.dim() > 1}
+    for p in range(5):
+        ids, pos = torch.full((b, 1), p + 3), torch.full((b, 1), p)
+        kv = {t.untyped_storage().data_ptr() for c in cache.contexts for m in c.key_value_memory_dict.values()
+              for t in m}
+        with torch.no_grad(), _KernelReads(weights | kv) as reads:
+            model.output(cache.step(ids, pos, valid), ids, pos)
+        if p:  # the first step allocates the cache inside the step
+            assert reads.bytes == model_decode_bytes(cfg, p, b), p
+
+
+def test_latent_decode_reads_its_cache_twice_as_the_2x_layers_model():
+    vanilla = _method_config("tiny-llama")
+    lat, van = vanilla.replace(num_latent_thoughts=1), vanilla.replace(num_layers=2 * vanilla.num_layers)
+    assert model_decode_flops(lat, 0) > model_decode_flops(van, 0)  # only attention differs
+    assert model_decode_bytes(lat, 0, batch=0) == model_decode_bytes(van, 0, batch=0)  # the same weights
+    # Per sample, each further position adds twice the cache bytes to a step.
+    grow = [model_decode_bytes(c, 9, 1) - model_decode_bytes(c, 8, 1) for c in (lat, van)]
+    assert grow[0] == 2 * grow[1] > 0
 
 
 @pytest.mark.parametrize("n", [0, 1, 2])

@@ -12,7 +12,8 @@ step is 3x the forward (backward = 2x), except for passes run without a graph. E
 
 A model is described by its ModelConfig: `model_step_flops(cfg, seq, J)` for training and
 evaluation steps, `model_decode_flops(cfg, position)` for KV-cached decoding; `decoder_pass_flops`
-is the count of one pass of the layer stack that both are built from.
+is the count of one pass of the layer stack that both are built from. `model_decode_bytes` counts
+the weights and cache a decode step reads, for the steps that memory rather than arithmetic bounds.
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ def model_step_flops(cfg, seq: int, num_jacobi: int, training: bool = True) -> i
     return total
 
 
+def _decode_counts(cfg, position: int):
+    """(single-slot steps, cached entries attended summed over them, output-layer-sized matmuls) of
+    KV-cached decoding of the token at `position`: what model_decode_flops and model_decode_bytes
+    both count."""
+    latent = cfg.latent
+    if latent.num_extra_loops or latent.num_ponder_steps:
+        passes = latent.num_extra_loops + latent.num_ponder_steps + 1
+        mixes = 2 * latent.num_ponder_steps if latent.mixes_embeddings and latent.num_ponder_steps else 0
+        return passes, passes * (position + 1), 1 + mixes
+    slots = latent.num_slots
+    mixes = 2 * latent.num_latent_thoughts if latent.thought_input == "interpolated" else 0
+    return slots, sum(slots * position + k + 1 for k in range(slots)), 1 + mixes
+
+
 def model_decode_flops(cfg, position: int) -> int:
     """Forward FLOPs of KV-cached decoding of the token at `position` (0-based: `position` tokens
     are in the cache) by the model a ModelConfig describes, the output layer once (only the output
@@ -83,15 +98,24 @@ def model_decode_flops(cfg, position: int) -> int:
       own pass's entries (position + 1 attended): K+1 causal forwards over S when summed;
       pondering's softmax mix adds the output layer and the mix after each of the first K.
     """
-    latent = cfg.latent
     attend = cfg.num_layers * 2 * 2 * cfg.hidden_size  # attention of one query over one cached entry
     one_slot = _pass_flops(cfg, 1) - attend
-    output_layer = 2 * cfg.hidden_size * cfg.padded_vocab_size
-    if latent.num_extra_loops or latent.num_ponder_steps:
-        passes = latent.num_extra_loops + latent.num_ponder_steps + 1
-        mixes = latent.num_ponder_steps * 2 * output_layer if latent.mixes_embeddings and latent.num_ponder_steps else 0
-        return passes * (one_slot + attend * (position + 1)) + output_layer + mixes
-    slots = latent.num_slots
-    entries = sum(slots * position + k + 1 for k in range(slots))
-    mixes = latent.num_latent_thoughts * 2 * output_layer if latent.thought_input == "interpolated" else 0
-    return slots * one_slot + attend * entries + output_layer + mixes
+    steps, entries, outputs = _decode_counts(cfg, position)
+    return steps * one_slot + attend * entries + outputs * 2 * cfg.hidden_size * cfg.padded_vocab_size
+
+
+def model_decode_bytes(cfg, position: int, batch: int, bytes_per_value: int = 4) -> int:
+    """Bytes of weights and KV cache one KV-cached decoding step of `batch` samples reads, the token
+    at `position` (as model_decode_flops): every matmul weight once per single-slot step (shared by
+    the batch), the output layer's per output-layer-sized matmul, and the keys and values of every
+    cached entry each step attends over, per sample. Where a step is bound by memory rather than by
+    arithmetic (small batches of a small model, or attention over a long cache on a CPU), its time
+    follows this count. A latent token's N+1 steps read the layers' weights N+1 times, as the
+    vanilla model of (N+1)x the layers does once, but each step reads a cache of (N+1)x the entries:
+    the attention's share of the bytes is (N+1)x the equal-FLOP model's."""
+    attend = cfg.num_layers * 2 * 2 * cfg.hidden_size
+    weights = (_pass_flops(cfg, 1) - attend) // 2  # one multiply-add per weight for one slot
+    kv_values = cfg.num_layers * 2 * cfg.hidden_size * cfg.query_groups // cfg.num_attention_heads
+    steps, entries, outputs = _decode_counts(cfg, position)
+    return bytes_per_value * (steps * weights + outputs * cfg.hidden_size * cfg.padded_vocab_size
+                              + batch * entries * kv_values)
