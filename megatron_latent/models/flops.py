@@ -70,6 +70,11 @@ def model_step_flops(cfg, seq: int, num_jacobi: int, training: bool = True) -> i
     return total
 
 
+def _slot_matmul_flops(cfg) -> int:
+    """FLOPs of the layers' matmuls for one slot (no attention over other entries): two per weight."""
+    return _pass_flops(cfg, 1) - cfg.num_layers * 2 * 2 * cfg.hidden_size
+
+
 def _decode_counts(cfg, position: int):
     """(single-slot steps, cached entries attended summed over them, output-layer-sized matmuls) of
     KV-cached decoding of the token at `position`: what model_decode_flops and model_decode_bytes
@@ -99,9 +104,8 @@ def model_decode_flops(cfg, position: int) -> int:
       pondering's softmax mix adds the output layer and the mix after each of the first K.
     """
     attend = cfg.num_layers * 2 * 2 * cfg.hidden_size  # attention of one query over one cached entry
-    one_slot = _pass_flops(cfg, 1) - attend
     steps, entries, outputs = _decode_counts(cfg, position)
-    return steps * one_slot + attend * entries + outputs * 2 * cfg.hidden_size * cfg.padded_vocab_size
+    return steps * _slot_matmul_flops(cfg) + attend * entries + outputs * 2 * cfg.hidden_size * cfg.padded_vocab_size
 
 
 def model_decode_bytes(cfg, position: int, batch: int, bytes_per_value: int = 4) -> int:
@@ -113,8 +117,7 @@ def model_decode_bytes(cfg, position: int, batch: int, bytes_per_value: int = 4)
     follows this count. A latent token's N+1 steps read the layers' weights N+1 times, as the
     vanilla model of (N+1)x the layers does once, but each step reads a cache of (N+1)x the entries:
     the attention's share of the bytes is (N+1)x the equal-FLOP model's."""
-    attend = cfg.num_layers * 2 * 2 * cfg.hidden_size
-    weights = (_pass_flops(cfg, 1) - attend) // 2  # one multiply-add per weight for one slot
+    weights = _slot_matmul_flops(cfg) // 2
     kv_values = cfg.num_layers * 2 * cfg.hidden_size * cfg.query_groups // cfg.num_attention_heads
     steps, entries, outputs = _decode_counts(cfg, position)
     return bytes_per_value * (steps * weights + outputs * cfg.hidden_size * cfg.padded_vocab_size

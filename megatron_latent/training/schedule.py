@@ -51,11 +51,11 @@ class _SampleScheduler(OptimizerParamScheduler):
 def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
     """megatron-core's scheduler as Megatron-LM builds it from these flags (raises ConfigError)."""
     if args.train_samples is not None:
-        unit, what, suffix = BatchSizes(args.global_batch_size, rampup=args.rampup_batch_size), "samples", "samples"
+        batches, what, suffix = BatchSizes(args.global_batch_size, rampup=args.rampup_batch_size), "samples", "samples"
         train, decay = args.train_samples, args.lr_decay_samples or args.train_samples
         warmup, wsd = args.lr_warmup_samples, args.lr_wsd_decay_samples
     else:
-        unit, what, suffix = 1, "iterations", "iters"
+        batches, what, suffix = None, "iterations", "iters"
         train, decay = args.train_iters, args.lr_decay_iters or args.train_iters
         warmup, wsd = args.lr_warmup_iters, args.lr_wsd_decay_iters
     if args.lr_warmup_fraction is not None:
@@ -83,6 +83,6 @@ def build_scheduler(optimizer, args: argparse.Namespace) -> OptimizerParamSchedu
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
-    if unit == 1:
+    if batches is None:  # steps are iterations
         return OptimizerParamScheduler(optimizer, **kwargs)
-    return _SampleScheduler(optimizer, batch_at=unit.global_batch, **kwargs)
+    return _SampleScheduler(optimizer, batch_at=batches.global_batch, **kwargs)
